@@ -1,0 +1,183 @@
+"""Load a local Hugging Face checkpoint directory: config, safetensors shards, tokenizer, generation config.
+
+Everything that can be checked without reading tensor data (config, file list, tensor names and
+shapes in the safetensors headers) is checked before any weight is loaded. Pickle files are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
+from .models.weights import Weights, check_state_dict, from_state_dict
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or holds unreadable ones."""
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return None if name == "auto" else name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; accepted: auto, {', '.join(sorted(DTYPES))}") from None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    spec: ArchSpec
+    weights: Weights
+    tokenizer: Tokenizer | None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.embed.device
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_spec(path: str | Path) -> tuple[ArchSpec, Tokenizer | None, dict[str, Any]]:
+    """The architecture, tokenizer and generation config, without touching the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist (expected config.json and *.safetensors)")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json")
+    config = read_json(path / "config.json")
+    generation = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
+    tokenizer = Tokenizer.from_dir(path)
+    from_tok = tokenizer.special_ids() if tokenizer else SpecialIds()
+    from .models.config_keys import as_id_tuple
+
+    hints = SpecialIds(
+        mask_token_id=generation.get("mask_token_id", from_tok.mask_token_id),
+        eos_token_ids=as_id_tuple(generation.get("eos_token_id")) + from_tok.eos_token_ids,
+        pad_token_id=generation.get("pad_token_id", from_tok.pad_token_id),
+    )
+    spec = parse_config(config, hints)
+    return spec, tokenizer, generation
+
+
+def shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f.name) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle-based weights are never loaded; convert them to safetensors)" \
+            if pickles else ""
+        raise CheckpointError(f"{path} has no *.safetensors weights{hint}")
+    return files
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+    return shapes
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+    path = Path(path)
+    spec, tokenizer, generation = read_spec(path)
+    files = shard_files(path)
+    check_state_dict(spec, tensor_shapes(files))  # names and shapes before any data is read
+    target = parse_dtype(dtype)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    t = f.get_tensor(name)
+                    target = target or (t.dtype if t.is_floating_point() else None)
+                    state[name] = t
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} could not be read: {exc}") from exc
+    target = target or torch.float32
+    state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    weights = from_state_dict(spec, state)
+    log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, target)
+    return Checkpoint(path, spec, weights, tokenizer, generation)
+
+
+def save(path: str | Path, spec: ArchSpec, state: dict[str, torch.Tensor], max_shard_bytes: int | None = None,
+         generation_config: dict[str, Any] | None = None) -> None:
+    """Write config.json and safetensors in the official layout, sharded with an index when asked."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
+    dtype_name = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config = to_config(spec) | {"torch_dtype": dtype_name}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if generation_config:
+        (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if max_shard_bytes is None:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+    index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+__all__ = ["Checkpoint", "CheckpointError", "ConfigError", "load", "read_spec", "save", "parse_dtype"]

@@ -1,0 +1,127 @@
+"""The Python API: `LLM(path).generate(prompts, GenerationConfig(...))`.
+
+One request's path: prompt -> token ids -> canvas -> denoising loop of the family (decoding/) that
+calls the executor (runtime/) once per step -> tokens -> text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import BLOCK_FAMILIES, GenerationConfig
+from .decoding import dream as dream_decoding
+from .decoding import llada as llada_decoding
+from .decoding.common import StepCallback, first_eos
+from .runtime.eager import EagerExecutor
+from .tokenizer import TokenizerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
+Prompt = str | list[int]
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated from (empty, bad ids, text without a tokenizer)."""
+
+
+@dataclass
+class GenerationOutput:
+    text: str  # generated text up to the first EOS (the answer)
+    token_ids: list[int]  # generated tokens (up to and including the EOS when stopped early)
+    prompt_token_ids: list[int]
+    forward_passes: int  # forward calls of the network (a CFG step is one call on a batch of two)
+    steps: int  # denoising steps run
+    seconds: float
+    finish_reason: str  # "eos" (an EOS ends the answer) or "length"
+
+
+def default_model_path() -> Path:
+    return DEFAULT_MODEL
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
+                 device: str | torch.device = "cpu", executor: str = "eager"):
+        self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
+        self.spec = self.checkpoint.spec
+        self.tokenizer = self.checkpoint.tokenizer
+        if executor != "eager":
+            raise ValueError(f"unknown executor {executor!r}; available: eager")
+        self.executor = EagerExecutor(self.spec, self.checkpoint.weights)
+
+    @property
+    def device(self) -> torch.device:
+        return self.checkpoint.device
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise PromptError("the prompt is empty")
+            if self.tokenizer is None:
+                raise PromptError(f"{self.checkpoint.path} has no tokenizer files; pass token ids instead of text")
+            if chat:
+                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = self.tokenizer.encode(prompt)
+        else:
+            if chat:
+                raise PromptError("chat templates apply to text prompts, not to token ids")
+            ids = list(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty")
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.spec.vocab_size]
+        if bad:
+            raise PromptError(f"prompt token ids outside the vocabulary [0, {self.spec.vocab_size}): {bad[:10]}")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids)
+
+    def generate(self, prompts: Prompt | list[Prompt], config: GenerationConfig | None = None, *,
+                 chat: bool = False, callback: StepCallback | None = None) -> list[GenerationOutput]:
+        """Generate for one prompt or a list; each prompt runs as its own request (batch size one)."""
+        cfg = (config or GenerationConfig()).resolved(self.spec.family)
+        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        if not batch:
+            raise PromptError("no prompts given")
+        encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
+        return [self._generate_one(ids, cfg, callback) for ids in encoded]
+
+    def _generate_one(self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
+                      ) -> GenerationOutput:
+        total = len(prompt_ids) + cfg.gen_length
+        if total > self.spec.max_position_embeddings:
+            warnings.warn(f"sequence length {total} exceeds the checkpoint's trained context "
+                          f"({self.spec.max_position_embeddings}); quality may degrade", stacklevel=3)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
+        denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
+        start = time.perf_counter()
+        result = denoise(self.executor.logits, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen,
+                         callback)
+        seconds = time.perf_counter() - start
+        generated = result.canvas[len(prompt_ids):].tolist()
+        eos = first_eos(result.canvas[len(prompt_ids):], self.spec.eos_token_ids)
+        answer = generated if eos is None else generated[:eos]
+        return GenerationOutput(
+            text=self.decode(answer),
+            token_ids=generated[: eos + 1] if result.stopped_at_eos else generated,
+            prompt_token_ids=prompt_ids,
+            forward_passes=result.forward_passes,
+            steps=result.steps_run,
+            seconds=seconds,
+            finish_reason="eos" if eos is not None else "length",
+        )
+
+
+__all__ = ["LLM", "GenerationConfig", "GenerationOutput", "PromptError", "TokenizerError"]

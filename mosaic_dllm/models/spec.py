@@ -1,0 +1,100 @@
+"""The architecture of one checkpoint, normalised from its family's config.json.
+
+Every family (LLaDA, Dream, LLaDA-MoE) is a bidirectional pre-norm transformer; they differ in
+config keys, parameter names and a handful of numerical quirks. `ArchSpec` holds the sizes and the
+quirks; `WeightNames` holds the official parameter names. The maths lives once, in `transformer.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json cannot describe a supported model."""
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    shared_expert_intermediate_size: int  # 0: no shared expert
+    expert_bias: bool  # router adds a per-expert bias to the softmax before top-k
+    normalize_top_k: bool
+    moe_layers: tuple[bool, ...]  # per layer: MoE (True) or dense FFN (False)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str  # "llada" | "dream" | "llada_moe"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense FFN width (used by layers that are not MoE)
+    vocab_size: int  # rows of the embedding and of the LM head
+    rope_theta: float
+    rotary_dim: int
+    rms_norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool  # per-head RMSNorm on q and k (LLaDA-MoE)
+    # LLaDA rotates q and k in float32 and casts back; Dream / LLaDA-MoE cast the tables to the
+    # hidden dtype and rotate in that dtype. Both are exact reproductions of the official code.
+    rope_full_precision: bool
+    logit_shift: bool  # Dream: hidden state at p-1 gives the logits of position p
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    mask_token_id: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    moe: MoESpec | None = None
+    torch_dtype: str | None = None  # dtype named by the config, if any
+
+    def __post_init__(self) -> None:
+        positive = {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+        }
+        bad = [f"{k}={v}" for k, v in positive.items() if not isinstance(v, int) or v <= 0]
+        if bad:
+            raise ConfigError(f"{self.family} config: these sizes must be positive integers: {', '.join(bad)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{self.family} config: {self.num_heads} attention heads are not a multiple of "
+                f"{self.num_kv_heads} key/value heads"
+            )
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(f"{self.family} config: rotary dim {self.rotary_dim} must be even and <= head dim")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ConfigError(
+                f"{self.family} config: mask token id {self.mask_token_id} is outside the vocabulary "
+                f"(size {self.vocab_size})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and self.moe.moe_layers[layer]
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    """Official parameter names; `{i}` is the layer index, `{e}` the expert index."""
+
+    embed: str
+    final_norm: str
+    lm_head: str
+    layer: dict[str, str] = field(default_factory=dict)
+    expert: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,65 @@
+"""Tiny checkpoints in each family's official layout (config keys, parameter names, tokenizer files).
+
+Tests and examples build them in a second; the architecture knobs that distinguish the families
+(GQA, qkv bias, qk-norm, dense and MoE layers, shared expert, expert bias) are all switched on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save
+from .spec import ArchSpec, MoESpec
+from .tokenizers_build import save_tokenizer, train_bpe
+from .weights import random_state_dict
+
+SAMPLE_TEXT = [
+    "Return the number of items in the container.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Open the file and return a stream; raise an error if the file cannot be opened.",
+    "A diffusion language model fills in masked tokens over several denoising steps.",
+    "Memory is planned before each step runs, so the request never runs out of memory.",
+] * 8
+
+
+def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None]) -> ArchSpec:
+    common = dict(
+        family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+        intermediate_size=128, vocab_size=vocab_size, rope_theta=10000.0, rotary_dim=16, rms_norm_eps=1e-5,
+        qkv_bias=False, qk_norm=False, rope_full_precision=False, logit_shift=False,
+        tie_word_embeddings=False, max_position_embeddings=256, mask_token_id=ids["mask"],
+        eos_token_ids=(ids["eos"],), pad_token_id=ids["eos"],
+    )
+    spec = ArchSpec(**common)
+    if family == "llada":
+        return replace(spec, rope_full_precision=True)
+    if family == "dream":
+        return replace(spec, num_kv_heads=2, qkv_bias=True, logit_shift=True, rope_theta=1e6, rms_norm_eps=1e-6)
+    if family == "llada_moe":
+        moe = MoESpec(num_experts=4, experts_per_token=2, expert_intermediate_size=32,
+                      shared_expert_intermediate_size=48, expert_bias=True, normalize_top_k=False,
+                      moe_layers=(False, True))
+        return replace(spec, qk_norm=True, rope_theta=50000.0, moe=moe)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def build_tiny_checkpoint(path: str | Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                          sharded: bool = False, std: float = 0.5) -> ArchSpec:
+    """Write a random tiny checkpoint of `family` to `path` and return its spec.
+
+    A large init std gives peaked, seed-dependent logits, so that token comparisons mean something.
+    """
+    path = Path(path)
+    tok = train_bpe(SAMPLE_TEXT, family, vocab_size=320)
+    ids = save_tokenizer(path, tok, family)
+    spec = tiny_spec(family, tok.get_vocab_size(with_added_tokens=True), ids=ids)
+    state = random_state_dict(spec, dtype, seed=seed, std=std)
+    if spec.moe is not None:  # a non-zero expert bias, so that its handling is tested
+        for name in state:
+            if name.endswith("expert_bias"):
+                state[name] = (torch.arange(spec.moe.num_experts, dtype=torch.float32) * 0.01).to(dtype)
+    save(path, spec, state, max_shard_bytes=20_000 if sharded else None)
+    return spec

@@ -1,0 +1,66 @@
+"""The one description of a denoising forward pass, shared by every family and every executor.
+
+Pre-norm bidirectional transformer: embed, then per layer attention and FFN (dense SwiGLU or MoE)
+with residual adds, then the final norm. Family quirks come from `ArchSpec`; what each op does
+with memory is the executor's business (`runtime/`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..runtime.ops import Ops
+from .spec import ArchSpec
+from .weights import Weights
+
+
+def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
+    """(B, L) token ids -> (B, L, H) normalised final hidden states."""
+    x = ops.embed(ids, w.embed, name="embed")
+    tables_dtype = None if spec.rope_full_precision else x.dtype
+    cos, sin = ops.rotary_tables(ids.shape[1], spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device,
+                                 name="rotary_tables")
+    for i, layer in enumerate(w.layers):
+        x = attention_block(ops, spec, layer, x, cos, sin)
+        x = ffn_block(ops, spec, layer, w.experts[i], i, x)
+    return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm")
+
+
+def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor,
+                    sin: Tensor) -> Tensor:
+    b, length, _ = x.shape
+    h = ops.rms_norm(x, layer["attn_norm"], spec.rms_norm_eps, name="attn_norm")
+    q = ops.linear(h, layer["q"], layer.get("q_bias"), name="q_proj")
+    k = ops.linear(h, layer["k"], layer.get("k_bias"), name="k_proj")
+    v = ops.linear(h, layer["v"], layer.get("v_bias"), name="v_proj")
+    q = q.view(b, length, spec.num_heads, spec.head_dim)
+    k = k.view(b, length, spec.num_kv_heads, spec.head_dim)
+    if spec.qk_norm:  # per head, before the heads move in front of the sequence
+        q = ops.rms_norm(q, layer["q_norm"], spec.rms_norm_eps, name="q_norm")
+        k = ops.rms_norm(k, layer["k_norm"], spec.rms_norm_eps, name="k_norm")
+    q = q.transpose(1, 2)  # (B, nh, L, hd)
+    k = k.transpose(1, 2)
+    v = v.view(b, length, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
+    q = ops.rotary(q, cos, sin, spec.rope_full_precision, name="rotary_q")
+    k = ops.rotary(k, cos, sin, spec.rope_full_precision, name="rotary_k")
+    a = ops.attention(q, k, v, name="attention")  # (B, L, nh * hd)
+    return ops.add(x, ops.linear(a, layer["o"], layer.get("o_bias"), name="o_proj"), name="attn_residual")
+
+
+def ffn_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], experts: list[dict[str, Tensor]], index: int,
+              x: Tensor) -> Tensor:
+    h = ops.rms_norm(x, layer["ffn_norm"], spec.rms_norm_eps, name="ffn_norm")
+    if spec.is_moe_layer(index):
+        f = ops.moe(h, layer["router"], layer.get("expert_bias"), experts, spec.moe.experts_per_token,
+                    spec.moe.normalize_top_k, name="moe")
+        if spec.moe.shared_expert_intermediate_size:
+            shared = ops.mlp(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"], name="shared_expert")
+            f = ops.add(f, shared, name="shared_expert_add")
+    else:
+        f = ops.mlp(h, layer["gate"], layer["up"], layer["down"], name="mlp")
+    return ops.add(x, f, name="ffn_residual")
+
+
+def logits(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
+    """(B, L) ids -> (B, L, V) logits for every position, as the official forward returns them."""
+    return ops.lm_head(hidden_states(ops, spec, w, ids), w.lm_head, name="lm_head")

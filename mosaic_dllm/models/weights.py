@@ -1,0 +1,125 @@
+"""The parameters a spec needs, under their official names, checked against what a checkpoint holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import weight_names
+from .spec import ArchSpec, ConfigError
+
+
+class WeightMismatchError(ConfigError):
+    """The checkpoint's tensors do not match what its config.json describes."""
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor
+    layers: list[dict[str, torch.Tensor]]
+    experts: list[list[dict[str, torch.Tensor]]]  # per layer, per expert (empty for dense layers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.embed, self.final_norm, self.lm_head]
+        for layer, experts in zip(self.layers, self.experts):
+            out += layer.values()
+            for expert in experts:
+                out += expert.values()
+        return out
+
+    def nbytes(self) -> int:
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
+        return sum(seen.values())
+
+
+def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Official parameter name -> shape, for every tensor the model reads (optional ones excluded)."""
+    names = weight_names(spec)
+    h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
+    shapes = {names.embed: (spec.vocab_size, h), names.final_norm: (h,), names.lm_head: (spec.vocab_size, h)}
+    for i in range(spec.num_layers):
+        role = {"attn_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "ffn_norm": (h,)}
+        if spec.qkv_bias:
+            role |= {"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)}
+        if spec.qk_norm:
+            role |= {"q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)}
+        if spec.is_moe_layer(i):
+            moe = spec.moe
+            role["router"] = (moe.num_experts, h)
+            if moe.shared_expert_intermediate_size:
+                s = moe.shared_expert_intermediate_size
+                role |= {"shared_gate": (s, h), "shared_up": (s, h), "shared_down": (h, s)}
+            e_i = moe.expert_intermediate_size
+            for e in range(moe.num_experts):
+                for part, shape in (("gate", (e_i, h)), ("up", (e_i, h)), ("down", (h, e_i))):
+                    shapes[names.expert[part].format(i=i, e=e)] = shape
+        else:
+            f = spec.intermediate_size
+            role |= {"gate": (f, h), "up": (f, h), "down": (h, f)}
+        for r, shape in role.items():
+            shapes[names.layer[r].format(i=i)] = shape
+    return shapes
+
+
+def optional_names(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """Tensors a checkpoint may hold or omit (LLaDA-MoE's router expert bias is a zero buffer by default)."""
+    if spec.moe is None or not spec.moe.expert_bias:
+        return {}
+    names = weight_names(spec)
+    return {names.layer["expert_bias"].format(i=i): (spec.moe.num_experts,)
+            for i in range(spec.num_layers) if spec.is_moe_layer(i)}
+
+
+def check_state_dict(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
+    expected = expected_shapes(spec)
+    optional = optional_names(spec)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - set(optional))
+    wrong = sorted(
+        f"{n}: checkpoint {tuple(shapes[n])}, config expects {s}"
+        for n, s in (expected | optional).items()
+        if n in shapes and tuple(shapes[n]) != s
+    )
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint tensors do not match its {spec.family} config.json:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}): " + "; ".join(shown))
+        raise WeightMismatchError("\n".join(lines))
+
+
+def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor]) -> Weights:
+    check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
+    names = weight_names(spec)
+    layers, experts = [], []
+    for i in range(spec.num_layers):
+        layer = {r: state[n.format(i=i)] for r, n in names.layer.items() if n.format(i=i) in state}
+        if spec.is_moe_layer(i) and spec.moe.expert_bias and "expert_bias" not in layer:
+            layer["expert_bias"] = torch.zeros(spec.moe.num_experts, device=layer["router"].device)
+        layers.append(layer)
+        experts.append(
+            [{p: state[n.format(i=i, e=e)] for p, n in names.expert.items()} for e in range(spec.moe.num_experts)]
+            if spec.is_moe_layer(i) else []
+        )
+    return Weights(state[names.embed], state[names.final_norm], state[names.lm_head], layers, experts)
+
+
+def random_state_dict(spec: ArchSpec, dtype: torch.dtype, seed: int = 0, std: float = 0.02,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random parameters under the official names: norms at 1, everything else N(0, std)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    state = {}
+    for name, shape in {**expected_shapes(spec), **optional_names(spec)}.items():
+        if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_f.weight"):
+            t = torch.ones(shape)
+        elif name.endswith("expert_bias"):
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * std
+        state[name] = t.to(device=device, dtype=dtype)
+    return state

@@ -1,0 +1,107 @@
+"""The eager executor: plain torch, fresh tensors, full logits. The baseline and the oracle.
+
+Each op reproduces the official modeling code's arithmetic, dtype by dtype, so that tokens match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class EagerOps:
+    """Implements `runtime.ops.Ops` the way the official code does."""
+
+    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
+        return F.embedding(ids, table)
+
+    def rotary_tables(self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None,
+                      device: torch.device, *, name: str) -> tuple[Tensor, Tensor]:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float()
+                                    / rotary_dim))
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if dtype is not None:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
+        rd = cos.shape[-1]
+        part, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
+        if full_precision:  # LLaDA: rotate in float32, cast back
+            pf = part.float()
+            out = ((pf * cos) + (rotate_half(pf) * sin)).to(x.dtype)
+        else:  # Dream / LLaDA-MoE: tables already in x's dtype
+            out = (part * cos) + (rotate_half(part) * sin)
+        return out if rest is None else torch.cat((out, rest), dim=-1)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
+        b, nh, length, hd = q.shape
+        groups = nh // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).contiguous().view(b, length, nh * hd)
+
+    def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def moe(self, x: Tensor, router: Tensor, expert_bias: Tensor | None, experts: list[dict[str, Tensor]],
+            top_k: int, normalize_top_k: bool, *, name: str) -> Tensor:
+        b, length, h = x.shape
+        flat = x.reshape(-1, h)
+        weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)
+        if expert_bias is not None:
+            weights = weights + expert_bias
+        weights, chosen = torch.topk(weights, top_k, dim=-1)
+        if normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
+        for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
+            slot, token = torch.where(expert_mask[e])
+            if token.numel() == 0:
+                continue
+            y = self.mlp(flat[token], expert["gate"], expert["up"], expert["down"], name=name)
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
+        return out.view(b, length, h)
+
+    def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
+        return x + y
+
+    def lm_head(self, h: Tensor, weight: Tensor, *, name: str) -> Tensor:
+        return F.linear(h, weight)
+
+
+class EagerExecutor:
+    """Runs the model description with `EagerOps`: full (B, L, V) logits, the PyTorch allocator."""
+
+    name = "eager"
+
+    def __init__(self, spec, weights):
+        from ..models import transformer
+
+        self.spec, self.weights, self.ops = spec, weights, EagerOps()
+        self._logits = transformer.logits
+
+    @torch.inference_mode()
+    def logits(self, ids: Tensor) -> Tensor:
+        return self._logits(self.ops, self.spec, self.weights, ids)

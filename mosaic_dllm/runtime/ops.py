@@ -1,0 +1,48 @@
+"""The coarse operations a model description is written against.
+
+An executor implements them: the eager executor with fresh torch tensors, exactly as the official
+code computes them; later executors with planned buffers, chunks and row selection. Every call
+carries a `name` so that executors can label what they run (timelines, plans).
+Shapes: B batch, L sequence, H hidden, nh heads, hd head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Ops(Protocol):
+    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
+        """(B, L) ids -> (B, L, H)."""
+
+    def rotary_tables(self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None,
+                      device: torch.device, *, name: str) -> tuple[Tensor, Tensor]:
+        """cos, sin of shape (L, rotary_dim), float32, or cast to `dtype` when given."""
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
+        """RMSNorm over the last dim, statistics in float32, weight applied in x's dtype."""
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
+        """x @ weight.T (+ bias)."""
+
+    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
+        """Rotate (B, nh, L, hd) by the tables; only the first cos.shape[-1] dims rotate."""
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
+        """Bidirectional attention: (B, nh, L, hd), (B, nkv, L, hd) x2 -> (B, L, nh * hd)."""
+
+    def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
+        """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def moe(self, x: Tensor, router: Tensor, expert_bias: Tensor | None, experts: list[dict[str, Tensor]],
+            top_k: int, normalize_top_k: bool, *, name: str) -> Tensor:
+        """Softmax-routed mixture of SwiGLU experts over the tokens of x (B, L, H)."""
+
+    def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
+        """Residual add; executors may write into x."""
+
+    def lm_head(self, h: Tensor, weight: Tensor, *, name: str) -> Tensor:
+        """(B, L, H) final hidden states -> (B, L, V) logits."""

@@ -1,0 +1,308 @@
+"""Independent restatements of the official code, for tests only.
+
+Written from the official modeling files and samplers (REFERENCE.md sections 3 and 4), reading
+config.json keys and official parameter names directly, and using the global RNG as the official
+code does. Nothing here imports the engine's model or decoding code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributions as dists
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+def load_state(path: Path, dtype: torch.dtype) -> tuple[dict, dict]:
+    config = json.loads((path / "config.json").read_text())
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state |= {k: v.to(dtype) for k, v in load_file(str(f)).items()}
+    return config, state
+
+
+def _rms(x, w, eps):
+    og = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(og)
+
+
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def llada_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
+    """modeling_llada.py (LLaDALlamaBlock, rope_full_precision, SDPA without mask)."""
+    b, t = ids.shape
+    nh, nkv = config["n_heads"], config["n_kv_heads"]
+    hs = config["d_model"] // nh
+    eps = config["rms_norm_eps"]
+    x = F.embedding(ids, sd["model.transformer.wte.weight"])
+    inv = 1.0 / (config["rope_theta"] ** (torch.arange(0, hs, 2, dtype=torch.float) / hs))
+    freqs = torch.einsum("i , j -> i j", torch.arange(t, dtype=torch.float), inv)
+    pos = torch.cat((freqs, freqs), dim=-1)
+    sin, cos = pos.sin()[None, None], pos.cos()[None, None]
+
+    def rot_half(v):
+        bb, hh, tt, dd = v.size()
+        x1, x2 = v.view(bb, hh, tt, 2, dd // 2).unbind(dim=-2)
+        return torch.cat((-x2, x1), dim=-1)
+
+    def rope(v):
+        vf = v.float()
+        return ((vf * cos) + (rot_half(vf) * sin)).to(vf.dtype).type_as(v)
+
+    for i in range(config["n_layers"]):
+        p = f"model.transformer.blocks.{i}."
+        h = _rms(x, sd[p + "attn_norm.weight"], eps)
+        q = F.linear(h, sd[p + "q_proj.weight"]).view(b, t, nh, hs).transpose(1, 2)
+        k = F.linear(h, sd[p + "k_proj.weight"]).view(b, t, nkv, hs).transpose(1, 2)
+        v = F.linear(h, sd[p + "v_proj.weight"]).view(b, t, nkv, hs).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        if nkv != nh:
+            k = k.repeat_interleave(nh // nkv, dim=1, output_size=nh)
+            v = v.repeat_interleave(nh // nkv, dim=1, output_size=nh)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        x = x + F.linear(att.transpose(1, 2).contiguous().view(b, t, nh * hs), sd[p + "attn_out.weight"])
+        og = x
+        h = _rms(x, sd[p + "ff_norm.weight"], eps)
+        a, up = F.linear(h, sd[p + "ff_proj.weight"]), F.linear(h, sd[p + "up_proj.weight"])
+        x = og + F.linear(F.silu(a) * up, sd[p + "ff_out.weight"])
+    x = _rms(x, sd["model.transformer.ln_f.weight"], eps)
+    return F.linear(x, sd["model.transformer.ff_out.weight"])
+
+
+def _hf_rope(config, t, dtype, head_dim):
+    dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
+    inv = 1.0 / (config["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    pos = torch.arange(t)[None]
+    freqs = (inv[None, :, None].float() @ pos[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _mlp(x, sd, p):
+    return F.linear(F.silu(F.linear(x, sd[p + "gate_proj.weight"])) * F.linear(x, sd[p + "up_proj.weight"]),
+                    sd[p + "down_proj.weight"])
+
+
+def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
+    """modeling_dream.py (Qwen2 + SDPA) and modeling_lladamoe.py (OLMoE-style, qk-norm per head)."""
+    b, t = ids.shape
+    nh = config["num_attention_heads"]
+    nkv = config.get("num_key_value_heads") or nh
+    hd = config["hidden_size"] // nh
+    eps = config["rms_norm_eps"]
+    moe = "num_experts" in config
+    x = F.embedding(ids, sd["model.embed_tokens.weight"])
+    cos, sin = _hf_rope(config, t, x.dtype, hd)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        residual = x
+        h = _rms(x, sd[p + "input_layernorm.weight"], eps)
+        q = F.linear(h, sd[a + "q_proj.weight"], sd.get(a + "q_proj.bias"))
+        k = F.linear(h, sd[a + "k_proj.weight"], sd.get(a + "k_proj.bias"))
+        if moe and config.get("qk_layernorm"):
+            q = _rms(q.reshape(-1, hd), sd[a + "q_norm.weight"], eps).reshape(b, t, -1)
+            k = _rms(k.reshape(-1, hd), sd[a + "k_norm.weight"], eps).reshape(b, t, -1)
+        v = F.linear(h, sd[a + "v_proj.weight"], sd.get(a + "v_proj.bias"))
+        q = q.view(b, t, nh, hd).transpose(1, 2)
+        k = k.view(b, t, nkv, hd).transpose(1, 2)
+        v = v.view(b, t, nkv, hd).transpose(1, 2)
+        q = torch.cat(((q[..., :rd] * cos) + (_rotate_half(q[..., :rd]) * sin), q[..., rd:]), dim=-1)
+        k = torch.cat(((k[..., :rd] * cos) + (_rotate_half(k[..., :rd]) * sin), k[..., rd:]), dim=-1)
+        rep = nh // nkv
+        if rep > 1:
+            k = k[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
+            v = v[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        x = residual + F.linear(att.transpose(1, 2).contiguous().view(b, t, nh * hd), sd[a + "o_proj.weight"])
+        residual = x
+        h = _rms(x, sd[p + "post_attention_layernorm.weight"], eps)
+        freq = config.get("moe_layer_freq") or [1] * config["num_hidden_layers"]
+        if moe and freq[i]:
+            flat = h.view(-1, h.shape[-1])
+            rw = F.softmax(F.linear(flat, sd[p + "mlp.gate.weight"]), dim=1, dtype=torch.float)
+            if p + "mlp.expert_bias" in sd:
+                rw += sd[p + "mlp.expert_bias"]
+            rw, sel = torch.topk(rw, config["num_experts_per_tok"], dim=-1)
+            rw = rw.to(h.dtype)
+            out = torch.zeros_like(flat)
+            emask = F.one_hot(sel, num_classes=config["num_experts"]).permute(2, 1, 0)
+            for e in range(config["num_experts"]):
+                idx, top = torch.where(emask[e])
+                cur = _mlp(flat[None, top].reshape(-1, flat.shape[-1]), sd, p + f"mlp.experts.{e}.")
+                out.index_add_(0, top, (cur * rw[top, idx, None]).to(h.dtype))
+            f = out.view(b, t, -1)
+            if config.get("shared_expert_intermediate_size"):
+                f = f + _mlp(h, sd, p + "shared_expert.")
+        else:
+            f = _mlp(h, sd, p + "mlp.")
+        x = residual + f
+    x = _rms(x, sd["model.norm.weight"], eps)
+    return F.linear(x, sd["lm_head.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official LLaDA generate(), current ML-GSAI/LLaDA (REFERENCE.md section 3), global RNG.
+
+def add_gumbel_noise(logits, temperature):
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits, dtype=torch.float64)
+    gumbel_noise = (-torch.log(noise)) ** temperature
+    return logits.exp() / gumbel_noise
+
+
+def get_num_transfer_tokens(mask_index, steps):
+    mask_num = mask_index.sum(dim=1, keepdim=True)
+    base = mask_num // steps
+    remainder = mask_num % steps
+    num = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
+    for i in range(mask_num.size(0)):
+        num[i, : remainder[i]] += 1
+    return num
+
+
+@torch.no_grad()
+def llada_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id):
+    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt.clone()
+    prompt_index = x != mask_id
+    assert gen_length % block_length == 0
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0
+    steps = steps // num_blocks
+    for num_block in range(num_blocks):
+        s = prompt.shape[1] + num_block * block_length
+        block_mask_index = x[:, s: s + block_length] == mask_id
+        num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps)
+        for i in range(steps):
+            mask_index = x == mask_id
+            if cfg_scale > 0.0:
+                un_x = x.clone()
+                un_x[prompt_index] = mask_id
+                logits = model(torch.cat([x, un_x], dim=0))
+                logits, un_logits = torch.chunk(logits, 2, dim=0)
+                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+            else:
+                logits = model(x)
+            logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
+            x0 = torch.argmax(logits_with_noise, dim=-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits, dim=-1)
+                x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+            elif remasking == "random":
+                x0_p = torch.rand((x0.shape[0], x0.shape[1]))
+            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length:] = -np.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -np.inf)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            for j in range(confidence.shape[0]):
+                _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
+                transfer_index[j, select_index] = True
+            x[transfer_index] = x0[transfer_index]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official Dream diffusion_generate() / _sample (generation_utils.py), global RNG.
+
+def top_p_logits(logits, top_p=None):
+    sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+    cumulative_probs = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+    sorted_indices_to_remove = cumulative_probs > top_p
+    sorted_indices_to_remove[..., 1:] = sorted_indices_to_remove[..., :-1].clone()
+    sorted_indices_to_remove[..., 0] = 0
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask = mask.scatter_(-1, sorted_indices, sorted_indices_to_remove)
+    return logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+
+
+def top_k_logits(logits, top_k=None):
+    top_k = min(top_k, logits.size(-1))
+    indices_to_remove = logits < torch.topk(logits, top_k)[0][..., -1, None]
+    return logits.masked_fill(indices_to_remove, torch.finfo(logits.dtype).min)
+
+
+def sample_tokens(logits, temperature=0.0, top_p=None, top_k=None, margin_confidence=False, neg_entropy=False):
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits(logits, top_p)
+    if top_k is not None:
+        logits = top_k_logits(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if temperature > 0:
+        try:
+            x0 = dists.Categorical(probs=probs).sample()
+            confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+        except Exception:
+            confidence, x0 = probs.max(dim=-1)
+    else:
+        confidence, x0 = probs.max(dim=-1)
+    if margin_confidence:
+        sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
+        confidence = sorted_probs[:, 0] - sorted_probs[:, 1]
+    if neg_entropy:
+        epsilon = 1e-10
+        log_probs = torch.log(probs + epsilon)
+        confidence = torch.sum(probs * log_probs, dim=-1)
+    return confidence, x0
+
+
+@torch.no_grad()
+def dream_generate(model, input_ids, max_new_tokens, steps, temperature, top_p, top_k, alg, alg_temp, eps, mask_id):
+    x = F.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        mask_index = x == mask_id
+        logits = model(x)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        mask_logits = logits[mask_index]
+        t = timesteps[i]
+        s = timesteps[i + 1]
+        if alg == "origin":
+            p_transfer = 1 - s / t if i < steps - 1 else 1
+            x0 = torch.zeros_like(x[mask_index], dtype=torch.long) + mask_id
+            transfer_index_t_s = torch.rand(*x0.shape) < p_transfer
+            _, x0[transfer_index_t_s] = sample_tokens(mask_logits[transfer_index_t_s], temperature=temperature,
+                                                     top_p=top_p, top_k=top_k)
+            x[mask_index] = x0.clone()
+        else:
+            if alg == "maskgit_plus":
+                confidence, x0 = sample_tokens(mask_logits, temperature=temperature, top_p=top_p, top_k=top_k)
+            elif alg == "topk_margin":
+                confidence, x0 = sample_tokens(mask_logits, temperature=temperature, top_p=top_p, top_k=top_k,
+                                               margin_confidence=True)
+            elif alg == "entropy":
+                confidence, x0 = sample_tokens(mask_logits, temperature, top_p=top_p, top_k=top_k, neg_entropy=True)
+            num_mask_token = mask_index.sum() / mask_index.shape[0]
+            number_transfer_tokens = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+            full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+            full_confidence[mask_index] = confidence
+            if number_transfer_tokens > 0:
+                if alg_temp is None or alg_temp == 0:
+                    _, transfer_index = torch.topk(full_confidence, number_transfer_tokens)
+                else:
+                    full_confidence = full_confidence / alg_temp
+                    full_confidence = F.softmax(full_confidence, dim=-1)
+                    transfer_index = torch.multinomial(full_confidence, num_samples=number_transfer_tokens)
+                x_ = torch.zeros_like(x, dtype=torch.long) + mask_id
+                x_[mask_index] = x0.clone()
+                row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
+                x[row_indices, transfer_index] = x_[row_indices, transfer_index]
+    return x
+
+
