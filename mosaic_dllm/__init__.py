@@ -4,6 +4,13 @@ from .config import GenerationConfig, GenerationConfigError
 from .decoding.common import GenerationCancelled, StepEvent
 from .engine import LLM, GenerationOutput, PromptError
 
-__all__ = ["LLM", "GenerationConfig", "GenerationConfigError", "GenerationOutput", "GenerationCancelled",
-           "PromptError", "StepEvent"]
+__all__ = [
+    "LLM",
+    "GenerationConfig",
+    "GenerationConfigError",
+    "GenerationOutput",
+    "GenerationCancelled",
+    "PromptError",
+    "StepEvent",
+]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,14 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -107,8 +113,11 @@ def shard_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickle-based weights are never loaded; convert them to safetensors)" \
-            if pickles else ""
+        hint = (
+            f" (found {', '.join(pickles)}: pickle-based weights are never loaded; convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise CheckpointError(f"{path} has no *.safetensors weights{hint}")
     return files
 
@@ -123,6 +132,28 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
     return shapes
+
+
+def tensor_summary(files: list[Path]) -> tuple[int, int, dict[str, int]]:
+    """(parameter count, bytes, tensors per stored dtype) from the safetensors headers alone."""
+    count = nbytes = 0
+    dtypes: dict[str, int] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    numel = math.prod(sl.get_shape())
+                    dtype = sl.get_dtype()
+                    count += numel
+                    nbytes += numel * _DTYPE_BYTES.get(dtype, 4)
+                    dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
+    return count, nbytes, dtypes
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
@@ -148,8 +179,13 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     return Checkpoint(path, spec, weights, tokenizer, generation)
 
 
-def save(path: str | Path, spec: ArchSpec, state: dict[str, torch.Tensor], max_shard_bytes: int | None = None,
-         generation_config: dict[str, Any] | None = None) -> None:
+def save(
+    path: str | Path,
+    spec: ArchSpec,
+    state: dict[str, torch.Tensor],
+    max_shard_bytes: int | None = None,
+    generation_config: dict[str, Any] | None = None,
+) -> None:
     """Write config.json and safetensors in the official layout, sharded with an index when asked."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

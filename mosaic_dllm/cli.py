@@ -3,9 +3,98 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import GenerationConfigError
+from .decoding.common import GenerationCancelled
+from .models import ConfigError
+from .tokenizer import TokenizerError
+
+USER_ERRORS = (CheckpointError, ConfigError, GenerationConfigError, TokenizerError, GenerationCancelled, ValueError)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .engine import LLM, default_model_path
+
+    model = args.model or default_model_path()
+    llm = LLM(model, dtype=args.dtype, device=args.device)
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "gen_length",
+            "steps",
+            "block_length",
+            "temperature",
+            "cfg_scale",
+            "remasking",
+            "alg",
+            "alg_temp",
+            "top_p",
+            "top_k",
+            "seed",
+        )
+    }
+    cfg = llm.default_config(**settings, stop_at_eos=args.stop_at_eos or None)
+    cfg_resolved = cfg.resolved(llm.spec.family)  # fail on bad settings before printing anything
+    if args.model is None:
+        print(
+            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained by `mosaic train`]",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=cfg_resolved.steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
+
+    def on_step(event) -> None:
+        bar.update(1)
+        bar.set_postfix(block=event.block, masked=int((event.canvas == event.mask_token_id).sum()))
+
+    out = llm.generate(args.prompt, cfg, chat=args.chat, callback=on_step)[0]
+    bar.close()
+    if args.json:
+        record = {"model": str(model), "family": llm.spec.family, **vars(out), "config": vars(cfg_resolved)}
+        print(json.dumps(record))
+    else:
+        print(out.text)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .checkpoint import read_spec, shard_files, tensor_summary
+
+    spec, tokenizer, _ = read_spec(args.path)
+    count, nbytes, dtypes = tensor_summary(shard_files(Path(args.path)))
+    info = {
+        "family": spec.family,
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "heads": spec.num_heads,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "ffn": spec.intermediate_size if spec.moe is None else None,
+        "moe": None if spec.moe is None else vars(spec.moe) | {"moe_layers": sum(spec.moe.moe_layers)},
+        "vocab_size": spec.vocab_size,
+        "tokenizer_vocab": tokenizer.vocab_size if tokenizer else None,
+        "rope_theta": spec.rope_theta,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "mask_token_id": spec.mask_token_id,
+        "eos_token_ids": list(spec.eos_token_ids),
+        "pad_token_id": spec.pad_token_id,
+        "parameters": count,
+        "weight_bytes": nbytes,
+        "stored_dtypes": dtypes,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -14,9 +103,27 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     figures = train_default_model(Path(args.out), Path(args.run_dir), cfg, vocab_size=args.vocab_size)
-    print(f"validation CE {figures['validation_masked_token_ce_nats']:.3f} nats/masked token "
-          f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}); checkpoint in {args.out}")
+    print(
+        f"validation CE {figures['validation_masked_token_ce_nats']:.3f} nats/masked token "
+        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}); checkpoint in {args.out}"
+    )
     return 0
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (unset flags take the checkpoint's generation_config.json, then defaults)")
+    g.add_argument("--gen-length", type=int, help="tokens to generate (default 128)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
+    g.add_argument("--block-length", type=int, help="LLaDA semi-autoregressive block (default: gen-length)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--cfg-scale", type=float, help="LLaDA classifier-free guidance")
+    g.add_argument("--remasking", choices=["low_confidence", "random"], help="LLaDA")
+    g.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"], help="Dream")
+    g.add_argument("--alg-temp", type=float, help="Dream")
+    g.add_argument("--top-p", type=float, help="Dream")
+    g.add_argument("--top-k", type=int, help="Dream")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop-at-eos", action="store_true", help="stop once the text before the first EOS is final")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,10 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _add_generation_flags(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_info)
+
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
     p.add_argument("--out", default="mosaic_dllm/assets/default_model", help="checkpoint directory to write")
     p.add_argument("--run-dir", default="runs/default_model", help="resumable training state")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3600)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -40,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -65,17 +65,25 @@ class GenerationConfig:
             if self.gen_length % self.block_length:
                 fail(f"gen_length ({self.gen_length}) must be divisible by block_length ({self.block_length})")
             if self.steps % self.num_blocks:
-                fail(f"steps ({self.steps}) must be divisible by the number of blocks "
-                     f"(gen_length / block_length = {self.num_blocks})")
+                fail(
+                    f"steps ({self.steps}) must be divisible by the number of blocks "
+                    f"(gen_length / block_length = {self.num_blocks})"
+                )
             if self.cfg_scale < 0:
                 fail(f"cfg_scale must be >= 0, got {self.cfg_scale}")
             if self.remasking not in LLADA_REMASKING:
                 fail(f"remasking must be one of {LLADA_REMASKING}, got {self.remasking!r}")
-            dream_only = {"alg": self.alg != "origin", "alg_temp": self.alg_temp is not None,
-                          "top_p": self.top_p is not None, "top_k": self.top_k is not None}
+            dream_only = {
+                "alg": self.alg != "origin",
+                "alg_temp": self.alg_temp is not None,
+                "top_p": self.top_p is not None,
+                "top_k": self.top_k is not None,
+            }
             if any(dream_only.values()):
-                fail(f"{[k for k, v in dream_only.items() if v]} apply to Dream only; {family} uses "
-                     "remasking / cfg_scale / block_length")
+                fail(
+                    f"{[k for k, v in dream_only.items() if v]} apply to Dream only; {family} uses "
+                    "remasking / cfg_scale / block_length"
+                )
             return
         if self.block_length not in (None, self.gen_length):
             fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")

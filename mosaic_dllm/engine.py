@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -48,14 +48,30 @@ def default_model_path() -> Path:
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
-                 device: str | torch.device = "cpu", executor: str = "eager"):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        executor: str = "eager",
+    ):
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
         if executor != "eager":
             raise ValueError(f"unknown executor {executor!r}; available: eager")
         self.executor = EagerExecutor(self.spec, self.checkpoint.weights)
+
+    def default_config(self, **overrides) -> GenerationConfig:
+        """GenerationConfig from the checkpoint's generation_config.json, then `overrides` (None = keep)."""
+        stored = dict(self.checkpoint.generation_config)
+        if "max_new_tokens" in stored:
+            stored.setdefault("gen_length", stored["max_new_tokens"])
+        known = {f.name for f in fields(GenerationConfig)}
+        values = {k: v for k, v in stored.items() if k in known}
+        values |= {k: v for k, v in overrides.items() if v is not None}
+        return GenerationConfig.from_dict(values)
 
     @property
     def device(self) -> torch.device:
@@ -86,32 +102,43 @@ class LLM:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids)
 
-    def generate(self, prompts: Prompt | list[Prompt], config: GenerationConfig | None = None, *,
-                 chat: bool = False, callback: StepCallback | None = None) -> list[GenerationOutput]:
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        chat: bool = False,
+        callback: StepCallback | None = None,
+    ) -> list[GenerationOutput]:
         """Generate for one prompt or a list; each prompt runs as its own request (batch size one)."""
-        cfg = (config or GenerationConfig()).resolved(self.spec.family)
+        cfg = (config or self.default_config()).resolved(self.spec.family)
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         if not batch:
-            raise PromptError("no prompts given")
+            raise PromptError("the prompt is empty (no prompt or token ids given)")
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
         return [self._generate_one(ids, cfg, callback) for ids in encoded]
 
-    def _generate_one(self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
-                      ) -> GenerationOutput:
+    def _generate_one(
+        self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
+    ) -> GenerationOutput:
         total = len(prompt_ids) + cfg.gen_length
         if total > self.spec.max_position_embeddings:
-            warnings.warn(f"sequence length {total} exceeds the checkpoint's trained context "
-                          f"({self.spec.max_position_embeddings}); quality may degrade", stacklevel=3)
+            warnings.warn(
+                f"sequence length {total} exceeds the checkpoint's trained context "
+                f"({self.spec.max_position_embeddings}); quality may degrade",
+                stacklevel=3,
+            )
         gen = torch.Generator(device=self.device)
         gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
         start = time.perf_counter()
-        result = denoise(self.executor.logits, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen,
-                         callback)
+        result = denoise(
+            self.executor.logits, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback
+        )
         seconds = time.perf_counter() - start
-        generated = result.canvas[len(prompt_ids):].tolist()
-        eos = first_eos(result.canvas[len(prompt_ids):], self.spec.eos_token_ids)
+        generated = result.canvas[len(prompt_ids) :].tolist()
+        eos = first_eos(result.canvas[len(prompt_ids) :], self.spec.eos_token_ids)
         answer = generated if eos is None else generated[:eos]
         return GenerationOutput(
             text=self.decode(answer),

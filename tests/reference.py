@@ -34,7 +34,7 @@ def _rms(x, w, eps):
 
 def _rotate_half(x):
     x1 = x[..., : x.shape[-1] // 2]
-    x2 = x[..., x.shape[-1] // 2:]
+    x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
@@ -89,8 +89,10 @@ def _hf_rope(config, t, dtype, head_dim):
 
 
 def _mlp(x, sd, p):
-    return F.linear(F.silu(F.linear(x, sd[p + "gate_proj.weight"])) * F.linear(x, sd[p + "up_proj.weight"]),
-                    sd[p + "down_proj.weight"])
+    return F.linear(
+        F.silu(F.linear(x, sd[p + "gate_proj.weight"])) * F.linear(x, sd[p + "up_proj.weight"]),
+        sd[p + "down_proj.weight"],
+    )
 
 
 def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
@@ -156,6 +158,7 @@ def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Official LLaDA generate(), current ML-GSAI/LLaDA (REFERENCE.md section 3), global RNG.
 
+
 def add_gumbel_noise(logits, temperature):
     if temperature == 0:
         return logits
@@ -186,7 +189,7 @@ def llada_generate(model, prompt, steps, gen_length, block_length, temperature, 
     steps = steps // num_blocks
     for num_block in range(num_blocks):
         s = prompt.shape[1] + num_block * block_length
-        block_mask_index = x[:, s: s + block_length] == mask_id
+        block_mask_index = x[:, s : s + block_length] == mask_id
         num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps)
         for i in range(steps):
             mask_index = x == mask_id
@@ -205,7 +208,7 @@ def llada_generate(model, prompt, steps, gen_length, block_length, temperature, 
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             elif remasking == "random":
                 x0_p = torch.rand((x0.shape[0], x0.shape[1]))
-            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length:] = -np.inf
+            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length :] = -np.inf
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, -np.inf)
             transfer_index = torch.zeros_like(x0, dtype=torch.bool)
@@ -218,6 +221,7 @@ def llada_generate(model, prompt, steps, gen_length, block_length, temperature, 
 
 # ----------------------------------------------------------------------------------------------------
 # Official Dream diffusion_generate() / _sample (generation_utils.py), global RNG.
+
 
 def top_p_logits(logits, top_p=None):
     sorted_logits, sorted_indices = torch.sort(logits, descending=True)
@@ -277,15 +281,17 @@ def dream_generate(model, input_ids, max_new_tokens, steps, temperature, top_p, 
             p_transfer = 1 - s / t if i < steps - 1 else 1
             x0 = torch.zeros_like(x[mask_index], dtype=torch.long) + mask_id
             transfer_index_t_s = torch.rand(*x0.shape) < p_transfer
-            _, x0[transfer_index_t_s] = sample_tokens(mask_logits[transfer_index_t_s], temperature=temperature,
-                                                     top_p=top_p, top_k=top_k)
+            _, x0[transfer_index_t_s] = sample_tokens(
+                mask_logits[transfer_index_t_s], temperature=temperature, top_p=top_p, top_k=top_k
+            )
             x[mask_index] = x0.clone()
         else:
             if alg == "maskgit_plus":
                 confidence, x0 = sample_tokens(mask_logits, temperature=temperature, top_p=top_p, top_k=top_k)
             elif alg == "topk_margin":
-                confidence, x0 = sample_tokens(mask_logits, temperature=temperature, top_p=top_p, top_k=top_k,
-                                               margin_confidence=True)
+                confidence, x0 = sample_tokens(
+                    mask_logits, temperature=temperature, top_p=top_p, top_k=top_k, margin_confidence=True
+                )
             elif alg == "entropy":
                 confidence, x0 = sample_tokens(mask_logits, temperature, top_p=top_p, top_k=top_k, neg_entropy=True)
             num_mask_token = mask_index.sum() / mask_index.shape[0]
@@ -304,5 +310,3 @@ def dream_generate(model, input_ids, max_new_tokens, steps, temperature, top_p, 
                 row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
                 x[row_indices, transfer_index] = x_[row_indices, transfer_index]
     return x
-
-

@@ -49,8 +49,15 @@ def categorical_sample(probs: Tensor, gen: torch.Generator) -> Tensor | None:
         return None
 
 
-def sample_tokens(logits: Tensor, temperature: float, top_p: float | None, top_k: int | None, gen: torch.Generator,
-                  margin_confidence: bool = False, neg_entropy: bool = False) -> tuple[Tensor, Tensor]:
+def sample_tokens(
+    logits: Tensor,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    gen: torch.Generator,
+    margin_confidence: bool = False,
+    neg_entropy: bool = False,
+) -> tuple[Tensor, Tensor]:
     """(N, V) logits of masked positions -> (confidence, x0), both (N,)."""
     if temperature > 0:
         logits = logits / temperature
@@ -77,8 +84,15 @@ def shift_logits(logits: Tensor) -> Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
-def denoise(logits_fn: LogitsFn, prompt: Tensor, cfg: GenerationConfig, mask_id: int, eos_ids: tuple[int, ...],
-            gen: torch.Generator, callback: StepCallback | None = None) -> DenoiseResult:
+def denoise(
+    logits_fn: LogitsFn,
+    prompt: Tensor,
+    cfg: GenerationConfig,
+    mask_id: int,
+    eos_ids: tuple[int, ...],
+    gen: torch.Generator,
+    callback: StepCallback | None = None,
+) -> DenoiseResult:
     p_len = prompt.numel()
     x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[0, :p_len] = prompt
@@ -97,8 +111,9 @@ def denoise(logits_fn: LogitsFn, prompt: Tensor, cfg: GenerationConfig, mask_id:
             _, x0[chosen] = sample_tokens(mask_logits[chosen], **sampling)
             x[mask_index] = x0.clone()
         else:
-            confidence, x0 = sample_tokens(mask_logits, margin_confidence=cfg.alg == "topk_margin",
-                                           neg_entropy=cfg.alg == "entropy", **sampling)
+            confidence, x0 = sample_tokens(
+                mask_logits, margin_confidence=cfg.alg == "topk_margin", neg_entropy=cfg.alg == "entropy", **sampling
+            )
             n = dream_transfer_count(mask_index, i, cfg.steps, timesteps)
             full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
             full_confidence[mask_index] = confidence

@@ -42,8 +42,15 @@ def propose(logits: Tensor, temperature: float, remasking: str, gen: torch.Gener
     return x0, confidence
 
 
-def denoise(logits_fn: LogitsFn, prompt: Tensor, cfg: GenerationConfig, mask_id: int, eos_ids: tuple[int, ...],
-            gen: torch.Generator, callback: StepCallback | None = None) -> DenoiseResult:
+def denoise(
+    logits_fn: LogitsFn,
+    prompt: Tensor,
+    cfg: GenerationConfig,
+    mask_id: int,
+    eos_ids: tuple[int, ...],
+    gen: torch.Generator,
+    callback: StepCallback | None = None,
+) -> DenoiseResult:
     """prompt: (P,) ids. Returns the (P + gen_length,) canvas."""
     p_len = prompt.numel()
     x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)

@@ -36,5 +36,14 @@ def to_config(spec: ArchSpec) -> dict[str, Any]:
     return FAMILIES[spec.family].to_config(spec)
 
 
-__all__ = ["ArchSpec", "ConfigError", "MoESpec", "SpecialIds", "WeightNames", "family_of", "parse_config",
-           "to_config", "weight_names"]
+__all__ = [
+    "ArchSpec",
+    "ConfigError",
+    "MoESpec",
+    "SpecialIds",
+    "WeightNames",
+    "family_of",
+    "parse_config",
+    "to_config",
+    "weight_names",
+]

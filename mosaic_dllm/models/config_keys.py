@@ -41,7 +41,9 @@ def as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def resolve_special_ids(config: dict[str, Any], hints: SpecialIds, family: str) -> tuple[int, tuple[int, ...], int | None]:
+def resolve_special_ids(
+    config: dict[str, Any], hints: SpecialIds, family: str
+) -> tuple[int, tuple[int, ...], int | None]:
     """Mask, EOS and pad ids from this checkpoint's own files, never from another family's defaults."""
     mask = config.get("mask_token_id")
     if mask is None:

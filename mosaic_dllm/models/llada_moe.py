@@ -20,8 +20,9 @@ def matches(config: dict[str, Any]) -> bool:
 
 def parse(config: dict[str, Any], hints: SpecialIds) -> ArchSpec:
     reject_unsupported(
-        config, FAMILY, {"hidden_act": "silu", "rope_scaling": None, "clip_qkv": None,
-                         "moe_router_score_function": ("softmax",)}
+        config,
+        FAMILY,
+        {"hidden_act": "silu", "rope_scaling": None, "clip_qkv": None, "moe_router_score_function": ("softmax",)},
     )
     hidden = required(config, "hidden_size", FAMILY)
     heads = required(config, "num_attention_heads", FAMILY)
@@ -98,8 +99,11 @@ def weight_names(spec: ArchSpec) -> WeightNames:
         "shared_down": layer + "shared_expert.down_proj.weight",
     }
     if spec.qkv_bias:
-        names |= {"q_bias": layer + "self_attn.q_proj.bias", "k_bias": layer + "self_attn.k_proj.bias",
-                  "v_bias": layer + "self_attn.v_proj.bias"}
+        names |= {
+            "q_bias": layer + "self_attn.q_proj.bias",
+            "k_bias": layer + "self_attn.k_proj.bias",
+            "v_bias": layer + "self_attn.v_proj.bias",
+        }
     if spec.qk_norm:
         names |= {"q_norm": layer + "self_attn.q_norm.weight", "k_norm": layer + "self_attn.k_norm.weight"}
     return WeightNames(

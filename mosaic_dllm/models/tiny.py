@@ -27,11 +27,26 @@ SAMPLE_TEXT = [
 
 def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None]) -> ArchSpec:
     common = dict(
-        family=family, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
-        intermediate_size=128, vocab_size=vocab_size, rope_theta=10000.0, rotary_dim=16, rms_norm_eps=1e-5,
-        qkv_bias=False, qk_norm=False, rope_full_precision=False, logit_shift=False,
-        tie_word_embeddings=False, max_position_embeddings=256, mask_token_id=ids["mask"],
-        eos_token_ids=(ids["eos"],), pad_token_id=ids["eos"],
+        family=family,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=vocab_size,
+        rope_theta=10000.0,
+        rotary_dim=16,
+        rms_norm_eps=1e-5,
+        qkv_bias=False,
+        qk_norm=False,
+        rope_full_precision=False,
+        logit_shift=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        mask_token_id=ids["mask"],
+        eos_token_ids=(ids["eos"],),
+        pad_token_id=ids["eos"],
     )
     spec = ArchSpec(**common)
     if family == "llada":
@@ -39,15 +54,27 @@ def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None])
     if family == "dream":
         return replace(spec, num_kv_heads=2, qkv_bias=True, logit_shift=True, rope_theta=1e6, rms_norm_eps=1e-6)
     if family == "llada_moe":
-        moe = MoESpec(num_experts=4, experts_per_token=2, expert_intermediate_size=32,
-                      shared_expert_intermediate_size=48, expert_bias=True, normalize_top_k=False,
-                      moe_layers=(False, True))
+        moe = MoESpec(
+            num_experts=4,
+            experts_per_token=2,
+            expert_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            expert_bias=True,
+            normalize_top_k=False,
+            moe_layers=(False, True),
+        )
         return replace(spec, qk_norm=True, rope_theta=50000.0, moe=moe)
     raise ValueError(f"unknown family {family!r}")
 
 
-def build_tiny_checkpoint(path: str | Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                          sharded: bool = False, std: float = 0.5) -> ArchSpec:
+def build_tiny_checkpoint(
+    path: str | Path,
+    family: str,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    sharded: bool = False,
+    std: float = 0.5,
+) -> ArchSpec:
     """Write a random tiny checkpoint of `family` to `path` and return its spec.
 
     A large init std gives peaked, seed-dependent logits, so that token comparisons mean something.

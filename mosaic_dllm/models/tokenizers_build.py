@@ -23,13 +23,23 @@ CHATML_TEMPLATE = (
 
 # Official special-token names per family; the first is BOS (or None), then EOS, then the mask token.
 FAMILY_SPECIALS = {
-    "llada": dict(bos="<|startoftext|>", eos="<|endoftext|>", mask="<|mdm_mask|>",
-                  extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], template=LLADA_CHAT_TEMPLATE),
-    "llada_moe": dict(bos="<|startoftext|>", eos="<|endoftext|>", mask="<|mdm_mask|>",
-                      extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-                      template=LLADA_CHAT_TEMPLATE),
-    "dream": dict(bos=None, eos="<|endoftext|>", mask="<|mask|>", extra=["<|im_start|>", "<|im_end|>"],
-                  template=CHATML_TEMPLATE),
+    "llada": dict(
+        bos="<|startoftext|>",
+        eos="<|endoftext|>",
+        mask="<|mdm_mask|>",
+        extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        template=LLADA_CHAT_TEMPLATE,
+    ),
+    "llada_moe": dict(
+        bos="<|startoftext|>",
+        eos="<|endoftext|>",
+        mask="<|mdm_mask|>",
+        extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        template=LLADA_CHAT_TEMPLATE,
+    ),
+    "dream": dict(
+        bos=None, eos="<|endoftext|>", mask="<|mask|>", extra=["<|im_start|>", "<|im_end|>"], template=CHATML_TEMPLATE
+    ),
 }
 
 
@@ -41,8 +51,10 @@ def train_bpe(texts: list[str], family: str, vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(names), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False, special_tokens=[],
+        vocab_size=vocab_size - len(names),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+        special_tokens=[],
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])

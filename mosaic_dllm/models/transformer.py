@@ -18,16 +18,16 @@ def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
     """(B, L) token ids -> (B, L, H) normalised final hidden states."""
     x = ops.embed(ids, w.embed, name="embed")
     tables_dtype = None if spec.rope_full_precision else x.dtype
-    cos, sin = ops.rotary_tables(ids.shape[1], spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device,
-                                 name="rotary_tables")
+    cos, sin = ops.rotary_tables(
+        ids.shape[1], spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device, name="rotary_tables"
+    )
     for i, layer in enumerate(w.layers):
         x = attention_block(ops, spec, layer, x, cos, sin)
         x = ffn_block(ops, spec, layer, w.experts[i], i, x)
     return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm")
 
 
-def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor,
-                    sin: Tensor) -> Tensor:
+def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     b, length, _ = x.shape
     h = ops.rms_norm(x, layer["attn_norm"], spec.rms_norm_eps, name="attn_norm")
     q = ops.linear(h, layer["q"], layer.get("q_bias"), name="q_proj")
@@ -47,12 +47,20 @@ def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tenso
     return ops.add(x, ops.linear(a, layer["o"], layer.get("o_bias"), name="o_proj"), name="attn_residual")
 
 
-def ffn_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], experts: list[dict[str, Tensor]], index: int,
-              x: Tensor) -> Tensor:
+def ffn_block(
+    ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], experts: list[dict[str, Tensor]], index: int, x: Tensor
+) -> Tensor:
     h = ops.rms_norm(x, layer["ffn_norm"], spec.rms_norm_eps, name="ffn_norm")
     if spec.is_moe_layer(index):
-        f = ops.moe(h, layer["router"], layer.get("expert_bias"), experts, spec.moe.experts_per_token,
-                    spec.moe.normalize_top_k, name="moe")
+        f = ops.moe(
+            h,
+            layer["router"],
+            layer.get("expert_bias"),
+            experts,
+            spec.moe.experts_per_token,
+            spec.moe.normalize_top_k,
+            name="moe",
+        )
         if spec.moe.shared_expert_intermediate_size:
             shared = ops.mlp(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"], name="shared_expert")
             f = ops.add(f, shared, name="shared_expert_add")

@@ -24,7 +24,7 @@ class Weights:
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.embed, self.final_norm, self.lm_head]
-        for layer, experts in zip(self.layers, self.experts):
+        for layer, experts in zip(self.layers, self.experts, strict=False):
             out += layer.values()
             for expert in experts:
                 out += expert.values()
@@ -69,8 +69,11 @@ def optional_names(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     if spec.moe is None or not spec.moe.expert_bias:
         return {}
     names = weight_names(spec)
-    return {names.layer["expert_bias"].format(i=i): (spec.moe.num_experts,)
-            for i in range(spec.num_layers) if spec.is_moe_layer(i)}
+    return {
+        names.layer["expert_bias"].format(i=i): (spec.moe.num_experts,)
+        for i in range(spec.num_layers)
+        if spec.is_moe_layer(i)
+    }
 
 
 def check_state_dict(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -104,13 +107,15 @@ def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor]) -> Weights:
         layers.append(layer)
         experts.append(
             [{p: state[n.format(i=i, e=e)] for p, n in names.expert.items()} for e in range(spec.moe.num_experts)]
-            if spec.is_moe_layer(i) else []
+            if spec.is_moe_layer(i)
+            else []
         )
     return Weights(state[names.embed], state[names.final_norm], state[names.lm_head], layers, experts)
 
 
-def random_state_dict(spec: ArchSpec, dtype: torch.dtype, seed: int = 0, std: float = 0.02,
-                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def random_state_dict(
+    spec: ArchSpec, dtype: torch.dtype, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Random parameters under the official names: norms at 1, everything else N(0, std)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     state = {}

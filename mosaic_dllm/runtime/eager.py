@@ -21,10 +21,12 @@ class EagerOps:
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         return F.embedding(ids, table)
 
-    def rotary_tables(self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None,
-                      device: torch.device, *, name: str) -> tuple[Tensor, Tensor]:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float()
-                                    / rotary_dim))
+    def rotary_tables(
+        self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
+    ) -> tuple[Tensor, Tensor]:
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim)
+        )
         positions = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -63,8 +65,17 @@ class EagerOps:
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
-    def moe(self, x: Tensor, router: Tensor, expert_bias: Tensor | None, experts: list[dict[str, Tensor]],
-            top_k: int, normalize_top_k: bool, *, name: str) -> Tensor:
+    def moe(
+        self,
+        x: Tensor,
+        router: Tensor,
+        expert_bias: Tensor | None,
+        experts: list[dict[str, Tensor]],
+        top_k: int,
+        normalize_top_k: bool,
+        *,
+        name: str,
+    ) -> Tensor:
         b, length, h = x.shape
         flat = x.reshape(-1, h)
         weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)

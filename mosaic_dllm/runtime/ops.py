@@ -18,8 +18,9 @@ class Ops(Protocol):
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         """(B, L) ids -> (B, L, H)."""
 
-    def rotary_tables(self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None,
-                      device: torch.device, *, name: str) -> tuple[Tensor, Tensor]:
+    def rotary_tables(
+        self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
+    ) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (L, rotary_dim), float32, or cast to `dtype` when given."""
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
@@ -37,8 +38,17 @@ class Ops(Protocol):
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def moe(self, x: Tensor, router: Tensor, expert_bias: Tensor | None, experts: list[dict[str, Tensor]],
-            top_k: int, normalize_top_k: bool, *, name: str) -> Tensor:
+    def moe(
+        self,
+        x: Tensor,
+        router: Tensor,
+        expert_bias: Tensor | None,
+        experts: list[dict[str, Tensor]],
+        top_k: int,
+        normalize_top_k: bool,
+        *,
+        name: str,
+    ) -> Tensor:
         """Softmax-routed mixture of SwiGLU experts over the tokens of x (B, L, H)."""
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:

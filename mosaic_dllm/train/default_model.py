@@ -21,10 +21,25 @@ log = logging.getLogger(__name__)
 
 def default_spec(vocab_size: int, ids: dict[str, int | None], seq_len: int) -> ArchSpec:
     return ArchSpec(
-        family="llada", hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=4, head_dim=64,
-        intermediate_size=704, vocab_size=vocab_size, rope_theta=10000.0, rotary_dim=64, rms_norm_eps=1e-5,
-        qkv_bias=False, qk_norm=False, rope_full_precision=True, logit_shift=False, tie_word_embeddings=False,
-        max_position_embeddings=seq_len, mask_token_id=ids["mask"], eos_token_ids=(ids["eos"],),
+        family="llada",
+        hidden_size=256,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=704,
+        vocab_size=vocab_size,
+        rope_theta=10000.0,
+        rotary_dim=64,
+        rms_norm_eps=1e-5,
+        qkv_bias=False,
+        qk_norm=False,
+        rope_full_precision=True,
+        logit_shift=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=seq_len,
+        mask_token_id=ids["mask"],
+        eos_token_ids=(ids["eos"],),
         pad_token_id=ids["eos"],
     )
 
@@ -36,8 +51,9 @@ def tokenize(tok, texts: list[str], eos: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def train_default_model(out: Path, run_dir: Path, cfg: TrainConfig, vocab_size: int = 2048,
-                        progress: bool = True) -> dict:
+def train_default_model(
+    out: Path, run_dir: Path, cfg: TrainConfig, vocab_size: int = 2048, progress: bool = True
+) -> dict:
     """Train (or resume) and export the default model to `out`; returns the figures for the model card."""
     started = time.time()
     texts = corpus.build()
@@ -61,9 +77,14 @@ def train_default_model(out: Path, run_dir: Path, cfg: TrainConfig, vocab_size: 
     trainer.export(out)
     val_ce = evaluate(spec, trainer.params, val_tokens, cfg.seq_len)
     figures = {
-        "corpus": {"source": "docstrings of the CPython standard library", "license": corpus.LICENSE,
-                   "documents": len(texts), "train_tokens": train_tokens.numel(), "val_tokens": val_tokens.numel(),
-                   "bytes": sum(len(t) + 1 for t in texts)},
+        "corpus": {
+            "source": "docstrings of the CPython standard library",
+            "license": corpus.LICENSE,
+            "documents": len(texts),
+            "train_tokens": train_tokens.numel(),
+            "val_tokens": val_tokens.numel(),
+            "bytes": sum(len(t) + 1 for t in texts),
+        },
         "validation_masked_token_ce_nats": round(val_ce, 4),
         "unigram_baseline_ce_nats": round(unigram_cross_entropy(train_tokens, val_tokens, vocab_size), 4),
         "parameters": sum(p.numel() for p in trainer.params.values()),
@@ -72,7 +93,17 @@ def train_default_model(out: Path, run_dir: Path, cfg: TrainConfig, vocab_size: 
         "wall_seconds_this_run": round(time.time() - started, 1),
     }
     (out / "training.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"mask_token_id": ids["mask"], "eos_token_id": ids["eos"], "steps": 64, "gen_length": 64,
-         "block_length": 32}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "mask_token_id": ids["mask"],
+                "eos_token_id": ids["eos"],
+                "steps": 64,
+                "gen_length": 64,
+                "block_length": 32,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return figures

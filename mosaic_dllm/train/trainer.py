@@ -46,8 +46,9 @@ class TrainConfig:
     bf16_autocast: bool = True  # CPU matmuls run ~2x faster in bf16; master weights stay float32
 
 
-def masked_diffusion_loss(spec: ArchSpec, params: dict[str, torch.Tensor], batch: torch.Tensor,
-                          gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+def masked_diffusion_loss(
+    spec: ArchSpec, params: dict[str, torch.Tensor], batch: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(weighted loss for the gradient, unweighted masked-token cross-entropy sum, masked count)."""
     b, length = batch.shape
     t = torch.rand(b, 1, generator=gen)
@@ -62,12 +63,19 @@ def masked_diffusion_loss(spec: ArchSpec, params: dict[str, torch.Tensor], batch
 
 def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=gen)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
 @torch.no_grad()
-def evaluate(spec: ArchSpec, params: dict[str, torch.Tensor], tokens: torch.Tensor, seq_len: int,
-             seed: int = 1234, batches: int = 8, batch_size: int = 32) -> float:
+def evaluate(
+    spec: ArchSpec,
+    params: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    seq_len: int,
+    seed: int = 1234,
+    batches: int = 8,
+    batch_size: int = 32,
+) -> float:
     """Mean cross-entropy (nats) per masked token on held-out text, mask ratios t ~ U(0, 1), fixed seed."""
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -85,8 +93,9 @@ def unigram_cross_entropy(train_tokens: torch.Tensor, val_tokens: torch.Tensor, 
 
 
 class Trainer:
-    def __init__(self, spec: ArchSpec, cfg: TrainConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
-                 run_dir: Path):
+    def __init__(
+        self, spec: ArchSpec, cfg: TrainConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor, run_dir: Path
+    ):
         self.spec, self.cfg, self.run_dir = spec, cfg, Path(run_dir)
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -94,8 +103,11 @@ class Trainer:
         self.params = {k: v.requires_grad_() for k, v in init.items()}
         decay = [p for k, p in self.params.items() if p.ndim == 2]
         no_decay = [p for k, p in self.params.items() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+        )
         self.step = 0
         self.history: list[dict[str, float]] = []
 
@@ -152,9 +164,11 @@ class Trainer:
             for k, p in self.params.items():
                 p.copy_(tensors[f"param/{k}"])
                 if f"exp_avg/{k}" in tensors:
-                    self.opt.state[p] = {"step": torch.tensor(float(meta["step"])),
-                                         "exp_avg": tensors[f"exp_avg/{k}"].clone(),
-                                         "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].clone()}
+                    self.opt.state[p] = {
+                        "step": torch.tensor(float(meta["step"])),
+                        "exp_avg": tensors[f"exp_avg/{k}"].clone(),
+                        "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].clone(),
+                    }
         self.gen.set_state(tensors["rng"])
         self.step, self.history = meta["step"], meta["history"]
         return True

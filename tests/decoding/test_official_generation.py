@@ -38,23 +38,30 @@ def test_llada_matches_official(tiny_checkpoints, family, settings, dtype):
     llm = LLM(tiny_checkpoints[family], dtype=dtype)
     out = llm.generate(PROMPT, GenerationConfig(seed=11, **settings))[0]
     torch.manual_seed(11)
-    official = reference.llada_generate(official_model(llm, family), torch.tensor([PROMPT]),
-                                        settings["steps"], settings["gen_length"], settings["block_length"],
-                                        settings["temperature"], settings["cfg_scale"], settings["remasking"],
-                                        llm.spec.mask_token_id)
-    assert out.token_ids == official[0, len(PROMPT):].tolist()
+    official = reference.llada_generate(
+        official_model(llm, family),
+        torch.tensor([PROMPT]),
+        settings["steps"],
+        settings["gen_length"],
+        settings["block_length"],
+        settings["temperature"],
+        settings["cfg_scale"],
+        settings["remasking"],
+        llm.spec.mask_token_id,
+    )
+    assert out.token_ids == official[0, len(PROMPT) :].tolist()
     assert out.forward_passes == settings["steps"]
 
 
-DREAM_SETTINGS = [
-    dict(alg=alg, temperature=0.0) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")
-] + [
-    dict(alg=alg, temperature=0.8, top_p=0.9) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")
-] + [
-    dict(alg="maskgit_plus", temperature=0.5, top_k=20),
-    dict(alg="entropy", temperature=0.0, alg_temp=0.5),
-    dict(alg="topk_margin", temperature=1.0, top_p=0.95, top_k=50, alg_temp=0.2),
-]
+DREAM_SETTINGS = (
+    [dict(alg=alg, temperature=0.0) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
+    + [dict(alg=alg, temperature=0.8, top_p=0.9) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
+    + [
+        dict(alg="maskgit_plus", temperature=0.5, top_k=20),
+        dict(alg="entropy", temperature=0.0, alg_temp=0.5),
+        dict(alg="topk_margin", temperature=1.0, top_p=0.95, top_k=50, alg_temp=0.2),
+    ]
+)
 
 
 @pytest.mark.parametrize("settings", DREAM_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
@@ -62,10 +69,20 @@ def test_dream_matches_official(tiny_checkpoints, settings, dtype):
     llm = LLM(tiny_checkpoints["dream"], dtype=dtype)
     out = llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=12, seed=5, **settings))[0]
     torch.manual_seed(5)
-    official = reference.dream_generate(official_model(llm, "dream"), torch.tensor([PROMPT]), 16, 12,
-                                        settings["temperature"], settings.get("top_p"), settings.get("top_k"),
-                                        settings["alg"], settings.get("alg_temp"), 1e-3, llm.spec.mask_token_id)
-    assert out.token_ids == official[0, len(PROMPT):].tolist()
+    official = reference.dream_generate(
+        official_model(llm, "dream"),
+        torch.tensor([PROMPT]),
+        16,
+        12,
+        settings["temperature"],
+        settings.get("top_p"),
+        settings.get("top_k"),
+        settings["alg"],
+        settings.get("alg_temp"),
+        1e-3,
+        llm.spec.mask_token_id,
+    )
+    assert out.token_ids == official[0, len(PROMPT) :].tolist()
 
 
 def test_seed_reproducible_and_different_seeds_differ(tiny_checkpoints):

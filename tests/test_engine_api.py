@@ -1,0 +1,108 @@
+"""The Python API: prompt forms, outputs, chat templates, and bad settings rejected before any work."""
+
+import pytest
+
+from mosaic_dllm import LLM, GenerationConfig, GenerationConfigError, PromptError
+
+SMALL = GenerationConfig(gen_length=8, steps=4, block_length=4)
+
+
+@pytest.fixture(scope="module")
+def llada(tiny_checkpoints):
+    return LLM(tiny_checkpoints["llada"])
+
+
+def test_prompt_forms(llada):
+    one = llada.generate("The quick brown fox", SMALL)
+    assert len(one) == 1 and isinstance(one[0].text, str)
+    ids = llada.encode("The quick brown fox")
+    assert llada.generate(ids, SMALL)[0].token_ids == one[0].token_ids
+    many = llada.generate(["The quick brown fox", ids], SMALL)
+    assert [o.token_ids for o in many] == [one[0].token_ids] * 2
+    out = one[0]
+    assert len(out.token_ids) == 8 and out.prompt_token_ids == ids
+    assert out.forward_passes == 4 and out.steps == 4 and out.seconds > 0
+    assert out.finish_reason in ("eos", "length")
+
+
+def test_chat_template_applied(llada, tiny_checkpoints):
+    ids = llada.encode("hello", chat=True)
+    text = llada.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>")
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    dream = LLM(tiny_checkpoints["dream"])
+    assert dream.tokenizer.decode(dream.encode("hi", chat=True), skip_special_tokens=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "prompt,message",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ([], "empty"),
+        ([1, 10_000], "outside the vocabulary"),
+        ([-1], "outside"),
+    ],
+)
+def test_bad_prompts(llada, prompt, message):
+    with pytest.raises(PromptError, match=message):
+        llada.generate(prompt, SMALL)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(gen_length=10, block_length=4), "gen_length \\(10\\) must be divisible by block_length \\(4\\)"),
+        (dict(gen_length=8, block_length=4, steps=3), "steps \\(3\\) must be divisible by the number of blocks"),
+        (dict(gen_length=0), "gen_length must be a positive integer"),
+        (dict(gen_length=8, steps=-2), "steps must be a positive integer"),
+        (dict(gen_length=8, block_length=0), "block_length must be a positive integer"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(cfg_scale=-1.0), "cfg_scale must be >= 0"),
+        (dict(remasking="greedy"), "remasking must be one of"),
+        (dict(alg="entropy"), "apply to Dream only"),
+    ],
+)
+def test_bad_llada_settings(llada, settings, message):
+    with pytest.raises(GenerationConfigError, match=message):
+        llada.generate("hello", GenerationConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(cfg_scale=1.0), "no classifier-free guidance"),
+        (dict(block_length=4, gen_length=8), "no blocks"),
+        (dict(alg="best"), "alg must be one of"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(eps=0.0), "eps must be in"),
+    ],
+)
+def test_bad_dream_settings(tiny_checkpoints, settings, message):
+    with pytest.raises(GenerationConfigError, match=message):
+        LLM(tiny_checkpoints["dream"]).generate("hello", GenerationConfig(**settings))
+
+
+def test_unknown_setting_named():
+    with pytest.raises(GenerationConfigError, match="unknown generation settings \\['temprature'\\]"):
+        GenerationConfig.from_dict({"temprature": 1.0})
+
+
+def test_longer_than_trained_context_warns_but_runs(llada):
+    with pytest.warns(UserWarning, match="exceeds the checkpoint's trained context"):
+        out = llada.generate([1, 2], GenerationConfig(gen_length=256, steps=1))[0]
+    assert len(out.token_ids) == 256
+
+
+def test_text_without_tokenizer_is_refused(tiny_checkpoints, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_checkpoints["llada"], tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    llm = LLM(tmp_path / "m")
+    with pytest.raises(PromptError, match="no tokenizer files"):
+        llm.generate("hello", SMALL)
+    assert len(llm.generate([1, 2, 3], SMALL)[0].token_ids) == 8
