@@ -19,7 +19,7 @@ from .config import BLOCK_FAMILIES, GenerationConfig
 from .decoding import dream as dream_decoding
 from .decoding import llada as llada_decoding
 from .decoding.common import StepCallback, first_eos
-from .runtime.eager import EagerExecutor
+from .runtime import make_executor
 from .tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,13 @@ class LLM:
         *,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu",
-        executor: str = "eager",
+        executor: str = "mosaic",
+        **executor_options,
     ):
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
-        if executor != "eager":
-            raise ValueError(f"unknown executor {executor!r}; available: eager")
-        self.executor = EagerExecutor(self.spec, self.checkpoint.weights)
+        self.executor = make_executor(executor, self.spec, self.checkpoint.weights, **executor_options)
 
     def default_config(self, **overrides) -> GenerationConfig:
         """GenerationConfig from the checkpoint's generation_config.json, then `overrides` (None = keep)."""
@@ -133,9 +132,7 @@ class LLM:
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
         start = time.perf_counter()
-        result = denoise(
-            self.executor.logits, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback
-        )
+        result = denoise(self.executor, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback)
         seconds = time.perf_counter() - start
         generated = result.canvas[len(prompt_ids) :].tolist()
         eos = first_eos(result.canvas[len(prompt_ids) :], self.spec.eos_token_ids)

@@ -3,9 +3,14 @@
 One canvas, timesteps linspace(1, eps, steps + 1); logits shifted right by one position; `origin`
 reveals each masked token with probability 1 - s/t; the other algorithms rank masked positions by
 max probability, top1 - top2 margin or negative entropy and reveal int(n * (1 - s/t)) of them.
+
+With a mask-only executor the LM head runs only on the rows the sampler reads (the hidden state
+at p - 1 gives the logits of p), chunk by chunk; the per-row maths is the official one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +18,8 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig
-from .common import DenoiseResult, LogitsFn, StepCallback, StepEvent, answer_complete, notify
+from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, notify
+from .rows import Chunks, position_chunks
 from .schedule import dream_timesteps, dream_transfer_count
 
 
@@ -33,20 +39,16 @@ def top_k_logits(logits: Tensor, top_k: int) -> Tensor:
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
 
 
-def categorical_sample(probs: Tensor, gen: torch.Generator) -> Tensor | None:
-    """torch.distributions.Categorical(probs).sample() with an explicit generator.
+def categorical_valid(probs: Tensor) -> bool:
+    """Whether torch.distributions.Categorical(probs) would accept these rows (its simplex check).
 
-    Returns None where Categorical would raise (its simplex check fails, e.g. for coarse bf16
-    probabilities), in which case the official code falls back to the argmax.
+    Where it would not (coarse bf16 or long fp32 rows can fail), the official code catches the
+    error and takes the argmax instead of sampling.
     """
+    if probs.shape[0] == 0:
+        return False  # sampling zero rows fails in the official code too; the argmax of nothing is nothing
     normalized = probs / probs.sum(-1, keepdim=True)
-    if Distribution._validate_args and not bool(constraints.simplex.check(normalized).all()):
-        return None
-    try:
-        flat = normalized.reshape(-1, normalized.shape[-1])
-        return torch.multinomial(flat, 1, True, generator=gen).T.reshape(normalized.shape[:-1])
-    except RuntimeError:
-        return None
+    return not Distribution._validate_args or bool(constraints.simplex.check(normalized).all())
 
 
 def sample_tokens(
@@ -54,11 +56,14 @@ def sample_tokens(
     temperature: float,
     top_p: float | None,
     top_k: int | None,
-    gen: torch.Generator,
+    gen: torch.Generator | None,
     margin_confidence: bool = False,
     neg_entropy: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """(N, V) logits of masked positions -> (confidence, x0), both (N,)."""
+) -> tuple[Tensor, Tensor, bool]:
+    """(N, V) logits -> (confidence, x0, sampled); gen=None forces the argmax fallback.
+
+    `sampled` is False when temperature > 0 but Categorical would refuse these rows.
+    """
     if temperature > 0:
         logits = logits / temperature
     if top_p is not None and top_p < 1:
@@ -66,8 +71,10 @@ def sample_tokens(
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
-    x0 = categorical_sample(probs, gen) if temperature > 0 else None
-    if x0 is not None:
+    sampled = temperature > 0 and gen is not None and categorical_valid(probs)
+    if sampled:  # Categorical(probs).sample() with an explicit generator
+        normalized = probs / probs.sum(-1, keepdim=True)
+        x0 = torch.multinomial(normalized, 1, True, generator=gen).T.reshape(probs.shape[:-1])
         confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
     else:
         confidence, x0 = probs.max(dim=-1)
@@ -76,7 +83,30 @@ def sample_tokens(
         confidence = sorted_probs[:, 0] - sorted_probs[:, 1]
     if neg_entropy:
         confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
-    return confidence, x0
+    return confidence, x0, sampled or temperature <= 0
+
+
+def sample_rows(
+    chunks_fn: Callable[[], Chunks], gen: torch.Generator, temperature: float, **kw
+) -> tuple[Tensor, Tensor]:
+    """The official sample_tokens over all rows, computed chunk by chunk.
+
+    The official code validates every row before sampling any: if one chunk is refused, the
+    generator is rewound and every row takes the argmax, as one refused Categorical would.
+    """
+    state = gen.get_state() if temperature > 0 else None
+    confidences, tokens = [], []
+    for _, logits in chunks_fn():
+        confidence, x0, ok = sample_tokens(logits, temperature, gen=gen, **kw)
+        if not ok:
+            gen.set_state(state)
+            pairs = [sample_tokens(lg, temperature, gen=None, **kw)[:2] for _, lg in chunks_fn()]
+            return torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+        confidences.append(confidence)
+        tokens.append(x0)
+    if not tokens:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(confidences), torch.cat(tokens)
 
 
 def shift_logits(logits: Tensor) -> Tensor:
@@ -84,8 +114,27 @@ def shift_logits(logits: Tensor) -> Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
+def masked_row_chunks(executor, x: Tensor, mask_index: Tensor, subset: Tensor | None) -> Callable[[], Chunks]:
+    """Logits of the masked positions (or of `subset` of them, a boolean over the masked rows)."""
+    if executor.mask_only:
+        positions = mask_index[0].nonzero().flatten()
+        if subset is not None:
+            positions = positions[subset]
+        hidden_rows = lambda p: (p - 1).clamp(min=0)  # noqa: E731
+        return lambda: position_chunks(executor, x, positions, lambda lg: lg[0], hidden_rows)
+    cache: list[Tensor] = []
+
+    def official() -> Chunks:  # logits for every position, then the masked rows gathered, as official
+        if not cache:
+            mask_logits = shift_logits(executor.logits(x))[mask_index]
+            cache.append(mask_logits if subset is None else mask_logits[subset])
+        yield None, cache[0]
+
+    return official
+
+
 def denoise(
-    logits_fn: LogitsFn,
+    executor,
     prompt: Tensor,
     cfg: GenerationConfig,
     mask_id: int,
@@ -97,25 +146,27 @@ def denoise(
     x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[0, :p_len] = prompt
     timesteps = dream_timesteps(cfg.steps, cfg.eps, x.device)
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, gen=gen)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     for i in range(cfg.steps):
         mask_index = x == mask_id
-        logits = shift_logits(logits_fn(x))
-        mask_logits = logits[mask_index]
         t, s = timesteps[i], timesteps[i + 1]
         before = int(mask_index.sum())
         if cfg.alg == "origin":
             p_transfer = 1 - s / t if i < cfg.steps - 1 else 1
             x0 = torch.zeros_like(x[mask_index]) + mask_id
             chosen = torch.rand(*x0.shape, generator=gen, device=x.device) < p_transfer
-            _, x0[chosen] = sample_tokens(mask_logits[chosen], **sampling)
+            _, x0[chosen] = sample_rows(masked_row_chunks(executor, x, mask_index, chosen), gen, **sampling)
             x[mask_index] = x0.clone()
         else:
-            confidence, x0 = sample_tokens(
-                mask_logits, margin_confidence=cfg.alg == "topk_margin", neg_entropy=cfg.alg == "entropy", **sampling
+            confidence, x0 = sample_rows(
+                masked_row_chunks(executor, x, mask_index, None),
+                gen,
+                margin_confidence=cfg.alg == "topk_margin",
+                neg_entropy=cfg.alg == "entropy",
+                **sampling,
             )
             n = dream_transfer_count(mask_index, i, cfg.steps, timesteps)
-            full_confidence = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+            full_confidence = torch.full_like(x, -torch.inf, dtype=executor.dtype)
             full_confidence[mask_index] = confidence
             if n > 0:
                 if cfg.alg_temp is None or cfg.alg_temp == 0:

@@ -3,6 +3,9 @@
 Semi-autoregressive blocks; per block a fixed quota of tokens per step; x0 from argmax (or float64
 Gumbel-max at temperature > 0); confidence from a softmax in the logits' dtype or uniform noise;
 positions after the current block never compete; the top-k of the quota is revealed.
+
+With a mask-only executor only the masked positions up to the end of the current block are
+evaluated: the official code gives every other position a confidence of -inf, so they never win.
 """
 
 from __future__ import annotations
@@ -12,38 +15,75 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import GenerationConfig
-from .common import DenoiseResult, LogitsFn, StepCallback, StepEvent, answer_complete, notify
+from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, notify
+from .rows import Chunks, UniformReplay, position_chunks
 from .schedule import llada_transfer_counts
 
 
-def guided_logits(logits_fn: LogitsFn, x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Tensor:
-    """Classifier-free guidance: un + (cfg + 1) * (cond - un), the unconditional copy with the prompt masked."""
+def cfg_combine(cfg_scale: float):
+    """(B, ..., V) -> (..., V): the conditional row alone, or un + (cfg + 1) * (cond - un)."""
     if cfg_scale <= 0:
-        return logits_fn(x)
+        return lambda logits: logits[0]
+
+    def combine(logits: Tensor) -> Tensor:
+        cond, un = logits[0], logits[1]
+        return un + (cfg_scale + 1) * (cond - un)
+
+    return combine
+
+
+def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Tensor:
+    """The canvas, plus for CFG an unconditional copy with the prompt replaced by the mask token."""
+    if cfg_scale <= 0:
+        return x
     un_x = x.clone()
     un_x[prompt_index] = mask_id
-    cond, un = torch.chunk(logits_fn(torch.cat([x, un_x], dim=0)), 2, dim=0)
-    return un + (cfg_scale + 1) * (cond - un)
+    return torch.cat([x, un_x], dim=0)
 
 
-def propose(logits: Tensor, temperature: float, remasking: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """x0 and its confidence for every position, from full (B, L, V) logits, as the official code does."""
-    if temperature > 0:  # Gumbel-max in float64 over the whole (B, L, V)
-        lg = logits.to(torch.float64)
-        noise = torch.rand(lg.shape, dtype=torch.float64, generator=gen, device=lg.device)
-        x0 = torch.argmax(lg.exp() / (-torch.log(noise)) ** temperature, dim=-1)
-    else:
-        x0 = torch.argmax(logits, dim=-1)
-    if remasking == "low_confidence":
-        p = F.softmax(logits, dim=-1)
-        confidence = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        confidence = torch.rand(x0.shape, generator=gen, device=x0.device)
+def step_chunks(executor, x: Tensor, readable: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Chunks:
+    batch = guidance_batch(x, prompt_index, mask_id, cfg_scale)
+    if executor.mask_only:
+        yield from position_chunks(executor, batch, readable.nonzero().flatten(), cfg_combine(cfg_scale))
+    else:  # official: full logits, every position
+        logits = cfg_combine(cfg_scale)(executor.logits(batch))
+        yield torch.arange(x.shape[1], device=x.device), logits
+
+
+def propose(
+    chunks: Chunks, x: Tensor, vocab: int, temperature: float, remasking: str, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """x0 and confidence (1, L) for the positions in `chunks`, per row exactly as the official sampler.
+
+    Positions not in `chunks` keep their token and get confidence -inf.
+    """
+    length = x.shape[1]
+    x0 = x.clone()
+    confidence = None
+    noise = UniformReplay(gen, length, vocab, x.device) if temperature > 0 else None
+    for pos, logits in chunks:  # logits (C, V)
+        if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
+            lg = logits.to(torch.float64)
+            rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
+        else:
+            rows_x0 = torch.argmax(logits, dim=-1)
+        x0[0, pos] = rows_x0
+        if remasking == "low_confidence":
+            if confidence is None:
+                confidence = torch.full((1, length), -torch.inf, dtype=logits.dtype, device=x.device)
+            p = F.softmax(logits, dim=-1)
+            confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
+    if noise is not None:
+        noise.finish()  # keep the generator where the official full draw leaves it
+    if remasking == "random":
+        confidence = torch.rand((1, length), generator=gen, device=x.device)
+    if confidence is None:  # no position to read this step
+        confidence = torch.full((1, length), -torch.inf, device=x.device)
     return x0, confidence
 
 
 def denoise(
-    logits_fn: LogitsFn,
+    executor,
     prompt: Tensor,
     cfg: GenerationConfig,
     mask_id: int,
@@ -53,6 +93,7 @@ def denoise(
 ) -> DenoiseResult:
     """prompt: (P,) ids. Returns the (P + gen_length,) canvas."""
     p_len = prompt.numel()
+    vocab = executor.spec.vocab_size
     x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)
     x[0, :p_len] = prompt
     prompt_index = x != mask_id
@@ -64,9 +105,11 @@ def denoise(
         quota = llada_transfer_counts(x[:, start:end] == mask_id, steps_per_block)
         for i in range(steps_per_block):
             mask_index = x == mask_id
-            logits = guided_logits(logits_fn, x, prompt_index, mask_id, cfg.cfg_scale)
+            readable = mask_index[0].clone()
+            readable[end:] = False
+            chunks = step_chunks(executor, x, readable, prompt_index, mask_id, cfg.cfg_scale)
+            x0, x0_p = propose(chunks, x, vocab, cfg.temperature, cfg.remasking, gen)
             passes += 1
-            x0, x0_p = propose(logits, cfg.temperature, cfg.remasking, gen)
             x0_p[:, end:] = -torch.inf
             x0 = torch.where(mask_index, x0, x)
             confidence = torch.where(mask_index, x0_p, -torch.inf)

@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models import transformer
+from ..models.spec import ArchSpec
+from ..models.weights import Weights
+
 
 def rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
@@ -103,16 +107,23 @@ class EagerOps:
 
 
 class EagerExecutor:
-    """Runs the model description with `EagerOps`: full (B, L, V) logits, the PyTorch allocator."""
+    """Runs the model description with `EagerOps`: full (B, L, V) logits, the PyTorch allocator.
+
+    `mask_only` is False: decoding policies hand it every position and sample over all of them,
+    float64 casts included, exactly as the official code does. This is the baseline and the oracle.
+    """
 
     name = "eager"
+    mask_only = False
 
-    def __init__(self, spec, weights):
-        from ..models import transformer
-
+    def __init__(self, spec: ArchSpec, weights: Weights):
         self.spec, self.weights, self.ops = spec, weights, EagerOps()
-        self._logits = transformer.logits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.embed.dtype
 
     @torch.inference_mode()
     def logits(self, ids: Tensor) -> Tensor:
-        return self._logits(self.ops, self.spec, self.weights, ids)
+        """(B, L) ids -> (B, L, V) logits for every position."""
+        return transformer.logits(self.ops, self.spec, self.weights, ids)

@@ -20,6 +20,15 @@ def dtype(request):
     return request.param
 
 
+# The eager executor (full logits) and the Mosaic executor (mask-only logits, in chunks of 3 rows
+# so that every step spans several chunks) must both give the official tokens.
+@pytest.fixture(
+    scope="module", params=[{"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3}], ids=["eager", "mosaic"]
+)
+def executor(request):
+    return request.param
+
+
 LLADA_SETTINGS = [
     dict(gen_length=16, steps=16, block_length=16, temperature=0.0, cfg_scale=0.0, remasking="low_confidence"),
     dict(gen_length=16, steps=8, block_length=4, temperature=0.0, cfg_scale=0.0, remasking="low_confidence"),
@@ -34,8 +43,8 @@ LLADA_SETTINGS = [
 
 @pytest.mark.parametrize("family", ["llada", "llada_moe"])
 @pytest.mark.parametrize("settings", LLADA_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_llada_matches_official(tiny_checkpoints, family, settings, dtype):
-    llm = LLM(tiny_checkpoints[family], dtype=dtype)
+def test_llada_matches_official(tiny_checkpoints, family, settings, dtype, executor):
+    llm = LLM(tiny_checkpoints[family], dtype=dtype, **executor)
     out = llm.generate(PROMPT, GenerationConfig(seed=11, **settings))[0]
     torch.manual_seed(11)
     official = reference.llada_generate(
@@ -65,8 +74,8 @@ DREAM_SETTINGS = (
 
 
 @pytest.mark.parametrize("settings", DREAM_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_dream_matches_official(tiny_checkpoints, settings, dtype):
-    llm = LLM(tiny_checkpoints["dream"], dtype=dtype)
+def test_dream_matches_official(tiny_checkpoints, settings, dtype, executor):
+    llm = LLM(tiny_checkpoints["dream"], dtype=dtype, **executor)
     out = llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=12, seed=5, **settings))[0]
     torch.manual_seed(5)
     official = reference.dream_generate(

@@ -1,5 +1,7 @@
 """Unit tests: transfer schedules, CFG formula, Dream's shift, EOS early exit, step callbacks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -26,19 +28,14 @@ def test_dream_transfer_counts():
 
 
 def test_cfg_formula():
-    cond = torch.tensor([[[1.0, 2.0]]])
-    un = torch.tensor([[[0.5, -1.0]]])
-    calls = []
-
-    def fn(x):
-        calls.append(x.clone())
-        return torch.cat([cond, un])
-
+    cond = torch.tensor([[1.0, 2.0]])
+    un = torch.tensor([[0.5, -1.0]])
     x = torch.tensor([[3, 4]])
-    out = llada.guided_logits(fn, x, torch.tensor([[True, False]]), mask_id=9, cfg_scale=2.0)
-    assert torch.equal(out, un + 3.0 * (cond - un))
-    assert calls[0].tolist() == [[3, 4], [9, 4]]  # unconditional copy: prompt replaced by the mask
-    assert torch.equal(llada.guided_logits(lambda x: cond, x, x > 0, 9, 0.0), cond)
+    batch = llada.guidance_batch(x, torch.tensor([[True, False]]), mask_id=9, cfg_scale=2.0)
+    assert batch.tolist() == [[3, 4], [9, 4]]  # unconditional copy: prompt replaced by the mask
+    assert torch.equal(llada.cfg_combine(2.0)(torch.stack([cond, un])), un + 3.0 * (cond - un))
+    assert llada.guidance_batch(x, x > 0, 9, 0.0) is x
+    assert torch.equal(llada.cfg_combine(0.0)(torch.stack([cond])), cond)
 
 
 def test_dream_shift():
@@ -53,6 +50,16 @@ def test_answer_complete():
     assert not answer_complete(torch.tensor([1, 2, 3, 9]), 1, mask, eos)
 
 
+class SyntheticExecutor:
+    """Full-logits executor over a fixed function of the canvas (no network)."""
+
+    mask_only = False
+    dtype = torch.float32
+
+    def __init__(self, fn, vocab):
+        self.logits, self.spec = fn, SimpleNamespace(vocab_size=vocab)
+
+
 def synthetic_logits(vocab=32, eos=7, eos_from=5, prompt_len=3, seed=0):
     """Peaked random logits that make EOS the likely token from generated position `eos_from` on."""
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +70,7 @@ def synthetic_logits(vocab=32, eos=7, eos_from=5, prompt_len=3, seed=0):
         masked = (x == vocab - 1).sum()
         return base[:, : x.shape[1]].expand(x.shape[0], -1, -1) * (1 + 0.01 * masked)
 
-    return fn
+    return SyntheticExecutor(fn, vocab)
 
 
 @pytest.mark.parametrize(

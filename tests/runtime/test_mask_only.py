@@ -1,0 +1,87 @@
+"""Mask-only logits: same rows as the full logits, replayed noise, and no L x V tensor."""
+
+import pytest
+import torch
+
+from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.decoding import dream
+from mosaic_dllm.decoding.rows import UniformReplay
+from mosaic_dllm.memory.accounting import LiveTensorTracker
+from mosaic_dllm.runtime import EagerExecutor, MosaicExecutor
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_logits_match_full_logits(tiny_checkpoints, family, dtype):
+    """bf16: bit-identical. fp32: BLAS may sum a row subset in another order; within 1e-5 relative."""
+    llm = LLM(tiny_checkpoints[family], dtype=dtype, executor="mosaic", row_chunk=5)
+    ids = torch.randint(0, llm.spec.vocab_size, (2, 29), generator=torch.Generator().manual_seed(0))
+    full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
+    rows = torch.tensor([0, 3, 4, 5, 11, 17, 18, 28])
+    hidden = llm.executor.hidden(ids)
+    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(hidden, rows)], dim=1)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, full[:, rows])
+    else:
+        torch.testing.assert_close(got, full[:, rows], rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_replay_reproduces_the_full_draw():
+    full = torch.rand(9, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    torch.rand(9, 13, dtype=torch.float64, generator=g)
+    after_full = torch.rand(3, generator=g)
+    g = torch.Generator().manual_seed(4)
+    replay = UniformReplay(g, rows=9, vocab=13, device=torch.device("cpu"), discard_elems=20)
+    assert torch.equal(replay.take(torch.tensor([1, 2, 5])), full[[1, 2, 5]])
+    assert torch.equal(replay.take(torch.tensor([6])), full[[6]])
+    replay.finish()
+    assert torch.equal(torch.rand(3, generator=g), after_full)
+
+
+def test_refused_chunk_rewinds_and_takes_the_argmax(monkeypatch):
+    logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(1))
+    chunks = lambda: iter([(None, logits[:3]), (None, logits[3:])])  # noqa: E731
+    calls = []
+    monkeypatch.setattr(dream, "categorical_valid", lambda p: calls.append(1) or len(calls) != 2)
+    g = torch.Generator().manual_seed(2)
+    start = g.get_state()
+    confidence, x0 = dream.sample_rows(chunks, g, temperature=1.0, top_p=None, top_k=None)
+    assert torch.equal(x0, logits.argmax(-1))
+    assert torch.equal(g.get_state(), start)
+
+
+def vocabulary_rows(tracker: LiveTensorTracker, vocab: int) -> int:
+    """The most rows of any vocabulary-wide tensor created during the tracked work."""
+    return max(
+        (
+            int(torch.Size(r.shape[:-1]).numel())
+            for r in tracker.timeline.records
+            if r.shape and r.shape[-1] == vocab and r.new_bytes
+        ),
+        default=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "family,settings",
+    [
+        ("llada", dict(temperature=0.8, cfg_scale=1.0)),
+        ("llada", dict(remasking="random")),
+        ("dream", dict(alg="entropy", temperature=0.5, top_p=0.9)),
+        ("dream", dict(alg="origin", temperature=0.5)),
+    ],
+)
+def test_no_tensor_spans_the_sequence_times_the_vocabulary(tiny_checkpoints, family, settings):
+    chunk, gen_length = 4, 24
+    llm = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="mosaic", row_chunk=chunk)
+    cfg = GenerationConfig(gen_length=gen_length, steps=4, **settings)
+    with LiveTensorTracker() as mosaic:
+        llm.generate([5, 6, 7, 8], cfg)
+    eager = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="eager")
+    with LiveTensorTracker() as official:
+        eager.generate([5, 6, 7, 8], cfg)
+    batch = 2 if settings.get("cfg_scale") else 1
+    assert vocabulary_rows(mosaic, llm.spec.vocab_size) <= batch * chunk
+    assert vocabulary_rows(official, llm.spec.vocab_size) >= gen_length  # the baseline does build L x V
+    assert isinstance(llm.executor, MosaicExecutor)
