@@ -110,6 +110,95 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_base(args: argparse.Namespace) -> tuple[dict, list[str], dict[str, dict]]:
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("give exactly one of --preset NAME or --model PATH")
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    from .runtime import EXECUTORS
+
+    unknown = [e for e in executors if e not in EXECUTORS]
+    if unknown or not executors:
+        raise ValueError(f"unknown executors {unknown}; available: {', '.join(EXECUTORS)}")
+    generation = {"temperature": args.temperature}
+    if args.preset and args.preset.startswith("dream") or args.model and "dream" in str(args.model).lower():
+        generation["alg"] = "maskgit_plus"
+    job = {
+        "preset": args.preset,
+        "model": args.model,
+        "layers": args.layers,
+        "alpha": args.alpha,
+        "dtype": args.dtype,
+        "device": args.device,
+        "generation": generation,
+    }
+    return job, executors, {"mosaic": {"row_chunk": args.row_chunk}}
+
+
+def _bench_memory(args: argparse.Namespace) -> int:
+    from .bench.runner import memory_records, memory_table
+
+    job, executors, options = _bench_base(args)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    records = memory_records(job, lengths, executors, options, lambda m: print(m, file=sys.stderr))
+    timelines = {r["executor"]: r.pop("timeline") for r in records if r.get("timeline")}
+    for r in records:
+        r.pop("timeline", None)
+    print(memory_table(records))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if args.plot:
+        from .bench.plot import plot_memory
+
+        name = args.preset or Path(args.model).name
+        plot_memory(
+            records, timelines, args.plot, f"{name}, {args.layers or 'all'} layers, {args.dtype}, alpha {args.alpha}"
+        )
+    return 0
+
+
+def _bench_max_len(args: argparse.Namespace) -> int:
+    from .bench.runner import max_len_records, mib, parse_bytes
+
+    job, executors, options = _bench_base(args)
+    budget = parse_bytes(args.budget)
+    records = max_len_records(
+        job,
+        executors,
+        options,
+        budget,
+        args.start,
+        args.step,
+        args.limit,
+        args.precision,
+        args.measure_up_to,
+        lambda m: print(m, file=sys.stderr),
+    )
+    print(f"activation budget {mib(budget)} MiB")
+    for r in records:
+        errors = [p["prediction_error"] for p in r["probes"] if "prediction_error" in p]
+        worst = f", prediction error at measured lengths <= {max(map(abs, errors)):.2%}" if errors else ""
+        print(
+            f"{r['executor']:<8} L_max={r['max_len']:>7} ({r['max_len_is']}; measured up to "
+            f"{r['measured_up_to']}){worst}  ratio vs eager: {r.get('ratio_vs_eager', '-')}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+def _add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
+    p.add_argument("--model", help="a checkpoint directory instead of a preset")
+    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of the total length")
+    p.add_argument("--executors", default="eager,mosaic")
+    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the records to this file")
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (unset flags take the checkpoint's generation_config.json, then defaults)")
     g.add_argument("--gen-length", type=int, help="tokens to generate (default 128)")
@@ -146,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
+
+    bench = sub.add_parser("bench", help="measure memory and latency of one denoising step").add_subparsers(
+        dest="bench", required=True
+    )
+    p = bench.add_parser("memory", help="peak, PAR, RSS growth and latency per executor and length")
+    _add_bench_flags(p)
+    p.add_argument("--lengths", default="512,1024,2048", help="total sequence lengths L")
+    p.add_argument("--plot", help="write a PNG with the timelines and peak vs L")
+    p.set_defaults(func=_bench_memory)
+    p = bench.add_parser("max-len", help="longest sequence whose step fits an activation budget")
+    _add_bench_flags(p)
+    p.add_argument("--budget", default="4GiB", help="activation memory budget, e.g. 2GiB")
+    p.add_argument("--start", type=int, default=512)
+    p.add_argument("--step", type=int, default=512)
+    p.add_argument("--limit", type=int, default=262144, help="longest length to try")
+    p.add_argument("--precision", type=int, default=64, help="binary search stops at this gap")
+    p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
+    p.set_defaults(func=_bench_max_len)
 
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
     p.add_argument("--out", default="mosaic_dllm/assets/default_model", help="checkpoint directory to write")

@@ -114,21 +114,19 @@ def shift_logits(logits: Tensor) -> Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
 
-def masked_row_chunks(executor, x: Tensor, mask_index: Tensor, subset: Tensor | None) -> Callable[[], Chunks]:
-    """Logits of the masked positions (or of `subset` of them, a boolean over the masked rows)."""
+def masked_row_chunks(executor, x: Tensor, masked: Tensor, subset: Tensor | None) -> Callable[[], Chunks]:
+    """Logits of the masked positions `masked` (ascending), or of `subset` of them (boolean)."""
     if executor.mask_only:
-        positions = mask_index[0].nonzero().flatten()
-        if subset is not None:
-            positions = positions[subset]
+        positions = masked if subset is None else masked[subset]
         hidden_rows = lambda p: (p - 1).clamp(min=0)  # noqa: E731
         return lambda: position_chunks(executor, x, positions, lambda lg: lg[0], hidden_rows)
     cache: list[Tensor] = []
 
     def official() -> Chunks:  # logits for every position, then the masked rows gathered, as official
         if not cache:
-            mask_logits = shift_logits(executor.logits(x))[mask_index]
+            mask_logits = shift_logits(executor.logits(x))[0, masked]
             cache.append(mask_logits if subset is None else mask_logits[subset])
-        yield None, cache[0]
+        yield masked, cache[0]
 
     return official
 
@@ -150,16 +148,17 @@ def denoise(
     for i in range(cfg.steps):
         mask_index = x == mask_id
         t, s = timesteps[i], timesteps[i + 1]
-        before = int(mask_index.sum())
+        masked = mask_index[0].nonzero().flatten()
+        before = masked.numel()
         if cfg.alg == "origin":
             p_transfer = 1 - s / t if i < cfg.steps - 1 else 1
             x0 = torch.zeros_like(x[mask_index]) + mask_id
             chosen = torch.rand(*x0.shape, generator=gen, device=x.device) < p_transfer
-            _, x0[chosen] = sample_rows(masked_row_chunks(executor, x, mask_index, chosen), gen, **sampling)
+            _, x0[chosen] = sample_rows(masked_row_chunks(executor, x, masked, chosen), gen, **sampling)
             x[mask_index] = x0.clone()
         else:
             confidence, x0 = sample_rows(
-                masked_row_chunks(executor, x, mask_index, None),
+                masked_row_chunks(executor, x, masked, None),
                 gen,
                 margin_confidence=cfg.alg == "topk_margin",
                 neg_entropy=cfg.alg == "entropy",

@@ -41,11 +41,12 @@ def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: flo
     return torch.cat([x, un_x], dim=0)
 
 
-def step_chunks(executor, x: Tensor, readable: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Chunks:
+def step_chunks(executor, x: Tensor, positions: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Chunks:
+    """Logits for `positions` (mask-only executors) or for every position (official)."""
     batch = guidance_batch(x, prompt_index, mask_id, cfg_scale)
     if executor.mask_only:
-        yield from position_chunks(executor, batch, readable.nonzero().flatten(), cfg_combine(cfg_scale))
-    else:  # official: full logits, every position
+        yield from position_chunks(executor, batch, positions, cfg_combine(cfg_scale))
+    else:
         logits = cfg_combine(cfg_scale)(executor.logits(batch))
         yield torch.arange(x.shape[1], device=x.device), logits
 
@@ -105,8 +106,7 @@ def denoise(
         quota = llada_transfer_counts(x[:, start:end] == mask_id, steps_per_block)
         for i in range(steps_per_block):
             mask_index = x == mask_id
-            readable = mask_index[0].clone()
-            readable[end:] = False
+            readable = mask_index[0, :end].nonzero().flatten()  # masked, up to the end of the block
             chunks = step_chunks(executor, x, readable, prompt_index, mask_id, cfg.cfg_scale)
             x0, x0_p = propose(chunks, x, vocab, cfg.temperature, cfg.remasking, gen)
             passes += 1

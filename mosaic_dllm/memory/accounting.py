@@ -73,10 +73,10 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {s.data_ptr() for s in _storages((args, kwargs))}
+        inputs = {s._cdata for s in _storages((args, kwargs))}
         new = 0
         for storage in _storages(out):
-            key = storage.data_ptr()
+            key = storage._cdata  # the StorageImpl: unique while alive, also for fake tensors
             if key in inputs or key in self._sizes or storage.nbytes() == 0:
                 continue
             self._sizes[key] = storage.nbytes()

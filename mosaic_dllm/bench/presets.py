@@ -1,0 +1,104 @@
+"""Real model dimensions (REFERENCE.md section 4) for benchmarks with random weights.
+
+`--layers N` keeps N layers: activation peaks are per layer, so a few layers show the full
+model's activation peak at a fraction of its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..models.spec import ArchSpec, MoESpec
+
+PRESETS: dict[str, ArchSpec] = {
+    "llada-8b": ArchSpec(
+        family="llada",
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=126464,
+        rope_theta=500000.0,
+        rotary_dim=128,
+        rms_norm_eps=1e-5,
+        qkv_bias=False,
+        qk_norm=False,
+        rope_full_precision=True,
+        logit_shift=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        mask_token_id=126336,
+        eos_token_ids=(126081,),
+        pad_token_id=126081,
+        torch_dtype="bfloat16",
+    ),
+    "dream-7b": ArchSpec(
+        family="dream",
+        hidden_size=3584,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        intermediate_size=18944,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        rotary_dim=128,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        qk_norm=False,
+        rope_full_precision=False,
+        logit_shift=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+        mask_token_id=151666,
+        eos_token_ids=(151643,),
+        pad_token_id=151643,
+        torch_dtype="bfloat16",
+    ),
+    "llada-moe-7b": ArchSpec(
+        family="llada_moe",
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=128,
+        intermediate_size=8192,
+        vocab_size=157184,
+        rope_theta=50000.0,
+        rotary_dim=128,
+        rms_norm_eps=1e-5,
+        qkv_bias=False,
+        qk_norm=True,
+        rope_full_precision=False,
+        logit_shift=False,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        mask_token_id=156895,
+        eos_token_ids=(156892,),
+        pad_token_id=156892,
+        moe=MoESpec(
+            num_experts=64,
+            experts_per_token=8,
+            expert_intermediate_size=1024,
+            shared_expert_intermediate_size=0,
+            expert_bias=False,
+            normalize_top_k=False,
+            moe_layers=(True,) * 16,
+        ),
+        torch_dtype="bfloat16",
+    ),
+}
+
+
+def preset(name: str, layers: int | None = None) -> ArchSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    spec = PRESETS[name]
+    if layers is None:
+        return spec
+    if not 0 < layers <= spec.num_layers:
+        raise ValueError(f"--layers must be in 1..{spec.num_layers} for {name}, got {layers}")
+    moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:layers])
+    return replace(spec, num_layers=layers, moe=moe)

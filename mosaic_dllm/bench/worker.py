@@ -1,0 +1,73 @@
+"""Runs one measurement in its own process: `python -m mosaic_dllm.bench.worker '<json job>'`.
+
+A process per measurement means running out of memory ends that measurement only; the parent
+reports it as a failure at that length. The last stdout line is the JSON record.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from .. import checkpoint
+from ..config import GenerationConfig
+from ..models.weights import Weights
+from .presets import preset
+from .step import StepRequest, measure, predict, random_weights
+
+
+def load_model(job: dict) -> tuple:
+    dtype = checkpoint.parse_dtype(job["dtype"]) or torch.bfloat16
+    if job.get("model"):
+        ck = checkpoint.load(job["model"], dtype=dtype, device=job.get("device", "cpu"))
+        return ck.spec, ck.weights, dtype
+    spec = preset(job["preset"], job.get("layers"))
+    return spec, None, dtype
+
+
+def run(job: dict) -> dict:
+    spec, weights, dtype = load_model(job)
+    request = StepRequest.first_step(spec, job["length"], job["alpha"], GenerationConfig.from_dict(job["generation"]))
+    options = job.get("options", {})
+    record = {
+        "executor": job["executor"],
+        "length": job["length"],
+        "prompt_length": request.prompt_length,
+        "dtype": str(dtype).removeprefix("torch."),
+        "options": options,
+    }
+    try:
+        predicted = predict(spec, dtype, job["executor"], request, options)
+        record["predicted_peak_activation_bytes"] = predicted.peak
+    except NotImplementedError as exc:
+        record["predicted_peak_activation_bytes"] = None
+        record["prediction_note"] = str(exc)
+    if not job.get("measure", True):
+        return record | {"measured": False, "status": "ok"}
+    weights = weights if isinstance(weights, Weights) else random_weights(spec, dtype, job.get("device", "cpu"))
+    m = measure(spec, weights, job["executor"], request, options)
+    body, logits_phase = m.timeline.split(spec.vocab_size)
+    return record | {
+        "measured": True,
+        "status": "ok",
+        "peak_activation_bytes": m.timeline.peak,
+        "average_activation_bytes": round(m.timeline.average),
+        "par": round(m.timeline.par, 3),
+        "peak_body_bytes": body,
+        "peak_logits_sampling_bytes": logits_phase,
+        "rss_peak_growth_bytes": m.rss_growth_bytes,
+        "fragmentation": round(m.rss_growth_bytes / m.timeline.peak, 3) if m.timeline.peak else None,
+        "step_latency_s": round(m.seconds, 4),
+        "timeline": [r.live_bytes for r in m.timeline.records] if job.get("timeline") else None,
+    }
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    print(json.dumps(run(job)))
+
+
+if __name__ == "__main__":
+    main()
