@@ -23,7 +23,8 @@ def _generate(args: argparse.Namespace) -> int:
     from .engine import LLM, default_model_path
 
     model = args.model or default_model_path()
-    llm = LLM(model, dtype=args.dtype, device=args.device)
+    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
+    llm = LLM(model, dtype=args.dtype, device=args.device, executor=args.executor, **options)
     settings = {
         k: getattr(args, k)
         for k in (
@@ -56,7 +57,13 @@ def _generate(args: argparse.Namespace) -> int:
     out = llm.generate(args.prompt, cfg, chat=args.chat, callback=on_step)[0]
     bar.close()
     if args.json:
-        record = {"model": str(model), "family": llm.spec.family, **vars(out), "config": vars(cfg_resolved)}
+        record = {
+            "model": str(model),
+            "family": llm.spec.family,
+            "executor": args.executor,
+            **vars(out),
+            "config": vars(cfg_resolved),
+        }
         print(json.dumps(record))
     else:
         print(out.text)
@@ -226,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--executor",
+        default="mosaic",
+        choices=["mosaic", "eager"],
+        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
+    )
+    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_generation_flags(p)
