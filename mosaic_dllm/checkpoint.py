@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
+from .models.config_keys import as_id_tuple
 from .models.weights import Weights, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer
 
@@ -88,8 +89,6 @@ def read_spec(path: str | Path) -> tuple[ArchSpec, Tokenizer | None, dict[str, A
     generation = read_json(path / "generation_config.json") if (path / "generation_config.json").exists() else {}
     tokenizer = Tokenizer.from_dir(path)
     from_tok = tokenizer.special_ids() if tokenizer else SpecialIds()
-    from .models.config_keys import as_id_tuple
-
     hints = SpecialIds(
         mask_token_id=generation.get("mask_token_id", from_tok.mask_token_id),
         eos_token_ids=as_id_tuple(generation.get("eos_token_id")) + from_tok.eos_token_ids,

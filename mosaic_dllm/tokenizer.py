@@ -9,6 +9,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .models.config_keys import SpecialIds
@@ -42,14 +43,10 @@ class Tokenizer:
             except Exception as exc:  # the Rust error text names the problem
                 raise TokenizerError(f"{path / 'tokenizer.json'} is not a valid tokenizer file: {exc}") from exc
         elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            from tokenizers import decoders, models, pre_tokenizers
-
             tok = HFTokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
             added = config.get("added_tokens_decoder", {})
-            from tokenizers import AddedToken
-
             for _, entry in sorted(added.items(), key=lambda kv: int(kv[0])):
                 tok.add_special_tokens([AddedToken(entry["content"], special=entry.get("special", True))])
         else:

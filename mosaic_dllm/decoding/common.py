@@ -8,9 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# (B, L) token ids -> (B, L, V) logits for every position.
-LogitsFn = Callable[[Tensor], Tensor]
-
 
 @dataclass(frozen=True)
 class StepEvent:
