@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
     p.add_argument("--out", default="mosaic_dllm/assets/default_model", help="checkpoint directory to write")
     p.add_argument("--run-dir", default="runs/default_model", help="resumable training state")
-    p.add_argument("--steps", type=int, default=3600)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)

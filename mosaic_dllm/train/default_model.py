@@ -23,7 +23,7 @@ def default_spec(vocab_size: int, ids: dict[str, int | None], seq_len: int) -> A
     return ArchSpec(
         family="llada",
         hidden_size=256,
-        num_layers=6,
+        num_layers=3,
         num_heads=4,
         num_kv_heads=4,
         head_dim=64,
