@@ -45,7 +45,8 @@ def _generate(args: argparse.Namespace) -> int:
     cfg_resolved = cfg.resolved(llm.spec.family)  # fail on bad settings before printing anything
     if args.model is None:
         print(
-            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained by `mosaic train`]",
+            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
+            f"briefly by `mosaic train` on stdlib docstrings: expect word salad]",
             file=sys.stderr,
         )
     bar = tqdm(total=cfg_resolved.steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
