@@ -36,6 +36,13 @@ class DenoiseResult:
     stopped_at_eos: bool
 
 
+def initial_canvas(prompt: Tensor, gen_length: int, mask_id: int) -> Tensor:
+    """(1, P + gen_length): the prompt followed by mask tokens."""
+    x = torch.full((1, prompt.numel() + gen_length), mask_id, dtype=torch.long, device=prompt.device)
+    x[0, : prompt.numel()] = prompt
+    return x
+
+
 def first_eos(tokens: Tensor, eos_ids: tuple[int, ...]) -> int | None:
     hits = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device)).nonzero()
     return int(hits[0]) if hits.numel() else None

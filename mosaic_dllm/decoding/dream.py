@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig
-from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, notify
+from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, initial_canvas, notify
 from .rows import Chunks, position_chunks
 from .schedule import dream_timesteps, dream_transfer_count
 
@@ -141,8 +141,7 @@ def denoise(
     callback: StepCallback | None = None,
 ) -> DenoiseResult:
     p_len = prompt.numel()
-    x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)
-    x[0, :p_len] = prompt
+    x = initial_canvas(prompt, cfg.gen_length, mask_id)
     timesteps = dream_timesteps(cfg.steps, cfg.eps, x.device)
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
     for i in range(cfg.steps):

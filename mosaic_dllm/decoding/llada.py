@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import GenerationConfig
-from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, notify
+from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, initial_canvas, notify
 from .rows import Chunks, UniformReplay, position_chunks
 from .schedule import llada_transfer_counts
 
@@ -95,8 +95,7 @@ def denoise(
     """prompt: (P,) ids. Returns the (P + gen_length,) canvas."""
     p_len = prompt.numel()
     vocab = executor.spec.vocab_size
-    x = torch.full((1, p_len + cfg.gen_length), mask_id, dtype=torch.long, device=prompt.device)
-    x[0, :p_len] = prompt
+    x = initial_canvas(prompt, cfg.gen_length, mask_id)
     prompt_index = x != mask_id
     steps_per_block = cfg.steps // cfg.num_blocks
     passes = 0
