@@ -38,17 +38,17 @@ class ArchSpec:
     rope_theta: float
     rotary_dim: int
     rms_norm_eps: float
-    qkv_bias: bool
-    qk_norm: bool  # per-head RMSNorm on q and k (LLaDA-MoE)
-    # LLaDA rotates q and k in float32 and casts back; Dream / LLaDA-MoE cast the tables to the
-    # hidden dtype and rotate in that dtype. Both are exact reproductions of the official code.
-    rope_full_precision: bool
-    logit_shift: bool  # Dream: hidden state at p-1 gives the logits of position p
-    tie_word_embeddings: bool
     max_position_embeddings: int
     mask_token_id: int
     eos_token_ids: tuple[int, ...]
-    pad_token_id: int | None
+    pad_token_id: int | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k (LLaDA-MoE)
+    # LLaDA rotates q and k in float32 and casts back; Dream / LLaDA-MoE cast the tables to the
+    # hidden dtype and rotate in that dtype. Both are exact reproductions of the official code.
+    rope_full_precision: bool = False
+    logit_shift: bool = False  # Dream: hidden state at p-1 gives the logits of position p
+    tie_word_embeddings: bool = False
     moe: MoESpec | None = None
     torch_dtype: str | None = None  # dtype named by the config, if any
 

@@ -21,16 +21,9 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Official special-token names per family; the first is BOS (or None), then EOS, then the mask token.
+# Official special-token names per family: BOS (or None), EOS, the mask token, then the chat tokens.
 FAMILY_SPECIALS = {
     "llada": dict(
-        bos="<|startoftext|>",
-        eos="<|endoftext|>",
-        mask="<|mdm_mask|>",
-        extra=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        template=LLADA_CHAT_TEMPLATE,
-    ),
-    "llada_moe": dict(
         bos="<|startoftext|>",
         eos="<|endoftext|>",
         mask="<|mdm_mask|>",
@@ -41,6 +34,7 @@ FAMILY_SPECIALS = {
         bos=None, eos="<|endoftext|>", mask="<|mask|>", extra=["<|im_start|>", "<|im_end|>"], template=CHATML_TEMPLATE
     ),
 }
+FAMILY_SPECIALS["llada_moe"] = FAMILY_SPECIALS["llada"]
 
 
 def train_bpe(texts: list[str], family: str, vocab_size: int) -> Tokenizer:

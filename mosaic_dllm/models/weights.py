@@ -30,10 +30,6 @@ class Weights:
                 out += expert.values()
         return out
 
-    def nbytes(self) -> int:
-        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.tensors()}
-        return sum(seen.values())
-
 
 def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Official parameter name -> shape, for every tensor the model reads (optional ones excluded)."""
