@@ -132,7 +132,12 @@ class LLM:
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
         start = time.perf_counter()
-        result = denoise(self.executor, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback)
+        try:
+            result = denoise(
+                self.executor, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback
+            )
+        finally:
+            self.executor.release()  # the request's activation memory goes back, also on cancel or error
         seconds = time.perf_counter() - start
         generated = result.canvas[len(prompt_ids) :].tolist()
         eos = first_eos(result.canvas[len(prompt_ids) :], self.spec.eos_token_ids)

@@ -4,7 +4,9 @@
 first step, so what is measured is what generation does. `measure` runs it on real tensors under
 the live-tensor tracker and the peak-RSS probe; `predict` runs it under FakeTensorMode, where no
 memory is allocated and nothing is computed, to give the same live-tensor timeline for lengths too
-long to run. The reveal bookkeeping that follows a step (O(L) integers) is not included.
+long to run. A planned executor's arena is outside aten's view in both: it is added to the
+timeline as `planned_bytes` (the plan's arena size). The reveal bookkeeping that follows a step
+(O(L) integers) is not included.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def measure(
     device = weights.embed.device
     warm = StepRequest.first_step(spec, 64, 0.5, request.config)  # one-time kernel set-up, off the record
     first_step(executor, spec, warm, torch.Generator(device=device).manual_seed(0))
+    executor.release()  # the measured step commits its own arena pages
     gen = torch.Generator(device=device).manual_seed(0)
     with PeakMemory(device) as peak, LiveTensorTracker() as tracker:
         start = time.perf_counter()
@@ -91,6 +94,7 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+    tracker.timeline.planned_bytes = getattr(executor, "arena_bytes", 0)
     return StepMeasurement(tracker.timeline, peak.growth_bytes, seconds)
 
 
@@ -103,6 +107,8 @@ def predict(
     with FakeTensorMode():
         state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
         executor = make_executor(executor_name, spec, from_state_dict(spec, state), **(options or {}))
+        first_step(executor, spec, request, torch.Generator().manual_seed(0))  # plans and sizes the arena
         with LiveTensorTracker() as tracker:
             first_step(executor, spec, request, torch.Generator().manual_seed(0))
+    tracker.timeline.planned_bytes = getattr(executor, "arena_bytes", 0)
     return tracker.timeline

@@ -33,8 +33,7 @@ def position_chunks(
     length = batch.shape[1]
     if positions is None:
         positions = torch.arange(length, device=batch.device)
-    hidden = executor.hidden(batch)
-    for part, logits in executor.row_logits(hidden, hidden_rows(positions)):
+    for part, logits in executor.row_logits(batch, hidden_rows(positions)):
         yield positions[part], combine(logits)
 
 

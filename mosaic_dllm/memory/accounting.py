@@ -28,14 +28,19 @@ class OpRecord:
 @dataclass
 class Timeline:
     records: list[OpRecord] = field(default_factory=list)
+    # Bytes held for the whole step outside aten allocations: a planned arena mapped by the
+    # executor (its views add nothing to `records`). Included in every figure below.
+    planned_bytes: int = 0
 
     @property
     def peak(self) -> int:
-        return max((r.live_bytes for r in self.records), default=0)
+        return self.planned_bytes + max((r.live_bytes for r in self.records), default=0)
 
     @property
     def average(self) -> float:
-        return sum(r.live_bytes for r in self.records) / len(self.records) if self.records else 0.0
+        if not self.records:
+            return float(self.planned_bytes)
+        return self.planned_bytes + sum(r.live_bytes for r in self.records) / len(self.records)
 
     @property
     def par(self) -> float:
@@ -51,7 +56,7 @@ class Timeline:
         if start is None:
             return self.peak, 0
         body = max((r.live_bytes for r in self.records[:start]), default=0)
-        return body, max(r.live_bytes for r in self.records[start:])
+        return self.planned_bytes + body, self.planned_bytes + max(r.live_bytes for r in self.records[start:])
 
 
 def _storages(tree) -> list[torch.UntypedStorage]:

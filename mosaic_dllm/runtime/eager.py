@@ -19,6 +19,36 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def route_and_run_experts(
+    flat: Tensor,
+    router: Tensor,
+    expert_bias: Tensor | None,
+    experts: list[dict[str, Tensor]],
+    top_k: int,
+    normalize_top_k: bool,
+    out: Tensor,
+) -> None:
+    """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`."""
+    weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)
+    if expert_bias is not None:
+        weights = weights + expert_bias
+    weights, chosen = torch.topk(weights, top_k, dim=-1)
+    if normalize_top_k:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(flat.dtype)
+    expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
+    for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
+        slot, token = torch.where(expert_mask[e])
+        if token.numel() == 0:
+            continue
+        y = swiglu(flat[token], expert["gate"], expert["up"], expert["down"])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+
+
 class EagerOps:
     """Implements `runtime.ops.Ops` the way the official code does."""
 
@@ -67,7 +97,7 @@ class EagerOps:
         return out.transpose(1, 2).contiguous().view(b, length, nh * hd)
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+        return swiglu(x, gate, up, down)
 
     def moe(
         self,
@@ -80,24 +110,10 @@ class EagerOps:
         *,
         name: str,
     ) -> Tensor:
-        b, length, h = x.shape
-        flat = x.reshape(-1, h)
-        weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)
-        if expert_bias is not None:
-            weights = weights + expert_bias
-        weights, chosen = torch.topk(weights, top_k, dim=-1)
-        if normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
-        expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
-        for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
-            slot, token = torch.where(expert_mask[e])
-            if token.numel() == 0:
-                continue
-            y = self.mlp(flat[token], expert["gate"], expert["up"], expert["down"], name=name)
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(x.dtype))
-        return out.view(b, length, h)
+        route_and_run_experts(flat, router, expert_bias, experts, top_k, normalize_top_k, out)
+        return out.view(x.shape)
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         return x + y
@@ -122,6 +138,9 @@ class EagerExecutor:
     @property
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
+
+    def release(self) -> None:
+        """Nothing to give back: every activation was a fresh tensor, freed when the step ended."""
 
     @torch.inference_mode()
     def logits(self, ids: Tensor) -> Tensor:

@@ -1,8 +1,11 @@
-"""The Mosaic executor: the same model description, with logits only for the rows a sampler reads.
+"""The Mosaic executor: the same model description, planned into one arena, with mask-only logits.
 
-The network body runs as in the eager executor (planned buffers and chunking plug in here later);
-the final hidden states are kept, and the LM head runs over the requested rows in chunks of
-`row_chunk`, each written into one reused buffer, so no tensor of size L x V ever exists.
+A step asks for the logits of the rows its sampler reads (`row_logits`). The executor looks up the
+plan for the step's shape (`planner.step_plan.PlanCache`: traced once per batch, length and logits
+chunk bucket), makes the arena big enough, and runs `models.transformer` with `PlannedOps`, whose
+every activation is a view at its planned offset. The LM head runs over the rows in chunks of
+`row_chunk`, into one planned buffer, so no tensor of size L x V ever exists. `release` gives the
+arena's memory back (the engine calls it when a request ends).
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
+from ..graph.trace import StepShape, chunk_bucket
+from ..memory.arena import Arena, ArenaMemory
 from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
-from .eager import EagerOps
+from ..planner.step_plan import PlanCache, StepPlan, device_alignment
+from .planned_ops import PlannedOps
 
 DEFAULT_ROW_CHUNK = 64
 
@@ -24,34 +31,49 @@ class MosaicExecutor:
     name = "mosaic"
     mask_only = True
 
-    def __init__(self, spec: ArchSpec, weights: Weights, row_chunk: int = DEFAULT_ROW_CHUNK):
+    def __init__(self, spec: ArchSpec, weights: Weights, row_chunk: int = DEFAULT_ROW_CHUNK, arena: str | None = None):
         if row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
-        self.spec, self.weights, self.ops, self.row_chunk = spec, weights, EagerOps(), row_chunk
-
-    @torch.inference_mode()
-    def hidden(self, ids: Tensor) -> Tensor:
-        """(B, L) ids -> (B, L, H) final (normalised) hidden states."""
-        return transformer.hidden_states(self.ops, self.spec, self.weights, ids)
+        self.spec, self.weights, self.row_chunk = spec, weights, row_chunk
+        device = weights.embed.device
+        if arena is None and isinstance(weights.embed, FakeTensor):  # predicting: nothing may be mapped
+            arena = "tensor"
+        self.arena = Arena(device, backing=arena)
+        self.plans = PlanCache(spec, self.dtype, device_alignment(device))
+        self.last_plan: StepPlan | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
-    @torch.inference_mode()
-    def row_logits(self, hidden: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:
-        """Yield (slice of `rows`, (B, C, V) logits) for hidden-state rows `rows`, chunk by chunk.
+    @property
+    def arena_bytes(self) -> int:
+        """Bytes the last step's plan used in the arena."""
+        return self.last_plan.arena_bytes if self.last_plan else 0
 
-        The yielded logits live in a buffer reused by the next chunk: consume them before advancing.
+    def plan_for(self, batch: int, length: int, rows: int) -> StepPlan:
+        return self.plans.get(StepShape(batch, length, chunk_bucket(rows, self.row_chunk)))
+
+    @torch.inference_mode()
+    def row_logits(self, ids: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:
+        """Yield (slice of `rows`, (B, C, V) logits) for hidden-state rows `rows` of canvas `ids`.
+
+        The logits live in one arena buffer reused by the next chunk: consume them before advancing.
+        No rows, no forward pass: nothing would read it.
         """
-        head = self.weights.lm_head
-        buffer = None
-        for start in range(0, rows.numel(), self.row_chunk):
-            chunk = rows[start : start + self.row_chunk]
-            h = hidden[:, chunk]  # (B, C, H): a gathered copy of one chunk only
-            shape = (hidden.shape[0], chunk.numel(), head.shape[0])
-            if buffer is None or buffer.numel() < torch.Size(shape).numel():
-                buffer = torch.empty(shape, dtype=hidden.dtype, device=hidden.device)
-            out = buffer.view(-1)[: torch.Size(shape).numel()].view(shape)
-            torch.matmul(h, head.t(), out=out)
-            yield slice(start, start + chunk.numel()), out
+        if rows.numel() == 0:
+            return
+        plan = self.plan_for(ids.shape[0], ids.shape[1], rows.numel())
+        if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
+            self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
+        self.last_plan = plan
+        memory = ArenaMemory(plan, self.arena)
+        ops = PlannedOps(memory)
+        hidden = transformer.hidden_states(ops, self.spec, self.weights, ids)
+        yield from ops.lm_head_rows(hidden, self.weights.lm_head, rows, plan.graph.shape.chunk, name="lm_head")
+        memory.finish()
+
+    def release(self) -> None:
+        """Give the arena's memory back to the system (plans stay cached)."""
+        self.arena.trim(0)
+        self.last_plan = None

@@ -1,61 +1,48 @@
-"""An offline English corpus: the docstrings of the running Python's standard library.
+"""An offline corpus: the Python sources of the running interpreter's standard library.
 
 Provenance: CPython's `Lib/` sources, as installed with the interpreter (PSF License Agreement,
-https://docs.python.org/3/license.html). Docstrings are plain English prose about programming,
-available on every machine that can run this package, so the corpus needs no download.
+https://docs.python.org/3/license.html). About 11 MB of code, comments and docstrings, present on
+every machine that can run this package, so the corpus needs no download. Code is what a
+3-layer model can learn to write recognisably within an hour of CPU time (English prose of the
+same size only gets it to word salad).
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 LICENSE = "Python Software Foundation License (CPython standard library sources)"
+SOURCE = "Python sources of the CPython standard library (Lib/, without tests and demos)"
+SKIPPED_PARTS = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__")
 
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _clean(doc: str) -> str | None:
-    lines = [ln.strip() for ln in doc.strip().splitlines()]
-    text = " ".join(ln for ln in lines if ln)
-    text = re.sub(r"\s+", " ", text)
-    # Keep prose: enough words, mostly letters, no doctest transcripts.
-    if len(text) < 40 or ">>>" in text:
-        return None
-    letters = sum(c.isalpha() or c == " " for c in text)
-    return text if letters / len(text) > 0.85 else None
-
-
-def docstrings(root: Path | None = None) -> Iterator[str]:
-    """Cleaned docstrings in a deterministic order (sorted paths, source order)."""
+def modules(root: Path | None = None, max_file_bytes: int = 200_000) -> Iterator[str]:
+    """Module sources in a deterministic order (sorted paths); very large generated files are skipped."""
     root = root or stdlib_dir()
-    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo")
     for path in sorted(root.rglob("*.py")):
-        if any(part in skip for part in path.relative_to(root).parts):
+        if any(part in SKIPPED_PARTS for part in path.relative_to(root).parts):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and (text := _clean(doc)):
-                    yield text
+        if 0 < len(text) <= max_file_bytes:
+            yield text.replace("\t", "    ")
 
 
 def build(max_bytes: int | None = None) -> list[str]:
-    """Unique docstrings up to `max_bytes` of text."""
+    """Unique module sources up to `max_bytes` of text."""
     seen: set[str] = set()
     out: list[str] = []
     size = 0
-    for text in docstrings():
+    for text in modules():
         key = hashlib.sha1(text.encode()).hexdigest()
         if key in seen:
             continue

@@ -1,4 +1,4 @@
-"""Recipe for the embedded default model: stdlib docstrings -> BPE -> small LLaDA -> shipped checkpoint."""
+"""Recipe for the embedded default model: stdlib sources -> BPE -> small LLaDA -> shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def train_default_model(
     val_ce = evaluate(spec, trainer.params, val_tokens, cfg.seq_len)
     figures = {
         "corpus": {
-            "source": "docstrings of the CPython standard library",
+            "source": corpus.SOURCE,
             "license": corpus.LICENSE,
             "documents": len(texts),
             "train_tokens": train_tokens.numel(),

@@ -60,8 +60,9 @@ def test_export_is_a_loadable_llada_checkpoint(tmp_path):
     assert len(llm.generate("Return the", GenerationConfig(gen_length=8, steps=4))[0].token_ids) == 8
 
 
-def test_corpus_is_deterministic_prose():
-    texts = corpus.build(max_bytes=20_000)
-    assert texts == corpus.build(max_bytes=20_000) and len(texts) > 10
+def test_corpus_is_deterministic_source():
+    texts = corpus.build(max_bytes=200_000)
+    assert texts == corpus.build(max_bytes=200_000) and len(texts) > 3
+    assert all("\t" not in t for t in texts) and any("def " in t for t in texts)
     train, val = corpus.split(texts)
     assert len(val) >= 1 and not set(train) & set(val)

@@ -1,0 +1,191 @@
+"""The op graph of one mask-only denoising step, traced from the model description itself.
+
+`trace_step` runs `models.transformer` with `PlannedOps` on the meta device: nothing is computed
+and no memory is used, but every op declares what it reads and every activation it writes comes
+from `TraceMemory.new`. That yields the ops in execution order, each buffer's size, dtype, shape
+and lifetime (first write to last read), and the kernel workspace outside the arena. Shapes are
+functions of the step's symbols (`StepShape`: batch, sequence length, logits rows per chunk) and of
+the spec; tracing evaluates them for one shape (milliseconds, meta tensors).
+
+Layers that are alike are traced once: the step is prefix (embedding, rotary tables), one layer
+template repeated `num_layers` times, and tail (final norm, LM head over row chunks). Buffers of
+the prefix read inside the layer (the residual stream, the rotary tables) live across the whole
+template; nothing written inside a layer may be read after it (checked), so one layer's plan
+serves every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..models import transformer
+from ..models.spec import ArchSpec
+from ..models.weights import from_state_dict
+from ..models.weights import expected_shapes
+from ..runtime.planned_ops import PlannedOps
+
+PREFIX_OPS = ("embed", "rotary_tables")
+TAIL_OPS = ("final_norm", "lm_head")
+# Op name -> the group a chunking decision applies to (see `peak_group`).
+OP_GROUPS = {
+    "embed": "embedding",
+    "rotary_tables": "embedding",
+    "attn_norm": "norms",
+    "ffn_norm": "norms",
+    "final_norm": "norms",
+    "q_norm": "norms",
+    "k_norm": "norms",
+    "q_proj": "qkv_projections",
+    "k_proj": "qkv_projections",
+    "v_proj": "qkv_projections",
+    "rotary_q": "attention",
+    "rotary_k": "attention",
+    "attention": "attention",
+    "o_proj": "output_projection",
+    "attn_residual": "residual",
+    "ffn_residual": "residual",
+    "shared_expert_add": "residual",
+    "mlp": "ffn",
+    "shared_expert": "ffn",
+    "moe": "moe",
+    "lm_head": "logits",
+}
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The symbols a step's memory depends on: batch (2 with CFG), sequence length, logits rows per chunk."""
+
+    batch: int
+    length: int
+    chunk: int
+
+
+def chunk_bucket(rows: int, row_chunk: int) -> int:
+    """Logits rows per chunk for `rows` rows: the next power of two, at most `row_chunk`.
+
+    Bucketing keeps the number of distinct plans per generation small.
+    """
+    if rows < 1:
+        raise ValueError(f"a step needs at least one row to sample, got {rows}")
+    return min(row_chunk, 1 << math.ceil(math.log2(rows)))
+
+
+@dataclass
+class TracedBuffer:
+    index: int  # allocation order within the traced step
+    op: int  # op that writes it first
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    last: int  # last op that reads it
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class StepGraph:
+    shape: StepShape
+    ops: list[str]  # op names in execution order (prefix, one layer template, tail)
+    buffers: list[TracedBuffer]
+    workspace: dict[int, int]  # op -> bytes its kernel allocates outside the arena
+    prefix_allocs: int  # allocations before the layer template
+    template_allocs: int  # allocations of one repetition of the template
+    repeats: int  # how many times the template runs (layers / traced layers)
+    template_ops: tuple[int, int] = field(default=(0, 0))  # [first, last] op index of the template
+
+    def template_index(self, allocation: int) -> int:
+        """Which traced buffer the `allocation`-th allocation of a full step uses."""
+        p, k = self.prefix_allocs, self.template_allocs
+        if allocation < p:
+            return allocation
+        if allocation < p + k * self.repeats:
+            return p + (allocation - p) % k
+        return allocation - k * (self.repeats - 1)
+
+    @property
+    def allocations_per_step(self) -> int:
+        return len(self.buffers) + self.template_allocs * (self.repeats - 1)
+
+    def group(self, op: int) -> str:
+        return OP_GROUPS.get(self.ops[op], self.ops[op])
+
+
+class TraceMemory:
+    """`runtime.planned_ops.Memory` that records instead of placing: meta tensors, lifetimes, workspace."""
+
+    tracing = True
+
+    def __init__(self) -> None:
+        self.device = torch.device("meta")
+        self.ops: list[str] = []
+        self.buffers: list[TracedBuffer] = []
+        self.workspace_bytes: dict[int, int] = {}
+        self._owner: dict[int, int] = {}  # storage -> buffer index
+        self._keep: list[torch.Tensor] = []  # keeps storages alive so their keys stay unique
+
+    def op(self, name: str, *reads: torch.Tensor) -> None:
+        self.ops.append(name)
+        t = len(self.ops) - 1
+        for x in reads:
+            index = self._owner.get(x.untyped_storage()._cdata)
+            if index is not None:
+                self.buffers[index].last = t
+
+    def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = len(self.ops) - 1
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        self._owner[tensor.untyped_storage()._cdata] = len(self.buffers)
+        self._keep.append(tensor)
+        self.buffers.append(TracedBuffer(len(self.buffers), t, tuple(shape), dtype, t))
+        return tensor
+
+    def workspace(self, nbytes: int) -> None:
+        t = len(self.ops) - 1
+        self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
+
+
+def uniform_layers(spec: ArchSpec) -> bool:
+    return all(spec.is_moe_layer(i) == spec.is_moe_layer(0) for i in range(spec.num_layers))
+
+
+def meta_weights(spec: ArchSpec, dtype: torch.dtype):
+    state = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in expected_shapes(spec).items()}
+    return from_state_dict(spec, state)
+
+
+def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> StepGraph:
+    """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows) on the meta device."""
+    traced = spec
+    if uniform_layers(spec) and spec.num_layers > 1:
+        moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
+        traced = replace(spec, num_layers=1, moe=moe)
+    memory = TraceMemory()
+    ops = PlannedOps(memory)
+    ids = torch.empty((shape.batch, shape.length), dtype=torch.long, device="meta")
+    rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
+    weights = meta_weights(traced, dtype)
+    hidden = transformer.hidden_states(ops, traced, weights, ids)
+    for _ in ops.lm_head_rows(hidden, weights.lm_head, rows, shape.chunk, name="lm_head"):
+        pass
+    return _layer_template(memory, shape, repeats=spec.num_layers // traced.num_layers)
+
+
+def _layer_template(memory: TraceMemory, shape: StepShape, repeats: int) -> StepGraph:
+    names = memory.ops
+    body = [t for t, n in enumerate(names) if n not in PREFIX_OPS + TAIL_OPS]
+    first, last = body[0], body[-1]
+    for b in memory.buffers:
+        if b.op < first and b.last >= first:  # read by the layer: needed by every repetition
+            b.last = max(b.last, last)
+        if first <= b.op <= last and b.last > last:
+            raise AssertionError(f"buffer {b.index} written by {names[b.op]} is read after its layer")
+    prefix = sum(b.op < first for b in memory.buffers)
+    template = sum(first <= b.op <= last for b in memory.buffers)
+    return StepGraph(
+        shape, names, memory.buffers, memory.workspace_bytes, prefix, template, repeats, (first, last)
+    )

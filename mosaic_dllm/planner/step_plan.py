@@ -1,0 +1,129 @@
+"""One reuse plan per step shape: trace the op graph, hand its lifetimes to the offset planners.
+
+The offset algorithms (`offsets.py`) see only `Buffer`s; this module turns a traced `StepGraph`
+into buffers, keeps the smaller of the algorithms' arenas, and reports what the plan costs: arena
+bytes, the lower bound no plan can beat, the op (and op group) where live bytes peak, the kernel
+workspace outside the arena, and the planning time. `PlanCache` keys plans by `StepShape`, so a
+generation plans once per distinct (batch, length, logits chunk bucket).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..graph.trace import StepGraph, StepShape, trace_step
+from ..models.spec import ArchSpec
+from .offsets import Buffer, Plan, best_plan, validate
+
+
+def device_alignment(device: torch.device) -> int:
+    """Offsets aligned for vector loads (64-byte cache lines on CPUs, 256 bytes on CUDA)."""
+    return 256 if device.type == "cuda" else 64
+
+
+@dataclass
+class StepPlan:
+    graph: StepGraph
+    plan: Plan
+    buffers: list[Buffer]
+    lower_bound_bytes: int  # the largest sum of simultaneously live (aligned) buffers
+    peak_op: int  # op index where planned live bytes plus workspace peak
+    workspace_bytes: int  # the largest kernel workspace outside the arena, at any op
+    planning_seconds: float
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        """Arena plus the largest transient workspace (the sampler's per-chunk temporaries excluded)."""
+        return self.arena_bytes + self.workspace_bytes
+
+    @property
+    def peak_group(self) -> str:
+        return self.graph.group(self.peak_op)
+
+    def offset(self, buffer: int) -> int:
+        return self.plan.offsets[str(buffer)]
+
+    def summary(self) -> dict:
+        g = self.graph
+        return {
+            "batch": g.shape.batch,
+            "length": g.shape.length,
+            "arena_bytes": self.arena_bytes,
+            "lower_bound_bytes": self.lower_bound_bytes,
+            "arena_vs_lower_bound": round(self.arena_bytes / self.lower_bound_bytes, 4),
+            "algorithm": self.plan.algorithm,
+            "peak_op": g.ops[self.peak_op],
+            "peak_group": self.peak_group,
+            "workspace_bytes": self.workspace_bytes,
+            "predicted_peak_activation_bytes": self.predicted_peak_bytes,
+            "chunks": {"logits_rows": g.shape.chunk},
+            "buffers": len(self.buffers),
+            "planned_layers": f"{g.repeats} x 1 layer template" if g.repeats > 1 else "every layer",
+            "planning_seconds": round(self.planning_seconds, 6),
+        }
+
+
+def live_profile(buffers: list[Buffer], ops: int, alignment: int) -> list[int]:
+    """Live (aligned) bytes at each op."""
+    delta = [0] * (ops + 1)
+    for b in buffers:
+        size = -(-b.size // alignment) * alignment
+        delta[b.first] += size
+        delta[b.last + 1] -= size
+    live, out = 0, []
+    for t in range(ops):
+        live += delta[t]
+        out.append(live)
+    return out
+
+
+def plan_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, alignment: int = 64, check: bool = False) -> StepPlan:
+    """Trace and plan one step; `check` also runs the (quadratic) overlap validator."""
+    start = time.perf_counter()
+    graph = trace_step(spec, dtype, shape)
+    buffers = [Buffer(str(b.index), b.nbytes, b.op, b.last) for b in graph.buffers]
+    plan = best_plan(buffers, alignment)
+    profile = live_profile(buffers, len(graph.ops), alignment)
+    with_workspace = [live + graph.workspace.get(t, 0) for t, live in enumerate(profile)]
+    seconds = time.perf_counter() - start
+    if check:
+        validate(buffers, plan, alignment)
+    return StepPlan(
+        graph=graph,
+        plan=plan,
+        buffers=buffers,
+        lower_bound_bytes=max(profile),
+        peak_op=max(range(len(with_workspace)), key=with_workspace.__getitem__),
+        workspace_bytes=max(graph.workspace.values(), default=0),
+        planning_seconds=seconds,
+    )
+
+
+class PlanCache:
+    """Plans by step shape, least recently used evicted first; counts plans made and time spent."""
+
+    def __init__(self, spec: ArchSpec, dtype: torch.dtype, alignment: int, capacity: int = 16):
+        self.spec, self.dtype, self.alignment, self.capacity = spec, dtype, alignment, capacity
+        self._plans: OrderedDict[StepShape, StepPlan] = OrderedDict()
+        self.plans_made = 0
+        self.planning_seconds = 0.0
+
+    def get(self, shape: StepShape) -> StepPlan:
+        if shape in self._plans:
+            self._plans.move_to_end(shape)
+            return self._plans[shape]
+        plan = plan_step(self.spec, self.dtype, shape, self.alignment)
+        self.plans_made += 1
+        self.planning_seconds += plan.planning_seconds
+        self._plans[shape] = plan
+        if len(self._plans) > self.capacity:
+            self._plans.popitem(last=False)
+        return plan

@@ -1,0 +1,55 @@
+"""The Mosaic executor runs inside its plan: same logits as eager, nothing large outside the arena."""
+
+import pytest
+import torch
+
+from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.memory.accounting import LiveTensorTracker
+from mosaic_dllm.memory.arena import ArenaMemory, PlanMismatchError
+from mosaic_dllm.runtime import EagerExecutor
+from mosaic_dllm.runtime.planned_ops import PlannedOps
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_only_the_attention_kernel_output_allocates_outside_the_arena(tiny_checkpoints, family):
+    llm = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="mosaic", row_chunk=8)
+    ids = torch.randint(0, 300, (2, 70), generator=torch.Generator().manual_seed(1))
+    rows = torch.arange(30, 70)
+    with LiveTensorTracker() as tracker:
+        for _ in llm.executor.row_logits(ids, rows):
+            pass
+    plan = llm.executor.last_plan
+    outside = {}
+    for r in tracker.timeline.records:
+        outside[r.op] = max(outside.get(r.op, 0), r.new_bytes)
+    big = {op: n for op, n in outside.items() if n > 256}  # the rotary inverse frequencies are 32 bytes
+    assert set(big) == {"scaled_dot_product_attention"}
+    assert max(r.live_bytes for r in tracker.timeline.records) <= plan.workspace_bytes
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_planned_logits_equal_eager_logits_bit_for_bit(tiny_checkpoints, family, dtype):
+    """Every op writes with out= or in place, with the official arithmetic: no tolerance needed."""
+    llm = LLM(tiny_checkpoints[family], dtype=dtype, executor="mosaic", row_chunk=64)
+    ids = torch.randint(0, 300, (1, 41), generator=torch.Generator().manual_seed(2))
+    full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
+    rows = torch.arange(41)
+    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
+    assert torch.equal(got, full)
+
+
+def test_a_generation_plans_a_handful_of_times_and_gives_memory_back(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llada"], executor="mosaic", row_chunk=16)
+    out = llm.generate("Return the", GenerationConfig(gen_length=32, steps=16, block_length=8))[0]
+    assert out.forward_passes == 16
+    assert llm.executor.plans.plans_made <= 4  # rows 8..1 per block bucket to 8, 4, 2, 1
+    assert llm.executor.arena.touched_bytes == 0  # released when the request ended
+
+
+def test_a_step_that_disagrees_with_its_plan_is_stopped(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llada"], executor="mosaic")
+    plan = llm.executor.plan_for(1, 20, 4)
+    ops = PlannedOps(ArenaMemory(plan, llm.executor.arena))
+    with pytest.raises(PlanMismatchError, match="asks for"):
+        ops.embed(torch.zeros(1, 21, dtype=torch.long), llm.checkpoint.weights.embed, name="embed")
