@@ -194,6 +194,51 @@ def _bench_max_len(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Plan one first denoising step from the config alone: no weights are read, nothing heavy runs."""
+    from . import checkpoint
+    from .bench.presets import preset
+    from .graph.trace import StepShape, chunk_bucket
+    from .planner.offsets import ascii_map
+    from .planner.step_plan import plan_step
+
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("give exactly one of --preset NAME or --model PATH")
+    spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
+    dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or torch_bfloat16()
+    if args.length < 2:
+        raise ValueError(f"--length must be at least 2, got {args.length}")
+    if not 0 <= args.alpha < 1:
+        raise ValueError(f"--alpha (prompt fraction) must be in [0, 1), got {args.alpha}")
+    rows = args.rows or args.length - max(1, int(args.length * args.alpha))
+    shape = StepShape(2 if args.cfg_scale else 1, args.length, chunk_bucket(rows, args.row_chunk))
+    plan = plan_step(spec, dtype, shape)
+    summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")} | plan.summary()
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    print(f"{summary['model']} ({spec.num_layers} layers, {summary['dtype']}), batch {shape.batch}, L={args.length}")
+    print(
+        f"  arena            {mb(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound {mb(plan.lower_bound_bytes)},"
+        f" ratio {summary['arena_vs_lower_bound']})"
+    )
+    print(f"  workspace        {mb(plan.workspace_bytes)} outside the arena (attention kernel output)")
+    print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (sampler temporaries excluded)")
+    print(f"  peak at          {summary['peak_op']} ({summary['peak_group']})")
+    print(f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers")
+    print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
+    if args.ascii:
+        print(ascii_map(plan.buffers, plan.plan))
+    return 0
+
+
+def torch_bfloat16():
+    import torch
+
+    return torch.bfloat16
+
+
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
@@ -268,6 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=int, default=64, help="binary search stops at this gap")
     p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
     p.set_defaults(func=_bench_max_len)
+
+    p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")
+    p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b")
+    p.add_argument("--model", help="a checkpoint directory (only config.json is read)")
+    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--length", type=int, required=True, help="total sequence length L (prompt + generation)")
+    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")
+    p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
+    p.add_argument("--row-chunk", type=int, default=64, help="LM-head rows per chunk")
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
+    p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
     p.add_argument("--out", default="mosaic_dllm/assets/default_model", help="checkpoint directory to write")

@@ -84,3 +84,32 @@ def test_info(tiny_checkpoints, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["family"] == "llada_moe" and info["moe"]["num_experts"] == 4 and info["parameters"] > 0
     assert info["weight_bytes"] == info["parameters"] * 4
+
+
+def test_plan_from_a_preset_without_weights(capsys):
+    assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "1024", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    for key in ("length", "arena_bytes", "lower_bound_bytes", "peak_group", "predicted_peak_activation_bytes"):
+        assert key in plan
+    assert plan["length"] == 1024 and plan["chunks"] == {"logits_rows": 64} and plan["planning_seconds"] > 0
+    assert plan["lower_bound_bytes"] <= plan["arena_bytes"] <= plan["predicted_peak_activation_bytes"]
+
+
+def test_plan_from_a_checkpoint_config_and_as_text(tiny_checkpoints, capsys):
+    assert main(["plan", "--model", str(tiny_checkpoints["dream"]), "--length", "300", "--ascii"]) == 0
+    out = capsys.readouterr().out
+    assert "arena" in out and "lower bound" in out and "peak at" in out and "|" in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["plan", "--length", "100"], "exactly one of --preset"),
+        (["plan", "--preset", "llada-8b", "--length", "1"], "at least 2"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--alpha", "1.5"], "alpha"),
+        (["plan", "--preset", "nope", "--length", "64"], "unknown preset"),
+    ],
+)
+def test_plan_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -70,15 +70,18 @@ def memory_records(
 def memory_table(records: list[dict]) -> str:
     head = (
         f"{'executor':<8} {'L':>6} {'peak MiB':>9} {'pred MiB':>9} {'body':>9} {'logits':>9} {'PAR':>6} "
-        f"{'RSS MiB':>8} {'frag':>6} {'step s':>8} {'peak/eager':>10} {'time/eager':>10}  status"
+        f"{'RSS MiB':>8} {'frag':>6} {'arena':>8} {'arena/LB':>8} {'step s':>8} "
+        f"{'peak/eager':>10} {'time/eager':>10}  status"
     )
     rows = [head]
     for r in records:
+        plan = r.get("plan") or {}
         rows.append(
             f"{r['executor']:<8} {r['length']:>6} {mib(r.get('peak_activation_bytes')):>9} "
             f"{mib(r.get('predicted_peak_activation_bytes')):>9} {mib(r.get('peak_body_bytes')):>9} "
             f"{mib(r.get('peak_logits_sampling_bytes')):>9} {r.get('par', '-'):>6} "
             f"{mib(r.get('rss_peak_growth_bytes')):>8} {r.get('fragmentation', '-'):>6} "
+            f"{mib(plan.get('arena_bytes')):>8} {plan.get('arena_vs_lower_bound', '-'):>8} "
             f"{r.get('step_latency_s', '-'):>8} {r.get('peak_ratio_vs_eager', '-'):>10} "
             f"{r.get('latency_ratio_vs_eager', '-'):>10}  {r['status']}"
         )

@@ -73,6 +73,7 @@ class StepMeasurement:
     timeline: Timeline
     rss_growth_bytes: int | None
     seconds: float | None
+    plan: dict | None = None  # the step's memory plan (planned executors)
 
 
 def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.device = "cpu") -> Weights:
@@ -95,7 +96,8 @@ def measure(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     tracker.timeline.planned_bytes = getattr(executor, "arena_bytes", 0)
-    return StepMeasurement(tracker.timeline, peak.growth_bytes, seconds)
+    plan = getattr(executor, "last_plan", None)
+    return StepMeasurement(tracker.timeline, peak.growth_bytes, seconds, plan.summary() if plan else None)
 
 
 def predict(

@@ -60,7 +60,10 @@ def run(job: dict) -> dict:
         "rss_peak_growth_bytes": m.rss_growth_bytes,
         "fragmentation": round(m.rss_growth_bytes / m.timeline.peak, 3) if m.timeline.peak else None,
         "step_latency_s": round(m.seconds, 4),
-        "timeline": [r.live_bytes for r in m.timeline.records] if job.get("timeline") else None,
+        "timeline": [m.timeline.planned_bytes + r.live_bytes for r in m.timeline.records]
+        if job.get("timeline")
+        else None,
+        "plan": m.plan,
     }
 
 

@@ -23,8 +23,7 @@ import torch
 
 from ..models import transformer
 from ..models.spec import ArchSpec
-from ..models.weights import from_state_dict
-from ..models.weights import expected_shapes
+from ..models.weights import expected_shapes, from_state_dict
 from ..runtime.planned_ops import PlannedOps
 
 PREFIX_OPS = ("embed", "rotary_tables")
@@ -186,6 +185,4 @@ def _layer_template(memory: TraceMemory, shape: StepShape, repeats: int) -> Step
             raise AssertionError(f"buffer {b.index} written by {names[b.op]} is read after its layer")
     prefix = sum(b.op < first for b in memory.buffers)
     template = sum(first <= b.op <= last for b in memory.buffers)
-    return StepGraph(
-        shape, names, memory.buffers, memory.workspace_bytes, prefix, template, repeats, (first, last)
-    )
+    return StepGraph(shape, names, memory.buffers, memory.workspace_bytes, prefix, template, repeats, (first, last))

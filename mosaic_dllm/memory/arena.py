@@ -35,7 +35,9 @@ class ArenaError(RuntimeError):
 
 
 class Arena:
-    def __init__(self, device: torch.device | str = "cpu", backing: str | None = None, reserve_bytes: int | None = None):
+    def __init__(
+        self, device: torch.device | str = "cpu", backing: str | None = None, reserve_bytes: int | None = None
+    ):
         self.device = torch.device(device)
         self.backing = backing or ("mmap" if self.device.type == "cpu" else "tensor")
         if self.backing not in ("mmap", "tensor"):

@@ -85,7 +85,9 @@ def live_profile(buffers: list[Buffer], ops: int, alignment: int) -> list[int]:
     return out
 
 
-def plan_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, alignment: int = 64, check: bool = False) -> StepPlan:
+def plan_step(
+    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, alignment: int = 64, check: bool = False
+) -> StepPlan:
     """Trace and plan one step; `check` also runs the (quadratic) overlap validator."""
     start = time.perf_counter()
     graph = trace_step(spec, dtype, shape)
