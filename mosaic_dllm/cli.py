@@ -165,7 +165,8 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 
 def _bench_max_len(args: argparse.Namespace) -> int:
-    from .bench.runner import max_len_records, mib, parse_bytes
+    from .bench.runner import max_len_records, mib
+    from .memory.budget import parse_bytes
 
     job, executors, options = _bench_base(args)
     budget = parse_bytes(args.budget)

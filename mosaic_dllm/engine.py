@@ -19,6 +19,8 @@ from .config import BLOCK_FAMILIES, GenerationConfig
 from .decoding import dream as dream_decoding
 from .decoding import llada as llada_decoding
 from .decoding.common import StepCallback, first_eos
+from .decoding.sampler_cost import sampler_row_bytes
+from .memory.budget import DEFAULT_RESERVE, default_budget, parse_bytes
 from .runtime import make_executor
 from .tokenizer import TokenizerError
 
@@ -55,11 +57,21 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device = "cpu",
         executor: str = "mosaic",
+        memory_budget: int | str | None = None,
+        memory_reserve: int | str = DEFAULT_RESERVE,
         **executor_options,
     ):
+        """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
+        device has free once the weights are loaded, minus `memory_reserve`. Mosaic executor only."""
+        if memory_budget is not None and executor != "mosaic":
+            raise ValueError(f"a memory budget needs the mosaic executor (the {executor} executor cannot chunk)")
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        reserve = parse_bytes(memory_reserve)
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
+        if executor == "mosaic":
+            executor_options["memory_budget"] = budget or default_budget(self.checkpoint.weights.embed.device, reserve)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, **executor_options)
 
     def default_config(self, **overrides) -> GenerationConfig:
@@ -115,7 +127,23 @@ class LLM:
         if not batch:
             raise PromptError("the prompt is empty (no prompt or token ids given)")
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
+        for ids in encoded:
+            self.check_memory(len(ids), cfg)
         return [self._generate_one(ids, cfg, callback) for ids in encoded]
+
+    def check_memory(self, prompt_length: int, cfg: GenerationConfig):
+        """Plan the request's largest step before any work; raises `DoesNotFit` (with the longest
+        length that would fit) when the memory budget cannot hold it. Returns that step's plan
+        (None for executors without a plan)."""
+        if not self.executor.mask_only:
+            return None
+        self.executor.sampler_row_bytes = sampler_row_bytes(
+            self.spec.family, cfg, self.spec.vocab_size, self.executor.dtype, self.checkpoint.weights.embed.device
+        )
+        block = self.spec.family in BLOCK_FAMILIES
+        batch = 2 if block and cfg.cfg_scale > 0 else 1
+        rows = cfg.block_length if block else cfg.gen_length  # the first step reads the most rows
+        return self.executor.plan_for(batch, prompt_length + cfg.gen_length, rows)
 
     def _generate_one(
         self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Callable
 
 from .search import max_length
-
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"cannot read {text!r} as a size; use e.g. 2GiB, 512MiB, 4GB or a byte count")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
 
 
 def mib(n: float | None) -> str:

@@ -24,7 +24,7 @@ import torch
 from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
-from ..runtime.planned_ops import PlannedOps
+from ..runtime.planned_ops import Chunks, PlannedOps
 
 PREFIX_OPS = ("embed", "rotary_tables")
 TAIL_OPS = ("final_norm", "lm_head")
@@ -56,11 +56,14 @@ OP_GROUPS = {
 
 @dataclass(frozen=True)
 class StepShape:
-    """The symbols a step's memory depends on: batch (2 with CFG), sequence length, logits rows per chunk."""
+    """What a step's memory depends on: batch (2 with CFG), sequence length, logits rows per chunk,
+    the chunk counts of the other op groups, and the sampler's temporary bytes per logits row."""
 
     batch: int
     length: int
     chunk: int
+    chunks: Chunks = Chunks()
+    sampler_row_bytes: int = 0
 
 
 def chunk_bucket(rows: int, row_chunk: int) -> int:
@@ -164,13 +167,13 @@ def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> StepGrap
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
     memory = TraceMemory()
-    ops = PlannedOps(memory)
+    ops = PlannedOps(memory, shape.chunks)
     ids = torch.empty((shape.batch, shape.length), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
     weights = meta_weights(traced, dtype)
     hidden = transformer.hidden_states(ops, traced, weights, ids)
     for _ in ops.lm_head_rows(hidden, weights.lm_head, rows, shape.chunk, name="lm_head"):
-        pass
+        memory.workspace(shape.chunk * shape.sampler_row_bytes)  # the sampler's temporaries per chunk
     return _layer_template(memory, shape, repeats=spec.num_layers // traced.num_layers)
 
 

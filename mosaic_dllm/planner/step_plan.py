@@ -64,7 +64,7 @@ class StepPlan:
             "peak_group": self.peak_group,
             "workspace_bytes": self.workspace_bytes,
             "predicted_peak_activation_bytes": self.predicted_peak_bytes,
-            "chunks": {"logits_rows": g.shape.chunk},
+            "chunks": {"logits_rows": g.shape.chunk} | g.shape.chunks.as_dict(),
             "buffers": len(self.buffers),
             "planned_layers": f"{g.repeats} x 1 layer template" if g.repeats > 1 else "every layer",
             "planning_seconds": round(self.planning_seconds, 6),

@@ -6,6 +6,11 @@ chunk bucket), makes the arena big enough, and runs `models.transformer` with `P
 every activation is a view at its planned offset. The LM head runs over the rows in chunks of
 `row_chunk`, into one planned buffer, so no tensor of size L x V ever exists. `release` gives the
 arena's memory back (the engine calls it when a request ends).
+
+With a `memory_budget`, the plan of each step shape comes from the lazy chunking search
+(`planner/search.py`): the fewest chunks whose predicted peak (arena, kernel workspace and the
+sampler's temporaries) fits the budget; a shape that cannot fit raises `DoesNotFit` before any
+work. Searches are cached per shape, so a generation searches a handful of times.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from ..memory.arena import Arena, ArenaMemory
 from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
+from ..planner.search import SearchResult, fit
 from ..planner.step_plan import PlanCache, StepPlan, device_alignment
-from .planned_ops import PlannedOps
+from .planned_ops import Chunks, PlannedOps
 
 DEFAULT_ROW_CHUNK = 64
 
@@ -31,10 +37,24 @@ class MosaicExecutor:
     name = "mosaic"
     mask_only = True
 
-    def __init__(self, spec: ArchSpec, weights: Weights, row_chunk: int = DEFAULT_ROW_CHUNK, arena: str | None = None):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        weights: Weights,
+        row_chunk: int = DEFAULT_ROW_CHUNK,
+        memory_budget: int | None = None,
+        chunks: Chunks | None = None,
+        arena: str | None = None,
+    ):
+        """`chunks` forces chunk counts (the search, with a budget, starts from them and only adds)."""
         if row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
-        self.spec, self.weights, self.row_chunk = spec, weights, row_chunk
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        self.spec, self.weights, self.row_chunk, self.memory_budget = spec, weights, row_chunk, memory_budget
+        self.chunks = chunks or Chunks()
+        self.sampler_row_bytes = 0  # set per request from the sampler's measured cost
+        self.searches: dict[StepShape, SearchResult] = {}
         device = weights.embed.device
         if arena is None and isinstance(weights.embed, FakeTensor):  # predicting: nothing may be mapped
             arena = "tensor"
@@ -52,7 +72,14 @@ class MosaicExecutor:
         return self.last_plan.arena_bytes if self.last_plan else 0
 
     def plan_for(self, batch: int, length: int, rows: int) -> StepPlan:
-        return self.plans.get(StepShape(batch, length, chunk_bucket(rows, self.row_chunk)))
+        """The plan of a step over a (batch, length) canvas sampling `rows` rows (may raise DoesNotFit)."""
+        chunk = chunk_bucket(rows, self.row_chunk)
+        shape = StepShape(batch, length, chunk, self.chunks, self.sampler_row_bytes)
+        if self.memory_budget is None:
+            return self.plans.get(shape)
+        if shape not in self.searches:
+            self.searches[shape] = fit(self.plans, shape, self.memory_budget)
+        return self.searches[shape].plan
 
     @torch.inference_mode()
     def row_logits(self, ids: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:
@@ -68,7 +95,7 @@ class MosaicExecutor:
             self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
         self.last_plan = plan
         memory = ArenaMemory(plan, self.arena)
-        ops = PlannedOps(memory)
+        ops = PlannedOps(memory, plan.graph.shape.chunks)
         hidden = transformer.hidden_states(ops, self.spec, self.weights, ids)
         yield from ops.lm_head_rows(hidden, self.weights.lm_head, rows, plan.graph.shape.chunk, name="lm_head")
         memory.finish()

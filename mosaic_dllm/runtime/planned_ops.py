@@ -10,11 +10,17 @@ are bit-identical; only where results are written differs.
 What still allocates outside the arena is declared with `memory.workspace`: the output of the fused
 attention kernel (it has no out= form) and MoE routing and expert intermediates (their sizes
 depend on the routing, i.e. on values).
+
+Chunking (`Chunks`): norms run over token chunks, rotary and attention over query blocks (against
+all keys and values), the dense FFN and MoE over token chunks; their scratch buffers shrink to
+one chunk. Every row's arithmetic is unchanged, so bf16 results stay bit-identical (fp32 GEMMs on
+fewer rows may round differently in the last bit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,6 +28,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .eager import route_and_run_experts
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """How many pieces each chunkable op group runs in (1: whole); part of a step's plan key."""
+
+    norms: int = 1
+    attention: int = 1  # rotary and attention, by query blocks
+    ffn: int = 1  # dense FFN and MoE, by token chunks
+
+    def as_dict(self) -> dict[str, int]:
+        return {"norms": self.norms, "attention": self.attention, "ffn": self.ffn}
+
+
+def spans(total: int, pieces: int) -> list[tuple[int, int]]:
+    """[start, end) of `pieces` near-equal consecutive chunks of `total` (fewer if total is small)."""
+    size = -(-total // max(1, pieces))
+    return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
 class Memory(Protocol):
@@ -41,8 +65,13 @@ class Memory(Protocol):
 class PlannedOps:
     """Implements `runtime.ops.Ops` (mask-only: `lm_head_rows` instead of `lm_head`) on a `Memory`."""
 
-    def __init__(self, memory: Memory):
-        self.mem = memory
+    def __init__(self, memory: Memory, chunks: Chunks = Chunks()):
+        self.mem, self.chunks = memory, chunks
+
+    def _spans(self, total: int, pieces: int) -> list[tuple[int, int]]:
+        """The chunks to run; a trace needs only the first (every buffer is sized by it)."""
+        parts = spans(total, pieces)
+        return parts[:1] if self.mem.tracing else parts
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.mem.op(name, ids)
@@ -77,18 +106,28 @@ class PlannedOps:
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
         self.mem.op(name, x)
-        xf = self.mem.new(tuple(x.shape), torch.float32)
-        xf.copy_(x)
-        square = self.mem.new(tuple(x.shape), torch.float32)
-        torch.pow(xf, 2, out=square)
-        var = self.mem.new((*x.shape[:-1], 1), torch.float32)
-        torch.mean(square, -1, keepdim=True, out=var)
-        var.add_(eps)
-        torch.rsqrt(var, out=var)
-        xf.mul_(var)
+        width = x.shape[-1]
+        rows = x.reshape(-1, width)
+        parts = self._spans(rows.shape[0], self.chunks.norms)
+        size = parts[0][1] - parts[0][0]
+        xf_buf = self.mem.new((size, width), torch.float32)
+        square_buf = self.mem.new((size, width), torch.float32)
+        var_buf = self.mem.new((size, 1), torch.float32)
         out = self.mem.new(tuple(x.shape), x.dtype)
-        out.copy_(xf)
-        return torch.mul(weight, out, out=out)
+        flat_out = out.view(-1, width)
+        for start, end in parts:
+            n = end - start
+            xf, square, var = xf_buf[:n], square_buf[:n], var_buf[:n]
+            xf.copy_(rows[start:end])
+            torch.pow(xf, 2, out=square)
+            torch.mean(square, -1, keepdim=True, out=var)
+            var.add_(eps)
+            torch.rsqrt(var, out=var)
+            xf.mul_(var)
+            y = flat_out[start:end]
+            y.copy_(xf)
+            torch.mul(weight, y, out=y)
+        return out
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
         self.mem.op(name, x)
@@ -101,24 +140,32 @@ class PlannedOps:
         return out
 
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
+        """x (B, nh, L, hd), rotated over query blocks of the sequence."""
         self.mem.op(name, x, cos, sin)
+        b, nh, length, _ = x.shape
         rd, half = cos.shape[-1], cos.shape[-1] // 2
-        part = x[..., :rd]
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
-        if full_precision:
-            p = self.mem.new((*x.shape[:-1], rd), torch.float32)
-            p.copy_(part)
-        else:
-            p = part
-        first = self.mem.new((*x.shape[:-1], rd), work_dtype)
-        torch.mul(p, cos, out=first)
-        rotated = self.mem.new((*x.shape[:-1], rd), work_dtype)
-        torch.neg(p[..., half:], out=rotated[..., :half])
-        rotated[..., half:].copy_(p[..., :half])
-        rotated.mul_(sin)
-        first.add_(rotated)
+        parts = self._spans(length, self.chunks.attention)
+        size = parts[0][1] - parts[0][0]
+        p_buf = self.mem.new((b, nh, size, rd), torch.float32) if full_precision else None
+        first_buf = self.mem.new((b, nh, size, rd), work_dtype)
+        rotated_buf = self.mem.new((b, nh, size, rd), work_dtype)
         out = self.mem.new(tuple(x.shape), x.dtype)
-        out[..., :rd].copy_(first)
+        for start, end in parts:
+            n = end - start
+            part = x[:, :, start:end, :rd]
+            if p_buf is not None:
+                p = p_buf[:, :, :n]
+                p.copy_(part)
+            else:
+                p = part
+            first, rotated = first_buf[:, :, :n], rotated_buf[:, :, :n]
+            torch.mul(p, cos[start:end], out=first)
+            torch.neg(p[..., half:], out=rotated[..., :half])
+            rotated[..., half:].copy_(p[..., :half])
+            rotated.mul_(sin[start:end])
+            first.add_(rotated)
+            out[:, :, start:end, :rd].copy_(first)
         if rd < x.shape[-1]:
             out[..., rd:].copy_(x[..., rd:])
         return out
@@ -129,11 +176,18 @@ class PlannedOps:
         groups = nh // k.shape[1]
         if groups > 1:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
-        # The fused kernel has no out= form: its output (and log-sum-exp) are workspace.
-        self.mem.workspace(q.numel() * q.element_size() + b * nh * length * 4)
-        result = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        parts = self._spans(length, self.chunks.attention)
+        block = parts[0][1] - parts[0][0]
+        # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
+        self.mem.workspace(b * nh * block * (hd * q.element_size() + 4))
         out = self.mem.new((b, length, nh * hd), q.dtype)
-        out.view(b, length, nh, hd).copy_(result.transpose(1, 2))
+        heads_last = out.view(b, length, nh, hd)
+        for start, end in parts:
+            result = F.scaled_dot_product_attention(
+                q[:, :, start:end], k, v, attn_mask=None, dropout_p=0.0, is_causal=False
+            )
+            heads_last[:, start:end].copy_(result.transpose(1, 2))
+            del result
         return out
 
     def _repeat_heads(self, t: Tensor, groups: int) -> Tensor:
@@ -145,14 +199,19 @@ class PlannedOps:
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         self.mem.op(name, x)
         flat = x.reshape(-1, x.shape[-1])
-        g = self.mem.new((flat.shape[0], gate.shape[0]), x.dtype)
-        torch.mm(flat, gate.t(), out=g)
-        F.silu(g, inplace=True)
-        u = self.mem.new((flat.shape[0], up.shape[0]), x.dtype)
-        torch.mm(flat, up.t(), out=u)
-        g.mul_(u)
+        parts = self._spans(flat.shape[0], self.chunks.ffn)
+        size = parts[0][1] - parts[0][0]
+        g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
+        u_buf = self.mem.new((size, up.shape[0]), x.dtype)
         out = self.mem.new(tuple(x.shape), x.dtype)
-        torch.mm(g, down.t(), out=out.view(-1, down.shape[0]))
+        flat_out = out.view(-1, down.shape[0])
+        for start, end in parts:
+            g, u = g_buf[: end - start], u_buf[: end - start]
+            torch.mm(flat[start:end], gate.t(), out=g)
+            F.silu(g, inplace=True)
+            torch.mm(flat[start:end], up.t(), out=u)
+            g.mul_(u)
+            torch.mm(g, down.t(), out=flat_out[start:end])
         return out
 
     def moe(
@@ -167,21 +226,19 @@ class PlannedOps:
         name: str,
     ) -> Tensor:
         self.mem.op(name, x)
-        tokens = x.numel() // x.shape[-1]
-        # Routing (softmax, top-k) is small; expert intermediates depend on the routing: workspace.
+        flat = x.reshape(-1, x.shape[-1])
+        parts = self._spans(flat.shape[0], self.chunks.ffn)
+        tokens = parts[0][1] - parts[0][0]
+        # Routing (softmax, top-k) per token chunk; expert intermediates depend on the routing.
         self.mem.workspace(tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16)
         out = self.mem.new(tuple(x.shape), x.dtype)
         out.zero_()
         if not self.mem.tracing:
-            route_and_run_experts(
-                x.reshape(-1, x.shape[-1]),
-                router,
-                expert_bias,
-                experts,
-                top_k,
-                normalize_top_k,
-                out.view(-1, x.shape[-1]),
-            )
+            flat_out = out.view(-1, x.shape[-1])
+            for start, end in parts:  # each token's experts are summed in the same order
+                route_and_run_experts(
+                    flat[start:end], router, expert_bias, experts, top_k, normalize_top_k, flat_out[start:end]
+                )
         return out
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:

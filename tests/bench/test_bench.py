@@ -7,9 +7,10 @@ import torch
 
 from mosaic_dllm import GenerationConfig
 from mosaic_dllm.bench.presets import PRESETS, preset
-from mosaic_dllm.bench.runner import parse_bytes, run_job
+from mosaic_dllm.bench.runner import run_job
 from mosaic_dllm.bench.search import max_length
 from mosaic_dllm.bench.step import StepRequest, measure, predict, random_weights
+from mosaic_dllm.memory.budget import parse_bytes
 from mosaic_dllm.models.tiny import tiny_spec
 
 

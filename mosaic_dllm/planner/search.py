@@ -1,0 +1,111 @@
+"""Lazy chunking: split only the op group at the peak, only as much as needed, until the step fits.
+
+Start from the unchunked plan. While its predicted peak (arena + the largest transient workspace,
+the sampler's included) exceeds the budget, look at the op group that holds the peak and halve its
+chunk size (double its chunk count; the logits chunk halves its rows); re-plan. Stop at the first
+plan that fits: it has the fewest chunks the search could find, so GEMMs stay as large as the
+budget allows. If the peak sits in a group that cannot be split further (projections, the
+residual stream, or a group already at its smallest chunk), the step cannot fit: `DoesNotFit`
+names the floor and the longest sequence that would fit.
+
+Chunk sizes never go below `MIN_CHUNK_TOKENS` tokens (query rows for attention): below that a
+GEMM's per-call overhead dominates (see benchmarks/README.md for the measured cost).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from ..graph.trace import StepShape
+from ..runtime.planned_ops import Chunks
+from .step_plan import PlanCache, StepPlan
+
+MIN_CHUNK_TOKENS = 32
+GROUP_FIELD = {"norms": "norms", "attention": "attention", "ffn": "ffn", "moe": "ffn"}
+
+
+class DoesNotFit(ValueError):
+    """A step cannot fit the memory budget with any chunking the search can pick."""
+
+    def __init__(self, message: str, floor_bytes: int, max_length: int | None):
+        super().__init__(message)
+        self.floor_bytes, self.max_length = floor_bytes, max_length
+
+
+@dataclass
+class SearchResult:
+    plan: StepPlan
+    plans_tried: int
+    seconds: float
+
+
+def _tokens(group: str, shape: StepShape) -> int:
+    return shape.length if group == "attention" else shape.batch * shape.length
+
+
+def _split(shape: StepShape, group: str) -> StepShape | None:
+    """The shape with `group` in twice as many pieces, or None if it cannot be split further."""
+    if group == "logits":
+        return replace(shape, chunk=shape.chunk // 2) if shape.chunk > 1 else None
+    field = GROUP_FIELD.get(group)
+    if field is None:
+        return None
+    pieces = getattr(shape.chunks, field)
+    tokens = _tokens(group, shape)
+    if -(-tokens // pieces) <= MIN_CHUNK_TOKENS:
+        return None
+    more = min(pieces * 2, -(-tokens // MIN_CHUNK_TOKENS))
+    return replace(shape, chunks=replace(shape.chunks, **{field: more}))
+
+
+def most_chunked(shape: StepShape) -> StepShape:
+    """Every chunkable group at its smallest chunk: the floor of what chunking can reach."""
+    chunks = Chunks(**{f: max(1, -(-_tokens(g, shape) // MIN_CHUNK_TOKENS)) for g, f in GROUP_FIELD.items()})
+    return replace(shape, chunk=1, chunks=chunks)
+
+
+def fit(plans: PlanCache, shape: StepShape, budget: int) -> SearchResult:
+    """The first plan along the lazy search that fits `budget`, or DoesNotFit."""
+    start = time.perf_counter()
+    tried = 0
+    while True:
+        plan = plans.get(shape)
+        tried += 1
+        if plan.predicted_peak_bytes <= budget:
+            return SearchResult(plan, tried, time.perf_counter() - start)
+        split = _split(shape, plan.peak_group)
+        if split is None:
+            raise _does_not_fit(plans, shape, plan, budget)
+        shape = split
+
+
+def max_length(plans: PlanCache, shape: StepShape, budget: int, rows_at: callable, limit: int = 1 << 22) -> int:
+    """The longest sequence whose most-chunked step fits `budget` (0 if none); `rows_at(L)` gives
+    the logits rows of a step at length L. Feasibility only grows with chunking, so the floor decides."""
+
+    def fits(length: int) -> bool:
+        probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))))
+        return plans.get(probe).predicted_peak_bytes <= budget
+
+    lo, hi = 0, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _does_not_fit(plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int) -> DoesNotFit:
+    longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk)
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    message = (
+        f"a denoising step at length {shape.length} (batch {shape.batch}) needs at least "
+        f"{mib(plan.predicted_peak_bytes)} of activation memory, more than the budget of {mib(budget)}: "
+        f"the peak is at {plan.graph.ops[plan.peak_op]} ({plan.peak_group}), which cannot be chunked further. "
+        f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "
+        f"shorten the request or raise the memory budget."
+    )
+    return DoesNotFit(message, plan.predicted_peak_bytes, longest)

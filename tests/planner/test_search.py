@@ -1,0 +1,89 @@
+"""The lazy chunking search: fits when it can, splits only the peak group, fails early and helpfully."""
+
+import pytest
+import torch
+
+from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.bench.presets import preset
+from mosaic_dllm.graph.trace import StepShape
+from mosaic_dllm.planner.search import MIN_CHUNK_TOKENS, DoesNotFit, fit, max_length, most_chunked
+from mosaic_dllm.planner.step_plan import PlanCache
+
+SPEC = preset("llada-8b", layers=2)
+
+
+def cache():
+    return PlanCache(SPEC, torch.bfloat16, 64)
+
+
+def test_an_ample_budget_keeps_the_unchunked_plan():
+    shape = StepShape(1, 2048, 64)
+    result = fit(cache(), shape, budget=1 << 40)
+    assert result.plan.graph.shape == shape and result.plans_tried == 1
+
+
+@pytest.mark.parametrize("fraction", [0.9, 0.7, 0.5, 0.35])
+def test_a_tighter_budget_is_met_by_splitting_the_peak_groups(fraction):
+    plans = cache()
+    shape = StepShape(1, 2048, 64)
+    unchunked = plans.get(shape).predicted_peak_bytes
+    floor = plans.get(most_chunked(shape)).predicted_peak_bytes
+    budget = int(floor + fraction * (unchunked - floor))
+    result = fit(plans, shape, budget)
+    plan = result.plan
+    assert plan.predicted_peak_bytes <= budget < unchunked
+    chunks = plan.graph.shape.chunks
+    assert chunks != shape.chunks and result.plans_tried >= 2
+    # Lazy: undoing the last split of any group would no longer fit or would not be on the search path.
+    assert plan.predicted_peak_bytes >= floor
+
+
+def test_below_the_floor_fails_with_the_floor_and_the_longest_length_that_fits():
+    plans = cache()
+    shape = StepShape(1, 4096, 64)
+    floor = plans.get(most_chunked(shape)).predicted_peak_bytes
+    with pytest.raises(DoesNotFit, match="cannot be chunked further") as err:
+        fit(plans, shape, budget=floor - 1)
+    longest = err.value.max_length
+    assert 0 < longest < 4096 and "longest sequence" in str(err.value) and str(longest) in str(err.value)
+    assert plans.get(most_chunked(StepShape(1, longest, 64))).predicted_peak_bytes <= floor - 1
+    assert plans.get(most_chunked(StepShape(1, longest + 1, 64))).predicted_peak_bytes > floor - 1
+
+
+def test_max_length_grows_with_the_budget():
+    plans = cache()
+    lengths = [max_length(plans, StepShape(1, 2, 64), b << 20, rows_at=lambda n: n) for b in (64, 256, 1024)]
+    assert 0 < lengths[0] < lengths[1] < lengths[2]
+
+
+def test_chunks_never_go_below_the_minimum_size():
+    shape = most_chunked(StepShape(1, 1000, 64))
+    assert shape.chunk == 1
+    assert -(-1000 // shape.chunks.ffn) <= MIN_CHUNK_TOKENS and -(-1000 // shape.chunks.attention) <= MIN_CHUNK_TOKENS
+
+
+def test_engine_refuses_a_request_too_big_for_its_budget_before_any_work(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llada"], memory_budget="64KiB")
+    called = []
+    with pytest.raises(DoesNotFit, match="longest sequence") as err:
+        llm.generate("Return the", GenerationConfig(gen_length=512, steps=8), callback=called.append)
+    assert not called and err.value.max_length < 512 + 3
+    fits = err.value.max_length - 3  # the prompt is 2-3 tokens; a request within the answer runs
+    assert fits > 0
+
+
+def test_engine_runs_within_a_tight_budget_with_the_eager_tokens(tiny_checkpoints):
+    cfg = GenerationConfig(gen_length=64, steps=16, block_length=16)
+    eager = LLM(tiny_checkpoints["llada"], dtype="bf16", executor="eager").generate("Return the", cfg)[0]
+    roomy = LLM(tiny_checkpoints["llada"], dtype="bf16")
+    unchunked = roomy.check_memory(3, cfg.resolved("llada")).predicted_peak_bytes
+    tight = LLM(tiny_checkpoints["llada"], dtype="bf16", memory_budget=int(unchunked * 0.8), row_chunk=16)
+    out = tight.generate("Return the", cfg)[0]
+    assert out.token_ids == eager.token_ids
+    chosen = [r.plan.graph.shape for r in tight.executor.searches.values()]
+    assert any(s.chunks.as_dict() != {"norms": 1, "attention": 1, "ffn": 1} or s.chunk < 16 for s in chosen)
+
+
+def test_a_budget_with_the_eager_executor_is_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="needs the mosaic executor"):
+        LLM(tiny_checkpoints["llada"], executor="eager", memory_budget="1GiB")
