@@ -207,6 +207,10 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
     dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or torch_bfloat16()
+    if args.max_len:
+        return _plan_max_len(args, spec, dtype)
+    if args.length is None:
+        raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
     if args.length < 2:
         raise ValueError(f"--length must be at least 2, got {args.length}")
     if not 0 <= args.alpha < 1:
@@ -231,6 +235,54 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
     if args.ascii:
         print(ascii_map(plan.buffers, plan.plan))
+    return 0
+
+
+def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
+    from .bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
+    from .memory.budget import parse_bytes
+
+    if bool(args.budget) == bool(args.device_memory):
+        raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
+    weights = weight_bytes(spec, dtype)
+    if args.budget:
+        budget = parse_bytes(args.budget)
+    else:
+        budget = parse_bytes(args.device_memory) - weights - parse_bytes(args.memory_reserve)
+        if budget <= 0:
+            raise ValueError(
+                f"the weights alone ({weights / 2**30:.1f} GiB) and the reserve do not leave activation memory "
+                f"in {args.device_memory}"
+            )
+    executors = {
+        "eager": eager_capacity(spec, dtype, budget, args.alpha),
+        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk),
+    }
+    record = {
+        "model": args.preset or str(args.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": spec.num_layers,
+        "weight_bytes": weights,
+        "budget_bytes": budget,
+        "alpha": args.alpha,
+        "predicted": True,
+        "executors": executors,
+    }
+    eager_len = executors["eager"]["max_len"]
+    if eager_len:
+        record["mosaic_vs_eager"] = round(executors["mosaic"]["max_len"] / eager_len, 2)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(
+        f"{record['model']} ({spec.num_layers} layers, {record['dtype']}), activation budget "
+        f"{budget / 2**30:.2f} GiB (predicted from shapes, no weights loaded)"
+    )
+    for name, r in executors.items():
+        extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
+        print(f"  {name:<7} max length {r['max_len'] if r['max_len'] is not None else 'n/a'}{extra}")
+    if "mosaic_vs_eager" in record:
+        print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
     return 0
 
 
@@ -319,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b")
     p.add_argument("--model", help="a checkpoint directory (only config.json is read)")
     p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
-    p.add_argument("--length", type=int, required=True, help="total sequence length L (prompt + generation)")
+    p.add_argument("--length", type=int, help="total sequence length L (prompt + generation)")
+    p.add_argument("--max-len", action="store_true", help="longest L that fits, eager vs mosaic")
+    p.add_argument("--budget", help="--max-len: activation memory budget, e.g. 16GiB")
+    p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
+    p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
     p.add_argument("--row-chunk", type=int, default=64, help="LM-head rows per chunk")

@@ -113,3 +113,20 @@ def test_plan_from_a_checkpoint_config_and_as_text(tiny_checkpoints, capsys):
 def test_plan_bad_input(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_max_len_json_eager_vs_mosaic(capsys):
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--budget", "256MiB", "--json"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["budget_bytes"] == 256 << 20 and record["predicted"] is True
+    eager, mosaic = record["executors"]["eager"], record["executors"]["mosaic"]
+    assert 0 < eager["max_len"] < mosaic["max_len"]
+    assert mosaic["predicted_peak_activation_bytes"] <= 256 << 20 and "attention" in mosaic["chunks"]
+
+
+def test_plan_max_len_needs_one_budget(capsys):
+    assert main(["plan", "--preset", "llada-8b", "--max-len"]) == 2
+    assert "exactly one of --budget" in capsys.readouterr().err
+    assert main(["plan", "--preset", "llada-8b", "--max-len", "--device-memory", "8GiB"]) == 2
+    assert "weights alone" in capsys.readouterr().err

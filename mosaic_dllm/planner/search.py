@@ -2,11 +2,13 @@
 
 Start from the unchunked plan. While its predicted peak (arena + the largest transient workspace,
 the sampler's included) exceeds the budget, look at the op group that holds the peak and halve its
-chunk size (double its chunk count; the logits chunk halves its rows); re-plan. Stop at the first
-plan that fits: it has the fewest chunks the search could find, so GEMMs stay as large as the
-budget allows. If the peak sits in a group that cannot be split further (projections, the
-residual stream, or a group already at its smallest chunk), the step cannot fit: `DoesNotFit`
-names the floor and the longest sequence that would fit.
+chunk size (double its chunk count; the logits chunk halves its rows); re-plan. If that group
+cannot be split further, or splitting it does not lower the predicted peak (the arena can exceed
+the live peak where offsets fragment), the group with the next-highest peak is tried. Stop at the
+first plan that fits: it has the fewest chunks the search could find, so GEMMs stay as large as
+the budget allows. If no split lowers the peak (it sits in projections, the residual stream or
+groups already at their smallest chunk), the step cannot fit: `DoesNotFit` names the floor and
+the longest sequence that would fit.
 
 Chunk sizes never go below `MIN_CHUNK_TOKENS` tokens (query rows for attention): below that a
 GEMM's per-call overhead dominates (see benchmarks/README.md for the measured cost).
@@ -15,6 +17,7 @@ GEMM's per-call overhead dominates (see benchmarks/README.md for the measured co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..graph.trace import StepShape
@@ -68,19 +71,38 @@ def most_chunked(shape: StepShape) -> StepShape:
 def fit(plans: PlanCache, shape: StepShape, budget: int) -> SearchResult:
     """The first plan along the lazy search that fits `budget`, or DoesNotFit."""
     start = time.perf_counter()
-    tried = 0
-    while True:
-        plan = plans.get(shape)
-        tried += 1
-        if plan.predicted_peak_bytes <= budget:
-            return SearchResult(plan, tried, time.perf_counter() - start)
-        split = _split(shape, plan.peak_group)
-        if split is None:
-            raise _does_not_fit(plans, shape, plan, budget)
-        shape = split
+    plan, tried = plans.get(shape), 1
+    while plan.predicted_peak_bytes > budget:
+        better = None
+        for _, group in plan.group_peaks():  # the peak's group first; others only if it cannot split
+            split = _split(plan.graph.shape, group)
+            if split is None:
+                continue
+            candidate, tried = plans.get(split), tried + 1
+            if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
+                better = candidate
+                break
+        if better is None:
+            raise _does_not_fit(plans, plan.graph.shape, plan, budget)
+        plan = better
+    return SearchResult(plan, tried, time.perf_counter() - start)
 
 
-def max_length(plans: PlanCache, shape: StepShape, budget: int, rows_at: callable, limit: int = 1 << 22) -> int:
+def longest(fits: Callable[[int], bool], limit: int = 1 << 22, precision: int = 1) -> int:
+    """The largest n <= limit with fits(n), for a monotone probe: doubling, then bisection (0 if none)."""
+    lo, hi = 0, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > precision:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def max_length(
+    plans: PlanCache, shape: StepShape, budget: int, rows_at: Callable[[int], int], limit: int = 1 << 22
+) -> int:
     """The longest sequence whose most-chunked step fits `budget` (0 if none); `rows_at(L)` gives
     the logits rows of a step at length L. Feasibility only grows with chunking, so the floor decides."""
 
@@ -88,14 +110,7 @@ def max_length(plans: PlanCache, shape: StepShape, budget: int, rows_at: callabl
         probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))))
         return plans.get(probe).predicted_peak_bytes <= budget
 
-    lo, hi = 0, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return longest(fits, limit)
 
 
 def _does_not_fit(plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int) -> DoesNotFit:

@@ -32,6 +32,7 @@ class StepPlan:
     buffers: list[Buffer]
     lower_bound_bytes: int  # the largest sum of simultaneously live (aligned) buffers
     peak_op: int  # op index where planned live bytes plus workspace peak
+    op_bytes: list[int]  # per op: live (aligned) buffer bytes plus that op's workspace
     workspace_bytes: int  # the largest kernel workspace outside the arena, at any op
     planning_seconds: float
 
@@ -47,6 +48,14 @@ class StepPlan:
     @property
     def peak_group(self) -> str:
         return self.graph.group(self.peak_op)
+
+    def group_peaks(self) -> list[tuple[int, str]]:
+        """(largest live bytes plus workspace at its ops, group), largest first."""
+        peaks: dict[str, int] = {}
+        for t, n in enumerate(self.op_bytes):
+            group = self.graph.group(t)
+            peaks[group] = max(peaks.get(group, 0), n)
+        return sorted(((n, g) for g, n in peaks.items()), reverse=True)
 
     def offset(self, buffer: int) -> int:
         return self.plan.offsets[str(buffer)]
@@ -104,6 +113,7 @@ def plan_step(
         buffers=buffers,
         lower_bound_bytes=max(profile),
         peak_op=max(range(len(with_workspace)), key=with_workspace.__getitem__),
+        op_bytes=with_workspace,
         workspace_bytes=max(graph.workspace.values(), default=0),
         planning_seconds=seconds,
     )
