@@ -24,7 +24,16 @@ def _generate(args: argparse.Namespace) -> int:
 
     model = args.model or default_model_path()
     options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
-    llm = LLM(model, dtype=args.dtype, device=args.device, executor=args.executor, **options)
+    if args.memory_budget:
+        options["memory_budget"] = args.memory_budget
+    llm = LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        executor=args.executor,
+        memory_reserve=args.memory_reserve,
+        **options,
+    )
     settings = {
         k: getattr(args, k)
         for k in (
@@ -292,6 +301,28 @@ def torch_bfloat16():
     return torch.bfloat16
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .engine import LLM, default_model_path
+    from .server import create_app
+
+    budget = {"memory_budget": args.memory_budget} if args.memory_budget else {}
+    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
+    llm = LLM(
+        args.model or default_model_path(),
+        dtype=args.dtype,
+        device=args.device,
+        executor=args.executor,
+        memory_reserve=args.memory_reserve,
+        **budget,
+        **options,
+    )
+    app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
@@ -342,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_generation_flags(p)
+    p.add_argument("--memory-budget", help="activation memory a step may use, e.g. 2GiB (mosaic)")
+    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
@@ -366,6 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", type=int, default=64, help="binary search stops at this gap")
     p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
     p.set_defaults(func=_bench_max_len)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--executor", default="mosaic", choices=["mosaic", "eager"])
+    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
+    p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
+    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
+    p.add_argument("--max-queue", type=int, default=16, help="admitted requests that may wait for the engine")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b")

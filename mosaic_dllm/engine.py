@@ -73,6 +73,7 @@ class LLM:
         if executor == "mosaic":
             executor_options["memory_budget"] = budget or default_budget(self.checkpoint.weights.embed.device, reserve)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, **executor_options)
+        self._sampler_costs: dict[tuple, int] = {}
 
     def default_config(self, **overrides) -> GenerationConfig:
         """GenerationConfig from the checkpoint's generation_config.json, then `overrides` (None = keep)."""
@@ -95,7 +96,7 @@ class LLM:
             if self.tokenizer is None:
                 raise PromptError(f"{self.checkpoint.path} has no tokenizer files; pass token ids instead of text")
             if chat:
-                prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+                return self.encode_chat([{"role": "user", "content": prompt}])
             ids = self.tokenizer.encode(prompt)
         else:
             if chat:
@@ -112,6 +113,14 @@ class LLM:
         if self.tokenizer is None:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the tokenizer's chat template, ready for the answer."""
+        if self.tokenizer is None:
+            raise PromptError(f"{self.checkpoint.path} has no tokenizer files: chat needs its template")
+        if not messages or not any(m.get("content", "").strip() for m in messages):
+            raise PromptError("the conversation is empty")
+        return self.encode(self.tokenizer.encode(self.tokenizer.apply_chat_template(messages)))
 
     def generate(
         self,
@@ -137,13 +146,19 @@ class LLM:
         (None for executors without a plan)."""
         if not self.executor.mask_only:
             return None
-        self.executor.sampler_row_bytes = sampler_row_bytes(
-            self.spec.family, cfg, self.spec.vocab_size, self.executor.dtype, self.checkpoint.weights.embed.device
-        )
         block = self.spec.family in BLOCK_FAMILIES
         batch = 2 if block and cfg.cfg_scale > 0 else 1
         rows = cfg.block_length if block else cfg.gen_length  # the first step reads the most rows
-        return self.executor.plan_for(batch, prompt_length + cfg.gen_length, rows)
+        return self.executor.plan_for(batch, prompt_length + cfg.gen_length, rows, self._sampler_row_bytes(cfg))
+
+    def _sampler_row_bytes(self, cfg: GenerationConfig) -> int:
+        key = (cfg.temperature, cfg.cfg_scale, cfg.remasking, cfg.alg, cfg.top_p, cfg.top_k)
+        if key not in self._sampler_costs:
+            device = self.checkpoint.weights.embed.device
+            self._sampler_costs[key] = sampler_row_bytes(
+                self.spec.family, cfg, self.spec.vocab_size, self.executor.dtype, device
+            )
+        return self._sampler_costs[key]
 
     def _generate_one(
         self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
@@ -159,6 +174,8 @@ class LLM:
         gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
+        if self.executor.mask_only:
+            self.executor.sampler_row_bytes = self._sampler_row_bytes(cfg)
         start = time.perf_counter()
         try:
             result = denoise(

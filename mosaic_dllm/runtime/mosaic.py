@@ -15,6 +15,7 @@ work. Searches are cached per shape, so a generation searches a handful of times
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -55,6 +56,7 @@ class MosaicExecutor:
         self.chunks = chunks or Chunks()
         self.sampler_row_bytes = 0  # set per request from the sampler's measured cost
         self.searches: dict[StepShape, SearchResult] = {}
+        self._planning = threading.Lock()
         device = weights.embed.device
         if arena is None and isinstance(weights.embed, FakeTensor):  # predicting: nothing may be mapped
             arena = "tensor"
@@ -71,15 +73,19 @@ class MosaicExecutor:
         """Bytes the last step's plan used in the arena."""
         return self.last_plan.arena_bytes if self.last_plan else 0
 
-    def plan_for(self, batch: int, length: int, rows: int) -> StepPlan:
-        """The plan of a step over a (batch, length) canvas sampling `rows` rows (may raise DoesNotFit)."""
-        chunk = chunk_bucket(rows, self.row_chunk)
-        shape = StepShape(batch, length, chunk, self.chunks, self.sampler_row_bytes)
-        if self.memory_budget is None:
-            return self.plans.get(shape)
-        if shape not in self.searches:
-            self.searches[shape] = fit(self.plans, shape, self.memory_budget)
-        return self.searches[shape].plan
+    def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int | None = None) -> StepPlan:
+        """The plan of a step over a (batch, length) canvas sampling `rows` rows (may raise DoesNotFit).
+
+        Thread-safe: a server plans the next request while the current one runs.
+        """
+        sampler = self.sampler_row_bytes if sampler_row_bytes is None else sampler_row_bytes
+        shape = StepShape(batch, length, chunk_bucket(rows, self.row_chunk), self.chunks, sampler)
+        with self._planning:
+            if self.memory_budget is None:
+                return self.plans.get(shape)
+            if shape not in self.searches:
+                self.searches[shape] = fit(self.plans, shape, self.memory_budget)
+            return self.searches[shape].plan
 
     @torch.inference_mode()
     def row_logits(self, ids: Tensor, rows: Tensor) -> Iterator[tuple[slice, Tensor]]:

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+from ..engine import LLM
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: the measured side
+        self.requests = Counter(
+            "mosaic_requests", "Requests answered, by endpoint and HTTP status", ["endpoint", "status"], registry=r
+        )
+        self.rejections = Counter("mosaic_rejections", "Requests refused, by reason", ["reason"], registry=r)
+        self.prompt_tokens = Counter("mosaic_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generated_tokens = Counter("mosaic_generated_tokens", "Tokens generated", registry=r)
+        self.queue_length = Gauge("mosaic_queue_length", "Admitted requests waiting for the engine", registry=r)
+        self.step_latency = Histogram(
+            "mosaic_step_latency_seconds",
+            "Wall time of one denoising step",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "mosaic_request_latency_seconds", "Wall time from admission to the last token", registry=r
+        )
+        self.planned_bytes = Gauge(
+            "mosaic_planned_activation_bytes", "Predicted peak activation bytes of the running request", registry=r
+        )
+        self.arena_bytes = Gauge("mosaic_arena_committed_bytes", "Arena bytes in use (0 between requests)", registry=r)
+        self.budget_bytes = Gauge("mosaic_memory_budget_bytes", "Activation memory budget", registry=r)
+
+    def observe_memory(self, llm: LLM) -> None:
+        arena = getattr(llm.executor, "arena", None)
+        self.arena_bytes.set(arena.touched_bytes if arena is not None else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""OpenAI request bodies, with the diffusion settings as extra fields; anything unknown is refused."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+    denoising: bool = Field(False, description="also send one event per denoising step with the current canvas")
+
+
+class Sampling(BaseModel):
+    """Fields both endpoints share: OpenAI's, then the diffusion settings (mosaic's GenerationConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate (the generation length)")
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    user: str | None = None
+    # diffusion settings
+    steps: int | None = Field(None, ge=1)
+    block_length: int | None = Field(None, ge=1)
+    remasking: Literal["low_confidence", "random"] | None = None
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
+    alg_temp: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    cfg_scale: float | None = Field(None, ge=0)
+    stop_at_eos: bool | None = None
+
+    def generation_settings(self) -> dict:
+        """The GenerationConfig overrides this request sets (None: the model's default)."""
+        return {
+            "gen_length": self.max_tokens,
+            "steps": self.steps,
+            "block_length": self.block_length,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "remasking": self.remasking,
+            "alg": self.alg,
+            "alg_temp": self.alg_temp,
+            "cfg_scale": self.cfg_scale,
+            "seed": self.seed,
+            "stop_at_eos": self.stop_at_eos,
+        }
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[int]
+
+    @field_validator("prompt")
+    @classmethod
+    def not_empty(cls, prompt: str | list[int]) -> str | list[int]:
+        if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+            raise ValueError("the prompt is empty")
+        return prompt
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)

@@ -1,0 +1,135 @@
+"""The server against the official `openai` client and raw HTTP: shapes, streaming, every bad input."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from .conftest import get_json
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_health_and_metrics(server):
+    url, _ = server
+    assert [m.id for m in client(url).models.list().data] == ["tiny-llada"]
+    health = get_json(f"{url}/health")
+    assert health["status"] == "ok" and health["admission"] == "by memory plan"
+    assert health["memory_budget_bytes"] == 64 << 20
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "mosaic_queue_length" in metrics and "mosaic_memory_budget_bytes 6.7108864e+07" in metrics
+
+
+def test_completion_round_trip_matches_the_engine(server, tiny_checkpoints):
+    url, app = server
+    result = client(url).completions.create(
+        model="tiny-llada", prompt="The quick", max_tokens=8, extra_body={"steps": 4, "seed": 3}
+    )
+    direct = app.state.llm.generate("The quick", app.state.llm.default_config(gen_length=8, steps=4, seed=3))[0]
+    assert result.object == "text_completion" and result.choices[0].text == direct.text
+    assert result.usage.completion_tokens == len(direct.token_ids) and result.usage.prompt_tokens > 0
+    assert result.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_round_trip(server):
+    url, _ = server
+    result = client(url).chat.completions.create(
+        model="tiny-llada",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+        max_tokens=8,
+        extra_body={"steps": 8, "block_length": 4},
+    )
+    assert result.object == "chat.completion" and result.choices[0].message.role == "assistant"
+    assert isinstance(result.choices[0].message.content, str)
+
+
+def test_streaming_sends_the_finished_text_as_chunks(server):
+    url, _ = server
+    kw = dict(model="tiny-llada", prompt="Return the", max_tokens=8, extra_body={"steps": 4, "seed": 1})
+    chunks = list(client(url).completions.create(stream=True, **kw))
+    whole = client(url).completions.create(**kw)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_streaming_with_usage(server):
+    url, _ = server
+    chunks = list(
+        client(url).chat.completions.create(
+            model="tiny-llada",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"steps": 4},
+        )
+    )
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_denoising_events_show_the_canvas_filling_in(server):
+    url, _ = server
+    body = {"prompt": "Return the", "max_tokens": 8, "steps": 8, "stream": True, "stream_options": {"denoising": True}}
+    events = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    steps = [json.loads(e)["denoising"] for e in events[:-1] if "denoising" in json.loads(e)]
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert [s["masked"] for s in steps] == list(range(7, -1, -1))  # one token revealed per step
+    assert steps[0]["text"].count("\u2591") == 7 and "\u2591" not in steps[-1]["text"]
+
+
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        ({"prompt": "hi", "max_tokens": 8, "bogus": 1}, 422, "bogus"),
+        ({"prompt": "hi", "max_tokens": "many"}, 422, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+        ({"prompt": "hi", "temperature": -1}, 422, "temperature"),
+        ({"prompt": "hi", "n": 2}, 422, "n"),
+        ({"max_tokens": 8}, 422, "prompt"),
+        ({"prompt": "   "}, 422, "empty"),
+        ({"prompt": [], "max_tokens": 8}, 422, "empty"),
+        ({"prompt": [10**9], "max_tokens": 8}, 400, "outside the vocabulary"),
+        ({"prompt": "hi", "max_tokens": 8, "block_length": 4, "steps": 3}, 400, "steps"),
+        ({"prompt": "hi", "max_tokens": 8, "block_length": 3}, 400, "block_length"),
+        ({"prompt": "hi", "max_tokens": 8, "alg": "entropy"}, 400, "Dream"),
+        ({"prompt": "hi", "max_tokens": 8, "remasking": "sometimes"}, 422, "remasking"),
+        ({"prompt": "hi", "max_tokens": 8, "model": "gpt-4"}, 404, "not served here"),
+        ({"prompt": "hi " * 300, "max_tokens": 8}, 400, "context"),
+        ({"prompt": "hi", "max_tokens": 256}, 400, "context"),
+    ],
+)
+def test_bad_requests_get_clear_errors(server, body, status, needle):
+    url, _ = server
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    message = response.json()["error"]["message"]
+    assert needle in message
+
+
+def test_bad_chat_requests(server):
+    url, _ = server
+    for body, status in [
+        ({"messages": []}, 422),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, 422),
+        ({"messages": [{"role": "user"}]}, 422),
+        ({"messages": [{"role": "user", "content": "  "}]}, 400),
+    ]:
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30).status_code == status
+
+
+def test_openai_client_sees_errors_as_exceptions(server):
+    url, _ = server
+    with pytest.raises(openai.BadRequestError, match="steps"):
+        client(url).completions.create(
+            model="tiny-llada", prompt="hi", max_tokens=8, extra_body={"steps": 3, "block_length": 4}
+        )
