@@ -229,8 +229,13 @@ class PlannedOps:
         flat = x.reshape(-1, x.shape[-1])
         parts = self._spans(flat.shape[0], self.chunks.ffn)
         tokens = parts[0][1] - parts[0][0]
-        # Routing (softmax, top-k) per token chunk; expert intermediates depend on the routing.
-        self.mem.workspace(tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16)
+        # Routing (softmax, top-k) per token chunk, and the expert intermediates, whose sizes depend
+        # on the routing: bounded by one expert receiving every token of the chunk (its gathered
+        # input, gate, up and output rows, and the weighted output).
+        expert_width = experts[0]["gate"].shape[0] if experts else 0
+        itemsize = x.element_size()
+        routing = tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16
+        self.mem.workspace(routing + tokens * (3 * x.shape[-1] + 2 * expert_width) * itemsize)
         out = self.mem.new(tuple(x.shape), x.dtype)
         out.zero_()
         if not self.mem.tracing:

@@ -53,3 +53,18 @@ def test_a_step_that_disagrees_with_its_plan_is_stopped(tiny_checkpoints):
     ops = PlannedOps(ArenaMemory(plan, llm.executor.arena))
     with pytest.raises(PlanMismatchError, match="asks for"):
         ops.embed(torch.zeros(1, 21, dtype=torch.long), llm.checkpoint.weights.embed, name="embed")
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+def test_what_allocates_outside_the_arena_stays_within_the_declared_workspace(tiny_checkpoints, family):
+    """The plan's workspace (attention output, MoE routing and experts, the sampler) bounds the rest."""
+    llm = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="mosaic", row_chunk=8)
+    cfg = GenerationConfig(gen_length=40, steps=1, temperature=0.5)
+    if family == "dream":
+        cfg = GenerationConfig(gen_length=40, steps=1, temperature=0.5, alg="entropy", top_p=0.9)
+    plan = llm.check_memory(3, cfg.resolved(family))
+    with LiveTensorTracker() as tracker:
+        llm.generate([5, 6, 7], cfg)
+    step = max(r.live_bytes for r in tracker.timeline.records)
+    assert plan.workspace_bytes >= step * 0.5  # the declared bound is the right size...
+    assert step <= plan.workspace_bytes + 64 * 1024  # ...and holds, up to the step's O(L) bookkeeping
