@@ -68,14 +68,17 @@ def most_chunked(shape: StepShape) -> StepShape:
     return replace(shape, chunk=1, chunks=chunks)
 
 
-def fit(plans: PlanCache, shape: StepShape, budget: int) -> SearchResult:
-    """The first plan along the lazy search that fits `budget`, or DoesNotFit."""
+CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe")
+
+
+def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> SearchResult:
+    """The first plan along the lazy search that fits `budget`, splitting only `groups`, or DoesNotFit."""
     start = time.perf_counter()
     plan, tried = plans.get(shape), 1
     while plan.predicted_peak_bytes > budget:
         better = None
         for _, group in plan.group_peaks():  # the peak's group first; others only if it cannot split
-            split = _split(plan.graph.shape, group)
+            split = _split(plan.graph.shape, group) if group in groups else None
             if split is None:
                 continue
             candidate, tried = plans.get(split), tried + 1

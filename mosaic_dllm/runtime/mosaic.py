@@ -27,9 +27,9 @@ from ..memory.arena import Arena, ArenaMemory
 from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
-from ..planner.search import SearchResult, fit
+from ..planner.search import CHUNKABLE_GROUPS, SearchResult, fit
 from ..planner.step_plan import PlanCache, StepPlan, device_alignment
-from .planned_ops import Chunks, PlannedOps
+from .planned_ops import AllocatorMemory, Chunks, PlannedOps
 
 DEFAULT_ROW_CHUNK = 64
 
@@ -45,15 +45,24 @@ class MosaicExecutor:
         row_chunk: int = DEFAULT_ROW_CHUNK,
         memory_budget: int | None = None,
         chunks: Chunks | None = None,
+        chunk_groups: tuple[str, ...] = CHUNKABLE_GROUPS,
+        activations: str = "arena",
         arena: str | None = None,
     ):
-        """`chunks` forces chunk counts (the search, with a budget, starts from them and only adds)."""
+        """`chunks` forces chunk counts (the search, with a budget, starts from them and only adds);
+        `chunk_groups` limits which op groups the search may split; `activations="allocator"` runs
+        the same ops with buffers from the PyTorch allocator instead of the arena plan (ablation)."""
+        if activations not in ("arena", "allocator"):
+            raise ValueError(f"activations must be 'arena' or 'allocator', got {activations!r}")
+        unknown = set(chunk_groups) - set(CHUNKABLE_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown chunk groups {sorted(unknown)}; choose from {', '.join(CHUNKABLE_GROUPS)}")
         if row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {row_chunk}")
         if memory_budget is not None and memory_budget <= 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
         self.spec, self.weights, self.row_chunk, self.memory_budget = spec, weights, row_chunk, memory_budget
-        self.chunks = chunks or Chunks()
+        self.chunks, self.chunk_groups, self.activations = chunks or Chunks(), tuple(chunk_groups), activations
         self.sampler_row_bytes = 0  # set per request from the sampler's measured cost
         self.searches: dict[StepShape, SearchResult] = {}
         self._planning = threading.Lock()
@@ -71,7 +80,7 @@ class MosaicExecutor:
     @property
     def arena_bytes(self) -> int:
         """Bytes the last step's plan used in the arena."""
-        return self.last_plan.arena_bytes if self.last_plan else 0
+        return self.last_plan.arena_bytes if self.last_plan and self.activations == "arena" else 0
 
     def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int | None = None) -> StepPlan:
         """The plan of a step over a (batch, length) canvas sampling `rows` rows (may raise DoesNotFit).
@@ -84,7 +93,7 @@ class MosaicExecutor:
             if self.memory_budget is None:
                 return self.plans.get(shape)
             if shape not in self.searches:
-                self.searches[shape] = fit(self.plans, shape, self.memory_budget)
+                self.searches[shape] = fit(self.plans, shape, self.memory_budget, self.chunk_groups)
             return self.searches[shape].plan
 
     @torch.inference_mode()
@@ -97,14 +106,18 @@ class MosaicExecutor:
         if rows.numel() == 0:
             return
         plan = self.plan_for(ids.shape[0], ids.shape[1], rows.numel())
-        if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
-            self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
+        if self.activations == "allocator":
+            memory = AllocatorMemory(ids.device)
+        else:
+            if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
+                self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
+            memory = ArenaMemory(plan, self.arena)
         self.last_plan = plan
-        memory = ArenaMemory(plan, self.arena)
         ops = PlannedOps(memory, plan.graph.shape.chunks)
         hidden = transformer.hidden_states(ops, self.spec, self.weights, ids)
         yield from ops.lm_head_rows(hidden, self.weights.lm_head, rows, plan.graph.shape.chunk, name="lm_head")
-        memory.finish()
+        if isinstance(memory, ArenaMemory):
+            memory.finish()
 
     def release(self) -> None:
         """Give the arena's memory back to the system (plans stay cached)."""

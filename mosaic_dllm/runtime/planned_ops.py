@@ -62,6 +62,27 @@ class Memory(Protocol):
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
 
+class AllocatorMemory:
+    """A `Memory` that takes every buffer from the PyTorch allocator: the same ops, unplanned.
+
+    Used to measure what the arena plan itself is worth (mask-only logits without a global plan).
+    """
+
+    tracing = False
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def op(self, name: str, *reads: Tensor) -> None:
+        pass
+
+    def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def workspace(self, nbytes: int) -> None:
+        pass
+
+
 class PlannedOps:
     """Implements `runtime.ops.Ops` (mask-only: `lm_head_rows` instead of `lm_head`) on a `Memory`."""
 

@@ -46,3 +46,26 @@ def test_generation_with_forced_chunks_gives_the_eager_tokens(tiny_checkpoints, 
     eager = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="eager")
     mosaic = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="mosaic", row_chunk=3, chunks=chunks)
     assert mosaic.generate("Return the", cfg)[0].token_ids == eager.generate("Return the", cfg)[0].token_ids
+
+
+def test_the_allocator_variant_runs_the_same_ops_unplanned(tiny_checkpoints):
+    cfg = GenerationConfig(gen_length=16, steps=8, block_length=8)
+    arena = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16).generate("Return the", cfg)[0]
+    plain = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16, activations="allocator").generate("Return the", cfg)[0]
+    assert plain.token_ids == arena.token_ids
+
+
+def test_the_search_splits_only_the_allowed_groups(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16, row_chunk=64, chunk_groups=("ffn", "logits"))
+    roomy = llm.executor.plan_for(1, 200, 64).predicted_peak_bytes
+    tight = LLM(
+        tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=int(roomy * 0.9), chunk_groups=("ffn", "logits")
+    )
+    try:
+        shape = tight.executor.plan_for(1, 200, 64).graph.shape
+    except ValueError as exc:  # DoesNotFit: the peak is in a group this search may not split
+        assert "cannot be chunked further" in str(exc)
+    else:
+        assert shape.chunks.norms == 1 and shape.chunks.attention == 1
+    with pytest.raises(ValueError, match="unknown chunk groups"):
+        LLM(tiny_checkpoints["llada"], chunk_groups=("everything",))
