@@ -127,15 +127,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_base(args: argparse.Namespace) -> tuple[dict, list[str], dict[str, dict]]:
+def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[dict, list[str], dict[str, dict]]:
+    from .bench.variants import variant_options
+
     if bool(args.preset) == bool(args.model):
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
-    from .runtime import EXECUTORS
-
-    unknown = [e for e in executors if e not in EXECUTORS]
-    if unknown or not executors:
-        raise ValueError(f"unknown executors {unknown}; available: {', '.join(EXECUTORS)}")
+    options = variant_options(executors, args.row_chunk, budget)
     generation = {"temperature": args.temperature}
     if args.preset and args.preset.startswith("dream") or args.model and "dream" in str(args.model).lower():
         generation["alg"] = "maskgit_plus"
@@ -148,7 +146,7 @@ def _bench_base(args: argparse.Namespace) -> tuple[dict, list[str], dict[str, di
         "device": args.device,
         "generation": generation,
     }
-    return job, executors, {"mosaic": {"row_chunk": args.row_chunk}}
+    return job, executors, options
 
 
 def _bench_memory(args: argparse.Namespace) -> int:
@@ -177,8 +175,8 @@ def _bench_max_len(args: argparse.Namespace) -> int:
     from .bench.runner import max_len_records, mib
     from .memory.budget import parse_bytes
 
-    job, executors, options = _bench_base(args)
     budget = parse_bytes(args.budget)
+    job, executors, options = _bench_base(args, budget)
     records = max_len_records(
         job,
         executors,
@@ -328,7 +326,11 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
     p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
     p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of the total length")
-    p.add_argument("--executors", default="eager,mosaic")
+    p.add_argument(
+        "--executors",
+        default="eager,mosaic",
+        help="comma-separated: eager, mask-only, planned, chunk-ffn-logits, mosaic (see bench/variants.py)",
+    )
     p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="bf16")

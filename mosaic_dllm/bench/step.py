@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import BLOCK_FAMILIES, GenerationConfig
 from ..decoding import dream, llada
+from ..decoding.sampler_cost import sampler_row_bytes
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.rss import PeakMemory
 from ..models.spec import ArchSpec
@@ -80,10 +81,18 @@ def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.devic
     return from_state_dict(spec, random_state_dict(spec, dtype, device=device))
 
 
+def make_step_executor(executor_name: str, spec: ArchSpec, weights: Weights, request: StepRequest, options: dict):
+    """The executor, told what the request's sampler costs per logits row (its plans include it)."""
+    executor = make_executor(executor_name, spec, weights, **options)
+    if executor.mask_only:
+        executor.sampler_row_bytes = sampler_row_bytes(spec.family, request.config, spec.vocab_size, executor.dtype)
+    return executor
+
+
 def measure(
     spec: ArchSpec, weights: Weights, executor_name: str, request: StepRequest, options: dict | None = None
 ) -> StepMeasurement:
-    executor = make_executor(executor_name, spec, weights, **(options or {}))
+    executor = make_step_executor(executor_name, spec, weights, request, options or {})
     device = weights.embed.device
     warm = StepRequest.first_step(spec, 64, 0.5, request.config)  # one-time kernel set-up, off the record
     first_step(executor, spec, warm, torch.Generator(device=device).manual_seed(0))
@@ -106,9 +115,12 @@ def predict(
     """The live-tensor timeline of the step, from shapes alone (no memory, no compute)."""
     if spec.moe is not None:
         raise NotImplementedError("MoE steps route tokens by value: their memory can be measured, not predicted")
+    sampler = sampler_row_bytes(spec.family, request.config, spec.vocab_size, dtype)  # real tensors, 4 rows
     with FakeTensorMode():
         state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
         executor = make_executor(executor_name, spec, from_state_dict(spec, state), **(options or {}))
+        if executor.mask_only:
+            executor.sampler_row_bytes = sampler
         first_step(executor, spec, request, torch.Generator().manual_seed(0))  # plans and sizes the arena
         with LiveTensorTracker() as tracker:
             first_step(executor, spec, request, torch.Generator().manual_seed(0))

@@ -14,6 +14,7 @@ import torch
 from .. import checkpoint
 from ..config import GenerationConfig
 from ..models.weights import Weights
+from ..planner.search import DoesNotFit
 from .presets import preset
 from .step import StepRequest, measure, predict, random_weights
 
@@ -30,7 +31,8 @@ def load_model(job: dict) -> tuple:
 def run(job: dict) -> dict:
     spec, weights, dtype = load_model(job)
     request = StepRequest.first_step(spec, job["length"], job["alpha"], GenerationConfig.from_dict(job["generation"]))
-    options = job.get("options", {})
+    options = dict(job.get("options", {}))
+    kind = options.pop("kind", job["executor"])  # a variant's executor class
     record = {
         "executor": job["executor"],
         "length": job["length"],
@@ -39,15 +41,17 @@ def run(job: dict) -> dict:
         "options": options,
     }
     try:
-        predicted = predict(spec, dtype, job["executor"], request, options)
+        predicted = predict(spec, dtype, kind, request, options)
         record["predicted_peak_activation_bytes"] = predicted.peak
     except NotImplementedError as exc:
         record["predicted_peak_activation_bytes"] = None
         record["prediction_note"] = str(exc)
+    except DoesNotFit as exc:  # the budget search found no chunking that fits: nothing to run
+        return record | {"measured": False, "status": f"does not fit: {exc}"}
     if not job.get("measure", True):
         return record | {"measured": False, "status": "ok"}
     weights = weights if isinstance(weights, Weights) else random_weights(spec, dtype, job.get("device", "cpu"))
-    m = measure(spec, weights, job["executor"], request, options)
+    m = measure(spec, weights, kind, request, options)
     body, logits_phase = m.timeline.split(spec.vocab_size)
     return record | {
         "measured": True,

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..graph.trace import StepShape
-from ..runtime.planned_ops import Chunks
 from .step_plan import PlanCache, StepPlan
 
 MIN_CHUNK_TOKENS = 32
 GROUP_FIELD = {"norms": "norms", "attention": "attention", "ffn": "ffn", "moe": "ffn"}
+CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe")
 
 
 class DoesNotFit(ValueError):
@@ -62,13 +62,10 @@ def _split(shape: StepShape, group: str) -> StepShape | None:
     return replace(shape, chunks=replace(shape.chunks, **{field: more}))
 
 
-def most_chunked(shape: StepShape) -> StepShape:
-    """Every chunkable group at its smallest chunk: the floor of what chunking can reach."""
-    chunks = Chunks(**{f: max(1, -(-_tokens(g, shape) // MIN_CHUNK_TOKENS)) for g, f in GROUP_FIELD.items()})
-    return replace(shape, chunk=1, chunks=chunks)
-
-
-CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe")
+def most_chunked(shape: StepShape, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> StepShape:
+    """Every group in `groups` at its smallest chunk: the floor of what chunking them can reach."""
+    pieces = {f: max(1, -(-_tokens(g, shape) // MIN_CHUNK_TOKENS)) for g, f in GROUP_FIELD.items() if g in groups}
+    return replace(shape, chunk=1 if "logits" in groups else shape.chunk, chunks=replace(shape.chunks, **pieces))
 
 
 def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> SearchResult:
@@ -86,7 +83,7 @@ def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...]
                 better = candidate
                 break
         if better is None:
-            raise _does_not_fit(plans, plan.graph.shape, plan, budget)
+            raise _does_not_fit(plans, plan.graph.shape, plan, budget, groups)
         plan = better
     return SearchResult(plan, tried, time.perf_counter() - start)
 
@@ -104,20 +101,28 @@ def longest(fits: Callable[[int], bool], limit: int = 1 << 22, precision: int = 
 
 
 def max_length(
-    plans: PlanCache, shape: StepShape, budget: int, rows_at: Callable[[int], int], limit: int = 1 << 22
+    plans: PlanCache,
+    shape: StepShape,
+    budget: int,
+    rows_at: Callable[[int], int],
+    groups: tuple[str, ...] = CHUNKABLE_GROUPS,
+    limit: int = 1 << 22,
 ) -> int:
-    """The longest sequence whose most-chunked step fits `budget` (0 if none); `rows_at(L)` gives
-    the logits rows of a step at length L. Feasibility only grows with chunking, so the floor decides."""
+    """The longest sequence whose most-chunked step (chunking `groups`) fits `budget` (0 if none);
+    `rows_at(L)` gives the logits rows of a step at length L. Feasibility only grows with chunking,
+    so the floor decides."""
 
     def fits(length: int) -> bool:
-        probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))))
+        probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))), groups)
         return plans.get(probe).predicted_peak_bytes <= budget
 
     return longest(fits, limit)
 
 
-def _does_not_fit(plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int) -> DoesNotFit:
-    longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk)
+def _does_not_fit(
+    plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int, groups: tuple[str, ...]
+) -> DoesNotFit:
+    longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk, groups=groups)
     mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
     message = (
         f"a denoising step at length {shape.length} (batch {shape.batch}) needs at least "

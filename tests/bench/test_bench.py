@@ -12,6 +12,7 @@ from mosaic_dllm.bench.search import max_length
 from mosaic_dllm.bench.step import StepRequest, measure, predict, random_weights
 from mosaic_dllm.memory.budget import parse_bytes
 from mosaic_dllm.models.tiny import tiny_spec
+from mosaic_dllm.planner.search import DoesNotFit
 
 
 @pytest.mark.parametrize(
@@ -109,3 +110,31 @@ def test_worker_record_schema(tiny_checkpoints):
     json.dumps(record)
     failed = run_job(job | {"length": 0})
     assert failed["status"].startswith("failed: exit code 1")
+
+
+@pytest.mark.parametrize("variant", ["mask-only", "planned", "chunk-ffn-logits", "mosaic"])
+def test_variants_predict_what_they_measure(variant):
+    from mosaic_dllm.bench.variants import variant_options
+
+    spec = tiny_spec("llada", ids={"mask": 317, "eos": 316})
+    weights = random_weights(spec, torch.bfloat16)
+    request = StepRequest.first_step(spec, 120, 0.5, GenerationConfig())
+    unchunked = measure(spec, weights, "mosaic", request, {"row_chunk": 16}).plan["predicted_peak_activation_bytes"]
+    budget = int(unchunked * 0.8) if variant in ("chunk-ffn-logits", "mosaic") else None
+    options = variant_options([variant], row_chunk=16, budget=budget)[variant]
+    kind = options.pop("kind")
+    try:
+        measured = measure(spec, weights, kind, request, options)
+    except DoesNotFit as exc:  # FFN and logits alone may not lower an attention peak enough
+        assert variant == "chunk-ffn-logits" and exc.max_length < 120
+        return
+    assert predict(spec, torch.bfloat16, kind, request, options).peak == measured.timeline.peak
+    if budget:
+        assert measured.plan["predicted_peak_activation_bytes"] <= budget
+
+
+def test_unknown_variant_is_refused():
+    from mosaic_dllm.bench.variants import variant_options
+
+    with pytest.raises(ValueError, match="available: eager, mask-only"):
+        variant_options(["fast"], 64)
