@@ -1,4 +1,4 @@
-"""Recipe for the embedded default model: stdlib sources -> BPE -> small LLaDA -> shipped checkpoint."""
+"""Recipe for the embedded default model: stdlib docstring summaries -> BPE -> small LLaDA -> shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -94,9 +94,9 @@ def train_default_model(
             {
                 "mask_token_id": ids["mask"],
                 "eos_token_id": ids["eos"],
-                "steps": 64,
-                "gen_length": 64,
-                "block_length": 32,
+                "steps": 32,
+                "gen_length": 32,
+                "block_length": 8,
             },
             indent=2,
         )

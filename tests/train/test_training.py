@@ -60,9 +60,11 @@ def test_export_is_a_loadable_llada_checkpoint(tmp_path):
     assert len(llm.generate("Return the", GenerationConfig(gen_length=8, steps=4))[0].token_ids) == 8
 
 
-def test_corpus_is_deterministic_source():
-    texts = corpus.build(max_bytes=200_000)
-    assert texts == corpus.build(max_bytes=200_000) and len(texts) > 3
-    assert all("\t" not in t for t in texts) and any("def " in t for t in texts)
+def test_corpus_is_deterministic_prose():
+    texts = corpus.build(max_bytes=20_000)
+    assert texts == corpus.build(max_bytes=20_000) and len(texts) > 100
+    assert all(t[0].isupper() and "\n" not in t for t in texts)
+    assert corpus.summary("Return the size.  More text.\n\nDetails.") == "Return the size."
+    assert corpus.summary(">>> x = 1") is None
     train, val = corpus.split(texts)
     assert len(val) >= 1 and not set(train) & set(val)
