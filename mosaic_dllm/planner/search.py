@@ -122,13 +122,15 @@ def max_length(
 def _does_not_fit(
     plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int, groups: tuple[str, ...]
 ) -> DoesNotFit:
+    floor = plans.get(most_chunked(shape, groups))
+    floor_bytes = min(floor.predicted_peak_bytes, plan.predicted_peak_bytes)
     longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk, groups=groups)
     mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
     message = (
         f"a denoising step at length {shape.length} (batch {shape.batch}) needs at least "
-        f"{mib(plan.predicted_peak_bytes)} of activation memory, more than the budget of {mib(budget)}: "
+        f"{mib(floor_bytes)} of activation memory, more than the budget of {mib(budget)}: "
         f"the peak is at {plan.graph.ops[plan.peak_op]} ({plan.peak_group}), which cannot be chunked further. "
         f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "
         f"shorten the request or raise the memory budget."
     )
-    return DoesNotFit(message, plan.predicted_peak_bytes, longest)
+    return DoesNotFit(message, floor_bytes, longest)
