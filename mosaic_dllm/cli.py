@@ -223,7 +223,13 @@ def _plan(args: argparse.Namespace) -> int:
     if not 0 <= args.alpha < 1:
         raise ValueError(f"--alpha (prompt fraction) must be in [0, 1), got {args.alpha}")
     rows = args.rows or args.length - max(1, int(args.length * args.alpha))
-    shape = StepShape(2 if args.cfg_scale else 1, args.length, chunk_bucket(rows, args.row_chunk))
+    from .config import BLOCK_FAMILIES, GenerationConfig
+    from .decoding.sampler_cost import sampler_row_bytes
+
+    settings = GenerationConfig(cfg_scale=args.cfg_scale, alg="origin" if spec.family in BLOCK_FAMILIES else "entropy")
+    sampler = sampler_row_bytes(spec.family, settings.resolved(spec.family), spec.vocab_size, dtype)
+    batch = 2 if args.cfg_scale and spec.family in BLOCK_FAMILIES else 1
+    shape = StepShape(batch, args.length, chunk_bucket(rows, args.row_chunk), sampler_row_bytes=sampler)
     plan = plan_step(spec, dtype, shape)
     summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")} | plan.summary()
     if args.json:
@@ -235,8 +241,11 @@ def _plan(args: argparse.Namespace) -> int:
         f"  arena            {mb(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound {mb(plan.lower_bound_bytes)},"
         f" ratio {summary['arena_vs_lower_bound']})"
     )
-    print(f"  workspace        {mb(plan.workspace_bytes)} outside the arena (attention kernel output)")
-    print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (sampler temporaries excluded)")
+    print(
+        f"  workspace        {mb(plan.workspace_bytes)} at most outside the arena at once (attention kernel "
+        f"output, MoE routing and experts, the sampler's {sampler} bytes per logits row at temperature 0)"
+    )
+    print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (arena + workspace)")
     print(f"  peak at          {summary['peak_op']} ({summary['peak_group']})")
     print(f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers")
     print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")

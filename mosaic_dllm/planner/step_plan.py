@@ -42,7 +42,7 @@ class StepPlan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """Arena plus the largest transient workspace (the sampler's per-chunk temporaries excluded)."""
+        """Arena plus the largest transient workspace (kernel outputs, MoE experts, the sampler's temporaries)."""
         return self.arena_bytes + self.workspace_bytes
 
     @property

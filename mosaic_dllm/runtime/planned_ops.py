@@ -29,6 +29,10 @@ from torch import Tensor
 
 from .eager import route_and_run_experts
 
+# torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
+# them on CPU, tested); older builds repeat them into planned buffers as the official code does.
+NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 @dataclass(frozen=True)
 class Chunks:
@@ -195,7 +199,10 @@ class PlannedOps:
         self.mem.op(name, q, k, v)
         b, nh, length, hd = q.shape
         groups = nh // k.shape[1]
-        if groups > 1:  # repeat_interleave over heads, written into planned buffers
+        gqa = {}
+        if groups > 1 and NATIVE_GQA:  # the kernel indexes kv heads itself: no repeated copies
+            gqa = {"enable_gqa": True}
+        elif groups > 1:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
         parts = self._spans(length, self.chunks.attention)
         block = parts[0][1] - parts[0][0]
@@ -205,7 +212,7 @@ class PlannedOps:
         heads_last = out.view(b, length, nh, hd)
         for start, end in parts:
             result = F.scaled_dot_product_attention(
-                q[:, :, start:end], k, v, attn_mask=None, dropout_p=0.0, is_causal=False
+                q[:, :, start:end], k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
             )
             heads_last[:, start:end].copy_(result.transpose(1, 2))
             del result
