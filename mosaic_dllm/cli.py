@@ -55,7 +55,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.model is None:
         print(
             f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
-            f"briefly by `mosaic train` on stdlib docstrings: expect word salad]",
+            f"by `mosaic train` on stdlib docstring summaries: short, docstring-like sentences]",
             file=sys.stderr,
         )
     bar = tqdm(total=cfg_resolved.steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)

@@ -29,12 +29,13 @@ def test_chunked_logits_equal_eager_bf16_bit_for_bit(tiny_checkpoints, family, c
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 def test_chunked_logits_fp32_within_tolerance(tiny_checkpoints, family):
-    """fp32 GEMMs over fewer rows may take another BLAS blocking: last-bit differences only."""
+    """fp32 GEMMs over fewer rows may take another BLAS blocking: differences of a few ulps, which
+    near-zero logits make large in relative terms; hence rtol 1e-5 with atol 1e-4."""
     llm = LLM(tiny_checkpoints[family], dtype=torch.float32, executor="mosaic", row_chunk=4, chunks=FORCED[-1])
     ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(4))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, torch.arange(37))], dim=1)
-    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
