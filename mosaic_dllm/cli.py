@@ -213,7 +213,7 @@ def _plan(args: argparse.Namespace) -> int:
     if bool(args.preset) == bool(args.model):
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
-    dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or torch_bfloat16()
+    dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or checkpoint.DTYPES["bf16"]
     if args.max_len:
         return _plan_max_len(args, spec, dtype)
     if args.length is None:
@@ -222,12 +222,13 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--length must be at least 2, got {args.length}")
     if not 0 <= args.alpha < 1:
         raise ValueError(f"--alpha (prompt fraction) must be in [0, 1), got {args.alpha}")
-    rows = args.rows or args.length - max(1, int(args.length * args.alpha))
+    from .bench.capacity import first_step_rows
     from .config import BLOCK_FAMILIES, GenerationConfig
     from .decoding.sampler_cost import sampler_row_bytes
 
     settings = GenerationConfig(cfg_scale=args.cfg_scale, alg="origin" if spec.family in BLOCK_FAMILIES else "entropy")
     sampler = sampler_row_bytes(spec.family, settings.resolved(spec.family), spec.vocab_size, dtype)
+    rows = args.rows or first_step_rows(spec, args.length, args.alpha)
     batch = 2 if args.cfg_scale and spec.family in BLOCK_FAMILIES else 1
     shape = StepShape(batch, args.length, chunk_bucket(rows, args.row_chunk), sampler_row_bytes=sampler)
     plan = plan_step(spec, dtype, shape)
@@ -300,12 +301,6 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
     if "mosaic_vs_eager" in record:
         print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
     return 0
-
-
-def torch_bfloat16():
-    import torch
-
-    return torch.bfloat16
 
 
 def _serve(args: argparse.Namespace) -> int:
