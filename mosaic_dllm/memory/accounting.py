@@ -78,6 +78,9 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if tensors and all(t.device.type == "meta" for t in tensors):
+            return out  # a planner tracing shapes on the meta device: no memory, not part of the timeline
         inputs = {s._cdata for s in _storages((args, kwargs))}
         new = 0
         for storage in _storages(out):
@@ -88,7 +91,6 @@ class LiveTensorTracker(TorchDispatchMode):
             new += storage.nbytes()
             weakref.finalize(storage, self._free, key)
         self.live += new
-        first = next((t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)), None)
-        shape = tuple(first.shape) if first is not None else ()
+        shape = tuple(tensors[0].shape) if tensors else ()
         self.timeline.records.append(OpRecord(str(func.overloadpacket.__name__), self.live, new, shape))
         return out

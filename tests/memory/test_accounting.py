@@ -48,3 +48,14 @@ def test_split_at_the_first_vocabulary_wide_tensor():
         p = torch.softmax(logits, -1)
     body, head = tracker.timeline.split(vocab)
     assert body == 128 and head == 2 * 4 * vocab * 4 and p.numel()  # h is gone before the softmax
+
+
+def test_meta_tensors_a_planner_traces_are_not_in_the_timeline():
+    vocab = 777
+    with LiveTensorTracker() as tracker:
+        h = torch.ones(4, 8)
+        planned = torch.empty(4, vocab, device="meta") * 2  # a plan being traced mid-step
+        logits = torch.ones(4, vocab)
+    assert [r.op for r in tracker.timeline.records] == ["ones", "ones"]
+    assert tracker.timeline.split(vocab) == (128, 128 + 4 * vocab * 4)
+    assert h.numel() and planned.numel() and logits.numel()
