@@ -231,8 +231,19 @@ def _plan(args: argparse.Namespace) -> int:
     rows = args.rows or first_step_rows(spec, args.length, args.alpha)
     batch = 2 if args.cfg_scale and spec.family in BLOCK_FAMILIES else 1
     shape = StepShape(batch, args.length, chunk_bucket(rows, args.row_chunk), sampler_row_bytes=sampler)
-    plan = plan_step(spec, dtype, shape)
-    summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")} | plan.summary()
+    summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")}
+    if args.budget:  # the lazy search's choice for this budget (DoesNotFit names the floor)
+        from .memory.budget import parse_bytes
+        from .planner.search import fit
+        from .planner.step_plan import PlanCache
+
+        budget = parse_bytes(args.budget)
+        result = fit(PlanCache(spec, dtype, 64), shape, budget)
+        plan = result.plan
+        search = {"budget_bytes": budget, "plans_tried": result.plans_tried, "search_seconds": round(result.seconds, 6)}
+    else:
+        plan, search = plan_step(spec, dtype, shape), {}
+    summary |= plan.summary() | search
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -250,6 +261,11 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"  peak at          {summary['peak_op']} ({summary['peak_group']})")
     print(f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers")
     print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
+    if search:
+        print(
+            f"  search           fits {mb(search['budget_bytes'])}: {search['plans_tried']} plans tried in "
+            f"{search['search_seconds'] * 1000:.1f} ms"
+        )
     if args.ascii:
         print(ascii_map(plan.buffers, plan.plan))
     return 0
@@ -426,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
     p.add_argument("--length", type=int, help="total sequence length L (prompt + generation)")
     p.add_argument("--max-len", action="store_true", help="longest L that fits, eager vs mosaic")
-    p.add_argument("--budget", help="--max-len: activation memory budget, e.g. 16GiB")
+    p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
     p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")

@@ -51,6 +51,10 @@ OP_GROUPS = {
     "shared_expert": "ffn",
     "moe": "moe",
     "lm_head": "logits",
+    # token-chunked regions, run as one op each (runtime/planned_ops.py)
+    "attn_norm+q_proj+k_proj+v_proj": "qkv_projections",
+    "o_proj+attn_residual": "output_projection",
+    "ffn_norm+mlp+ffn_residual": "ffn",
 }
 
 

@@ -29,43 +29,53 @@ def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
 
 def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     b, length, _ = x.shape
-    h = ops.rms_norm(x, layer["attn_norm"], spec.rms_norm_eps, name="attn_norm")
-    q = ops.linear(h, layer["q"], layer.get("q_bias"), name="q_proj")
-    k = ops.linear(h, layer["k"], layer.get("k_bias"), name="k_proj")
-    v = ops.linear(h, layer["v"], layer.get("v_bias"), name="v_proj")
+    q, k, v = ops.norm_linears(
+        x,
+        layer["attn_norm"],
+        spec.rms_norm_eps,
+        [(layer[p], layer.get(f"{p}_bias")) for p in ("q", "k", "v")],
+        names=("attn_norm", "q_proj", "k_proj", "v_proj"),
+    )
     q = q.view(b, length, spec.num_heads, spec.head_dim)
     k = k.view(b, length, spec.num_kv_heads, spec.head_dim)
     if spec.qk_norm:  # per head, before the heads move in front of the sequence
-        q = ops.rms_norm(q, layer["q_norm"], spec.rms_norm_eps, name="q_norm")
-        k = ops.rms_norm(k, layer["k_norm"], spec.rms_norm_eps, name="k_norm")
+        q = ops.rms_norm(q, layer["q_norm"], spec.rms_norm_eps, name="q_norm", overwrite=True)
+        k = ops.rms_norm(k, layer["k_norm"], spec.rms_norm_eps, name="k_norm", overwrite=True)
     q = q.transpose(1, 2)  # (B, nh, L, hd)
     k = k.transpose(1, 2)
     v = v.view(b, length, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
     q = ops.rotary(q, cos, sin, spec.rope_full_precision, name="rotary_q")
     k = ops.rotary(k, cos, sin, spec.rope_full_precision, name="rotary_k")
     a = ops.attention(q, k, v, name="attention")  # (B, L, nh * hd)
-    return ops.add(x, ops.linear(a, layer["o"], layer.get("o_bias"), name="o_proj"), name="attn_residual")
+    return ops.linear_add(x, a, layer["o"], layer.get("o_bias"), names=("o_proj", "attn_residual"))
 
 
 def ffn_block(
     ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], experts: list[dict[str, Tensor]], index: int, x: Tensor
 ) -> Tensor:
-    h = ops.rms_norm(x, layer["ffn_norm"], spec.rms_norm_eps, name="ffn_norm")
-    if spec.is_moe_layer(index):
-        f = ops.moe(
-            h,
-            layer["router"],
-            layer.get("expert_bias"),
-            experts,
-            spec.moe.experts_per_token,
-            spec.moe.normalize_top_k,
-            name="moe",
+    if not spec.is_moe_layer(index):
+        return ops.norm_mlp_add(
+            x,
+            layer["ffn_norm"],
+            spec.rms_norm_eps,
+            layer["gate"],
+            layer["up"],
+            layer["down"],
+            names=("ffn_norm", "mlp", "ffn_residual"),
         )
-        if spec.moe.shared_expert_intermediate_size:
-            shared = ops.mlp(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"], name="shared_expert")
-            f = ops.add(f, shared, name="shared_expert_add")
-    else:
-        f = ops.mlp(h, layer["gate"], layer["up"], layer["down"], name="mlp")
+    h = ops.rms_norm(x, layer["ffn_norm"], spec.rms_norm_eps, name="ffn_norm")
+    f = ops.moe(
+        h,
+        layer["router"],
+        layer.get("expert_bias"),
+        experts,
+        spec.moe.experts_per_token,
+        spec.moe.normalize_top_k,
+        name="moe",
+    )
+    if spec.moe.shared_expert_intermediate_size:
+        shared = ops.mlp(h, layer["shared_gate"], layer["shared_up"], layer["shared_down"], name="shared_expert")
+        f = ops.add(f, shared, name="shared_expert_add")
     return ops.add(x, f, name="ffn_residual")
 
 

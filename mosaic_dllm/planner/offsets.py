@@ -83,6 +83,20 @@ def first_fit_in_order(buffers: Sequence[Buffer], alignment: int = 64) -> Plan:
     return _greedy(sorted(buffers, key=lambda b: (b.first, -b.size, b.name)), alignment, False, "first_fit")
 
 
+def greedy_by_breadth(buffers: Sequence[Buffer], alignment: int = 64) -> Plan:
+    """The widest op first, its buffers largest first, each into the smallest gap (TFLite's greedy by breadth)."""
+    ops = range(min((b.first for b in buffers), default=0), max((b.last for b in buffers), default=-1) + 1)
+    live = {t: [b for b in buffers if b.first <= t <= b.last] for t in ops}
+    breadth = {t: sum(b.size for b in bs) for t, bs in live.items()}
+    order, seen = [], set()
+    for t in sorted(ops, key=lambda t: (-breadth[t], t)):
+        for b in sorted(live[t], key=lambda b: (-b.size, b.first, b.name)):
+            if b.name not in seen:
+                seen.add(b.name)
+                order.append(b)
+    return _greedy(order, alignment, True, "greedy_by_breadth")
+
+
 def _greedy(order: list[Buffer], alignment: int, best_fit: bool, name: str) -> Plan:
     placed: list[tuple[Buffer, int, int]] = []
     offsets: dict[str, int] = {}
@@ -97,7 +111,11 @@ def _greedy(order: list[Buffer], alignment: int, best_fit: bool, name: str) -> P
 
 
 Algorithm = Callable[[Sequence[Buffer], int], Plan]
-ALGORITHMS: dict[str, Algorithm] = {"greedy_by_size": greedy_by_size_best_fit, "first_fit": first_fit_in_order}
+ALGORITHMS: dict[str, Algorithm] = {
+    "greedy_by_size": greedy_by_size_best_fit,
+    "greedy_by_breadth": greedy_by_breadth,
+    "first_fit": first_fit_in_order,
+}
 
 
 def best_plan(buffers: Sequence[Buffer], alignment: int = 64, algorithms: Sequence[str] = tuple(ALGORITHMS)) -> Plan:

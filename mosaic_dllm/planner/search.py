@@ -2,9 +2,11 @@
 
 Start from the unchunked plan. While its predicted peak (arena + the largest transient workspace,
 the sampler's included) exceeds the budget, look at the op group that holds the peak and halve its
-chunk size (double its chunk count; the logits chunk halves its rows); re-plan. If that group
-cannot be split further, or splitting it does not lower the predicted peak (the arena can exceed
-the live peak where offsets fragment), the group with the next-highest peak is tried. Stop at the
+chunk size (double its chunk count; the logits chunk halves its rows) until the predicted peak
+drops; re-plan. (One halving may not be enough: chunking the norm and projections into two
+chunks fuses them into one op whose scratch of half the length is live with q, k and v, and the
+arena can exceed the live peak where offsets fragment.) If no split of that group lowers the
+peak, the group with the next-highest peak is tried. Stop at the
 first plan that fits: it has the fewest chunks the search could find, so GEMMs stay as large as
 the budget allows. If no split lowers the peak (it sits in projections, the residual stream or
 groups already at their smallest chunk), the step cannot fit: `DoesNotFit` names the floor and
@@ -24,8 +26,15 @@ from ..graph.trace import StepShape
 from .step_plan import PlanCache, StepPlan
 
 MIN_CHUNK_TOKENS = 32
-GROUP_FIELD = {"norms": "norms", "attention": "attention", "ffn": "ffn", "moe": "ffn"}
-CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe")
+GROUP_FIELD = {
+    "norms": "norms",
+    "attention": "attention",
+    "ffn": "ffn",
+    "moe": "ffn",
+    "qkv_projections": "projections",
+    "output_projection": "projections",
+}
+CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe", "qkv_projections", "output_projection")
 
 
 class DoesNotFit(ValueError):
@@ -74,13 +83,13 @@ def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...]
     plan, tried = plans.get(shape), 1
     while plan.predicted_peak_bytes > budget:
         better = None
-        for _, group in plan.group_peaks():  # the peak's group first; others only if it cannot split
-            split = _split(plan.graph.shape, group) if group in groups else None
-            if split is None:
-                continue
-            candidate, tried = plans.get(split), tried + 1
-            if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
-                better = candidate
+        for _, group in plan.group_peaks():  # the peak's group first; others only if splitting it cannot help
+            split = plan.graph.shape
+            while better is None and group in groups and (split := _split(split, group)) is not None:
+                candidate, tried = plans.get(split), tried + 1  # the smallest split that lowers the peak
+                if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
+                    better = candidate
+            if better is not None:
                 break
         if better is None:
             raise _does_not_fit(plans, plan.graph.shape, plan, budget, groups)

@@ -69,7 +69,7 @@ class EagerOps:
             cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
         xf = x.to(torch.float32)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
@@ -117,6 +117,38 @@ class EagerOps:
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         return x + y
+
+    # Token-local regions: what the official code runs op by op.
+    def norm_linears(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        linears: list[tuple[Tensor, Tensor | None]],
+        *,
+        names: tuple[str, ...],
+    ) -> list[Tensor]:
+        h = self.rms_norm(x, norm_weight, eps, name=names[0])
+        return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
+
+    def linear_add(
+        self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, *, names: tuple[str, str]
+    ) -> Tensor:
+        return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
+
+    def norm_mlp_add(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        *,
+        names: tuple[str, ...],
+    ) -> Tensor:
+        h = self.rms_norm(x, norm_weight, eps, name=names[0])
+        return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
 
     def lm_head(self, h: Tensor, weight: Tensor, *, name: str) -> Tensor:
         return F.linear(h, weight)

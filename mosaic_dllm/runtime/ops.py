@@ -23,11 +23,43 @@ class Ops(Protocol):
     ) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (L, rotary_dim), float32, or cast to `dtype` when given."""
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
-        """RMSNorm over the last dim, statistics in float32, weight applied in x's dtype."""
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
+        """RMSNorm over the last dim, statistics in float32, weight applied in x's dtype.
+        `overwrite`: x is not read afterwards, executors may write the result into it."""
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
         """x @ weight.T (+ bias)."""
+
+    def norm_linears(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        linears: list[tuple[Tensor, Tensor | None]],
+        *,
+        names: tuple[str, ...],
+    ) -> list[Tensor]:
+        """[linear(rms_norm(x)) for each (weight, bias)]: a norm feeding projections, token by token.
+        `names`: the norm's, then each projection's."""
+
+    def linear_add(
+        self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, *, names: tuple[str, str]
+    ) -> Tensor:
+        """x + linear(y): a projection into the residual stream; executors may write into x.
+        `names`: the projection's, the add's."""
+
+    def norm_mlp_add(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        *,
+        names: tuple[str, ...],
+    ) -> Tensor:
+        """x + mlp(rms_norm(x)); executors may write into x. `names`: the norm's, the MLP's, the add's."""
 
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
         """Rotate (B, nh, L, hd) by the tables; only the first cos.shape[-1] dims rotate."""

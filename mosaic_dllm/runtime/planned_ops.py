@@ -12,9 +12,13 @@ attention kernel (it has no out= form) and MoE routing and expert intermediates 
 depend on the routing, i.e. on values).
 
 Chunking (`Chunks`): norms run over token chunks, rotary and attention over query blocks (against
-all keys and values), the dense FFN and MoE over token chunks; their scratch buffers shrink to
-one chunk. Every row's arithmetic is unchanged, so bf16 results stay bit-identical (fp32 GEMMs on
-fewer rows may round differently in the last bit).
+all keys and values), the dense FFN (fused with its norm and residual add) and MoE over token
+chunks, the attention norm fused with the q/k/v projections and the output projection fused with
+its residual add over token chunks; their scratch buffers shrink to one chunk. Rotary rotates q
+and k in place and attention writes each query block's output over that block of q, so a layer at
+its most chunked holds the residual stream, q, k and v and little else. Every row's arithmetic is
+unchanged, so bf16 results stay bit-identical (fp32 GEMMs on fewer rows may round differently in
+the last bit).
 """
 
 from __future__ import annotations
@@ -40,10 +44,11 @@ class Chunks:
 
     norms: int = 1
     attention: int = 1  # rotary and attention, by query blocks
-    ffn: int = 1  # dense FFN and MoE, by token chunks
+    ffn: int = 1  # dense FFN (with its norm and residual add) and MoE, by token chunks
+    projections: int = 1  # attention norm with q/k/v projections; output projection with its residual add
 
     def as_dict(self) -> dict[str, int]:
-        return {"norms": self.norms, "attention": self.attention, "ffn": self.ffn}
+        return {"norms": self.norms, "attention": self.attention, "ffn": self.ffn, "projections": self.projections}
 
 
 def spans(total: int, pieces: int) -> list[tuple[int, int]]:
@@ -129,43 +134,134 @@ class PlannedOps:
             tables.append(table)
         return tables[0], tables[1]
 
-    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str) -> Tensor:
+    def _norm_scratch(self, rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+        f32 = torch.float32
+        return self.mem.new((rows, width), f32), self.mem.new((rows, width), f32), self.mem.new((rows, 1), f32)
+
+    @staticmethod
+    def _norm_rows(rows: Tensor, weight: Tensor, eps: float, scratch: tuple[Tensor, ...], out: Tensor) -> None:
+        """RMSNorm of (n, width) `rows` into `out`, statistics in float32 scratch of at least n rows."""
+        n = rows.shape[0]
+        xf, square, var = (buf[:n] for buf in scratch)
+        xf.copy_(rows)
+        torch.pow(xf, 2, out=square)
+        torch.mean(square, -1, keepdim=True, out=var)
+        var.add_(eps)
+        torch.rsqrt(var, out=var)
+        xf.mul_(var)
+        out.copy_(xf)
+        torch.mul(weight, out, out=out)
+
+    @staticmethod
+    def _project(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+        """(n, in) rows -> (n, out) rows, as F.linear computes them."""
+        if bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:  # one fused addmm, as F.linear does for a contiguous input with bias
+            torch.addmm(bias, x, weight.t(), out=out)
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
         self.mem.op(name, x)
         width = x.shape[-1]
         rows = x.reshape(-1, width)
         parts = self._spans(rows.shape[0], self.chunks.norms)
-        size = parts[0][1] - parts[0][0]
-        xf_buf = self.mem.new((size, width), torch.float32)
-        square_buf = self.mem.new((size, width), torch.float32)
-        var_buf = self.mem.new((size, 1), torch.float32)
-        out = self.mem.new(tuple(x.shape), x.dtype)
+        scratch = self._norm_scratch(parts[0][1] - parts[0][0], width)
+        out = x if overwrite and x.is_contiguous() else self.mem.new(tuple(x.shape), x.dtype)
         flat_out = out.view(-1, width)
         for start, end in parts:
-            n = end - start
-            xf, square, var = xf_buf[:n], square_buf[:n], var_buf[:n]
-            xf.copy_(rows[start:end])
-            torch.pow(xf, 2, out=square)
-            torch.mean(square, -1, keepdim=True, out=var)
-            var.add_(eps)
-            torch.rsqrt(var, out=var)
-            xf.mul_(var)
-            y = flat_out[start:end]
-            y.copy_(xf)
-            torch.mul(weight, y, out=y)
+            self._norm_rows(rows[start:end], weight, eps, scratch, flat_out[start:end])
         return out
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
         self.mem.op(name, x)
         out = self.mem.new((*x.shape[:-1], weight.shape[0]), x.dtype)
-        flat_in, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
-        if bias is None:
-            torch.mm(flat_in, weight.t(), out=flat_out)
-        else:  # one fused addmm, as F.linear does for a contiguous input with bias
-            torch.addmm(bias, flat_in, weight.t(), out=flat_out)
+        self._project(x.reshape(-1, x.shape[-1]), weight, bias, out.view(-1, weight.shape[0]))
         return out
 
+    # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
+    # run as one op whose intermediates are one chunk each (the normalised rows, the projection
+    # before its residual add, the FFN's intermediates), so none of them exists at full length.
+    def norm_linears(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        linears: list[tuple[Tensor, Tensor | None]],
+        *,
+        names: tuple[str, ...],
+    ) -> list[Tensor]:
+        if self.chunks.projections == 1:
+            h = self.rms_norm(x, norm_weight, eps, name=names[0])
+            return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
+        self.mem.op("+".join(names), x)
+        width = x.shape[-1]
+        rows = x.reshape(-1, width)
+        parts = self._spans(rows.shape[0], self.chunks.projections)
+        size = parts[0][1] - parts[0][0]
+        scratch = self._norm_scratch(size, width)
+        h_buf = self.mem.new((size, width), x.dtype)
+        outs = [self.mem.new((*x.shape[:-1], w.shape[0]), x.dtype) for w, _ in linears]
+        for start, end in parts:
+            h = h_buf[: end - start]
+            self._norm_rows(rows[start:end], norm_weight, eps, scratch, h)
+            for (w, b), out in zip(linears, outs, strict=True):
+                self._project(h, w, b, out.view(-1, w.shape[0])[start:end])
+        return outs
+
+    def linear_add(
+        self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, *, names: tuple[str, str]
+    ) -> Tensor:
+        if self.chunks.projections == 1:
+            return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
+        self.mem.op("+".join(names), x, y)
+        rows, into = y.reshape(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        parts = self._spans(rows.shape[0], self.chunks.projections)
+        buf = self.mem.new((parts[0][1] - parts[0][0], weight.shape[0]), x.dtype)
+        for start, end in parts:
+            projected = buf[: end - start]
+            self._project(rows[start:end], weight, bias, projected)
+            into[start:end].add_(projected)
+        return x
+
+    def norm_mlp_add(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        *,
+        names: tuple[str, ...],
+    ) -> Tensor:
+        if self.chunks.ffn == 1:
+            h = self.rms_norm(x, norm_weight, eps, name=names[0])
+            return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
+        self.mem.op("+".join(names), x)
+        width = x.shape[-1]
+        rows = x.view(-1, width)
+        parts = self._spans(rows.shape[0], self.chunks.ffn)
+        size = parts[0][1] - parts[0][0]
+        scratch = self._norm_scratch(size, width)
+        h_buf = self.mem.new((size, width), x.dtype)
+        g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
+        u_buf = self.mem.new((size, up.shape[0]), x.dtype)
+        f_buf = self.mem.new((size, width), x.dtype)
+        for start, end in parts:  # a chunk's rows are normalised before its own residual add
+            n = end - start
+            h, g, u, f = h_buf[:n], g_buf[:n], u_buf[:n], f_buf[:n]
+            self._norm_rows(rows[start:end], norm_weight, eps, scratch, h)
+            torch.mm(h, gate.t(), out=g)
+            F.silu(g, inplace=True)
+            torch.mm(h, up.t(), out=u)
+            g.mul_(u)
+            torch.mm(g, down.t(), out=f)
+            rows[start:end].add_(f)
+        return x
+
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
-        """x (B, nh, L, hd), rotated over query blocks of the sequence."""
+        """x (B, nh, L, hd) rotated in place over query blocks of the sequence (the model reads only
+        the rotated q and k)."""
         self.mem.op(name, x, cos, sin)
         b, nh, length, _ = x.shape
         rd, half = cos.shape[-1], cos.shape[-1] // 2
@@ -175,8 +271,7 @@ class PlannedOps:
         p_buf = self.mem.new((b, nh, size, rd), torch.float32) if full_precision else None
         first_buf = self.mem.new((b, nh, size, rd), work_dtype)
         rotated_buf = self.mem.new((b, nh, size, rd), work_dtype)
-        out = self.mem.new(tuple(x.shape), x.dtype)
-        for start, end in parts:
+        for start, end in parts:  # a block is read whole before it is overwritten
             n = end - start
             part = x[:, :, start:end, :rd]
             if p_buf is not None:
@@ -190,10 +285,8 @@ class PlannedOps:
             rotated[..., half:].copy_(p[..., :half])
             rotated.mul_(sin[start:end])
             first.add_(rotated)
-            out[:, :, start:end, :rd].copy_(first)
-        if rd < x.shape[-1]:
-            out[..., rd:].copy_(x[..., rd:])
-        return out
+            x[:, :, start:end, :rd].copy_(first)
+        return x
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
         self.mem.op(name, q, k, v)
@@ -208,8 +301,10 @@ class PlannedOps:
         block = parts[0][1] - parts[0][0]
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
         self.mem.workspace(b * nh * block * (hd * q.element_size() + 4))
-        out = self.mem.new((b, length, nh * hd), q.dtype)
-        heads_last = out.view(b, length, nh, hd)
+        heads_last = q.transpose(1, 2)  # a query block's output overwrites that block of q, read by it alone
+        if not heads_last.is_contiguous():
+            heads_last = self.mem.new((b, length, nh, hd), q.dtype)
+        out = heads_last.view(b, length, nh * hd)
         for start, end in parts:
             result = F.scaled_dot_product_attention(
                 q[:, :, start:end], k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa

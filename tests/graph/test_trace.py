@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.graph.trace import OP_GROUPS, StepShape, chunk_bucket, trace_step
 from mosaic_dllm.models.tiny import tiny_spec
 from mosaic_dllm.planner.step_plan import plan_step
@@ -60,8 +61,16 @@ def test_chunk_buckets_are_powers_of_two_capped_by_the_row_chunk():
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 @pytest.mark.parametrize("length", [17, 64, 301])
 def test_step_plans_are_valid_and_close_to_the_lower_bound(family, length):
+    """Tiny models have many buffers of similar size: greedy offsets may leave gaps of ~10%."""
     plan = plan_step(tiny_spec(family, ids=IDS), torch.bfloat16, StepShape(1, length, 16), check=True)
-    assert plan.lower_bound_bytes <= plan.arena_bytes <= 1.1 * plan.lower_bound_bytes
+    assert plan.lower_bound_bytes <= plan.arena_bytes <= 1.15 * plan.lower_bound_bytes
     assert plan.predicted_peak_bytes == plan.arena_bytes + plan.workspace_bytes
     summary = plan.summary()
     assert summary["length"] == length and summary["peak_group"] in set(OP_GROUPS.values())
+
+
+@pytest.mark.parametrize("name", ["llada-8b", "dream-7b", "llada-moe-7b"])
+@pytest.mark.parametrize("length", [1024, 2048, 4096])
+def test_real_dimensions_plan_within_five_percent_of_the_lower_bound(name, length):
+    plan = plan_step(preset(name, layers=2), torch.bfloat16, StepShape(1, length, 64))
+    assert plan.arena_bytes <= 1.05 * plan.lower_bound_bytes

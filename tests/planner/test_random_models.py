@@ -29,7 +29,7 @@ def models(draw):
         rotary_dim=draw(st.sampled_from([r for r in (4, 8, head_dim) if r <= head_dim])),
         intermediate_size=draw(st.sampled_from([48, 96])),
     )
-    chunks = Chunks(draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    chunks = Chunks(*(draw(st.integers(1, 5)) for _ in range(4)))
     return spec, draw(st.integers(1, 2)), draw(st.integers(2, 70)), draw(st.integers(1, 9)), chunks
 
 

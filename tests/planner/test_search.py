@@ -87,3 +87,16 @@ def test_engine_runs_within_a_tight_budget_with_the_eager_tokens(tiny_checkpoint
 def test_a_budget_with_the_eager_executor_is_refused(tiny_checkpoints):
     with pytest.raises(ValueError, match="needs the mosaic executor"):
         LLM(tiny_checkpoints["llada"], executor="eager", memory_budget="1GiB")
+
+
+@pytest.mark.parametrize("name", ["llada-8b", "dream-7b", "llada-moe-7b"])
+def test_the_floor_is_the_residual_stream_q_k_v_and_the_rotary_tables(name):
+    """Chunking every group leaves only what attention needs whole: the residual stream, q, k and v
+    (rotated in place; attention writes over q), the rotary tables, and scratch of one chunk."""
+    spec, length = preset(name, layers=2), 16384
+    floor = PlanCache(spec, torch.bfloat16, 64).get(most_chunked(StepShape(1, length, 64)))
+    widths = spec.hidden_size + spec.num_heads * spec.head_dim + 2 * spec.num_kv_heads * spec.head_dim
+    tables = 2 * length * spec.rotary_dim * (4 if spec.rope_full_precision else 2)
+    whole = length * widths * 2 + tables
+    assert whole <= floor.lower_bound_bytes <= whole * 1.01
+    assert floor.arena_bytes <= floor.lower_bound_bytes * 1.01

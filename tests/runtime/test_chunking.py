@@ -1,4 +1,5 @@
-"""Chunked norms, rotary/attention by query blocks and FFN/MoE by token chunks: same tokens, same logits."""
+"""Chunked norms, rotary/attention by query blocks, FFN/MoE and the norm+projection and projection+residual
+regions by token chunks: same tokens, same logits."""
 
 import pytest
 import torch
@@ -7,7 +8,13 @@ from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.runtime import EagerExecutor
 from mosaic_dllm.runtime.planned_ops import Chunks, spans
 
-FORCED = [Chunks(norms=3), Chunks(attention=4), Chunks(ffn=5), Chunks(norms=2, attention=3, ffn=7)]
+FORCED = [
+    Chunks(norms=3),
+    Chunks(attention=4),
+    Chunks(ffn=5),
+    Chunks(projections=3),
+    Chunks(norms=2, attention=3, ffn=7, projections=4),
+]
 
 
 def test_spans_cover_the_range_in_order():
@@ -29,13 +36,14 @@ def test_chunked_logits_equal_eager_bf16_bit_for_bit(tiny_checkpoints, family, c
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 def test_chunked_logits_fp32_within_tolerance(tiny_checkpoints, family):
-    """fp32 GEMMs over fewer rows may take another BLAS blocking: differences of a few ulps, which
-    near-zero logits make large in relative terms; hence rtol 1e-5 with atol 1e-4."""
+    """fp32 GEMMs over fewer rows may take another BLAS blocking: a few ulps per GEMM, carried through
+    the layers (attention's softmax amplifies them) to about 1e-5 of the largest logit; near-zero
+    logits make that large in relative terms. Hence rtol 1e-5 with atol 2e-5 x max |logit|."""
     llm = LLM(tiny_checkpoints[family], dtype=torch.float32, executor="mosaic", row_chunk=4, chunks=FORCED[-1])
     ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(4))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, torch.arange(37))], dim=1)
-    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=2e-5 * full.abs().max().item())
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])

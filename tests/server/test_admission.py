@@ -21,7 +21,7 @@ def wait_for(predicate, timeout=30.0):
 
 
 def test_a_request_too_big_for_the_budget_is_refused_with_the_longest_length(long_context_checkpoint):
-    llm = LLM(long_context_checkpoint, memory_budget="2MiB")
+    llm = LLM(long_context_checkpoint, memory_budget="1MiB")
     with serving(llm) as (url, _):
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3000}, timeout=30)
         assert response.status_code == 400
