@@ -2,10 +2,10 @@
 
     python benchmarks/chunk_cost.py [--preset llada-8b] [--length 2048] [--repeats 3]
 
-Runs the FFN, the attention block's rotary + attention and an RMSNorm through `PlannedOps` (the
-Mosaic executor's ops) with random weights, each split into 1, 2, 4, ... chunks, and prints the
-median seconds and the slowdown against one chunk. The search's minimum chunk size
-(`planner.search.MIN_CHUNK_TOKENS`) is chosen from this.
+Runs the FFN, the attention norm with the q/k/v projections, the attention block's rotary +
+attention and an RMSNorm through `PlannedOps` (the Mosaic executor's ops) with random weights, each
+split into 1, 2, 4, ... chunks, and prints the median seconds and the slowdown against one chunk.
+The search's minimum chunk size (`planner.search.MIN_CHUNK_TOKENS`) is chosen from this.
 """
 
 from __future__ import annotations
@@ -45,15 +45,21 @@ def main() -> None:
     gate, up = (torch.randn(i, h, dtype=torch.bfloat16) * 0.02 for _ in range(2))
     down = torch.randn(h, i, dtype=torch.bfloat16) * 0.02
     norm_w = torch.ones(h, dtype=torch.bfloat16)
+    qkv = [(torch.randn(n * hd, h, dtype=torch.bfloat16) * 0.02, None) for _ in range(3)]
     q = torch.randn(1, n, length, hd, dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     ops0 = PlannedOps(AllocatorMemory(torch.device("cpu")))
     cos, sin = ops0.rotary_tables(length, spec.rotary_dim, spec.rope_theta, None, x.device, name="rotary_tables")
     rows = []
     for pieces in [int(p) for p in args.pieces.split(",")]:
-        ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(norms=pieces, attention=pieces, ffn=pieces))
+        chunks = Chunks(norms=pieces, attention=pieces, ffn=pieces, projections=pieces)
+        ops = PlannedOps(AllocatorMemory(torch.device("cpu")), chunks)
         row = {"pieces": pieces, "tokens_per_chunk": -(-length // pieces)}
         row["ffn_s"] = timed(lambda: ops.mlp(x, gate, up, down, name="mlp"), args.repeats)  # noqa: B023
+        row["qkv_s"] = timed(
+            lambda: ops.norm_linears(x, norm_w, 1e-5, qkv, names=("attn_norm", "q_proj", "k_proj", "v_proj")),  # noqa: B023
+            args.repeats,
+        )
         row["attention_s"] = timed(
             lambda: ops.attention(ops.rotary(q, cos, sin, True, name="rotary_q"), k, v, name="attention"),  # noqa: B023
             args.repeats,
@@ -62,10 +68,12 @@ def main() -> None:
         rows.append(row)
     base = rows[0]
     print(f"{args.preset} dims, L={length}, bf16, {torch.get_num_threads()} threads; seconds (slowdown vs 1 chunk)")
-    print(f"{'pieces':>6} {'tokens':>7} {'ffn':>16} {'rotary+attention':>18} {'rms_norm':>16}")
+    print(f"{'pieces':>6} {'tokens':>7} {'ffn':>16} {'norm+qkv':>16} {'rotary+attention':>18} {'rms_norm':>16}")
     for r in rows:
-        cells = [f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" for k in ("ffn_s", "attention_s", "norm_s")]
-        print(f"{r['pieces']:>6} {r['tokens_per_chunk']:>7} {cells[0]:>16} {cells[1]:>18} {cells[2]:>16}")
+        cells = [f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" for k in ("ffn_s", "qkv_s", "attention_s", "norm_s")]
+        print(
+            f"{r['pieces']:>6} {r['tokens_per_chunk']:>7} {cells[0]:>16} {cells[1]:>16} {cells[2]:>18} {cells[3]:>16}"
+        )
     print(json.dumps(rows))
 
 
