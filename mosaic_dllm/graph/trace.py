@@ -4,8 +4,9 @@
 and no memory is used, but every op declares what it reads and every activation it writes comes
 from `TraceMemory.new`. That yields the ops in execution order, each buffer's size, dtype, shape
 and lifetime (first write to last read), and the kernel workspace outside the arena. Shapes are
-functions of the step's symbols (`StepShape`: batch, sequence length, logits rows per chunk) and of
-the spec; tracing evaluates them for one shape (milliseconds, meta tensors).
+functions of the step's symbols (`StepShape`: batch, sequence length, logits rows per chunk, chunk
+counts) and of the spec; a trace evaluates them for one shape (milliseconds, meta tensors), and
+`graph/symbolic.py` turns one trace per structure into expressions evaluated in microseconds.
 
 Layers that are alike are traced once: the step is prefix (embedding, rotary tables), one layer
 template repeated `num_layers` times, and tail (final norm, LM head over row chunks). Buffers of
@@ -154,6 +155,9 @@ class TraceMemory:
         t = len(self.ops) - 1
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
+    def chunk_size(self, total: int, group: str, pieces: int) -> int:
+        return -(-total // pieces)
+
 
 def uniform_layers(spec: ArchSpec) -> bool:
     return all(spec.is_moe_layer(i) == spec.is_moe_layer(0) for i in range(spec.num_layers))
@@ -164,13 +168,13 @@ def meta_weights(spec: ArchSpec, dtype: torch.dtype):
     return from_state_dict(spec, state)
 
 
-def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> StepGraph:
+def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, memory: TraceMemory | None = None) -> StepGraph:
     """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows) on the meta device."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
-    memory = TraceMemory()
+    memory = memory or TraceMemory()
     ops = PlannedOps(memory, shape.chunks)
     ids = torch.empty((shape.batch, shape.length), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")

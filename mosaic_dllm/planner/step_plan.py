@@ -4,7 +4,8 @@ The offset algorithms (`offsets.py`) see only `Buffer`s; this module turns a tra
 into buffers, keeps the smaller of the algorithms' arenas, and reports what the plan costs: arena
 bytes, the lower bound no plan can beat, the op (and op group) where live bytes peak, the kernel
 workspace outside the arena, and the planning time. `PlanCache` keys plans by `StepShape`, so a
-generation plans once per distinct (batch, length, logits chunk bucket).
+generation plans once per distinct (batch, length, logits chunk bucket); its `StepTracer` traces
+once per graph structure and evaluates sizes for the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..graph.symbolic import StepTracer
 from ..graph.trace import StepGraph, StepShape, trace_step
 from ..models.spec import ArchSpec
 from .offsets import Buffer, Plan, best_plan, validate
@@ -95,11 +97,17 @@ def live_profile(buffers: list[Buffer], ops: int, alignment: int) -> list[int]:
 
 
 def plan_step(
-    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, alignment: int = 64, check: bool = False
+    spec: ArchSpec,
+    dtype: torch.dtype,
+    shape: StepShape,
+    alignment: int = 64,
+    check: bool = False,
+    tracer: StepTracer | None = None,
 ) -> StepPlan:
-    """Trace and plan one step; `check` also runs the (quadratic) overlap validator."""
+    """Trace (or, with a `tracer`, evaluate) and plan one step; `check` also runs the (quadratic)
+    overlap validator."""
     start = time.perf_counter()
-    graph = trace_step(spec, dtype, shape)
+    graph = tracer.graph(shape) if tracer is not None else trace_step(spec, dtype, shape)
     buffers = [Buffer(str(b.index), b.nbytes, b.op, b.last) for b in graph.buffers]
     plan = best_plan(buffers, alignment)
     profile = live_profile(buffers, len(graph.ops), alignment)
@@ -125,6 +133,7 @@ class PlanCache:
     def __init__(self, spec: ArchSpec, dtype: torch.dtype, alignment: int, capacity: int = 16):
         self.spec, self.dtype, self.alignment, self.capacity = spec, dtype, alignment, capacity
         self._plans: OrderedDict[StepShape, StepPlan] = OrderedDict()
+        self.tracer = StepTracer(spec, dtype)
         self.plans_made = 0
         self.planning_seconds = 0.0
 
@@ -132,7 +141,7 @@ class PlanCache:
         if shape in self._plans:
             self._plans.move_to_end(shape)
             return self._plans[shape]
-        plan = plan_step(self.spec, self.dtype, shape, self.alignment)
+        plan = plan_step(self.spec, self.dtype, shape, self.alignment, tracer=self.tracer)
         self.plans_made += 1
         self.planning_seconds += plan.planning_seconds
         self._plans[shape] = plan

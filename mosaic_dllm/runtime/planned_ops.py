@@ -70,6 +70,9 @@ class Memory(Protocol):
     def workspace(self, nbytes: int) -> None:
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
+    def chunk_size(self, total: int, group: str, pieces: int) -> int:
+        """Tracing only: rows in the first of `pieces` chunks of `total` rows (chunk group `group`)."""
+
 
 class AllocatorMemory:
     """A `Memory` that takes every buffer from the PyTorch allocator: the same ops, unplanned.
@@ -98,10 +101,13 @@ class PlannedOps:
     def __init__(self, memory: Memory, chunks: Chunks = Chunks()):
         self.mem, self.chunks = memory, chunks
 
-    def _spans(self, total: int, pieces: int) -> list[tuple[int, int]]:
-        """The chunks to run; a trace needs only the first (every buffer is sized by it)."""
-        parts = spans(total, pieces)
-        return parts[:1] if self.mem.tracing else parts
+    def _spans(self, total: int, group: str) -> list[tuple[int, int]]:
+        """The chunks of `total` rows for the `Chunks` field `group`; a trace needs only the size of
+        the first (every buffer is sized by it), which the tracing memory gives."""
+        pieces = getattr(self.chunks, group)
+        if self.mem.tracing:
+            return [(0, self.mem.chunk_size(total, group, pieces))]
+        return spans(total, pieces)
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.mem.op(name, ids)
@@ -164,7 +170,7 @@ class PlannedOps:
         self.mem.op(name, x)
         width = x.shape[-1]
         rows = x.reshape(-1, width)
-        parts = self._spans(rows.shape[0], self.chunks.norms)
+        parts = self._spans(rows.shape[0], "norms")
         scratch = self._norm_scratch(parts[0][1] - parts[0][0], width)
         out = x if overwrite and x.is_contiguous() else self.mem.new(tuple(x.shape), x.dtype)
         flat_out = out.view(-1, width)
@@ -196,7 +202,7 @@ class PlannedOps:
         self.mem.op("+".join(names), x)
         width = x.shape[-1]
         rows = x.reshape(-1, width)
-        parts = self._spans(rows.shape[0], self.chunks.projections)
+        parts = self._spans(rows.shape[0], "projections")
         size = parts[0][1] - parts[0][0]
         scratch = self._norm_scratch(size, width)
         h_buf = self.mem.new((size, width), x.dtype)
@@ -215,7 +221,7 @@ class PlannedOps:
             return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
         self.mem.op("+".join(names), x, y)
         rows, into = y.reshape(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-        parts = self._spans(rows.shape[0], self.chunks.projections)
+        parts = self._spans(rows.shape[0], "projections")
         buf = self.mem.new((parts[0][1] - parts[0][0], weight.shape[0]), x.dtype)
         for start, end in parts:
             projected = buf[: end - start]
@@ -240,7 +246,7 @@ class PlannedOps:
         self.mem.op("+".join(names), x)
         width = x.shape[-1]
         rows = x.view(-1, width)
-        parts = self._spans(rows.shape[0], self.chunks.ffn)
+        parts = self._spans(rows.shape[0], "ffn")
         size = parts[0][1] - parts[0][0]
         scratch = self._norm_scratch(size, width)
         h_buf = self.mem.new((size, width), x.dtype)
@@ -266,7 +272,7 @@ class PlannedOps:
         b, nh, length, _ = x.shape
         rd, half = cos.shape[-1], cos.shape[-1] // 2
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
-        parts = self._spans(length, self.chunks.attention)
+        parts = self._spans(length, "attention")
         size = parts[0][1] - parts[0][0]
         p_buf = self.mem.new((b, nh, size, rd), torch.float32) if full_precision else None
         first_buf = self.mem.new((b, nh, size, rd), work_dtype)
@@ -297,7 +303,7 @@ class PlannedOps:
             gqa = {"enable_gqa": True}
         elif groups > 1:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
-        parts = self._spans(length, self.chunks.attention)
+        parts = self._spans(length, "attention")
         block = parts[0][1] - parts[0][0]
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
         self.mem.workspace(b * nh * block * (hd * q.element_size() + 4))
@@ -322,7 +328,7 @@ class PlannedOps:
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         self.mem.op(name, x)
         flat = x.reshape(-1, x.shape[-1])
-        parts = self._spans(flat.shape[0], self.chunks.ffn)
+        parts = self._spans(flat.shape[0], "ffn")
         size = parts[0][1] - parts[0][0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -350,7 +356,7 @@ class PlannedOps:
     ) -> Tensor:
         self.mem.op(name, x)
         flat = x.reshape(-1, x.shape[-1])
-        parts = self._spans(flat.shape[0], self.chunks.ffn)
+        parts = self._spans(flat.shape[0], "ffn")
         tokens = parts[0][1] - parts[0][0]
         # Routing (softmax, top-k) per token chunk, and the expert intermediates, whose sizes depend
         # on the routing: bounded by one expert receiving every token of the chunk (its gathered

@@ -1,0 +1,146 @@
+"""Buffer sizes as expressions of the step's symbols: trace once per graph structure, then evaluate.
+
+A step's ops and lifetimes depend only on its structure (batch, and which op groups run in more
+than one chunk: that switches token-local regions from op-by-op to fused); the buffer sizes depend
+on the symbols length L, logits rows per chunk C, the sampler's bytes per row S, and one chunk
+size per chunked op, ceil(total / pieces). Every size in the model is a constant times a product
+of powers of these symbols, so one trace with each symbol set to a distinct large prime (a
+sentinel) recovers each dimension's expression by factoring: the sentinel primes divide no
+dimension of any config. The first evaluation of a structure is checked against a plain trace of
+the same shape; if they differ (a size that is not such a product), that structure keeps being
+traced shape by shape.
+
+Evaluating a plan's sizes then costs microseconds instead of a trace's milliseconds, which is what
+lets the chunking search try many plans per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from ..models.spec import ArchSpec
+from ..runtime.planned_ops import Chunks
+from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
+
+
+def _primes_from(start: int, count: int) -> tuple[int, ...]:
+    found: list[int] = []
+    n = start
+    while len(found) < count:
+        if all(n % d for d in range(2, math.isqrt(n) + 1)):
+            found.append(n)
+        n += 1
+    return tuple(found)
+
+
+# Sentinels: L the largest (every chunk of a length must be shorter than it), then C, S and the
+# chunk sizes of one step (a layer template has a few dozen chunked ops at most).
+LENGTH_SENTINEL = 1_000_003
+ROWS_SENTINEL, SAMPLER_SENTINEL, *CHUNK_SENTINELS = _primes_from(10_007, 2 + 64)
+CHUNK_FIELDS = tuple(f.name for f in fields(Chunks))
+
+
+@dataclass(frozen=True)
+class Monomial:
+    """const * prod(symbol_i ** powers[i]); symbols in the order L, C, S, chunk sizes."""
+
+    const: int
+    powers: tuple[int, ...]
+
+    @classmethod
+    def factor(cls, value: int, sentinels: tuple[int, ...]) -> Monomial:
+        powers = []
+        for p in sentinels:
+            e = 0
+            while value and value % p == 0:
+                value, e = value // p, e + 1
+            powers.append(e)
+        return cls(value, tuple(powers))
+
+    def at(self, values: list[int]) -> int:
+        n = self.const
+        for v, e in zip(values, self.powers, strict=False):
+            if e:
+                n *= v**e
+        return n
+
+
+class SymbolicMemory(TraceMemory):
+    """A trace memory whose chunk sizes are sentinels, remembered with what they divide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunked: list[tuple[int, str]] = []  # (total rows, Chunks field) per chunked op
+
+    def chunk_size(self, total: int, group: str, pieces: int) -> int:
+        if len(self.chunked) == len(CHUNK_SENTINELS):
+            raise RuntimeError("more chunked ops in one step than symbolic chunk sizes")
+        self.chunked.append((total, group))
+        return CHUNK_SENTINELS[len(self.chunked) - 1]
+
+
+@dataclass
+class SymbolicStep:
+    """A traced step whose sizes are expressions: `evaluate` gives the StepGraph of any shape of
+    the same structure."""
+
+    graph: StepGraph  # ops, lifetimes and template, traced at the sentinels
+    dims: list[tuple[Monomial, ...]]  # per buffer, per dimension
+    workspace: dict[int, Monomial]
+    chunk_sizes: list[tuple[Monomial, str]]  # chunk size i = ceil(total / pieces of the field)
+
+    def evaluate(self, shape: StepShape) -> StepGraph:
+        values = [shape.length, shape.chunk, shape.sampler_row_bytes]
+        for total, group in self.chunk_sizes:
+            values.append(-(-total.at(values) // getattr(shape.chunks, group)))
+        buffers = [
+            TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
+            for b, dims in zip(self.graph.buffers, self.dims, strict=True)
+        ]
+        workspace = {t: m.at(values) for t, m in self.workspace.items()}
+        return replace(self.graph, shape=shape, buffers=buffers, workspace=workspace)
+
+
+def structure(shape: StepShape) -> tuple:
+    """What the ops and lifetimes of a step depend on (besides the model)."""
+    return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in CHUNK_FIELDS))
+
+
+def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> SymbolicStep:
+    """Trace `shape`'s structure once at the sentinels and factor every size."""
+    chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in CHUNK_FIELDS})
+    at_sentinels = StepShape(shape.batch, LENGTH_SENTINEL, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
+    memory = SymbolicMemory()
+    graph = trace_step(spec, dtype, at_sentinels, memory)
+    sentinels = (LENGTH_SENTINEL, ROWS_SENTINEL, SAMPLER_SENTINEL, *CHUNK_SENTINELS[: len(memory.chunked)])
+    return SymbolicStep(
+        graph=graph,
+        dims=[tuple(Monomial.factor(d, sentinels) for d in b.shape) for b in graph.buffers],
+        workspace={t: Monomial.factor(n, sentinels) for t, n in graph.workspace.items()},
+        chunk_sizes=[(Monomial.factor(total, sentinels), group) for total, group in memory.chunked],
+    )
+
+
+class StepTracer:
+    """StepGraphs by shape for one model: evaluated from a symbolic trace per structure, checked
+    once against a plain trace; a structure that fails the check is traced shape by shape."""
+
+    def __init__(self, spec: ArchSpec, dtype: torch.dtype):
+        self.spec, self.dtype = spec, dtype
+        self._steps: dict[tuple, SymbolicStep | None] = {}
+
+    def graph(self, shape: StepShape) -> StepGraph:
+        key = structure(shape)
+        if key not in self._steps:
+            step = symbolic_trace(self.spec, self.dtype, shape)
+            traced = trace_step(self.spec, self.dtype, shape)
+            self._steps[key] = step if step.evaluate(shape) == traced else None
+            return traced
+        step = self._steps[key]
+        return step.evaluate(shape) if step is not None else trace_step(self.spec, self.dtype, shape)
+
+    def is_symbolic(self, shape: StepShape) -> bool:
+        return self._steps.get(structure(shape)) is not None
