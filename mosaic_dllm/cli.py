@@ -152,7 +152,9 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
 def _bench_memory(args: argparse.Namespace) -> int:
     from .bench.runner import memory_records, memory_table
 
-    job, executors, options = _bench_base(args)
+    from .memory.budget import parse_bytes
+
+    job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)
     lengths = [int(n) for n in args.lengths.split(",")]
     records = memory_records(job, lengths, executors, options, lambda m: print(m, file=sys.stderr))
     timelines = {r["executor"]: r.pop("timeline") for r in records if r.get("timeline")}
@@ -411,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_flags(p)
     p.add_argument("--lengths", default="512,1024,2048", help="total sequence lengths L")
     p.add_argument("--plot", help="write a PNG with the timelines and peak vs L")
+    p.add_argument("--budget", help="planned executors fit each step into this budget, e.g. 2GiB (default: none)")
     p.set_defaults(func=_bench_memory)
     p = bench.add_parser("max-len", help="longest sequence whose step fits an activation budget")
     _add_bench_flags(p)
