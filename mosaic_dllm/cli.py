@@ -151,7 +151,6 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
 
 def _bench_memory(args: argparse.Namespace) -> int:
     from .bench.runner import memory_records, memory_table
-
     from .memory.budget import parse_bytes
 
     job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)

@@ -274,20 +274,17 @@ class PlannedOps:
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
         parts = self._spans(length, "attention")
         size = parts[0][1] - parts[0][0]
-        p_buf = self.mem.new((b, nh, size, rd), torch.float32) if full_precision else None
+        # In float32 the bf16 inputs are widened inside each op (exactly, as .float() would), so no
+        # float32 copy of x is needed.
         first_buf = self.mem.new((b, nh, size, rd), work_dtype)
         rotated_buf = self.mem.new((b, nh, size, rd), work_dtype)
         for start, end in parts:  # a block is read whole before it is overwritten
             n = end - start
-            part = x[:, :, start:end, :rd]
-            if p_buf is not None:
-                p = p_buf[:, :, :n]
-                p.copy_(part)
-            else:
-                p = part
+            p = x[:, :, start:end, :rd]
             first, rotated = first_buf[:, :, :n], rotated_buf[:, :, :n]
             torch.mul(p, cos[start:end], out=first)
-            torch.neg(p[..., half:], out=rotated[..., :half])
+            rotated[..., :half].copy_(p[..., half:])
+            rotated[..., :half].neg_()
             rotated[..., half:].copy_(p[..., :half])
             rotated.mul_(sin[start:end])
             first.add_(rotated)
