@@ -66,6 +66,7 @@ def propose(
         if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
             lg = logits.to(torch.float64)
             rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
+            del lg
         else:
             rows_x0 = torch.argmax(logits, dim=-1)
         x0[0, pos] = rows_x0
@@ -74,6 +75,7 @@ def propose(
                 confidence = torch.full((1, length), -torch.inf, dtype=logits.dtype, device=x.device)
             p = F.softmax(logits, dim=-1)
             confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
+            del p  # not alive while the next chunk is reduced: the plan budgets one chunk's temporaries
     if noise is not None:
         noise.finish()  # keep the generator where the official full draw leaves it
     if remasking == "random":

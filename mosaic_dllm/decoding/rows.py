@@ -42,22 +42,25 @@ class UniformReplay:
 
     The official sampler draws rand(1, L, V) in one call; the CPU generator fills it element by
     element, so drawing the same rows in order, and discarding the rows nobody reads, reproduces
-    it exactly with memory for one chunk of rows only.
+    it exactly with memory for one chunk of rows only: rows nobody reads are drawn and dropped in
+    pieces no larger than the largest chunk taken so far, so the plan's per-row sampler cost
+    (decoding/sampler_cost.py measures a take across such a gap) covers them.
     """
 
-    def __init__(self, gen: torch.Generator, rows: int, vocab: int, device: torch.device, discard_elems: int = 1 << 22):
+    def __init__(self, gen: torch.Generator, rows: int, vocab: int, device: torch.device):
         self.gen, self.rows, self.vocab, self.device = gen, rows, vocab, device
         self.next_row = 0
-        self.discard_rows = max(1, discard_elems // vocab)
+        self.block_rows = 1
 
     def _discard(self, upto: int) -> None:
         while self.next_row < upto:
-            n = min(self.discard_rows, upto - self.next_row)
+            n = min(self.block_rows, upto - self.next_row)
             torch.rand(n, self.vocab, dtype=torch.float64, generator=self.gen, device=self.device)
             self.next_row += n
 
     def take(self, positions: Tensor) -> Tensor:
         """(C, V) uniforms for ascending `positions` (all >= any position taken before)."""
+        self.block_rows = max(self.block_rows, positions.numel())
         out = torch.empty(positions.numel(), self.vocab, dtype=torch.float64, device=self.device)
         pos = positions.tolist()
         i = 0

@@ -25,11 +25,12 @@ def sampler_row_bytes(
     gen = torch.Generator(device=device).manual_seed(0)
     batch = 2 if family in BLOCK_FAMILIES and cfg.cfg_scale > 0 else 1
     logits = torch.randn((batch, ROWS, vocab), generator=gen, device=device).to(dtype)
-    positions = torch.arange(ROWS, device=device)
+    # Rows 1..ROWS are skipped: the official noise of rows nobody reads is drawn and dropped mid-take.
+    positions = torch.tensor([0, *range(ROWS + 1, 2 * ROWS)], device=device)
     with torch.inference_mode(), LiveTensorTracker() as tracker:
         if family in BLOCK_FAMILIES:
             chunk = llada.cfg_combine(cfg.cfg_scale)(logits)
-            canvas = torch.zeros((1, ROWS), dtype=torch.long, device=device)
+            canvas = torch.zeros((1, 2 * ROWS), dtype=torch.long, device=device)
             llada.propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen)
         else:
             dream.sample_tokens(

@@ -31,7 +31,7 @@ def test_uniform_replay_reproduces_the_full_draw():
     torch.rand(9, 13, dtype=torch.float64, generator=g)
     after_full = torch.rand(3, generator=g)
     g = torch.Generator().manual_seed(4)
-    replay = UniformReplay(g, rows=9, vocab=13, device=torch.device("cpu"), discard_elems=20)
+    replay = UniformReplay(g, rows=9, vocab=13, device=torch.device("cpu"))
     assert torch.equal(replay.take(torch.tensor([1, 2, 5])), full[[1, 2, 5]])
     assert torch.equal(replay.take(torch.tensor([6])), full[[6]])
     replay.finish()

@@ -68,3 +68,20 @@ def test_what_allocates_outside_the_arena_stays_within_the_declared_workspace(ti
     step = max(r.live_bytes for r in tracker.timeline.records)
     assert plan.workspace_bytes >= step * 0.5  # the declared bound is the right size...
     assert step <= plan.workspace_bytes + 64 * 1024  # ...and holds, up to the step's O(L) bookkeeping
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_sampler_holds_one_chunk_of_temporaries_at_a_time(temperature):
+    """With a wide vocabulary the sampler's temporaries dominate the workspace; across several
+    logits chunks only one chunk's may be alive, as the plan assumes."""
+    from dataclasses import replace
+
+    from mosaic_dllm.bench.step import StepRequest, measure, random_weights
+    from mosaic_dllm.models.tiny import tiny_spec
+
+    spec = replace(tiny_spec("llada", ids={"mask": 317, "eos": 316}), vocab_size=20000)
+    request = StepRequest.first_step(spec, 256, 0.5, GenerationConfig(temperature=temperature))
+    m = measure(spec, random_weights(spec, torch.bfloat16), "mosaic", request, {"row_chunk": 16})
+    outside = m.timeline.peak - m.timeline.planned_bytes
+    assert m.plan["workspace_bytes"] >= 16 * 20000 * 2  # at least one chunk's softmax
+    assert outside <= m.plan["workspace_bytes"] + 16 * 1024  # + the step's O(L) bookkeeping
