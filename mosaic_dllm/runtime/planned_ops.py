@@ -184,9 +184,27 @@ class PlannedOps:
         self._project(x.reshape(-1, x.shape[-1]), weight, bias, out.view(-1, weight.shape[0]))
         return out
 
+    @staticmethod
+    def _swiglu_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, g: Tensor, u: Tensor, out: Tensor) -> None:
+        """down(silu(gate(x)) * up(x)) for (n, H) rows `x`, intermediates in `g` and `u` (n rows each)."""
+        torch.mm(x, gate.t(), out=g)
+        F.silu(g, inplace=True)
+        torch.mm(x, up.t(), out=u)
+        g.mul_(u)
+        torch.mm(g, down.t(), out=out)
+
     # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
     # run as one op whose intermediates are one chunk each (the normalised rows, the projection
     # before its residual add, the FFN's intermediates), so none of them exists at full length.
+    def _normed_region(self, x: Tensor, group: str, names: tuple[str, ...]):
+        """Start a fused region that normalises x chunk by chunk: (rows of x, chunks, norm scratch,
+        one chunk of normalised rows)."""
+        self.mem.op("+".join(names), x)
+        rows = x.view(-1, x.shape[-1])
+        parts = self._spans(rows.shape[0], group)
+        size = parts[0][1] - parts[0][0]
+        return rows, parts, self._norm_scratch(size, rows.shape[1]), self.mem.new((size, rows.shape[1]), x.dtype)
+
     def norm_linears(
         self,
         x: Tensor,
@@ -199,13 +217,7 @@ class PlannedOps:
         if self.chunks.projections == 1:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
-        self.mem.op("+".join(names), x)
-        width = x.shape[-1]
-        rows = x.reshape(-1, width)
-        parts = self._spans(rows.shape[0], "projections")
-        size = parts[0][1] - parts[0][0]
-        scratch = self._norm_scratch(size, width)
-        h_buf = self.mem.new((size, width), x.dtype)
+        rows, parts, scratch, h_buf = self._normed_region(x, "projections", names)
         outs = [self.mem.new((*x.shape[:-1], w.shape[0]), x.dtype) for w, _ in linears]
         for start, end in parts:
             h = h_buf[: end - start]
@@ -243,25 +255,16 @@ class PlannedOps:
         if self.chunks.ffn == 1:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
-        self.mem.op("+".join(names), x)
-        width = x.shape[-1]
-        rows = x.view(-1, width)
-        parts = self._spans(rows.shape[0], "ffn")
-        size = parts[0][1] - parts[0][0]
-        scratch = self._norm_scratch(size, width)
-        h_buf = self.mem.new((size, width), x.dtype)
+        rows, parts, scratch, h_buf = self._normed_region(x, "ffn", names)
+        size = h_buf.shape[0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
-        f_buf = self.mem.new((size, width), x.dtype)
+        f_buf = self.mem.new(tuple(h_buf.shape), x.dtype)
         for start, end in parts:  # a chunk's rows are normalised before its own residual add
             n = end - start
-            h, g, u, f = h_buf[:n], g_buf[:n], u_buf[:n], f_buf[:n]
+            h, f = h_buf[:n], f_buf[:n]
             self._norm_rows(rows[start:end], norm_weight, eps, scratch, h)
-            torch.mm(h, gate.t(), out=g)
-            F.silu(g, inplace=True)
-            torch.mm(h, up.t(), out=u)
-            g.mul_(u)
-            torch.mm(g, down.t(), out=f)
+            self._swiglu_rows(h, gate, up, down, g_buf[:n], u_buf[:n], f)
             rows[start:end].add_(f)
         return x
 
@@ -332,12 +335,8 @@ class PlannedOps:
         out = self.mem.new(tuple(x.shape), x.dtype)
         flat_out = out.view(-1, down.shape[0])
         for start, end in parts:
-            g, u = g_buf[: end - start], u_buf[: end - start]
-            torch.mm(flat[start:end], gate.t(), out=g)
-            F.silu(g, inplace=True)
-            torch.mm(flat[start:end], up.t(), out=u)
-            g.mul_(u)
-            torch.mm(g, down.t(), out=flat_out[start:end])
+            n = end - start
+            self._swiglu_rows(flat[start:end], gate, up, down, g_buf[:n], u_buf[:n], flat_out[start:end])
         return out
 
     def moe(
