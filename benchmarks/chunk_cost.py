@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
+from mosaic_dllm.runtime.planned_ops import AllocatorMemory, Chunks, PlannedOps
 
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.runtime.planned_ops import AllocatorMemory, Chunks, PlannedOps
 
 
 def timed(fn, repeats: int) -> float:

@@ -2,10 +2,11 @@
 
 from .config import GenerationConfig, GenerationConfigError
 from .decoding.common import GenerationCancelled, StepEvent
-from .engine import LLM, GenerationOutput, PromptError
+from .engine import LLM, DoesNotFit, GenerationOutput, PromptError
 
 __all__ = [
     "LLM",
+    "DoesNotFit",
     "GenerationConfig",
     "GenerationConfigError",
     "GenerationOutput",

@@ -8,32 +8,18 @@ import logging
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import GenerationConfigError
-from .decoding.common import GenerationCancelled
-from .models import ConfigError
-from .tokenizer import TokenizerError
-
-USER_ERRORS = (CheckpointError, ConfigError, GenerationConfigError, TokenizerError, GenerationCancelled, ValueError)
+from .engine import USER_ERRORS
+from .memory.sizes import gib, mib
+from .runtime import DEFAULT_ROW_CHUNK
 
 
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engine import LLM, default_model_path
+    from .engine import default_model_path
 
     model = args.model or default_model_path()
-    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
-    if args.memory_budget:
-        options["memory_budget"] = args.memory_budget
-    llm = LLM(
-        model,
-        dtype=args.dtype,
-        device=args.device,
-        executor=args.executor,
-        memory_reserve=args.memory_reserve,
-        **options,
-    )
+    llm = _load(args, model)
     settings = {
         k: getattr(args, k)
         for k in (
@@ -51,7 +37,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
     }
     cfg = llm.default_config(**settings, stop_at_eos=args.stop_at_eos or None)
-    cfg_resolved = cfg.resolved(llm.spec.family)  # fail on bad settings before printing anything
+    cfg_resolved = llm.resolve(cfg)  # fail on bad settings before printing anything
     if args.model is None:
         print(
             f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
@@ -78,6 +64,23 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(out.text)
     return 0
+
+
+def _load(args: argparse.Namespace, model):
+    """The engine for `generate` and `serve`: executor options only where the executor takes them."""
+    from .engine import LLM
+
+    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
+    if args.memory_budget:
+        options["memory_budget"] = args.memory_budget
+    return LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        executor=args.executor,
+        memory_reserve=args.memory_reserve,
+        **options,
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -134,9 +137,7 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
     options = variant_options(executors, args.row_chunk, budget)
-    generation = {"temperature": args.temperature}
-    if args.preset and args.preset.startswith("dream") or args.model and "dream" in str(args.model).lower():
-        generation["alg"] = "maskgit_plus"
+    generation = {"temperature": args.temperature}  # the worker adds the family sampler's bench settings
     job = {
         "preset": args.preset,
         "model": args.model,
@@ -151,7 +152,7 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
 
 def _bench_memory(args: argparse.Namespace) -> int:
     from .bench.runner import memory_records, memory_table
-    from .memory.budget import parse_bytes
+    from .memory.sizes import parse_bytes
 
     job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -173,8 +174,8 @@ def _bench_memory(args: argparse.Namespace) -> int:
 
 
 def _bench_max_len(args: argparse.Namespace) -> int:
-    from .bench.runner import max_len_records, mib
-    from .memory.budget import parse_bytes
+    from .bench.runner import max_len_records
+    from .memory.sizes import parse_bytes
 
     budget = parse_bytes(args.budget)
     job, executors, options = _bench_base(args, budget)
@@ -190,7 +191,7 @@ def _bench_max_len(args: argparse.Namespace) -> int:
         args.measure_up_to,
         lambda m: print(m, file=sys.stderr),
     )
-    print(f"activation budget {mib(budget)} MiB")
+    print(f"activation budget {mib(budget)}")
     for r in records:
         errors = [p["prediction_error"] for p in r["probes"] if "prediction_error" in p]
         worst = f", prediction error at measured lengths <= {max(map(abs, errors)):.2%}" if errors else ""
@@ -206,10 +207,10 @@ def _bench_max_len(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     """Plan one first denoising step from the config alone: no weights are read, nothing heavy runs."""
     from . import checkpoint
+    from .bench.capacity import first_step_shape
     from .bench.presets import preset
-    from .graph.trace import StepShape, chunk_bucket
-    from .planner.offsets import ascii_map
-    from .planner.step_plan import plan_step
+    from .plan.offsets import ascii_map
+    from .plan.step_plan import PlanCache
 
     if bool(args.preset) == bool(args.model):
         raise ValueError("give exactly one of --preset NAME or --model PATH")
@@ -221,34 +222,25 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
     if args.length < 2:
         raise ValueError(f"--length must be at least 2, got {args.length}")
-    if not 0 <= args.alpha < 1:
-        raise ValueError(f"--alpha (prompt fraction) must be in [0, 1), got {args.alpha}")
-    from .bench.capacity import first_step_rows
-    from .config import BLOCK_FAMILIES, GenerationConfig
-    from .decoding.sampler_cost import sampler_row_bytes
-
-    settings = GenerationConfig(cfg_scale=args.cfg_scale, alg="origin" if spec.family in BLOCK_FAMILIES else "entropy")
-    sampler = sampler_row_bytes(spec.family, settings.resolved(spec.family), spec.vocab_size, dtype)
-    rows = args.rows or first_step_rows(spec, args.length, args.alpha)
-    batch = 2 if args.cfg_scale and spec.family in BLOCK_FAMILIES else 1
-    shape = StepShape(batch, args.length, chunk_bucket(rows, args.row_chunk), sampler_row_bytes=sampler)
+    shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
+    sampler = shape.sampler_row_bytes
+    plans = PlanCache(spec, dtype)
     summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")}
     if args.budget:  # the lazy search's choice for this budget (DoesNotFit names the floor)
-        from .memory.budget import parse_bytes
-        from .planner.search import fit
-        from .planner.step_plan import PlanCache
+        from .memory.sizes import parse_bytes
+        from .plan.search import fit
 
         budget = parse_bytes(args.budget)
-        result = fit(PlanCache(spec, dtype, 64), shape, budget)
+        result = fit(plans, shape, budget)
         plan = result.plan
         search = {"budget_bytes": budget, "plans_tried": result.plans_tried, "search_seconds": round(result.seconds, 6)}
     else:
-        plan, search = plan_step(spec, dtype, shape), {}
+        plan, search = plans.get(shape), {}
     summary |= plan.summary() | search
     if args.json:
         print(json.dumps(summary))
         return 0
-    mb = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    mb = mib
     print(f"{summary['model']} ({spec.num_layers} layers, {summary['dtype']}), batch {shape.batch}, L={args.length}")
     print(
         f"  arena            {mb(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound {mb(plan.lower_bound_bytes)},"
@@ -274,7 +266,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
     from .bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
-    from .memory.budget import parse_bytes
+    from .memory.sizes import parse_bytes
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
@@ -285,7 +277,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
         budget = parse_bytes(args.device_memory) - weights - parse_bytes(args.memory_reserve)
         if budget <= 0:
             raise ValueError(
-                f"the weights alone ({weights / 2**30:.1f} GiB) and the reserve do not leave activation memory "
+                f"the weights alone ({gib(weights)}) and the reserve do not leave activation memory "
                 f"in {args.device_memory}"
             )
     executors = {
@@ -310,7 +302,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
         return 0
     print(
         f"{record['model']} ({spec.num_layers} layers, {record['dtype']}), activation budget "
-        f"{budget / 2**30:.2f} GiB (predicted from shapes, no weights loaded)"
+        f"{gib(budget)} (predicted from shapes, no weights loaded)"
     )
     for name, r in executors.items():
         extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
@@ -323,23 +315,17 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .engine import LLM, default_model_path
+    from .engine import default_model_path
     from .server import create_app
 
-    budget = {"memory_budget": args.memory_budget} if args.memory_budget else {}
-    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
-    llm = LLM(
-        args.model or default_model_path(),
-        dtype=args.dtype,
-        device=args.device,
-        executor=args.executor,
-        memory_reserve=args.memory_reserve,
-        **budget,
-        **options,
-    )
+    llm = _load(args, args.model or default_model_path())
     app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
+
+
+def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--row-chunk", type=int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
 
 
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
@@ -352,7 +338,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         default="eager,mosaic",
         help="comma-separated: eager, mask-only, planned, chunk-ffn-logits, mosaic (see bench/variants.py)",
     )
-    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
+    _add_row_chunk_flag(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="cpu")
@@ -392,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mosaic", "eager"],
         help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
     )
-    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
+    _add_row_chunk_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     _add_generation_flags(p)
@@ -432,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--executor", default="mosaic", choices=["mosaic", "eager"])
-    p.add_argument("--row-chunk", type=int, default=64, help="mosaic: LM-head rows per chunk")
+    _add_row_chunk_flag(p)
     p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
     p.add_argument("--max-queue", type=int, default=16, help="admitted requests that may wait for the engine")
@@ -449,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
-    p.add_argument("--row-chunk", type=int, default=64, help="LM-head rows per chunk")
+    _add_row_chunk_flag(p)
     p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
     p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")

@@ -1,7 +1,8 @@
 """The Python API: `LLM(path).generate(prompts, GenerationConfig(...))`.
 
-One request's path: prompt -> token ids -> canvas -> denoising loop of the family (decoding/) that
-calls the executor (runtime/) once per step -> tokens -> text.
+One request's path: prompt -> token ids -> the family's sampler starts a state (decoding/) -> each
+step, the executor (runtime/) gives the logits of the rows the state reads and the state advances
+-> tokens -> text.
 """
 
 from __future__ import annotations
@@ -9,19 +10,23 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from .config import BLOCK_FAMILIES, GenerationConfig
-from .decoding import dream as dream_decoding
-from .decoding import llada as llada_decoding
-from .decoding.common import StepCallback, first_eos
-from .decoding.sampler_cost import sampler_row_bytes
-from .memory.budget import DEFAULT_RESERVE, default_budget, parse_bytes
-from .runtime import make_executor
+from .checkpoint import CheckpointError
+from .config import GenerationConfig, GenerationConfigError
+from .decoding import sampler_for
+from .decoding.common import GenerationCancelled, StepCallback, StepInput, denoise, first_eos
+from .memory.budget import DEFAULT_RESERVE, default_budget
+from .memory.sizes import parse_bytes
+from .models import ConfigError
+from .models.groups import Chunks
+from .plan.search import DoesNotFit
+from .plan.step_plan import LRU, StepPlan
+from .runtime import ExecutorOptions, check_executor, make_executor
 from .tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,19 @@ Prompt = str | list[int]
 
 class PromptError(ValueError):
     """A prompt that cannot be generated from (empty, bad ids, text without a tokenizer)."""
+
+
+# What a caller did wrong (as opposed to an engine fault): the CLI prints these as one line, the
+# server answers them with 400.
+USER_ERRORS = (
+    CheckpointError,
+    ConfigError,
+    GenerationConfigError,
+    PromptError,
+    TokenizerError,
+    GenerationCancelled,
+    ValueError,
+)
 
 
 @dataclass
@@ -59,21 +77,30 @@ class LLM:
         executor: str = "mosaic",
         memory_budget: int | str | None = None,
         memory_reserve: int | str = DEFAULT_RESERVE,
-        **executor_options,
+        row_chunk: int | None = None,
+        chunks: Chunks | None = None,
+        chunk_groups: tuple[str, ...] | None = None,
+        activations: str | None = None,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
-        device has free once the weights are loaded, minus `memory_reserve`. Mosaic executor only."""
-        if memory_budget is not None and executor != "mosaic":
-            raise ValueError(f"a memory budget needs the mosaic executor (the {executor} executor cannot chunk)")
-        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        device has free once the weights are loaded, minus `memory_reserve`. It and the other
+        options (`row_chunk`, forced `chunks`, `chunk_groups` the search may split, `activations`)
+        apply to the Mosaic executor; see `runtime.ExecutorOptions`."""
+        given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
+        if memory_budget is not None:
+            given["memory_budget"] = parse_bytes(memory_budget)
+        options = ExecutorOptions(**{k: v for k, v in given.items() if v is not None})
         reserve = parse_bytes(memory_reserve)
+        check_executor(executor, options)  # before the weights are loaded
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
-        if executor == "mosaic":
-            executor_options["memory_budget"] = budget or default_budget(self.checkpoint.weights.embed.device, reserve)
-        self.executor = make_executor(executor, self.spec, self.checkpoint.weights, **executor_options)
-        self._sampler_costs: dict[tuple, int] = {}
+        self.sampler = sampler_for(self.spec)
+        if executor == "mosaic" and options.memory_budget is None:
+            budget = default_budget(self.checkpoint.weights.embed.device, reserve)
+            options = replace(options, memory_budget=budget)
+        self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
+        self._sampler_costs = LRU(64)  # by settings: bytes per logits row
 
     def default_config(self, **overrides) -> GenerationConfig:
         """GenerationConfig from the checkpoint's generation_config.json, then `overrides` (None = keep)."""
@@ -84,6 +111,10 @@ class LLM:
         values = {k: v for k, v in stored.items() if k in known}
         values |= {k: v for k, v in overrides.items() if v is not None}
         return GenerationConfig.from_dict(values)
+
+    def resolve(self, config: GenerationConfig) -> GenerationConfig:
+        """`config` with the family's defaults filled in, every setting checked (GenerationConfigError)."""
+        return self.sampler.resolve(config)
 
     @property
     def device(self) -> torch.device:
@@ -131,7 +162,7 @@ class LLM:
         callback: StepCallback | None = None,
     ) -> list[GenerationOutput]:
         """Generate for one prompt or a list; each prompt runs as its own request (batch size one)."""
-        cfg = (config or self.default_config()).resolved(self.spec.family)
+        cfg = self.resolve(config or self.default_config())
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         if not batch:
             raise PromptError("the prompt is empty (no prompt or token ids given)")
@@ -140,25 +171,27 @@ class LLM:
             self.check_memory(len(ids), cfg)
         return [self._generate_one(ids, cfg, callback) for ids in encoded]
 
-    def check_memory(self, prompt_length: int, cfg: GenerationConfig):
-        """Plan the request's largest step before any work; raises `DoesNotFit` (with the longest
-        length that would fit) when the memory budget cannot hold it. Returns that step's plan
-        (None for executors without a plan)."""
-        if not self.executor.mask_only:
-            return None
-        block = self.spec.family in BLOCK_FAMILIES
-        batch = 2 if block and cfg.cfg_scale > 0 else 1
-        rows = cfg.block_length if block else cfg.gen_length  # the first step reads the most rows
-        return self.executor.plan_for(batch, prompt_length + cfg.gen_length, rows, self._sampler_row_bytes(cfg))
+    def check_memory(self, prompt_length: int, cfg: GenerationConfig) -> StepPlan | None:
+        """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the
+        longest length that would fit) when the memory budget cannot hold it. Returns that step's
+        plan (None for an unplanned executor)."""
+        cfg = self.resolve(cfg)
+        return self.executor.plan_for(
+            self.sampler.guidance_batch(cfg),
+            prompt_length + cfg.gen_length,
+            self.sampler.first_step_rows(cfg),
+            self.sampler_row_bytes(cfg),
+        )
 
-    def _sampler_row_bytes(self, cfg: GenerationConfig) -> int:
-        key = (cfg.temperature, cfg.cfg_scale, cfg.remasking, cfg.alg, cfg.top_p, cfg.top_k)
-        if key not in self._sampler_costs:
+    def sampler_row_bytes(self, cfg: GenerationConfig) -> int:
+        """The sampler's measured temporary bytes per logits row with resolved settings `cfg`."""
+        key = replace(cfg, gen_length=1, steps=1, block_length=None, seed=0, stop_at_eos=False)
+        cost = self._sampler_costs.lookup(key)
+        if cost is None:
             device = self.checkpoint.weights.embed.device
-            self._sampler_costs[key] = sampler_row_bytes(
-                self.spec.family, cfg, self.spec.vocab_size, self.executor.dtype, device
-            )
-        return self._sampler_costs[key]
+            cost = self.sampler.row_bytes(cfg, self.spec.vocab_size, self.executor.dtype, device)
+            self._sampler_costs.put(key, cost)
+        return cost
 
     def _generate_one(
         self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
@@ -173,14 +206,14 @@ class LLM:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        denoise = llada_decoding.denoise if self.spec.family in BLOCK_FAMILIES else dream_decoding.denoise
-        if self.executor.mask_only:
-            self.executor.sampler_row_bytes = self._sampler_row_bytes(cfg)
+        sampler_bytes = self.sampler_row_bytes(cfg)
+
+        def logits(step: StepInput):
+            return self.executor.row_logits(step.ids, step.rows, sampler_bytes)
+
         start = time.perf_counter()
         try:
-            result = denoise(
-                self.executor, prompt, cfg, self.spec.mask_token_id, self.spec.eos_token_ids, gen, callback
-            )
+            result = denoise(self.sampler.start(prompt, cfg, gen), logits, callback)
         finally:
             self.executor.release()  # the request's activation memory goes back, also on cancel or error
         seconds = time.perf_counter() - start
@@ -198,4 +231,12 @@ class LLM:
         )
 
 
-__all__ = ["LLM", "GenerationConfig", "GenerationOutput", "PromptError", "TokenizerError"]
+__all__ = [
+    "LLM",
+    "USER_ERRORS",
+    "DoesNotFit",
+    "GenerationConfig",
+    "GenerationOutput",
+    "PromptError",
+    "TokenizerError",
+]

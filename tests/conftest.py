@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mosaic_dllm.models.tiny import build_tiny_checkpoint
+from tests.tiny import build_tiny_checkpoint
 
 FAMILIES = ("llada", "dream", "llada_moe")
 

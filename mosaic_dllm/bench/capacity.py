@@ -1,6 +1,6 @@
 """The longest sequence a budget holds, per executor, predicted from shapes alone (no weights).
 
-Mosaic: the lazy search's floor (`planner.search.max_length`), then the chunks the search picks at
+Mosaic: the lazy search's floor (`plan.search.max_length`), then the chunks the search picks at
 that length. Eager: the live-tensor timeline of the first step under FakeTensorMode
 (`bench.step.predict`), bisected over the length. The eager executor frees each layer's
 activations before the next, so its peak does not depend on the number of layers and one layer
@@ -14,31 +14,51 @@ from dataclasses import replace
 
 import torch
 
-from ..config import BLOCK_FAMILIES, GenerationConfig
-from ..decoding.sampler_cost import sampler_row_bytes
-from ..graph.trace import StepShape, chunk_bucket
+from ..config import GenerationConfig
+from ..decoding import sampler_for
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes
-from ..planner.search import fit, longest, max_length
-from ..planner.step_plan import PlanCache
-from .step import StepRequest, predict
+from ..plan.search import fit, longest, max_length
+from ..plan.step_plan import PlanCache
+from ..plan.trace import StepShape, chunk_bucket
+from .step import StepRequest, first_step_config, predict
 
 
 def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
     return sum(math.prod(s) for s in expected_shapes(spec).values()) * dtype.itemsize
 
 
-def first_step_rows(spec: ArchSpec, length: int, alpha: float) -> int:
-    """Rows the first step samples: every generated position (one block spanning the answer)."""
-    return max(1, length - max(1, int(length * alpha)))
+def bench_config(spec: ArchSpec, **settings) -> GenerationConfig:
+    """Settings for a first-step benchmark of `spec`'s sampler (rows it reads fixed by the canvas)."""
+    return GenerationConfig(**(sampler_for(spec).bench_settings | settings))
+
+
+def first_step_shape(
+    spec: ArchSpec,
+    dtype: torch.dtype,
+    length: int,
+    alpha: float,
+    row_chunk: int,
+    cfg_scale: float = 0.0,
+    rows: int | None = None,
+    sampler_row_bytes: int | None = None,
+) -> StepShape:
+    """The shape of a request's first step at total length `length`, prompt fraction `alpha`: the
+    rows the sampler reads (or `rows`), its batch and its measured bytes per logits row (at
+    temperature 0; measured unless given)."""
+    sampler = sampler_for(spec)
+    _, cfg = first_step_config(spec, length, alpha, bench_config(spec, cfg_scale=cfg_scale))
+    if sampler_row_bytes is None:
+        sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
+    chunk = chunk_bucket(rows or sampler.first_step_rows(cfg), row_chunk)
+    return StepShape(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
 
 
 def mosaic_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float, row_chunk: int) -> dict:
-    cfg = GenerationConfig(alg="maskgit_plus" if spec.family not in BLOCK_FAMILIES else "origin")
-    plans = PlanCache(spec, dtype, 64)
-    sampler = sampler_row_bytes(spec.family, cfg.resolved(spec.family), spec.vocab_size, dtype)
-    shape = StepShape(1, 2, 1, sampler_row_bytes=sampler)
-    rows_at = lambda n: chunk_bucket(first_step_rows(spec, n, alpha), row_chunk)  # noqa: E731
+    plans = PlanCache(spec, dtype)
+    shape = first_step_shape(spec, dtype, 2, alpha, row_chunk)
+    sampler = shape.sampler_row_bytes
+    rows_at = lambda n: first_step_shape(spec, dtype, n, alpha, row_chunk, sampler_row_bytes=sampler).chunk  # noqa: E731
     longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at)
     out = {"max_len": longest, "sampler_row_bytes": sampler}
     if longest:
@@ -56,10 +76,10 @@ def eager_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float
     if spec.moe is not None:
         return {"max_len": None, "note": "MoE routing depends on values: the eager step cannot be predicted"}
     one_layer = replace(spec, num_layers=1)
-    cfg = GenerationConfig(alg="maskgit_plus" if spec.family not in BLOCK_FAMILIES else "origin")
+    cfg = bench_config(spec)
 
     def fits(length: int) -> bool:
         request = StepRequest.first_step(one_layer, length, alpha, cfg)
         return predict(one_layer, dtype, "eager", request).peak <= budget
 
-    return {"max_len": longest(fits, limit, precision=16)}
+    return {"max_len": longest(fits, limit=limit, precision=16).max_len}

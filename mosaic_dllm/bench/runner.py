@@ -7,11 +7,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from .search import max_length
+from ..memory.sizes import mib as _mib
+from ..plan.search import longest
 
 
 def mib(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
+    return _mib(n, unit=False)
 
 
 def run_job(job: dict, timeout: float | None = None) -> dict:
@@ -118,7 +119,7 @@ def max_len_records(
             probes.append(probe)
             return ok
 
-        result = max_length(fits, start, step, limit, precision)
+        result = longest(fits, start, step, limit, precision)
         measured_ok = [p["length"] for p in probes if p["measured"]]
         out.append(
             {

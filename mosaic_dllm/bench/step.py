@@ -1,30 +1,30 @@
 """One denoising step, the first of a request (every generation position masked): run or predicted.
 
-`first_step` calls the same decoding functions as generation (decoding/), with the canvas of a
-first step, so what is measured is what generation does. `measure` runs it on real tensors under
-the live-tensor tracker and the peak-RSS probe; `predict` runs it under FakeTensorMode, where no
-memory is allocated and nothing is computed, to give the same live-tensor timeline for lengths too
-long to run. A planned executor's arena is outside aten's view in both: it is added to the
-timeline as `planned_bytes` (the plan's arena size). The reveal bookkeeping that follows a step
-(O(L) integers) is not included.
+`first_step` starts the family's sampler on a first-step canvas and runs its step with the executor,
+as generation does (decoding/), so what is measured is what generation does. `measure` runs it on
+real tensors under the live-tensor tracker and the peak-RSS probe; `predict` runs it under
+FakeTensorMode, where no memory is allocated and nothing is computed, to give the same live-tensor
+timeline for lengths too long to run. A planned executor's arena is outside aten's view in both: it
+is added to the timeline as `planned_bytes` (the plan's arena size). The first step's rows are known
+without looking at values (every generated position), so the step runs on fake tensors too; the
+reveal bookkeeping that follows (O(L) integers, data-dependent) is not included.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import BLOCK_FAMILIES, GenerationConfig
-from ..decoding import dream, llada
-from ..decoding.sampler_cost import sampler_row_bytes
+from ..config import GenerationConfig
+from ..decoding import sampler_for
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.rss import PeakMemory
 from ..models.spec import ArchSpec
 from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
-from ..runtime import make_executor
+from ..runtime import Executor, ExecutorOptions, make_executor
 
 
 @dataclass
@@ -35,38 +35,42 @@ class StepRequest:
 
     @classmethod
     def first_step(cls, spec: ArchSpec, length: int, alpha: float, config: GenerationConfig) -> StepRequest:
-        if not 0 <= alpha < 1:
-            raise ValueError(f"alpha (prompt fraction) must be in [0, 1), got {alpha}")
-        prompt = max(1, int(length * alpha))
-        gen_length = length - prompt
-        if gen_length < 1:
-            raise ValueError(f"length {length} leaves no generation positions at alpha {alpha}")
-        if config.alg == "origin" and spec.family not in BLOCK_FAMILIES:
-            raise ValueError("benchmark Dream with alg maskgit_plus, topk_margin or entropy: origin's rows are random")
-        cfg = GenerationConfig(**{**vars(config), "gen_length": gen_length, "steps": 1, "block_length": None})
-        return cls(length, prompt, cfg.resolved(spec.family))
+        """The first step at total length `length`, prompt fraction `alpha`, one block over the answer."""
+        return cls(length, *first_step_config(spec, length, alpha, config))
 
 
-def first_step(executor, spec: ArchSpec, request: StepRequest, gen: torch.Generator) -> None:
+def first_step_config(
+    spec: ArchSpec, length: int, alpha: float, config: GenerationConfig
+) -> tuple[int, GenerationConfig]:
+    """(prompt length, resolved settings) of a first step at total length `length` and prompt
+    fraction `alpha`: one step, one block over the whole answer."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha (prompt fraction) must be in [0, 1), got {alpha}")
+    prompt = max(1, int(length * alpha))
+    gen_length = length - prompt
+    if gen_length < 1:
+        raise ValueError(f"length {length} leaves no generation positions at alpha {alpha}")
+    return prompt, sampler_for(spec).resolve(replace(config, gen_length=gen_length, steps=1, block_length=None))
+
+
+def first_step(executor: Executor, spec: ArchSpec, request: StepRequest, gen: torch.Generator) -> None:
     device = executor.weights.embed.device
-    cfg, p = request.config, request.prompt_length
-    x = torch.full((1, request.length), spec.mask_token_id, dtype=torch.long, device=device)
-    x[0, :p] = (torch.arange(p, device=device) * 7919) % spec.mask_token_id  # any non-mask ids
-    if spec.family in BLOCK_FAMILIES:
-        readable = torch.arange(p, p + cfg.block_length, device=device)
-        chunks = llada.step_chunks(executor, x, readable, x != spec.mask_token_id, spec.mask_token_id, cfg.cfg_scale)
-        llada.propose(chunks, x, spec.vocab_size, cfg.temperature, cfg.remasking, gen)
-    else:
-        masked = torch.arange(p, request.length, device=device)
-        dream.sample_rows(
-            dream.masked_row_chunks(executor, x, masked, None),
-            gen,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            margin_confidence=cfg.alg == "topk_margin",
-            neg_entropy=cfg.alg == "entropy",
-        )
+    p = request.prompt_length
+    prompt = (torch.arange(p, device=device) * 7919) % spec.mask_token_id  # any non-mask ids
+    sampler = sampler_for(spec)
+    state = sampler.start(prompt, request.config, gen)
+    step = sampler.first_step(state)
+    sampler_bytes = sampler.row_bytes(request.config, spec.vocab_size, executor.dtype, torch.device("cpu"))
+    state.propose(lambda: executor.row_logits(step.ids, step.rows, sampler_bytes))
+
+
+def executor_options(options: ExecutorOptions | dict | None) -> ExecutorOptions | None:
+    """Options as the executor takes them; a dict (JSON jobs: lists for tuples) is converted."""
+    if not isinstance(options, dict):
+        return options
+    return (
+        ExecutorOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}) if options else None
+    )
 
 
 @dataclass
@@ -81,18 +85,14 @@ def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.devic
     return from_state_dict(spec, random_state_dict(spec, dtype, device=device))
 
 
-def make_step_executor(executor_name: str, spec: ArchSpec, weights: Weights, request: StepRequest, options: dict):
-    """The executor, told what the request's sampler costs per logits row (its plans include it)."""
-    executor = make_executor(executor_name, spec, weights, **options)
-    if executor.mask_only:
-        executor.sampler_row_bytes = sampler_row_bytes(spec.family, request.config, spec.vocab_size, executor.dtype)
-    return executor
-
-
 def measure(
-    spec: ArchSpec, weights: Weights, executor_name: str, request: StepRequest, options: dict | None = None
+    spec: ArchSpec,
+    weights: Weights,
+    executor_name: str,
+    request: StepRequest,
+    options: ExecutorOptions | dict | None = None,
 ) -> StepMeasurement:
-    executor = make_step_executor(executor_name, spec, weights, request, options or {})
+    executor = make_executor(executor_name, spec, weights, executor_options(options))
     device = weights.embed.device
     warm = StepRequest.first_step(spec, 64, 0.5, request.config)  # one-time kernel set-up, off the record
     first_step(executor, spec, warm, torch.Generator(device=device).manual_seed(0))
@@ -104,25 +104,26 @@ def measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    tracker.timeline.planned_bytes = getattr(executor, "arena_bytes", 0)
-    plan = getattr(executor, "last_plan", None)
+    tracker.timeline.planned_bytes = executor.arena_bytes
+    plan = executor.last_plan
     return StepMeasurement(tracker.timeline, peak.growth_bytes, seconds, plan.summary() if plan else None)
 
 
 def predict(
-    spec: ArchSpec, dtype: torch.dtype, executor_name: str, request: StepRequest, options: dict | None = None
+    spec: ArchSpec,
+    dtype: torch.dtype,
+    executor_name: str,
+    request: StepRequest,
+    options: ExecutorOptions | dict | None = None,
 ) -> Timeline:
     """The live-tensor timeline of the step, from shapes alone (no memory, no compute)."""
     if spec.moe is not None:
         raise NotImplementedError("MoE steps route tokens by value: their memory can be measured, not predicted")
-    sampler = sampler_row_bytes(spec.family, request.config, spec.vocab_size, dtype)  # real tensors, 4 rows
     with FakeTensorMode():
         state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
-        executor = make_executor(executor_name, spec, from_state_dict(spec, state), **(options or {}))
-        if executor.mask_only:
-            executor.sampler_row_bytes = sampler
+        executor = make_executor(executor_name, spec, from_state_dict(spec, state), executor_options(options))
         first_step(executor, spec, request, torch.Generator().manual_seed(0))  # plans and sizes the arena
         with LiveTensorTracker() as tracker:
             first_step(executor, spec, request, torch.Generator().manual_seed(0))
-    tracker.timeline.planned_bytes = getattr(executor, "arena_bytes", 0)
+    tracker.timeline.planned_bytes = executor.arena_bytes
     return tracker.timeline

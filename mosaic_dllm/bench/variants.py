@@ -15,7 +15,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "eager": ("eager", {}),
     "mask-only": ("mosaic", {"activations": "allocator", "chunk_groups": []}),
     "planned": ("mosaic", {"chunk_groups": []}),
-    "chunk-ffn-logits": ("mosaic", {"chunk_groups": ["ffn", "moe", "logits"]}),
+    "chunk-ffn-logits": ("mosaic", {"chunk_groups": ["ffn", "logits"]}),
     "mosaic": ("mosaic", {}),
 }
 

@@ -1,12 +1,23 @@
-"""What every denoising loop shares: the model call it makes, step events, the EOS completion test."""
+"""What every sampler shares: the `Sampler` protocol, the step-wise state it starts, the loop that
+drives a state with an executor, step events and the EOS completion test.
+
+A sampler (one per family: `llada.py`, `dream.py`) owns everything family-specific about decoding:
+its settings (`resolve`), which rows a step reads, the guidance batch, its temporary bytes per
+logits row, and the denoising loop as a state that advances one step at a time given that step's
+row logits; so requests can be interleaved, and nothing outside the samplers asks which family runs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+
+from ..config import GenerationConfig
+from .rows import RowChunks
 
 
 @dataclass(frozen=True)
@@ -63,3 +74,61 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
 def notify(callback: StepCallback | None, event: StepEvent) -> None:
     if callback is not None and callback(event) is False:
         raise GenerationCancelled(f"generation cancelled by the step callback at step {event.step}")
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What a step needs from the executor: the canvas batch (B, L) and the hidden rows it reads."""
+
+    ids: Tensor
+    rows: Tensor
+
+
+class SamplerState(Protocol):
+    done: bool
+
+    def next_step(self) -> StepInput:
+        """The next step's canvas batch and rows."""
+
+    def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
+        """The step's reduction of its row logits (tokens and confidences), nothing revealed yet."""
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        """Run the step given a callable that yields its row logits (called once, or again when the
+        sampler must re-read them)."""
+
+    def result(self) -> DenoiseResult: ...
+
+
+class Sampler(Protocol):
+    bench_settings: dict  # settings whose first step reads a fixed set of rows (for benchmarks)
+
+    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
+        """Defaults filled in, every setting checked; raises GenerationConfigError."""
+
+    def guidance_batch(self, cfg: GenerationConfig) -> int:
+        """Sequences per step (2 with classifier-free guidance)."""
+
+    def first_step_rows(self, cfg: GenerationConfig) -> int:
+        """Rows the first step reads: the most of any step."""
+
+    def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Measured temporary bytes per logits row of this sampler with settings `cfg`."""
+
+    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> SamplerState:
+        """The state of a request whose resolved settings are `cfg`."""
+
+    def first_step(self, state: SamplerState) -> StepInput:
+        """The first step's input, computed without data-dependent ops (predictable on fake tensors)."""
+
+
+def denoise(
+    state: SamplerState,
+    logits: Callable[[StepInput], RowChunks],
+    callback: StepCallback | None = None,
+) -> DenoiseResult:
+    """Drive `state` to its end; `logits(step)` runs the network for one step."""
+    while not state.done:
+        step = state.next_step()
+        notify(callback, state.advance(lambda step=step: logits(step)))
+    return state.result()

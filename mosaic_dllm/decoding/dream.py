@@ -4,23 +4,30 @@ One canvas, timesteps linspace(1, eps, steps + 1); logits shifted right by one p
 reveals each masked token with probability 1 - s/t; the other algorithms rank masked positions by
 max probability, top1 - top2 margin or negative entropy and reveal int(n * (1 - s/t)) of them.
 
-With a mask-only executor the LM head runs only on the rows the sampler reads (the hidden state
-at p - 1 gives the logits of p), chunk by chunk; the per-row maths is the official one.
+A step reads the masked positions (origin: the masked positions drawn for this step); the hidden
+state at p - 1 gives the logits of p (`ArchSpec.logit_shift`). The Mosaic executor computes only
+those rows, chunk by chunk; the eager one every row, from which they are gathered as the official
+code gathers them. The per-row maths is the official one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from ..config import GenerationConfig
-from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, initial_canvas, notify
-from .rows import Chunks, position_chunks
+from ..config import GenerationConfig, GenerationConfigError
+from ..models.spec import ArchSpec
+from .common import DenoiseResult, StepEvent, StepInput, answer_complete, initial_canvas
+from .cost import measure_row_bytes
+from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
+
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 
 def top_p_logits(logits: Tensor, top_p: float) -> Tensor:
@@ -109,75 +116,133 @@ def sample_rows(
     return torch.cat(confidences), torch.cat(tokens)
 
 
-def shift_logits(logits: Tensor) -> Tensor:
-    """The hidden state at p-1 predicts token p; position 0 keeps its own logits."""
-    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+class DreamSampler:
+    """The official Dream sampler (`_sample`): one canvas, timesteps, four ranking algorithms."""
+
+    bench_settings: dict = {"alg": "maskgit_plus"}  # origin reads a random subset of the rows
+
+    def __init__(self, spec: ArchSpec):
+        self.mask_id, self.eos_ids, self.shift = spec.mask_token_id, spec.eos_token_ids, spec.logit_shift
+
+    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
+        cfg = replace(cfg, steps=cfg.gen_length if cfg.steps is None else cfg.steps)
+        cfg.check_common()
+
+        def fail(msg: str) -> None:
+            raise GenerationConfigError(msg)
+
+        if cfg.block_length not in (None, cfg.gen_length):
+            fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
+        if cfg.cfg_scale:
+            fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
+        if cfg.remasking != "low_confidence":
+            fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
+        if cfg.alg not in ALGS:
+            fail(f"alg must be one of {ALGS}, got {cfg.alg!r}")
+        if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
+            fail(f"top_p must be in (0, 1], got {cfg.top_p}")
+        if cfg.top_k is not None and (isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1):
+            fail(f"top_k must be a positive integer, got {cfg.top_k!r}")
+        if cfg.alg_temp is not None and cfg.alg_temp < 0:
+            fail(f"alg_temp must be >= 0, got {cfg.alg_temp}")
+        if not 0 < cfg.eps < 1:
+            fail(f"eps must be in (0, 1), got {cfg.eps}")
+        return cfg
+
+    def guidance_batch(self, cfg: GenerationConfig) -> int:
+        return 1
+
+    def first_step_rows(self, cfg: GenerationConfig) -> int:
+        return cfg.gen_length
+
+    def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
+            sample_tokens(logits[0], cfg.temperature, cfg.top_p, cfg.top_k, gen, **ranking(cfg))
+
+        return measure_row_bytes(reduce, 1, vocab, dtype, device)
+
+    def hidden_rows(self, positions: Tensor) -> Tensor:
+        """The hidden rows whose logits are those of `positions`."""
+        return (positions - 1).clamp(min=0) if self.shift else positions
+
+    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> DreamState:
+        return DreamState(self, prompt, cfg, gen)
+
+    def first_step(self, state: DreamState) -> StepInput:
+        if state.cfg.alg == "origin":
+            raise ValueError("the first step of alg origin reads a random subset of rows; use maskgit_plus")
+        state.positions = torch.arange(state.prompt_length, state.x.shape[1], device=state.x.device)
+        return StepInput(state.x, self.hidden_rows(state.positions))
 
 
-def masked_row_chunks(executor, x: Tensor, masked: Tensor, subset: Tensor | None) -> Callable[[], Chunks]:
-    """Logits of the masked positions `masked` (ascending), or of `subset` of them (boolean)."""
-    if executor.mask_only:
-        positions = masked if subset is None else masked[subset]
-        hidden_rows = lambda p: (p - 1).clamp(min=0)  # noqa: E731
-        return lambda: position_chunks(executor, x, positions, lambda lg: lg[0], hidden_rows)
-    cache: list[Tensor] = []
-
-    def official() -> Chunks:  # logits for every position, then the masked rows gathered, as official
-        if not cache:
-            mask_logits = shift_logits(executor.logits(x))[0, masked]
-            cache.append(mask_logits if subset is None else mask_logits[subset])
-        yield masked, cache[0]
-
-    return official
+def ranking(cfg: GenerationConfig) -> dict:
+    return {"margin_confidence": cfg.alg == "topk_margin", "neg_entropy": cfg.alg == "entropy"}
 
 
-def denoise(
-    executor,
-    prompt: Tensor,
-    cfg: GenerationConfig,
-    mask_id: int,
-    eos_ids: tuple[int, ...],
-    gen: torch.Generator,
-    callback: StepCallback | None = None,
-) -> DenoiseResult:
-    p_len = prompt.numel()
-    x = initial_canvas(prompt, cfg.gen_length, mask_id)
-    timesteps = dream_timesteps(cfg.steps, cfg.eps, x.device)
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-    for i in range(cfg.steps):
+class DreamState:
+    """One request's denoising, a step at a time: `next_step`, then `advance` with its logits."""
+
+    def __init__(self, sampler: DreamSampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        self.sampler, self.cfg, self.gen = sampler, cfg, gen
+        self.prompt_length = prompt.numel()
+        self.x = initial_canvas(prompt, cfg.gen_length, sampler.mask_id)
+        self.timesteps = dream_timesteps(cfg.steps, cfg.eps, self.x.device)
+        self.steps_run, self.done, self.stopped_at_eos = 0, False, False
+        self.positions = self.chosen = None
+
+    def next_step(self) -> StepInput:
+        """The masked positions; origin draws which of them this step reveals (before the forward
+        pass in the official code too, which consumes no randomness)."""
+        i, x = self.steps_run, self.x
+        masked = (x[0] == self.sampler.mask_id).nonzero().flatten()
+        self.positions, self.chosen = masked, None
+        if self.cfg.alg == "origin":
+            t, s = self.timesteps[i], self.timesteps[i + 1]
+            p_transfer = 1 - s / t if i < self.cfg.steps - 1 else 1
+            self.chosen = torch.rand(masked.numel(), generator=self.gen, device=x.device) < p_transfer
+            self.positions = masked[self.chosen]
+        return StepInput(x, self.sampler.hidden_rows(self.positions))
+
+    def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
+        """Confidence and x0 of the step's positions, from its row logits, as the official
+        sample_tokens over the gathered rows."""
+        wanted, cfg = self.sampler.hidden_rows(self.positions), self.cfg
+
+        def rows() -> Chunks:
+            return ((self.positions[part], lg[0]) for part, lg in select_rows(logits(), wanted, self.x.shape[1]))
+
+        return sample_rows(rows, self.gen, cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **ranking(cfg))
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        cfg, x, mask_id, i = self.cfg, self.x, self.sampler.mask_id, self.steps_run
         mask_index = x == mask_id
-        t, s = timesteps[i], timesteps[i + 1]
-        masked = mask_index[0].nonzero().flatten()
-        before = masked.numel()
+        before = int(mask_index.sum())
+        confidence, x0 = self.propose(logits)
         if cfg.alg == "origin":
-            p_transfer = 1 - s / t if i < cfg.steps - 1 else 1
-            x0 = torch.zeros_like(x[mask_index]) + mask_id
-            chosen = torch.rand(*x0.shape, generator=gen, device=x.device) < p_transfer
-            _, x0[chosen] = sample_rows(masked_row_chunks(executor, x, masked, chosen), gen, **sampling)
-            x[mask_index] = x0.clone()
+            tokens = torch.zeros_like(x[mask_index]) + mask_id
+            tokens[self.chosen] = x0
+            x[mask_index] = tokens.clone()
         else:
-            confidence, x0 = sample_rows(
-                masked_row_chunks(executor, x, masked, None),
-                gen,
-                margin_confidence=cfg.alg == "topk_margin",
-                neg_entropy=cfg.alg == "entropy",
-                **sampling,
-            )
-            n = dream_transfer_count(mask_index, i, cfg.steps, timesteps)
-            full_confidence = torch.full_like(x, -torch.inf, dtype=executor.dtype)
+            n = dream_transfer_count(mask_index, i, cfg.steps, self.timesteps)
+            full_confidence = torch.full_like(x, -torch.inf, dtype=confidence.dtype)
             full_confidence[mask_index] = confidence
             if n > 0:
                 if cfg.alg_temp is None or cfg.alg_temp == 0:
                     _, transfer = torch.topk(full_confidence, n)
                 else:
                     weights = F.softmax(full_confidence / cfg.alg_temp, dim=-1)
-                    transfer = torch.multinomial(weights, num_samples=n, generator=gen)
+                    transfer = torch.multinomial(weights, num_samples=n, generator=self.gen)
                 x_ = torch.zeros_like(x) + mask_id
                 x_[mask_index] = x0.clone()
-                rows = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer)
-                x[rows, transfer] = x_[rows, transfer]
+                batch = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer)
+                x[batch, transfer] = x_[batch, transfer]
+        self.steps_run += 1
         revealed = before - int((x == mask_id).sum())
-        notify(callback, StepEvent(i + 1, cfg.steps, 0, x[0], p_len, mask_id, revealed))
-        if cfg.stop_at_eos and answer_complete(x[0], p_len, mask_id, eos_ids):
-            return DenoiseResult(x[0], i + 1, i + 1, stopped_at_eos=True)
-    return DenoiseResult(x[0], cfg.steps, cfg.steps, stopped_at_eos=False)
+        self.stopped_at_eos = cfg.stop_at_eos and answer_complete(
+            x[0], self.prompt_length, mask_id, self.sampler.eos_ids
+        )
+        self.done = self.stopped_at_eos or self.steps_run == cfg.steps
+        return StepEvent(self.steps_run, cfg.steps, 0, x[0], self.prompt_length, mask_id, revealed)
+
+    def result(self) -> DenoiseResult:
+        return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)

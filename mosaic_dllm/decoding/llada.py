@@ -4,20 +4,30 @@ Semi-autoregressive blocks; per block a fixed quota of tokens per step; x0 from 
 Gumbel-max at temperature > 0); confidence from a softmax in the logits' dtype or uniform noise;
 positions after the current block never compete; the top-k of the quota is revealed.
 
-With a mask-only executor only the masked positions up to the end of the current block are
-evaluated: the official code gives every other position a confidence of -inf, so they never win.
+A step reads the masked positions up to the end of the current block: the official code gives
+every other position a confidence of -inf, so they never win. An executor may give logits for more
+positions (the eager one gives all, as the official code computes them); they are reduced the same
+way and never revealed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import GenerationConfig
-from .common import DenoiseResult, StepCallback, StepEvent, answer_complete, initial_canvas, notify
-from .rows import Chunks, UniformReplay, position_chunks
+from ..config import GenerationConfig, GenerationConfigError
+from ..models.spec import ArchSpec
+from .common import DenoiseResult, StepEvent, StepInput, answer_complete, initial_canvas
+from .cost import measure_row_bytes
+from .rows import Chunks, RowChunks, UniformReplay
 from .schedule import llada_transfer_counts
+
+REMASKING = ("low_confidence", "random")
+DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k")
 
 
 def cfg_combine(cfg_scale: float):
@@ -39,16 +49,6 @@ def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: flo
     un_x = x.clone()
     un_x[prompt_index] = mask_id
     return torch.cat([x, un_x], dim=0)
-
-
-def step_chunks(executor, x: Tensor, positions: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Chunks:
-    """Logits for `positions` (mask-only executors) or for every position (official)."""
-    batch = guidance_batch(x, prompt_index, mask_id, cfg_scale)
-    if executor.mask_only:
-        yield from position_chunks(executor, batch, positions, cfg_combine(cfg_scale))
-    else:
-        logits = cfg_combine(cfg_scale)(executor.logits(batch))
-        yield torch.arange(x.shape[1], device=x.device), logits
 
 
 def propose(
@@ -85,42 +85,119 @@ def propose(
     return x0, confidence
 
 
-def denoise(
-    executor,
-    prompt: Tensor,
-    cfg: GenerationConfig,
-    mask_id: int,
-    eos_ids: tuple[int, ...],
-    gen: torch.Generator,
-    callback: StepCallback | None = None,
-) -> DenoiseResult:
-    """prompt: (P,) ids. Returns the (P + gen_length,) canvas."""
-    p_len = prompt.numel()
-    vocab = executor.spec.vocab_size
-    x = initial_canvas(prompt, cfg.gen_length, mask_id)
-    prompt_index = x != mask_id
-    steps_per_block = cfg.steps // cfg.num_blocks
-    passes = 0
-    for block in range(cfg.num_blocks):
-        start = p_len + block * cfg.block_length
-        end = start + cfg.block_length
-        quota = llada_transfer_counts(x[:, start:end] == mask_id, steps_per_block)
-        for i in range(steps_per_block):
-            mask_index = x == mask_id
-            readable = mask_index[0, :end].nonzero().flatten()  # masked, up to the end of the block
-            chunks = step_chunks(executor, x, readable, prompt_index, mask_id, cfg.cfg_scale)
-            x0, x0_p = propose(chunks, x, vocab, cfg.temperature, cfg.remasking, gen)
-            passes += 1
-            x0_p[:, end:] = -torch.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -torch.inf)
-            transfer = torch.zeros_like(x0, dtype=torch.bool)
-            for row in range(confidence.shape[0]):
-                _, chosen = torch.topk(confidence[row], k=int(quota[row, i]))
-                transfer[row, chosen] = True
-            x[transfer] = x0[transfer]
-            step = block * steps_per_block + i + 1
-            notify(callback, StepEvent(step, cfg.steps, block, x[0], p_len, mask_id, int(transfer.sum())))
-            if cfg.stop_at_eos and answer_complete(x[0], p_len, mask_id, eos_ids):
-                return DenoiseResult(x[0], passes, step, stopped_at_eos=True)
-    return DenoiseResult(x[0], passes, cfg.steps, stopped_at_eos=False)
+class LLaDASampler:
+    """The official LLaDA sampler (also LLaDA-MoE's): blocks, remasking, classifier-free guidance."""
+
+    bench_settings: dict = {}
+
+    def __init__(self, spec: ArchSpec):
+        self.mask_id, self.eos_ids, self.vocab = spec.mask_token_id, spec.eos_token_ids, spec.vocab_size
+
+    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
+        cfg = replace(
+            cfg,
+            steps=cfg.gen_length if cfg.steps is None else cfg.steps,
+            block_length=cfg.gen_length if cfg.block_length is None else cfg.block_length,
+        )
+        cfg.check_common("block_length")
+
+        def fail(msg: str) -> None:
+            raise GenerationConfigError(msg)
+
+        if cfg.gen_length % cfg.block_length:
+            fail(f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})")
+        if cfg.steps % cfg.num_blocks:
+            fail(
+                f"steps ({cfg.steps}) must be divisible by the number of blocks "
+                f"(gen_length / block_length = {cfg.num_blocks})"
+            )
+        if cfg.cfg_scale < 0:
+            fail(f"cfg_scale must be >= 0, got {cfg.cfg_scale}")
+        if cfg.remasking not in REMASKING:
+            fail(f"remasking must be one of {REMASKING}, got {cfg.remasking!r}")
+        defaults = GenerationConfig()
+        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) != getattr(defaults, k)]
+        if dream_only:
+            fail(f"{dream_only} apply to Dream only; LLaDA uses remasking / cfg_scale / block_length")
+        return cfg
+
+    def guidance_batch(self, cfg: GenerationConfig) -> int:
+        return 2 if cfg.cfg_scale > 0 else 1
+
+    def first_step_rows(self, cfg: GenerationConfig) -> int:
+        return cfg.block_length
+
+    def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
+            canvas = torch.zeros((1, length), dtype=torch.long, device=device)
+            chunk = cfg_combine(cfg.cfg_scale)(logits)
+            propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen)
+
+        return measure_row_bytes(reduce, self.guidance_batch(cfg), vocab, dtype, device)
+
+    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> LLaDAState:
+        return LLaDAState(self, prompt, cfg, gen)
+
+    def first_step(self, state: LLaDAState) -> StepInput:
+        p = state.prompt_length
+        rows = torch.arange(p, p + state.cfg.block_length, device=state.x.device)
+        return StepInput(state.guidance_ids(), rows)
+
+
+class LLaDAState:
+    """One request's denoising, a step at a time: `next_step`, then `advance` with its logits."""
+
+    def __init__(self, sampler: LLaDASampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        self.sampler, self.cfg, self.gen = sampler, cfg, gen
+        self.prompt_length = prompt.numel()
+        self.x = initial_canvas(prompt, cfg.gen_length, sampler.mask_id)
+        self.prompt_index = self.x != sampler.mask_id
+        self.steps_per_block = cfg.steps // cfg.num_blocks
+        self.steps_run, self.done, self.stopped_at_eos = 0, False, False
+        self.quota: Tensor | None = None
+
+    @property
+    def block(self) -> int:
+        return self.steps_run // self.steps_per_block
+
+    def guidance_ids(self) -> Tensor:
+        return guidance_batch(self.x, self.prompt_index, self.sampler.mask_id, self.cfg.cfg_scale)
+
+    def next_step(self) -> StepInput:
+        start = self.prompt_length + self.block * self.cfg.block_length
+        end = start + self.cfg.block_length
+        if self.steps_run % self.steps_per_block == 0:  # a block starts: its quota per step
+            self.quota = llada_transfer_counts(self.x[:, start:end] == self.sampler.mask_id, self.steps_per_block)
+        readable = (self.x[0, :end] == self.sampler.mask_id).nonzero().flatten()  # masked, up to the block's end
+        return StepInput(self.guidance_ids(), readable)
+
+    def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
+        """x0 and confidence (1, L) of the step, from its row logits (guidance combined per chunk)."""
+        cfg, combine = self.cfg, cfg_combine(self.cfg.cfg_scale)
+        chunks = ((rows, combine(lg)) for rows, lg in logits())
+        return propose(chunks, self.x, self.sampler.vocab, cfg.temperature, cfg.remasking, self.gen)
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        cfg, mask_id, x = self.cfg, self.sampler.mask_id, self.x
+        end = self.prompt_length + (self.block + 1) * cfg.block_length
+        i = self.steps_run % self.steps_per_block
+        x0, x0_p = self.propose(logits)
+        mask_index = x == mask_id
+        x0_p[:, end:] = -torch.inf
+        x0 = torch.where(mask_index, x0, x)
+        confidence = torch.where(mask_index, x0_p, -torch.inf)
+        transfer = torch.zeros_like(x0, dtype=torch.bool)
+        for row in range(confidence.shape[0]):
+            _, chosen = torch.topk(confidence[row], k=int(self.quota[row, i]))
+            transfer[row, chosen] = True
+        x[transfer] = x0[transfer]
+        block = self.block
+        self.steps_run += 1
+        self.stopped_at_eos = cfg.stop_at_eos and answer_complete(
+            x[0], self.prompt_length, mask_id, self.sampler.eos_ids
+        )
+        self.done = self.stopped_at_eos or self.steps_run == cfg.steps
+        return StepEvent(self.steps_run, cfg.steps, block, x[0], self.prompt_length, mask_id, int(transfer.sum()))
+
+    def result(self) -> DenoiseResult:
+        return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)

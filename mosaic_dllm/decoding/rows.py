@@ -1,40 +1,37 @@
-"""Where a sampler's logits come from: every position (eager, official) or only the rows it reads.
+"""Where a sampler's logits come from, and the official random stream replayed row by row.
 
-A decoding policy asks for the logits of the positions it will read. An executor with
-`mask_only = False` computes the full (B, L, V) tensor as the official code does; one with
-`mask_only = True` computes only the requested rows, chunk by chunk (`MosaicExecutor.row_logits`).
-Either way the policy sees a sequence of (positions, (C, V) logits) chunks and reduces them per row.
+A sampler asks the executor for the logits of the hidden rows it reads. The eager executor gives
+every row at once, as the official code computes them; the Mosaic executor gives the requested
+rows, chunk by chunk. Either way the sampler sees (rows, (B, C, V) logits) chunks and reduces them
+per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-Chunks = Iterator[tuple[Tensor, Tensor]]  # (positions (C,), logits (C, V))
+RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V)) from an executor
+Chunks = Iterator[tuple[Tensor, Tensor]]  # (positions (C,), logits (C, V)) as a sampler reduces them
 
 
-def position_chunks(
-    executor,
-    batch: Tensor,
-    positions: Tensor | None,
-    combine: Callable[[Tensor], Tensor],
-    hidden_rows: Callable[[Tensor], Tensor] = lambda p: p,
-) -> Chunks:
-    """Logits for `positions` of the canvas, combined over the batch by `combine` ((B, ..., V) -> (..., V)).
+def select_rows(chunks: RowChunks, wanted: Tensor, length: int) -> Iterator[tuple[slice, Tensor]]:
+    """Executor chunks as (slice of `wanted`, (B, n, V) logits of those hidden rows).
 
-    positions=None means every position. `hidden_rows` maps positions to the hidden-state rows that
-    produce their logits (Dream: p -> p - 1).
+    A chunk of all `length` canvas rows is the official full logits (the eager executor), from
+    which the wanted rows are gathered; any other chunk is the next piece of `wanted` (the Mosaic
+    executor). Decided by size alone, so it also runs on fake tensors.
     """
-    if not executor.mask_only:
-        raise ValueError("position_chunks is for mask-only executors; eager ones compute full logits")
-    length = batch.shape[1]
-    if positions is None:
-        positions = torch.arange(length, device=batch.device)
-    for part, logits in executor.row_logits(batch, hidden_rows(positions)):
-        yield positions[part], combine(logits)
+    done = 0
+    for rows, logits in chunks:
+        if rows.numel() == length:
+            yield slice(0, wanted.numel()), logits[:, wanted]
+            done = wanted.numel()
+        else:
+            yield slice(done, done + rows.numel()), logits
+            done += rows.numel()
 
 
 class UniformReplay:
@@ -44,7 +41,7 @@ class UniformReplay:
     element, so drawing the same rows in order, and discarding the rows nobody reads, reproduces
     it exactly with memory for one chunk of rows only: rows nobody reads are drawn and dropped in
     pieces no larger than the largest chunk taken so far, so the plan's per-row sampler cost
-    (decoding/sampler_cost.py measures a take across such a gap) covers them.
+    (decoding/cost.py measures a take across such a gap) covers them.
     """
 
     def __init__(self, gen: torch.Generator, rows: int, vocab: int, device: torch.device):

@@ -10,8 +10,8 @@ CUDA and other devices (`tensor` backing): one device buffer grown in 2 MiB step
 allocator's large-block granularity); `trim` frees it and returns cached blocks to the driver. The
 same backing serves fake-tensor prediction, where nothing is allocated at all.
 
-`ArenaMemory` is the `runtime.planned_ops.Memory` that hands out a step plan's buffers as views at
-their planned offsets and checks that every request matches the plan.
+The arena knows bytes only: it is asked for a size and hands out views at offsets. Which buffer
+lives at which offset is the step plan's business (`runtime/mosaic.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ..planner.step_plan import StepPlan
+from .sizes import align_up
 
 GROWTH_STEP = 2 << 20
 
@@ -62,7 +62,7 @@ class Arena:
                 self.base = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                size = -(-nbytes // GROWTH_STEP) * GROWTH_STEP
+                size = align_up(nbytes, GROWTH_STEP)
                 self.base = torch.empty(size, dtype=torch.uint8, device=self.device)
         self.touched_bytes = max(self.touched_bytes, nbytes)
 
@@ -91,8 +91,8 @@ class Arena:
             return
         if self.backing == "mmap":
             page = mmap.PAGESIZE
-            start = -(-keep_bytes // page) * page
-            end = min(self.capacity, -(-self.touched_bytes // page) * page)
+            start = align_up(keep_bytes, page)
+            end = min(self.capacity, align_up(self.touched_bytes, page))
             if end > start:
                 self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
         elif keep_bytes == 0:
@@ -100,44 +100,3 @@ class Arena:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self.touched_bytes = min(self.touched_bytes, keep_bytes)
-
-
-class PlanMismatchError(AssertionError):
-    """A step asked for a buffer its plan does not have: the trace and the run disagree."""
-
-
-class ArenaMemory:
-    """Hands out a step plan's buffers, allocation by allocation, as views of the arena."""
-
-    tracing = False
-
-    def __init__(self, plan: StepPlan, arena: Arena):
-        self.plan, self.arena, self.device = plan, arena, arena.device
-        self.allocations = 0
-        arena.ensure(plan.arena_bytes)
-
-    def op(self, name: str, *reads: torch.Tensor) -> None:
-        pass
-
-    def workspace(self, nbytes: int) -> None:
-        pass
-
-    def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        graph = self.plan.graph
-        if self.allocations >= graph.allocations_per_step:
-            raise PlanMismatchError(f"allocation {self.allocations} is beyond the plan's {graph.allocations_per_step}")
-        index = graph.template_index(self.allocations)
-        planned = graph.buffers[index]
-        if planned.shape != tuple(shape) or planned.dtype != dtype:
-            raise PlanMismatchError(
-                f"allocation {self.allocations} asks for {tuple(shape)} {dtype}, the plan has "
-                f"{planned.shape} {planned.dtype} (written by {graph.ops[planned.op]})"
-            )
-        self.allocations += 1
-        return self.arena.view(self.plan.offset(index), tuple(shape), dtype)
-
-    def finish(self) -> None:
-        if self.allocations != self.plan.graph.allocations_per_step:
-            raise PlanMismatchError(
-                f"the step made {self.allocations} allocations, its plan {self.plan.graph.allocations_per_step}"
-            )

@@ -1,15 +1,17 @@
 """The one description of a denoising forward pass, shared by every family and every executor.
 
 Pre-norm bidirectional transformer: embed, then per layer attention and FFN (dense SwiGLU or MoE)
-with residual adds, then the final norm. Family quirks come from `ArchSpec`; what each op does
-with memory is the executor's business (`runtime/`).
+with residual adds, then the final norm and the LM head over the rows a sampler reads. Family quirks
+come from `ArchSpec`; what each op does with memory is the kernels' business (`kernels/`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from torch import Tensor
 
-from ..runtime.ops import Ops
+from .ops import Ops
 from .spec import ArchSpec
 from .weights import Weights
 
@@ -79,6 +81,10 @@ def ffn_block(
     return ops.add(x, f, name="ffn_residual")
 
 
-def logits(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
-    """(B, L) ids -> (B, L, V) logits for every position, as the official forward returns them."""
-    return ops.lm_head(hidden_states(ops, spec, w, ids), w.lm_head, name="lm_head")
+def logits(
+    ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, rows: Tensor | None = None, chunk: int | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(B, L) ids -> (hidden rows, (B, C, V) logits) chunks for the hidden rows `rows`, `chunk` at a
+    time; rows None: every position in one chunk, as the official forward returns them. The body
+    runs when this is called; the LM head as the chunks are consumed."""
+    return ops.lm_head(hidden_states(ops, spec, w, ids), w.lm_head, rows, chunk, name="lm_head")

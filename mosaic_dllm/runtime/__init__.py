@@ -1,19 +1,40 @@
-"""Executors: interchangeable ways to run one model description."""
+"""Executors: interchangeable ways to run one model description (`executor.Executor`)."""
 
 from __future__ import annotations
 
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from .eager import EagerExecutor
+from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
 
-EXECUTORS = {"eager": EagerExecutor, "mosaic": MosaicExecutor}
+EXECUTORS = ("eager", "mosaic")
 
 
-def make_executor(name: str, spec: ArchSpec, weights: Weights, **options):
+def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
+    """Refuse an unknown executor, or options the executor cannot honour (before any loading)."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
-    return EXECUTORS[name](spec, weights, **options)
+    if name == "eager" and options is not None and options != ExecutorOptions():
+        raise ValueError(
+            "a memory budget, chunks, row chunks or activation options: each needs the mosaic executor "
+            "(the eager executor runs as the official code)"
+        )
 
 
-__all__ = ["EXECUTORS", "EagerExecutor", "MosaicExecutor", "make_executor"]
+def make_executor(name: str, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None) -> Executor:
+    """The executor `name`; options apply to the Mosaic executor (the eager one runs as the official code)."""
+    check_executor(name, options)
+    return MosaicExecutor(spec, weights, options) if name == "mosaic" else EagerExecutor(spec, weights)
+
+
+__all__ = [
+    "DEFAULT_ROW_CHUNK",
+    "EXECUTORS",
+    "EagerExecutor",
+    "Executor",
+    "ExecutorOptions",
+    "MosaicExecutor",
+    "check_executor",
+    "make_executor",
+]

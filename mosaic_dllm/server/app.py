@@ -5,7 +5,9 @@ a GenerationConfig (bad settings are 400), admitted by its memory plan (400 if i
 the budget, 429 with Retry-After if the queue is full), then run by the single engine worker.
 With `stream: true` the answer comes as server-sent events in OpenAI's chunk format; with
 `stream_options: {"denoising": true}` each denoising step also sends a chunk with no choices and a
-`denoising` object holding the current canvas, masked positions shown as `mask_marker`.
+`denoising` object holding the current canvas, masked positions shown as `MASK_MARKER`.
+
+`Service` holds the routes as small named handlers; `create_app` wires them into FastAPI.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,18 +26,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..config import GenerationConfigError
 from ..decoding.common import GenerationCancelled, StepEvent
-from ..engine import LLM, GenerationOutput, PromptError
-from ..planner.search import DoesNotFit
-from ..tokenizer import TokenizerError
+from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
 from .metrics import Metrics
+from .openai_shapes import Shape, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
 from .worker import GenerationWorker, Job, QueueFull
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (GenerationConfigError, PromptError, TokenizerError, ValueError)
-MASK_MARKER = "\u2591"  # light shade: one per masked position in denoising events
 RETRY_AFTER_SECONDS = 1
 
 
@@ -45,79 +43,83 @@ class APIError(Exception):
         self.status, self.message, self.code, self.reason, self.extra = status, message, code, reason, extra
 
 
-def error_body(message: str, code: str, kind: str = "invalid_request_error", **extra) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code} | extra}
+class Service:
+    """The server's state and its route handlers."""
 
+    def __init__(self, llm: LLM, model_name: str | None, max_queue: int):
+        self.llm, self.max_queue = llm, max_queue
+        self.model_id = model_name or Path(llm.checkpoint.path).name
+        self.metrics = Metrics()
+        if llm.executor.memory_budget:
+            self.metrics.budget_bytes.set(llm.executor.memory_budget)
+        self.worker = GenerationWorker(llm, max_queue, self.metrics)
 
-def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> FastAPI:
-    model_id = model_name or Path(llm.checkpoint.path).name
-    metrics = Metrics()
-    budget = getattr(llm.executor, "memory_budget", None)
-    if budget:
-        metrics.budget_bytes.set(budget)
-    worker = GenerationWorker(llm, max_queue, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        yield
-        worker.shutdown()  # graceful: queued and running requests are cancelled at their next step
-
-    app = FastAPI(title="mosaic-dllm", lifespan=lifespan)
-    app.state.worker, app.state.metrics, app.state.llm = worker, metrics, llm
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # -- errors --------------------------------------------------------------------------------
+    async def invalid_body(self, request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
-        metrics.rejections.labels("invalid_request").inc()
-        metrics.requests.labels(request.url.path, "422").inc()
+        self.metrics.rejections.labels("invalid_request").inc()
+        self.metrics.requests.labels(request.url.path, "422").inc()
         return JSONResponse(error_body(f"invalid request: {problems}", "invalid_request"), status_code=422)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.rejections.labels(exc.reason).inc()
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+    async def api_error(self, request: Request, exc: APIError) -> JSONResponse:
+        self.metrics.rejections.labels(exc.reason).inc()
+        self.metrics.requests.labels(request.url.path, str(exc.status)).inc()
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 429 else None
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
         body = error_body(exc.message, exc.code, kind, **exc.extra)
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
-    @app.get("/health")
-    async def health() -> dict:
-        arena = getattr(llm.executor, "arena", None)
+    # -- informational routes ------------------------------------------------------------------
+    async def health(self) -> dict:
+        budget = self.llm.executor.memory_budget
         return {
             "status": "ok",
-            "model": model_id,
-            "family": llm.spec.family,
-            "executor": llm.executor.name,
+            "model": self.model_id,
+            "family": self.llm.spec.family,
+            "executor": self.llm.executor.name,
             "admission": "by memory plan" if budget else "unplanned (eager executor: no budget)",
             "memory_budget_bytes": budget,
-            "arena_committed_bytes": arena.touched_bytes if arena is not None else 0,
-            "running": worker.running is not None,
-            "waiting": worker.waiting,
-            "max_queue": max_queue,
+            "arena_committed_bytes": self.llm.executor.committed_bytes,
+            "running": self.worker.running is not None,
+            "waiting": self.worker.waiting,
+            "max_queue": self.max_queue,
         }
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm"}],
-        }
+    async def models(self) -> dict:
+        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm"}
+        return {"object": "list", "data": [card]}
 
-    def prepare(body: Sampling, prompt_ids: list[int]) -> Job:
-        if body.model not in (None, model_id):
+    # -- generation routes ---------------------------------------------------------------------
+    async def completions(self, body: CompletionRequest, request: Request):
+        job = self.admit(body, self.encode(self.llm.encode, body.prompt))
+        return await self.respond(request, body, job, chat=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        job = self.admit(body, self.encode(self.llm.encode_chat, messages))
+        return await self.respond(request, body, job, chat=True)
+
+    def encode(self, fn: Callable, *args) -> list[int]:
+        try:
+            return fn(*args)
+        except USER_ERRORS as exc:
+            raise APIError(400, str(exc), "invalid_prompt", "invalid_prompt") from None
+
+    def admit(self, body: Sampling, prompt_ids: list[int]) -> Job:
+        """Settings checked, context checked, memory planned and a queue slot taken, or APIError."""
+        if body.model not in (None, self.model_id):
             raise APIError(
                 404,
-                f"model {body.model!r} is not served here; this server serves {model_id!r}",
+                f"model {body.model!r} is not served here; this server serves {self.model_id!r}",
                 "model_not_found",
                 "unknown_model",
             )
+        llm = self.llm
         try:
-            config = llm.default_config(**body.generation_settings()).resolved(llm.spec.family)
+            config = llm.resolve(llm.default_config(**body.generation_settings()))
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_settings", "invalid_settings") from None
         total = len(prompt_ids) + config.gen_length
@@ -130,7 +132,7 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
                 "context_length",
             )
         try:
-            planned = worker.admit(prompt_ids, config)
+            planned = self.worker.admit(prompt_ids, config)
         except DoesNotFit as exc:
             raise APIError(
                 400, str(exc), "memory_budget_exceeded", "memory_budget", longest_length=exc.max_length
@@ -139,39 +141,13 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
             raise APIError(429, f"server busy: {exc}; retry later", "queue_full", "queue_full") from None
         return Job(prompt_ids, config, planned_bytes=planned)
 
-    def encode(fn, *args) -> list[int]:
-        try:
-            return fn(*args)
-        except USER_ERRORS as exc:
-            raise APIError(400, str(exc), "invalid_prompt", "invalid_prompt") from None
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        job = prepare(body, encode(llm.encode, body.prompt))
-        return await respond(request, body, job, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        job = prepare(body, encode(llm.encode_chat, messages))
-        return await respond(request, body, job, chat=True)
-
-    async def respond(request: Request, body: Sampling, job: Job, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        shape = Shape(rid, model_id, chat)
+    async def respond(self, request: Request, body: Sampling, job: Job, chat: bool):
+        shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", self.model_id, chat)
         if body.stream:
             options = body.stream_options
-            return StreamingResponse(
-                stream(
-                    request,
-                    job,
-                    shape,
-                    options.denoising if options else False,
-                    options.include_usage if options else False,
-                ),
-                media_type="text/event-stream",
-            )
-        task = asyncio.ensure_future(run(request.url.path, job))
+            denoising, usage = (options.denoising, options.include_usage) if options else (False, False)
+            return StreamingResponse(self.stream(request, job, shape, denoising, usage), media_type="text/event-stream")
+        task = asyncio.ensure_future(self.run(request.url.path, job))
         while not task.done():  # a client that goes away cancels its generation
             await asyncio.wait({task}, timeout=0.2)
             if not task.done() and await request.is_disconnected():
@@ -182,24 +158,26 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
             return Response(status_code=499)  # nobody is listening any more
         return shape.response(out, job)
 
-    async def run(path: str, job: Job) -> GenerationOutput:
+    async def run(self, path: str, job: Job) -> GenerationOutput:
         start = time.perf_counter()
         try:
-            out = await worker.run(job)
+            out = await self.worker.run(job)
         except GenerationCancelled:
-            metrics.requests.labels(path, "499").inc()
-            metrics.rejections.labels("client_disconnected").inc()
+            self.metrics.requests.labels(path, "499").inc()
+            self.metrics.rejections.labels("client_disconnected").inc()
             raise
         except Exception as exc:  # the request fails, the server keeps serving
             log.exception("generation failed")
             raise APIError(500, f"internal error while generating: {exc}", "internal_error", "internal_error") from exc
-        metrics.requests.labels(path, "200").inc()
-        metrics.prompt_tokens.inc(len(job.prompt_ids))
-        metrics.generated_tokens.inc(len(out.token_ids))
-        metrics.request_latency.observe(time.perf_counter() - start)
+        self.metrics.requests.labels(path, "200").inc()
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.generated_tokens.inc(len(out.token_ids))
+        self.metrics.request_latency.observe(time.perf_counter() - start)
         return out
 
-    async def stream(request: Request, job: Job, shape: Shape, denoising: bool, usage: bool) -> AsyncIterator[str]:
+    async def stream(
+        self, request: Request, job: Job, shape: Shape, denoising: bool, usage: bool
+    ) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StepEvent] = asyncio.Queue()
         if denoising:
@@ -208,13 +186,13 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
                 loop.call_soon_threadsafe(events.put_nowait, replace(event, canvas=event.canvas.clone()))
 
             job.on_step = on_step
-        task = asyncio.ensure_future(run(request.url.path, job))
+        task = asyncio.ensure_future(self.run(request.url.path, job))
         try:
             while not task.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield sse(shape.denoising_chunk(getter.result(), llm))
+                    yield sse(shape.denoising_chunk(getter.result(), self.llm.decode))
                 else:
                     getter.cancel()
             try:
@@ -231,63 +209,31 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
             if not task.done():
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    return app
-
 
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-class Shape:
-    """OpenAI response and chunk objects for one request."""
+def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> FastAPI:
+    service = Service(llm, model_name, max_queue)
 
-    def __init__(self, rid: str, model: str, chat: bool):
-        self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.worker.shutdown()  # queued and running requests are cancelled at their next step
 
-    def _base(self, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
-
-    @staticmethod
-    def usage(out: GenerationOutput, job: Job) -> dict:
-        n_prompt, n_gen = len(job.prompt_ids), len(out.token_ids)
-        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
-
-    @staticmethod
-    def finish_reason(out: GenerationOutput) -> str:
-        return "stop" if out.finish_reason == "eos" else "length"
-
-    def response(self, out: GenerationOutput, job: Job) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None}
-        choice["finish_reason"] = self.finish_reason(out)
-        return self._base(False) | {"choices": [choice], "usage": self.usage(out, job)}
-
-    def final_chunk(self, out: GenerationOutput) -> dict:
-        if self.chat:
-            choice = {"index": 0, "delta": {"role": "assistant", "content": out.text}}
-        else:
-            choice = {"index": 0, "text": out.text, "logprobs": None}
-        return self._base(True) | {"choices": [choice | {"finish_reason": self.finish_reason(out)}]}
-
-    def usage_chunk(self, out: GenerationOutput, job: Job) -> dict:
-        return self._base(True) | {"choices": [], "usage": self.usage(out, job)}
-
-    def denoising_chunk(self, event: StepEvent, llm: LLM) -> dict:
-        answer = event.canvas[event.prompt_length :].tolist()
-        text, run = [], []
-        for token in answer:  # decode runs of revealed tokens, one marker per masked position
-            if token == event.mask_token_id:
-                text.append(llm.decode(run) if run else "")
-                run = []
-                text.append(MASK_MARKER)
-            else:
-                run.append(token)
-        text.append(llm.decode(run) if run else "")
-        masked = sum(t == event.mask_token_id for t in answer)
-        return self._base(True) | {
-            "choices": [],
-            "denoising": {"step": event.step, "steps": event.total_steps, "masked": masked, "text": "".join(text)},
-        }
+    app = FastAPI(title="mosaic-dllm", lifespan=lifespan)
+    app.state.service, app.state.worker, app.state.metrics, app.state.llm = (
+        service,
+        service.worker,
+        service.metrics,
+        llm,
+    )
+    app.add_exception_handler(RequestValidationError, service.invalid_body)
+    app.add_exception_handler(APIError, service.api_error)
+    app.add_api_route("/health", service.health, methods=["GET"])
+    app.add_api_route("/metrics", service.prometheus, methods=["GET"])
+    app.add_api_route("/v1/models", service.models, methods=["GET"])
+    app.add_api_route("/v1/completions", service.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    return app

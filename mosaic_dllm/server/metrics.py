@@ -35,8 +35,7 @@ class Metrics:
         self.budget_bytes = Gauge("mosaic_memory_budget_bytes", "Activation memory budget", registry=r)
 
     def observe_memory(self, llm: LLM) -> None:
-        arena = getattr(llm.executor, "arena", None)
-        self.arena_bytes.set(arena.touched_bytes if arena is not None else 0)
+        self.arena_bytes.set(llm.executor.committed_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,12 @@
 """Admission and execution: plan each request before accepting it, run accepted ones one at a time.
 
-`GenerationWorker.submit` runs on the event loop. It plans the request's largest step against the
+`GenerationWorker.admit` runs on the event loop. It plans the request's largest step against the
 engine's memory budget (`LLM.check_memory`): a request that can never fit is refused at once
 (`DoesNotFit`, with the longest length that would fit); one that fits waits for the engine in a
-bounded queue (`QueueFull` when it is full). A single worker thread runs the engine, so the event
-loop never blocks on a denoising step. Each job carries a cancel flag that the step callback reads:
-a client that goes away stops its generation at the next step, and the engine releases the arena.
+bounded queue (`QueueFull` when it is full); `run` then awaits the engine thread. A single worker
+thread runs the engine, so the event loop never blocks on a denoising step. Each job carries a
+cancel flag that the step callback reads: a client that goes away stops its generation at the next
+step, and the engine releases the arena.
 """
 
 from __future__ import annotations

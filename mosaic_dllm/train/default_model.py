@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from ..models.spec import ArchSpec
-from ..models.tokenizers_build import save_tokenizer, train_bpe
 from . import corpus
+from .bpe import save_tokenizer, train_bpe
 from .trainer import TrainConfig, Trainer, evaluate, unigram_cross_entropy
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint
+from ..kernels.eager import EagerOps
 from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import from_state_dict, random_state_dict
-from ..runtime.eager import EagerOps
 
 log = logging.getLogger(__name__)
 MASK_EPS = 1e-3
@@ -62,7 +62,7 @@ def masked_diffusion_loss(
     p_mask = (1 - MASK_EPS) * t + MASK_EPS
     masked = torch.rand(b, length, generator=gen) < p_mask
     noisy = torch.where(masked, torch.full_like(batch, spec.mask_token_id), batch)
-    logits = transformer.logits(EagerOps(), spec, from_state_dict(spec, params), noisy)
+    _, logits = next(transformer.logits(EagerOps(), spec, from_state_dict(spec, params), noisy))
     ce = F.cross_entropy(logits[masked].float(), batch[masked], reduction="none")
     weighted = (ce / p_mask.expand(b, length)[masked]).sum() / (b * length)
     return weighted, ce.detach().sum(), int(masked.sum())

@@ -8,11 +8,10 @@ import torch
 from mosaic_dllm import GenerationConfig
 from mosaic_dllm.bench.presets import PRESETS, preset
 from mosaic_dllm.bench.runner import run_job
-from mosaic_dllm.bench.search import max_length
 from mosaic_dllm.bench.step import StepRequest, measure, predict, random_weights
-from mosaic_dllm.memory.budget import parse_bytes
-from mosaic_dllm.models.tiny import tiny_spec
-from mosaic_dllm.planner.search import DoesNotFit
+from mosaic_dllm.memory.sizes import parse_bytes
+from mosaic_dllm.plan.search import DoesNotFit, longest
+from tests.tiny import tiny_spec
 
 
 @pytest.mark.parametrize(
@@ -51,7 +50,7 @@ def test_presets_have_the_reference_dimensions():
 
 @pytest.mark.parametrize("threshold", [1, 100, 513, 1000, 5000])
 def test_search_on_monotone_probe(threshold):
-    result = max_length(lambda n: n <= threshold, start=64, step=256, limit=4096, precision=8)
+    result = longest(lambda n: n <= threshold, start=64, step=256, limit=4096, precision=8)
     if threshold < 64:
         assert result.max_len == 0
     elif threshold >= 64 + 256 * 15:  # the sweep never fails below the limit
@@ -62,7 +61,7 @@ def test_search_on_monotone_probe(threshold):
 
 def test_search_on_non_monotone_probe():
     passes = {64, 320, 400, 410}  # fails at 576 first; 400..410 pass again inside the bracket
-    result = max_length(lambda n: n in passes or n < 330, start=64, step=256, limit=4096, precision=4)
+    result = longest(lambda n: n in passes or n < 330, start=64, step=256, limit=4096, precision=4)
     lengths = [n for n, _ in result.probes]
     assert lengths[:3] == [64, 320, 576]  # the linear sweep stops at the first failure
     assert all(n < 576 for n in lengths[3:])  # the bisection stays inside (320, 576)

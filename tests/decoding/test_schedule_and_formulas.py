@@ -7,7 +7,7 @@ import torch
 
 from mosaic_dllm import GenerationCancelled, GenerationConfig
 from mosaic_dllm.decoding import dream, llada
-from mosaic_dllm.decoding.common import answer_complete
+from mosaic_dllm.decoding.common import answer_complete, denoise
 from mosaic_dllm.decoding.schedule import dream_timesteps, dream_transfer_count, llada_transfer_counts
 
 
@@ -40,7 +40,8 @@ def test_cfg_formula():
 
 def test_dream_shift():
     logits = torch.arange(4.0).view(1, 4, 1)
-    assert dream.shift_logits(logits).flatten().tolist() == [0.0, 0.0, 1.0, 2.0]
+    shifted = dream.DreamSampler(SimpleNamespace(mask_token_id=3, eos_token_ids=(2,), logit_shift=True))
+    assert logits[:, shifted.hidden_rows(torch.arange(4))].flatten().tolist() == [0.0, 0.0, 1.0, 2.0]
 
 
 def test_answer_complete():
@@ -53,11 +54,23 @@ def test_answer_complete():
 class SyntheticExecutor:
     """Full-logits executor over a fixed function of the canvas (no network)."""
 
-    mask_only = False
-    dtype = torch.float32
-
     def __init__(self, fn, vocab):
-        self.logits, self.spec = fn, SimpleNamespace(vocab_size=vocab)
+        self.logits, self.vocab = fn, vocab
+
+    def row_logits(self, ids, rows, sampler_row_bytes=0):
+        yield torch.arange(ids.shape[1]), self.logits(ids)
+
+
+def sampler_of(module, executor, eos=(7,)):
+    spec = SimpleNamespace(mask_token_id=31, eos_token_ids=eos, vocab_size=executor.vocab, logit_shift=True)
+    return module.LLaDASampler(spec) if module is llada else module.DreamSampler(spec)
+
+
+def run(module, executor, prompt, cfg, gen, callback=None):
+    """The engine's loop over a synthetic executor: resolve, start, step until done."""
+    sampler = sampler_of(module, executor)
+    state = sampler.start(prompt, sampler.resolve(cfg), gen)
+    return denoise(state, lambda step: executor.row_logits(step.ids, step.rows), callback)
 
 
 def synthetic_logits(vocab=32, eos=7, eos_from=5, prompt_len=3, seed=0):
@@ -83,12 +96,11 @@ def synthetic_logits(vocab=32, eos=7, eos_from=5, prompt_len=3, seed=0):
     ],
 )
 def test_eos_early_exit_returns_the_same_answer(module, settings, saves_steps):
-    fn, prompt, eos = synthetic_logits(), torch.tensor([1, 2, 3]), (7,)
-    family = "llada" if module is llada else "dream"
+    fn, prompt = synthetic_logits(), torch.tensor([1, 2, 3])
     runs = []
     for stop in (False, True):
-        cfg = GenerationConfig(seed=3, stop_at_eos=stop, **settings).resolved(family)
-        runs.append(module.denoise(fn, prompt, cfg, 31, eos, torch.Generator().manual_seed(3)))
+        cfg = GenerationConfig(seed=3, stop_at_eos=stop, **settings)
+        runs.append(run(module, fn, prompt, cfg, torch.Generator().manual_seed(3)))
     full, early = runs
     gen_full, gen_early = full.canvas[3:], early.canvas[3:]
     first = int((gen_full == 7).nonzero()[0])
@@ -99,10 +111,10 @@ def test_eos_early_exit_returns_the_same_answer(module, settings, saves_steps):
 
 def test_callback_sees_every_step_and_can_cancel():
     fn, prompt = synthetic_logits(), torch.tensor([1, 2, 3])
-    cfg = GenerationConfig(gen_length=8, steps=4, block_length=4).resolved("llada")
+    cfg = GenerationConfig(gen_length=8, steps=4, block_length=4)
     events = []
-    llada.denoise(fn, prompt, cfg, 31, (7,), torch.Generator(), callback=events.append)
+    run(llada, fn, prompt, cfg, torch.Generator(), callback=events.append)
     assert [e.step for e in events] == [1, 2, 3, 4] and [e.block for e in events] == [0, 0, 1, 1]
     assert sum(e.revealed for e in events) == 8 and (events[-1].canvas == 31).sum() == 0
     with pytest.raises(GenerationCancelled):
-        llada.denoise(fn, prompt, cfg, 31, (7,), torch.Generator(), callback=lambda e: e.step < 2)
+        run(llada, fn, prompt, cfg, torch.Generator(), callback=lambda e: e.step < 2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.models.groups import Chunks, spans
 from mosaic_dllm.runtime import EagerExecutor
-from mosaic_dllm.runtime.planned_ops import Chunks, spans
 
 FORCED = [
     Chunks(norms=3),

@@ -108,7 +108,9 @@ def test_llada_confidences_match_the_full_logits_path(
     prompt_index[0, :8] = True
     outs = []
     for llm in (eager, mosaic):
-        chunks = llada.step_chunks(llm.executor, x, readable, prompt_index, mask, cfg_scale)
+        batch = llada.guidance_batch(x, prompt_index, mask, cfg_scale)
+        combine = llada.cfg_combine(cfg_scale)
+        chunks = ((rows, combine(lg)) for rows, lg in llm.executor.row_logits(batch, readable))
         outs.append(
             llada.propose(chunks, x, llm.spec.vocab_size, temperature, remasking, torch.Generator().manual_seed(9))
         )

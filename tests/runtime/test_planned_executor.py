@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.kernels.planned import PlannedOps
 from mosaic_dllm.memory.accounting import LiveTensorTracker
-from mosaic_dllm.memory.arena import ArenaMemory, PlanMismatchError
 from mosaic_dllm.runtime import EagerExecutor
-from mosaic_dllm.runtime.planned_ops import PlannedOps
+from mosaic_dllm.runtime.mosaic import ArenaMemory, PlanMismatchError
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -62,7 +62,7 @@ def test_what_allocates_outside_the_arena_stays_within_the_declared_workspace(ti
     cfg = GenerationConfig(gen_length=40, steps=1, temperature=0.5)
     if family == "dream":
         cfg = GenerationConfig(gen_length=40, steps=1, temperature=0.5, alg="entropy", top_p=0.9)
-    plan = llm.check_memory(3, cfg.resolved(family))
+    plan = llm.check_memory(3, cfg)
     with LiveTensorTracker() as tracker:
         llm.generate([5, 6, 7], cfg)
     step = max(r.live_bytes for r in tracker.timeline.records)
@@ -77,7 +77,7 @@ def test_the_sampler_holds_one_chunk_of_temporaries_at_a_time(temperature):
     from dataclasses import replace
 
     from mosaic_dllm.bench.step import StepRequest, measure, random_weights
-    from mosaic_dllm.models.tiny import tiny_spec
+    from tests.tiny import tiny_spec
 
     spec = replace(tiny_spec("llada", ids={"mask": 317, "eos": 316}), vocab_size=20000)
     request = StepRequest.first_step(spec, 256, 0.5, GenerationConfig(temperature=temperature))

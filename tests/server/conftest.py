@@ -11,8 +11,8 @@ import torch
 import uvicorn
 
 from mosaic_dllm import LLM
-from mosaic_dllm.models.tiny import build_tiny_checkpoint
 from mosaic_dllm.server import create_app
+from tests.tiny import build_tiny_checkpoint
 
 
 @contextmanager

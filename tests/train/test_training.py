@@ -3,10 +3,10 @@
 import torch
 
 from mosaic_dllm import LLM, GenerationConfig
-from mosaic_dllm.models.tiny import tiny_spec
-from mosaic_dllm.models.tokenizers_build import save_tokenizer, train_bpe
 from mosaic_dllm.train import corpus
+from mosaic_dllm.train.bpe import save_tokenizer, train_bpe
 from mosaic_dllm.train.trainer import TrainConfig, Trainer, evaluate
+from tests.tiny import tiny_spec
 
 PATTERN = torch.arange(0, 50).repeat(200)  # a corpus whose masked tokens are predictable from neighbours
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.graph.trace import OP_GROUPS, StepShape, chunk_bucket, trace_step
-from mosaic_dllm.models.tiny import tiny_spec
-from mosaic_dllm.planner.step_plan import plan_step
+from mosaic_dllm.models.groups import BY_NAME
+from mosaic_dllm.plan.step_plan import plan_step
+from mosaic_dllm.plan.trace import StepShape, chunk_bucket, trace_step
+from tests.tiny import tiny_spec
 
 IDS = {"mask": 317, "eos": 316}
 
@@ -18,7 +19,7 @@ def test_every_op_is_named_grouped_and_buffers_live_within_the_step(family):
     spec = tiny_spec(family, ids=IDS)
     graph = trace_step(spec, torch.bfloat16, StepShape(2, 50, 8))
     assert graph.ops[0] == "embed" and graph.ops[-1] == "lm_head"
-    assert set(graph.ops) <= set(OP_GROUPS)
+    assert len(graph.groups) == len(graph.ops) and set(graph.groups) <= set(BY_NAME)  # every op grouped
     for b in graph.buffers:
         assert 0 <= b.op <= b.last < len(graph.ops)
     residual = graph.buffers[0]  # the embedding output becomes the residual stream, updated in place
@@ -66,7 +67,7 @@ def test_step_plans_are_valid_and_close_to_the_lower_bound(family, length):
     assert plan.lower_bound_bytes <= plan.arena_bytes <= 1.15 * plan.lower_bound_bytes
     assert plan.predicted_peak_bytes == plan.arena_bytes + plan.workspace_bytes
     summary = plan.summary()
-    assert summary["length"] == length and summary["peak_group"] in set(OP_GROUPS.values())
+    assert summary["length"] == length and summary["peak_group"] in set(BY_NAME)
 
 
 @pytest.mark.parametrize("name", ["llada-8b", "dream-7b", "llada-moe-7b"])

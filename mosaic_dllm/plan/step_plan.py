@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..graph.symbolic import StepTracer
-from ..graph.trace import StepGraph, StepShape, trace_step
 from ..models.spec import ArchSpec
-from .offsets import Buffer, Plan, best_plan, validate
+from .offsets import Buffer, Plan, best_plan, live_profile, validate
+from .symbolic import StepTracer
+from .trace import StepGraph, StepShape, trace_step
 
 
 def device_alignment(device: torch.device) -> int:
@@ -82,20 +82,6 @@ class StepPlan:
         }
 
 
-def live_profile(buffers: list[Buffer], ops: int, alignment: int) -> list[int]:
-    """Live (aligned) bytes at each op."""
-    delta = [0] * (ops + 1)
-    for b in buffers:
-        size = -(-b.size // alignment) * alignment
-        delta[b.first] += size
-        delta[b.last + 1] -= size
-    live, out = 0, []
-    for t in range(ops):
-        live += delta[t]
-        out.append(live)
-    return out
-
-
 def plan_step(
     spec: ArchSpec,
     dtype: torch.dtype,
@@ -127,24 +113,42 @@ def plan_step(
     )
 
 
+class LRU(OrderedDict):
+    """A mapping that keeps its `capacity` most recently used entries."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def lookup(self, key):
+        """The value for `key` (marked as just used), or None."""
+        if key not in self:
+            return None
+        self.move_to_end(key)
+        return self[key]
+
+    def put(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+
+
 class PlanCache:
     """Plans by step shape, least recently used evicted first; counts plans made and time spent."""
 
-    def __init__(self, spec: ArchSpec, dtype: torch.dtype, alignment: int, capacity: int = 16):
-        self.spec, self.dtype, self.alignment, self.capacity = spec, dtype, alignment, capacity
-        self._plans: OrderedDict[StepShape, StepPlan] = OrderedDict()
+    def __init__(self, spec: ArchSpec, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 16):
+        self.spec, self.dtype, self.alignment = spec, dtype, device_alignment(torch.device(device))
+        self._plans: LRU = LRU(capacity)
         self.tracer = StepTracer(spec, dtype)
         self.plans_made = 0
         self.planning_seconds = 0.0
 
     def get(self, shape: StepShape) -> StepPlan:
-        if shape in self._plans:
-            self._plans.move_to_end(shape)
-            return self._plans[shape]
-        plan = plan_step(self.spec, self.dtype, shape, self.alignment, tracer=self.tracer)
-        self.plans_made += 1
-        self.planning_seconds += plan.planning_seconds
-        self._plans[shape] = plan
-        if len(self._plans) > self.capacity:
-            self._plans.popitem(last=False)
+        plan = self._plans.lookup(shape)
+        if plan is None:
+            plan = plan_step(self.spec, self.dtype, shape, self.alignment, tracer=self.tracer)
+            self.plans_made += 1
+            self.planning_seconds += plan.planning_seconds
+            self._plans.put(shape, plan)
         return plan

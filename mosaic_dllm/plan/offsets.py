@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..memory.sizes import align_up
+
 
 @dataclass(frozen=True)
 class Buffer:
@@ -41,22 +43,23 @@ class OverlapError(AssertionError):
     """Two simultaneously live buffers share bytes in a plan."""
 
 
-def _align(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
+def live_profile(buffers: Sequence[Buffer], ops: int, alignment: int = 1) -> list[int]:
+    """Live (aligned) bytes at each of `ops` op indices."""
+    delta = [0] * (ops + 1)
+    for b in buffers:
+        size = align_up(b.size, alignment)
+        delta[b.first] += size
+        delta[b.last + 1] -= size
+    live, out = 0, []
+    for t in range(ops):
+        live += delta[t]
+        out.append(live)
+    return out
 
 
 def lower_bound(buffers: Sequence[Buffer], alignment: int = 1) -> int:
     """The largest sum of simultaneously live (aligned) sizes: no plan can use less."""
-    events: dict[int, int] = {}
-    for b in buffers:
-        size = _align(b.size, alignment)
-        events[b.first] = events.get(b.first, 0) + size
-        events[b.last + 1] = events.get(b.last + 1, 0) - size
-    live = peak = 0
-    for t in sorted(events):
-        live += events[t]
-        peak = max(peak, live)
-    return peak
+    return max(live_profile(buffers, max((b.last for b in buffers), default=-1) + 1, alignment), default=0)
 
 
 def _place(buffer: Buffer, size: int, placed: list[tuple[Buffer, int, int]], alignment: int, best_fit: bool) -> int:
@@ -69,7 +72,7 @@ def _place(buffer: Buffer, size: int, placed: list[tuple[Buffer, int, int]], ali
             choice, choice_gap = cursor, gap
             if not best_fit:
                 return choice
-        cursor = max(cursor, _align(end, alignment))
+        cursor = max(cursor, align_up(end, alignment))
     return choice if choice is not None else cursor
 
 
@@ -102,7 +105,7 @@ def _greedy(order: list[Buffer], alignment: int, best_fit: bool, name: str) -> P
     offsets: dict[str, int] = {}
     arena = 0
     for b in order:
-        size = _align(b.size, alignment)
+        size = align_up(b.size, alignment)
         offset = _place(b, size, placed, alignment, best_fit)
         placed.append((b, offset, size))
         offsets[b.name] = offset

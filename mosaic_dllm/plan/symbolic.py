@@ -17,12 +17,13 @@ lets the chunking search try many plans per step.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from ..memory.sizes import ceil_div
+from ..models.groups import PIECE_GROUPS, Chunks
 from ..models.spec import ArchSpec
-from ..runtime.planned_ops import Chunks
 from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
 
 
@@ -40,7 +41,6 @@ def _primes_from(start: int, count: int) -> tuple[int, ...]:
 # chunk sizes of one step (a layer template has a few dozen chunked ops at most).
 LENGTH_SENTINEL = 1_000_003
 ROWS_SENTINEL, SAMPLER_SENTINEL, *CHUNK_SENTINELS = _primes_from(10_007, 2 + 64)
-CHUNK_FIELDS = tuple(f.name for f in fields(Chunks))
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class SymbolicMemory(TraceMemory):
 
     def __init__(self) -> None:
         super().__init__()
-        self.chunked: list[tuple[int, str]] = []  # (total rows, Chunks field) per chunked op
+        self.chunked: list[tuple[int, str]] = []  # (total rows, op group) per chunked op
 
     def chunk_size(self, total: int, group: str, pieces: int) -> int:
         if len(self.chunked) == len(CHUNK_SENTINELS):
@@ -90,12 +90,12 @@ class SymbolicStep:
     graph: StepGraph  # ops, lifetimes and template, traced at the sentinels
     dims: list[tuple[Monomial, ...]]  # per buffer, per dimension
     workspace: dict[int, Monomial]
-    chunk_sizes: list[tuple[Monomial, str]]  # chunk size i = ceil(total / pieces of the field)
+    chunk_sizes: list[tuple[Monomial, str]]  # chunk size i = ceil(total / pieces of the group)
 
     def evaluate(self, shape: StepShape) -> StepGraph:
         values = [shape.length, shape.chunk, shape.sampler_row_bytes]
         for total, group in self.chunk_sizes:
-            values.append(-(-total.at(values) // getattr(shape.chunks, group)))
+            values.append(ceil_div(total.at(values), getattr(shape.chunks, group)))
         buffers = [
             TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
             for b, dims in zip(self.graph.buffers, self.dims, strict=True)
@@ -106,12 +106,12 @@ class SymbolicStep:
 
 def structure(shape: StepShape) -> tuple:
     """What the ops and lifetimes of a step depend on (besides the model)."""
-    return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in CHUNK_FIELDS))
+    return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in PIECE_GROUPS))
 
 
 def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
-    chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in CHUNK_FIELDS})
+    chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
     at_sentinels = StepShape(shape.batch, LENGTH_SENTINEL, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
     memory = SymbolicMemory()
     graph = trace_step(spec, dtype, at_sentinels, memory)

@@ -12,29 +12,23 @@ the budget allows. If no split lowers the peak (it sits in projections, the resi
 groups already at their smallest chunk), the step cannot fit: `DoesNotFit` names the floor and
 the longest sequence that would fit.
 
-Chunk sizes never go below `MIN_CHUNK_TOKENS` tokens (query rows for attention): below that a
-GEMM's per-call overhead dominates (see benchmarks/README.md for the measured cost).
+Which groups exist, what each splits and its smallest chunk come from the groups table
+(`models/groups.py`). `longest` is the one max-length search (the Mosaic paper's sweep, then
+bisection), used here for the floor and by the benchmarks for measured probes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from ..graph.trace import StepShape
+from ..memory.sizes import ceil_div, mib
+from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup
 from .step_plan import PlanCache, StepPlan
+from .trace import StepShape
 
-MIN_CHUNK_TOKENS = 32
-GROUP_FIELD = {
-    "norms": "norms",
-    "attention": "attention",
-    "ffn": "ffn",
-    "moe": "ffn",
-    "qkv_projections": "projections",
-    "output_projection": "projections",
-}
-CHUNKABLE_GROUPS = ("logits", "norms", "attention", "ffn", "moe", "qkv_projections", "output_projection")
+__all__ = ["CHUNKABLE_GROUPS", "MIN_CHUNK_TOKENS", "DoesNotFit", "fit", "longest", "max_length", "most_chunked"]
 
 
 class DoesNotFit(ValueError):
@@ -52,29 +46,35 @@ class SearchResult:
     seconds: float
 
 
-def _tokens(group: str, shape: StepShape) -> int:
-    return shape.length if group == "attention" else shape.batch * shape.length
+def _rows(group: OpGroup, shape: StepShape) -> int:
+    """What a chunk of `group` splits: every token of the batch, or one sequence's queries."""
+    return shape.length if group.splits == "queries" else shape.batch * shape.length
 
 
-def _split(shape: StepShape, group: str) -> StepShape | None:
-    """The shape with `group` in twice as many pieces, or None if it cannot be split further."""
-    if group == "logits":
-        return replace(shape, chunk=shape.chunk // 2) if shape.chunk > 1 else None
-    field = GROUP_FIELD.get(group)
-    if field is None:
+def _split(shape: StepShape, name: str) -> StepShape | None:
+    """The shape with group `name` in chunks half as large, or None if it cannot be split further."""
+    group = BY_NAME[name]
+    if group.splits == "rows":  # the logits: rows per chunk
+        return replace(shape, chunk=shape.chunk // 2) if shape.chunk > group.min_chunk else None
+    if group.splits is None:
         return None
-    pieces = getattr(shape.chunks, field)
-    tokens = _tokens(group, shape)
-    if -(-tokens // pieces) <= MIN_CHUNK_TOKENS:
+    pieces, rows = getattr(shape.chunks, name), _rows(group, shape)
+    if ceil_div(rows, pieces) <= group.min_chunk:
         return None
-    more = min(pieces * 2, -(-tokens // MIN_CHUNK_TOKENS))
-    return replace(shape, chunks=replace(shape.chunks, **{field: more}))
+    more = min(pieces * 2, ceil_div(rows, group.min_chunk))
+    return replace(shape, chunks=replace(shape.chunks, **{name: more}))
 
 
 def most_chunked(shape: StepShape, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> StepShape:
     """Every group in `groups` at its smallest chunk: the floor of what chunking them can reach."""
-    pieces = {f: max(1, -(-_tokens(g, shape) // MIN_CHUNK_TOKENS)) for g, f in GROUP_FIELD.items() if g in groups}
-    return replace(shape, chunk=1 if "logits" in groups else shape.chunk, chunks=replace(shape.chunks, **pieces))
+    chunk, pieces = shape.chunk, {}
+    for name in groups:
+        group = BY_NAME[name]
+        if group.splits == "rows":
+            chunk = group.min_chunk
+        elif group.splits is not None:
+            pieces[name] = max(1, ceil_div(_rows(group, shape), group.min_chunk))
+    return replace(shape, chunk=chunk, chunks=replace(shape.chunks, **pieces))
 
 
 def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> SearchResult:
@@ -97,16 +97,45 @@ def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...]
     return SearchResult(plan, tried, time.perf_counter() - start)
 
 
-def longest(fits: Callable[[int], bool], limit: int = 1 << 22, precision: int = 1) -> int:
-    """The largest n <= limit with fits(n), for a monotone probe: doubling, then bisection (0 if none)."""
-    lo, hi = 0, 2
-    while hi <= limit and fits(hi):
-        lo, hi = hi, hi * 2
-    hi = min(hi, limit + 1)
+@dataclass
+class LengthSearch:
+    max_len: int  # 0 when even `start` does not fit
+    probes: list[tuple[int, bool]] = field(default_factory=list)  # (length, fits) in probe order
+
+
+def longest(
+    fits: Callable[[int], bool], start: int = 2, step: int | None = None, limit: int = 1 << 22, precision: int = 1
+) -> LengthSearch:
+    """The longest length with `fits`: sweep start, start + step, ... (doubling when `step` is None)
+    up to `limit`; at the first failure, bisect down to `precision` (the Mosaic paper's procedure).
+
+    With a non-monotone probe the answer is the largest length that passed on the search path
+    below the first failure; lengths above it are never probed. If nothing fails up to `limit`,
+    the last length swept is the answer.
+    """
+    if start < 1 or (step is not None and step < 1) or precision < 1 or limit < start:
+        raise ValueError("need start >= 1, step >= 1, precision >= 1 and limit >= start")
+    result = LengthSearch(0)
+
+    def probe(n: int) -> bool:
+        ok = fits(n)
+        result.probes.append((n, ok))
+        return ok
+
+    good, n = 0, start
+    while n <= limit:
+        if not probe(n):
+            break
+        good, n = n, (n + step if step else n * 2)
+    else:
+        result.max_len = good
+        return result
+    lo, hi = good, n  # lo fits (or 0), hi does not
     while hi - lo > precision:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+        lo, hi = (mid, hi) if probe(mid) else (lo, mid)
+    result.max_len = lo
+    return result
 
 
 def max_length(
@@ -125,7 +154,7 @@ def max_length(
         probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))), groups)
         return plans.get(probe).predicted_peak_bytes <= budget
 
-    return longest(fits, limit)
+    return longest(fits, limit=limit).max_len
 
 
 def _does_not_fit(
@@ -134,7 +163,6 @@ def _does_not_fit(
     floor = plans.get(most_chunked(shape, groups))
     floor_bytes = min(floor.predicted_peak_bytes, plan.predicted_peak_bytes)
     longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk, groups=groups)
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
     message = (
         f"a denoising step at length {shape.length} (batch {shape.batch}) needs at least "
         f"{mib(floor_bytes)} of activation memory, more than the budget of {mib(budget)}: "

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import save
-from .spec import ArchSpec, MoESpec
-from .tokenizers_build import save_tokenizer, train_bpe
-from .weights import random_state_dict
+from mosaic_dllm.checkpoint import save
+from mosaic_dllm.models.spec import ArchSpec, MoESpec
+from mosaic_dllm.models.weights import random_state_dict
+from mosaic_dllm.train.bpe import save_tokenizer, train_bpe
 
 SAMPLE_TEXT = [
     "Return the number of items in the container.",

@@ -1,12 +1,12 @@
 """The op graph of one mask-only denoising step, traced from the model description itself.
 
-`trace_step` runs `models.transformer` with `PlannedOps` on the meta device: nothing is computed
+`trace_step` runs `models.transformer` with the planned kernels on the meta device: nothing is computed
 and no memory is used, but every op declares what it reads and every activation it writes comes
 from `TraceMemory.new`. That yields the ops in execution order, each buffer's size, dtype, shape
 and lifetime (first write to last read), and the kernel workspace outside the arena. Shapes are
 functions of the step's symbols (`StepShape`: batch, sequence length, logits rows per chunk, chunk
 counts) and of the spec; a trace evaluates them for one shape (milliseconds, meta tensors), and
-`graph/symbolic.py` turns one trace per structure into expressions evaluated in microseconds.
+`plan/symbolic.py` turns one trace per structure into expressions evaluated in microseconds.
 
 Layers that are alike are traced once: the step is prefix (embedding, rotary tables), one layer
 template repeated `num_layers` times, and tail (final norm, LM head over row chunks). Buffers of
@@ -22,47 +22,22 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..kernels.planned import PlannedOps
+from ..memory.sizes import ceil_div
 from ..models import transformer
+from ..models.groups import Chunks
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
-from ..runtime.planned_ops import Chunks, PlannedOps
 
 PREFIX_OPS = ("embed", "rotary_tables")
 TAIL_OPS = ("final_norm", "lm_head")
-# Op name -> the group a chunking decision applies to (see `peak_group`).
-OP_GROUPS = {
-    "embed": "embedding",
-    "rotary_tables": "embedding",
-    "attn_norm": "norms",
-    "ffn_norm": "norms",
-    "final_norm": "norms",
-    "q_norm": "norms",
-    "k_norm": "norms",
-    "q_proj": "qkv_projections",
-    "k_proj": "qkv_projections",
-    "v_proj": "qkv_projections",
-    "rotary_q": "attention",
-    "rotary_k": "attention",
-    "attention": "attention",
-    "o_proj": "output_projection",
-    "attn_residual": "residual",
-    "ffn_residual": "residual",
-    "shared_expert_add": "residual",
-    "mlp": "ffn",
-    "shared_expert": "ffn",
-    "moe": "moe",
-    "lm_head": "logits",
-    # token-chunked regions, run as one op each (runtime/planned_ops.py)
-    "attn_norm+q_proj+k_proj+v_proj": "qkv_projections",
-    "o_proj+attn_residual": "output_projection",
-    "ffn_norm+mlp+ffn_residual": "ffn",
-}
 
 
 @dataclass(frozen=True)
 class StepShape:
     """What a step's memory depends on: batch (2 with CFG), sequence length, logits rows per chunk,
-    the chunk counts of the other op groups, and the sampler's temporary bytes per logits row."""
+    the chunk counts of the other op groups, and the sampler's temporary bytes per logits row.
+    Per-request facts travel here, never as executor attributes."""
 
     batch: int
     length: int
@@ -98,6 +73,7 @@ class TracedBuffer:
 class StepGraph:
     shape: StepShape
     ops: list[str]  # op names in execution order (prefix, one layer template, tail)
+    groups: list[str]  # per op: its op group (models/groups.py)
     buffers: list[TracedBuffer]
     workspace: dict[int, int]  # op -> bytes its kernel allocates outside the arena
     prefix_allocs: int  # allocations before the layer template
@@ -119,24 +95,26 @@ class StepGraph:
         return len(self.buffers) + self.template_allocs * (self.repeats - 1)
 
     def group(self, op: int) -> str:
-        return OP_GROUPS.get(self.ops[op], self.ops[op])
+        return self.groups[op]
 
 
 class TraceMemory:
-    """`runtime.planned_ops.Memory` that records instead of placing: meta tensors, lifetimes, workspace."""
+    """`kernels.planned.Memory` that records instead of placing: meta tensors, lifetimes, workspace."""
 
     tracing = True
 
     def __init__(self) -> None:
         self.device = torch.device("meta")
         self.ops: list[str] = []
+        self.groups: list[str] = []
         self.buffers: list[TracedBuffer] = []
         self.workspace_bytes: dict[int, int] = {}
         self._owner: dict[int, int] = {}  # storage -> buffer index
         self._keep: list[torch.Tensor] = []  # keeps storages alive so their keys stay unique
 
-    def op(self, name: str, *reads: torch.Tensor) -> None:
+    def op(self, name: str, group: str, *reads: torch.Tensor) -> None:
         self.ops.append(name)
+        self.groups.append(group)
         t = len(self.ops) - 1
         for x in reads:
             index = self._owner.get(x.untyped_storage()._cdata)
@@ -156,7 +134,7 @@ class TraceMemory:
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
     def chunk_size(self, total: int, group: str, pieces: int) -> int:
-        return -(-total // pieces)
+        return ceil_div(total, pieces)
 
 
 def uniform_layers(spec: ArchSpec) -> bool:
@@ -179,8 +157,7 @@ def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, memory: Tra
     ids = torch.empty((shape.batch, shape.length), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
     weights = meta_weights(traced, dtype)
-    hidden = transformer.hidden_states(ops, traced, weights, ids)
-    for _ in ops.lm_head_rows(hidden, weights.lm_head, rows, shape.chunk, name="lm_head"):
+    for _ in transformer.logits(ops, traced, weights, ids, rows, shape.chunk):
         memory.workspace(shape.chunk * shape.sampler_row_bytes)  # the sampler's temporaries per chunk
     return _layer_template(memory, shape, repeats=spec.num_layers // traced.num_layers)
 
@@ -196,4 +173,6 @@ def _layer_template(memory: TraceMemory, shape: StepShape, repeats: int) -> Step
             raise AssertionError(f"buffer {b.index} written by {names[b.op]} is read after its layer")
     prefix = sum(b.op < first for b in memory.buffers)
     template = sum(first <= b.op <= last for b in memory.buffers)
-    return StepGraph(shape, names, memory.buffers, memory.workspace_bytes, prefix, template, repeats, (first, last))
+    return StepGraph(
+        shape, names, memory.groups, memory.buffers, memory.workspace_bytes, prefix, template, repeats, (first, last)
+    )

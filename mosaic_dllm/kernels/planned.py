@@ -3,34 +3,34 @@
 Each op first declares itself and the tensors it reads (`memory.op`), then asks for its outputs and
 scratch buffers (`memory.new`) and writes them with `out=` or in place. The same code therefore
 serves two purposes: traced on the meta device it yields the step's op graph and buffer lifetimes
-(`graph/trace.py`); run against an arena it places every activation at its planned offset
-(`memory/arena.py`). The arithmetic is the official one, op for op, as in `EagerOps`, so results
+(`plan/trace.py`); run against an arena it places every activation at its planned offset
+(`runtime/mosaic.py`). The arithmetic is the official one, op for op, as in `EagerOps`, so results
 are bit-identical; only where results are written differs.
 
 What still allocates outside the arena is declared with `memory.workspace`: the output of the fused
 attention kernel (it has no out= form) and MoE routing and expert intermediates (their sizes
 depend on the routing, i.e. on values).
 
-Chunking (`Chunks`): norms run over token chunks, rotary and attention over query blocks (against
-all keys and values), the dense FFN (fused with its norm and residual add) and MoE over token
-chunks, the attention norm fused with the q/k/v projections and the output projection fused with
-its residual add over token chunks; their scratch buffers shrink to one chunk. Rotary rotates q
-and k in place and attention writes each query block's output over that block of q, so a layer at
-its most chunked holds the residual stream, q, k and v and little else. Every row's arithmetic is
-unchanged, so bf16 results stay bit-identical (fp32 GEMMs on fewer rows may round differently in
-the last bit).
+Chunking (`models.groups.Chunks`: pieces per group of the groups table): norms run over token
+chunks, rotary and attention over query blocks (against all keys and values), the dense FFN (fused
+with its norm and residual add) and MoE over token chunks, the attention norm fused with the q/k/v
+projections and the output projection fused with its residual add over token chunks; their scratch
+buffers shrink to one chunk. Rotary rotates q and k in place and attention writes each query block's
+output over that block of q, so a layer at its most chunked holds the residual stream, q, k and v
+and little else. Every row's arithmetic is unchanged, so bf16 results stay bit-identical (fp32 GEMMs
+on fewer rows may round differently in the last bit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, spans
 from .eager import route_and_run_experts
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
@@ -38,31 +38,12 @@ from .eager import route_and_run_experts
 NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-@dataclass(frozen=True)
-class Chunks:
-    """How many pieces each chunkable op group runs in (1: whole); part of a step's plan key."""
-
-    norms: int = 1
-    attention: int = 1  # rotary and attention, by query blocks
-    ffn: int = 1  # dense FFN (with its norm and residual add) and MoE, by token chunks
-    projections: int = 1  # attention norm with q/k/v projections; output projection with its residual add
-
-    def as_dict(self) -> dict[str, int]:
-        return {"norms": self.norms, "attention": self.attention, "ffn": self.ffn, "projections": self.projections}
-
-
-def spans(total: int, pieces: int) -> list[tuple[int, int]]:
-    """[start, end) of `pieces` near-equal consecutive chunks of `total` (fewer if total is small)."""
-    size = -(-total // max(1, pieces))
-    return [(s, min(s + size, total)) for s in range(0, total, size)]
-
-
 class Memory(Protocol):
     device: torch.device
     tracing: bool  # True: meta tensors, nothing computed; data-dependent work is skipped
 
-    def op(self, name: str, *reads: Tensor) -> None:
-        """An op named `name` starts and reads `reads`."""
+    def op(self, name: str, group: str, *reads: Tensor) -> None:
+        """An op named `name`, of op group `group`, starts and reads `reads`."""
 
     def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialised buffer written by the current op."""
@@ -71,7 +52,7 @@ class Memory(Protocol):
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
     def chunk_size(self, total: int, group: str, pieces: int) -> int:
-        """Tracing only: rows in the first of `pieces` chunks of `total` rows (chunk group `group`)."""
+        """Tracing only: rows in the first of `pieces` chunks of `total` rows (op group `group`)."""
 
 
 class AllocatorMemory:
@@ -85,7 +66,7 @@ class AllocatorMemory:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def op(self, name: str, *reads: Tensor) -> None:
+    def op(self, name: str, group: str, *reads: Tensor) -> None:
         pass
 
     def new(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -96,21 +77,30 @@ class AllocatorMemory:
 
 
 class PlannedOps:
-    """Implements `runtime.ops.Ops` (mask-only: `lm_head_rows` instead of `lm_head`) on a `Memory`."""
+    """Implements `models.ops.Ops` on a `Memory`; each method runs in the chunks of its op group."""
 
-    def __init__(self, memory: Memory, chunks: Chunks = Chunks()):
-        self.mem, self.chunks = memory, chunks
+    def __init__(self, memory: Memory, chunks: Chunks | None = None):
+        self.mem, self.chunks = memory, chunks or Chunks()
 
-    def _spans(self, total: int, group: str) -> list[tuple[int, int]]:
-        """The chunks of `total` rows for the `Chunks` field `group`; a trace needs only the size of
-        the first (every buffer is sized by it), which the tracing memory gives."""
-        pieces = getattr(self.chunks, group)
+    def _begin(self, method: str, name: str, *reads: Tensor) -> OpGroup:
+        """Declare an op of `method`'s group; returns the group."""
+        group = GROUP_OF_METHOD[method]
+        self.mem.op(name, group.name, *reads)
+        return group
+
+    def _chunked(self, method: str) -> bool:
+        return getattr(self.chunks, GROUP_OF_METHOD[method].name) > 1
+
+    def _spans(self, total: int, group: OpGroup) -> list[tuple[int, int]]:
+        """The chunks of `total` rows for `group`; a trace needs only the size of the first (every
+        buffer is sized by it), which the tracing memory gives."""
+        pieces = getattr(self.chunks, group.name)
         if self.mem.tracing:
-            return [(0, self.mem.chunk_size(total, group, pieces))]
+            return [(0, self.mem.chunk_size(total, group.name, pieces))]
         return spans(total, pieces)
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
-        self.mem.op(name, ids)
+        self._begin("embed", name, ids)
         out = self.mem.new((*ids.shape, table.shape[1]), table.dtype)
         torch.index_select(table, 0, ids.reshape(-1), out=out.view(-1, table.shape[1]))
         return out
@@ -118,7 +108,7 @@ class PlannedOps:
     def rotary_tables(
         self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
     ) -> tuple[Tensor, Tensor]:
-        self.mem.op(name)
+        self._begin("rotary_tables", name)
         device = self.mem.device
         inv_freq = 1.0 / (  # rotary_dim / 2 floats: negligible, left to the allocator
             theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim)
@@ -167,10 +157,10 @@ class PlannedOps:
             torch.addmm(bias, x, weight.t(), out=out)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
-        self.mem.op(name, x)
+        group = self._begin("rms_norm", name, x)
         width = x.shape[-1]
         rows = x.reshape(-1, width)
-        parts = self._spans(rows.shape[0], "norms")
+        parts = self._spans(rows.shape[0], group)
         scratch = self._norm_scratch(parts[0][1] - parts[0][0], width)
         out = x if overwrite and x.is_contiguous() else self.mem.new(tuple(x.shape), x.dtype)
         flat_out = out.view(-1, width)
@@ -179,7 +169,7 @@ class PlannedOps:
         return out
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
-        self.mem.op(name, x)
+        self._begin("linear", name, x)
         out = self.mem.new((*x.shape[:-1], weight.shape[0]), x.dtype)
         self._project(x.reshape(-1, x.shape[-1]), weight, bias, out.view(-1, weight.shape[0]))
         return out
@@ -196,10 +186,10 @@ class PlannedOps:
     # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
     # run as one op whose intermediates are one chunk each (the normalised rows, the projection
     # before its residual add, the FFN's intermediates), so none of them exists at full length.
-    def _normed_region(self, x: Tensor, group: str, names: tuple[str, ...]):
+    def _normed_region(self, method: str, x: Tensor, names: tuple[str, ...]):
         """Start a fused region that normalises x chunk by chunk: (rows of x, chunks, norm scratch,
         one chunk of normalised rows)."""
-        self.mem.op("+".join(names), x)
+        group = self._begin(method, "+".join(names), x)
         rows = x.view(-1, x.shape[-1])
         parts = self._spans(rows.shape[0], group)
         size = parts[0][1] - parts[0][0]
@@ -214,10 +204,10 @@ class PlannedOps:
         *,
         names: tuple[str, ...],
     ) -> list[Tensor]:
-        if self.chunks.projections == 1:
+        if not self._chunked("norm_linears"):
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
-        rows, parts, scratch, h_buf = self._normed_region(x, "projections", names)
+        rows, parts, scratch, h_buf = self._normed_region("norm_linears", x, names)
         outs = [self.mem.new((*x.shape[:-1], w.shape[0]), x.dtype) for w, _ in linears]
         for start, end in parts:
             h = h_buf[: end - start]
@@ -229,11 +219,11 @@ class PlannedOps:
     def linear_add(
         self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, *, names: tuple[str, str]
     ) -> Tensor:
-        if self.chunks.projections == 1:
+        if not self._chunked("linear_add"):
             return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
-        self.mem.op("+".join(names), x, y)
+        group = self._begin("linear_add", "+".join(names), x, y)
         rows, into = y.reshape(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-        parts = self._spans(rows.shape[0], "projections")
+        parts = self._spans(rows.shape[0], group)
         buf = self.mem.new((parts[0][1] - parts[0][0], weight.shape[0]), x.dtype)
         for start, end in parts:
             projected = buf[: end - start]
@@ -252,10 +242,10 @@ class PlannedOps:
         *,
         names: tuple[str, ...],
     ) -> Tensor:
-        if self.chunks.ffn == 1:
+        if not self._chunked("norm_mlp_add"):
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
-        rows, parts, scratch, h_buf = self._normed_region(x, "ffn", names)
+        rows, parts, scratch, h_buf = self._normed_region("norm_mlp_add", x, names)
         size = h_buf.shape[0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -271,11 +261,11 @@ class PlannedOps:
     def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
         """x (B, nh, L, hd) rotated in place over query blocks of the sequence (the model reads only
         the rotated q and k)."""
-        self.mem.op(name, x, cos, sin)
+        group = self._begin("rotary", name, x, cos, sin)
         b, nh, length, _ = x.shape
         rd, half = cos.shape[-1], cos.shape[-1] // 2
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
-        parts = self._spans(length, "attention")
+        parts = self._spans(length, group)
         size = parts[0][1] - parts[0][0]
         # In float32 the bf16 inputs are widened inside each op (exactly, as .float() would), so no
         # float32 copy of x is needed.
@@ -295,7 +285,7 @@ class PlannedOps:
         return x
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
-        self.mem.op(name, q, k, v)
+        group = self._begin("attention", name, q, k, v)
         b, nh, length, hd = q.shape
         groups = nh // k.shape[1]
         gqa = {}
@@ -303,7 +293,7 @@ class PlannedOps:
             gqa = {"enable_gqa": True}
         elif groups > 1:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
-        parts = self._spans(length, "attention")
+        parts = self._spans(length, group)
         block = parts[0][1] - parts[0][0]
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
         self.mem.workspace(b * nh * block * (hd * q.element_size() + 4))
@@ -326,9 +316,9 @@ class PlannedOps:
         return out
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
-        self.mem.op(name, x)
+        group = self._begin("mlp", name, x)
         flat = x.reshape(-1, x.shape[-1])
-        parts = self._spans(flat.shape[0], "ffn")
+        parts = self._spans(flat.shape[0], group)
         size = parts[0][1] - parts[0][0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -350,9 +340,9 @@ class PlannedOps:
         *,
         name: str,
     ) -> Tensor:
-        self.mem.op(name, x)
+        group = self._begin("moe", name, x)
         flat = x.reshape(-1, x.shape[-1])
-        parts = self._spans(flat.shape[0], "ffn")
+        parts = self._spans(flat.shape[0], group)
         tokens = parts[0][1] - parts[0][0]
         # Routing (softmax, top-k) per token chunk, and the expert intermediates, whose sizes depend
         # on the routing: bounded by one expert receiving every token of the chunk (its gathered
@@ -373,18 +363,21 @@ class PlannedOps:
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         """The residual stream stays in place: x += y."""
-        self.mem.op(name, x, y)
+        self._begin("add", name, x, y)
         return x.add_(y)
 
-    def lm_head_rows(
-        self, hidden: Tensor, weight: Tensor, rows: Tensor, chunk: int, *, name: str
-    ) -> Iterator[tuple[slice, Tensor]]:
-        """(slice of `rows`, (B, C, V) logits) for hidden rows `rows`, `chunk` rows at a time.
+    def lm_head(
+        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(hidden rows, (B, C, V) logits) for hidden rows `rows` (None: all), `chunk` rows at a time.
 
         Both the gathered rows and the logits live in one planned buffer each, reused by every
         chunk: consume a chunk's logits before advancing.
         """
-        self.mem.op(name, hidden, rows)
+        if rows is None:
+            rows = torch.arange(hidden.shape[1], device=hidden.device)
+        chunk = chunk or max(1, rows.numel())
+        self._begin("lm_head", name, hidden, rows)
         b, v = hidden.shape[0], weight.shape[0]
         gathered = self.mem.new((b, chunk, hidden.shape[-1]), hidden.dtype)
         logits = self.mem.new((b, chunk, v), hidden.dtype)
@@ -395,4 +388,4 @@ class PlannedOps:
             torch.index_select(hidden, 1, part, out=h)
             out = logits.view(-1)[: b * n * v].view(b, n, v)
             torch.matmul(h, weight.t(), out=out)
-            yield slice(start, start + n), out
+            yield part, out

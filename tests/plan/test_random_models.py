@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mosaic_dllm.bench.step import random_weights
-from mosaic_dllm.graph.trace import StepShape
-from mosaic_dllm.models.tiny import tiny_spec
-from mosaic_dllm.planner.step_plan import plan_step
-from mosaic_dllm.runtime import EagerExecutor, MosaicExecutor
-from mosaic_dllm.runtime.planned_ops import Chunks
+from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.plan.step_plan import plan_step
+from mosaic_dllm.plan.trace import StepShape
+from mosaic_dllm.runtime import EagerExecutor, ExecutorOptions, MosaicExecutor
+from tests.tiny import tiny_spec
 
 
 @st.composite
@@ -42,7 +42,7 @@ def test_random_models_plan_validly_and_run_exactly(case):
     weights = random_weights(spec, torch.bfloat16)
     ids = torch.randint(0, 316, (batch, length), generator=torch.Generator().manual_seed(length))
     full = EagerExecutor(spec, weights).logits(ids)
-    executor = MosaicExecutor(spec, weights, row_chunk=row_chunk, chunks=chunks)
+    executor = MosaicExecutor(spec, weights, ExecutorOptions(row_chunk=row_chunk, chunks=chunks))
     rows = torch.arange(length)
     got = torch.cat([lg.clone() for _, lg in executor.row_logits(ids, rows)], dim=1)
     assert torch.equal(got, full)

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaic_dllm.planner import (
+from mosaic_dllm.plan.offsets import (
     ALGORITHMS,
     Buffer,
     OverlapError,

@@ -1,13 +1,15 @@
 """The coarse operations a model description is written against.
 
-An executor implements them: the eager executor with fresh torch tensors, exactly as the official
-code computes them; later executors with planned buffers, chunks and row selection. Every call
-carries a `name` so that executors can label what they run (timelines, plans).
-Shapes: B batch, L sequence, H hidden, nh heads, hd head dim, V vocabulary.
+An executor's kernels implement them: the eager kernels with fresh torch tensors, exactly as the
+official code computes them (`kernels/eager.py`); the planned kernels with planned buffers, chunks
+and row selection (`kernels/planned.py`). Every call carries a `name` so that executors can label
+what they run (timelines, plans); each method belongs to one op group (`groups.py`).
+Shapes: B batch, L sequence, H hidden, nh heads, hd head dim, V vocabulary, C logits rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -86,5 +88,9 @@ class Ops(Protocol):
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         """Residual add; executors may write into x."""
 
-    def lm_head(self, h: Tensor, weight: Tensor, *, name: str) -> Tensor:
-        """(B, L, H) final hidden states -> (B, L, V) logits."""
+    def lm_head(
+        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(hidden rows (C,), (B, C, V) logits) chunks: of `rows`, `chunk` at a time, or of every
+        position in one chunk when `rows` is None (as the official forward returns them). A chunk's
+        logits may live in a buffer the next chunk reuses: consume them before advancing."""

@@ -5,11 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.graph import symbolic
-from mosaic_dllm.graph.symbolic import Monomial, StepTracer, structure
-from mosaic_dllm.graph.trace import StepShape, trace_step
-from mosaic_dllm.models.tiny import tiny_spec
-from mosaic_dllm.runtime.planned_ops import Chunks
+from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.plan import symbolic
+from mosaic_dllm.plan.symbolic import Monomial, StepTracer, structure
+from mosaic_dllm.plan.trace import StepShape, trace_step
+from tests.tiny import tiny_spec
 
 SPECS = {name: preset(name, layers=2) for name in ("llada-8b", "dream-7b", "llada-moe-7b")}
 SPECS |= {f"tiny-{f}": tiny_spec(f, ids={"mask": 317, "eos": 316}) for f in ("llada", "dream", "llada_moe")}

@@ -1,0 +1,1 @@
+"""Kernels: the `models.ops.Ops` implementations executors run the model description with."""

@@ -1,0 +1,161 @@
+"""The eager kernels: plain torch, fresh tensors, every op as the official modeling code computes it.
+
+Each op reproduces the official arithmetic, dtype by dtype, so that tokens match; the eager
+executor (`runtime/eager.py`) runs the model description with them: the baseline and the oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def route_and_run_experts(
+    flat: Tensor,
+    router: Tensor,
+    expert_bias: Tensor | None,
+    experts: list[dict[str, Tensor]],
+    top_k: int,
+    normalize_top_k: bool,
+    out: Tensor,
+) -> None:
+    """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`."""
+    weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)
+    if expert_bias is not None:
+        weights = weights + expert_bias
+    weights, chosen = torch.topk(weights, top_k, dim=-1)
+    if normalize_top_k:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(flat.dtype)
+    expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
+    for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
+        slot, token = torch.where(expert_mask[e])
+        if token.numel() == 0:
+            continue
+        y = swiglu(flat[token], expert["gate"], expert["up"], expert["down"])
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+
+
+class EagerOps:
+    """Implements `models.ops.Ops` the way the official code does."""
+
+    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
+        return F.embedding(ids, table)
+
+    def rotary_tables(
+        self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
+    ) -> tuple[Tensor, Tensor]:
+        inv_freq = 1.0 / (
+            theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim)
+        )
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if dtype is not None:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return cos, sin
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
+        xf = x.to(torch.float32)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
+        rd = cos.shape[-1]
+        part, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
+        if full_precision:  # LLaDA: rotate in float32, cast back
+            pf = part.float()
+            out = ((pf * cos) + (rotate_half(pf) * sin)).to(x.dtype)
+        else:  # Dream / LLaDA-MoE: tables already in x's dtype
+            out = (part * cos) + (rotate_half(part) * sin)
+        return out if rest is None else torch.cat((out, rest), dim=-1)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
+        b, nh, length, hd = q.shape
+        groups = nh // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        return out.transpose(1, 2).contiguous().view(b, length, nh * hd)
+
+    def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
+        return swiglu(x, gate, up, down)
+
+    def moe(
+        self,
+        x: Tensor,
+        router: Tensor,
+        expert_bias: Tensor | None,
+        experts: list[dict[str, Tensor]],
+        top_k: int,
+        normalize_top_k: bool,
+        *,
+        name: str,
+    ) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.zeros_like(flat)
+        route_and_run_experts(flat, router, expert_bias, experts, top_k, normalize_top_k, out)
+        return out.view(x.shape)
+
+    def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
+        return x + y
+
+    # Token-local regions: what the official code runs op by op.
+    def norm_linears(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        linears: list[tuple[Tensor, Tensor | None]],
+        *,
+        names: tuple[str, ...],
+    ) -> list[Tensor]:
+        h = self.rms_norm(x, norm_weight, eps, name=names[0])
+        return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
+
+    def linear_add(
+        self, x: Tensor, y: Tensor, weight: Tensor, bias: Tensor | None, *, names: tuple[str, str]
+    ) -> Tensor:
+        return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
+
+    def norm_mlp_add(
+        self,
+        x: Tensor,
+        norm_weight: Tensor,
+        eps: float,
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        *,
+        names: tuple[str, ...],
+    ) -> Tensor:
+        h = self.rms_norm(x, norm_weight, eps, name=names[0])
+        return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
+
+    def lm_head(
+        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        if rows is None:  # the official forward: every position at once
+            yield torch.arange(hidden.shape[1], device=hidden.device), F.linear(hidden, weight)
+            return
+        step = chunk or max(1, rows.numel())
+        for start in range(0, rows.numel(), step):
+            part = rows[start : start + step]
+            yield part, F.linear(hidden[:, part], weight)

@@ -1,0 +1,71 @@
+"""OpenAI's response, chunk and error objects for one request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..decoding.common import StepEvent
+from ..engine import GenerationOutput
+from .worker import Job
+
+MASK_MARKER = "\u2591"  # light shade: one per masked position in denoising events
+
+
+def error_body(message: str, code: str, kind: str = "invalid_request_error", **extra) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code} | extra}
+
+
+class Shape:
+    """OpenAI response and chunk objects for one request."""
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+
+    def _base(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def usage(out: GenerationOutput, job: Job) -> dict:
+        n_prompt, n_gen = len(job.prompt_ids), len(out.token_ids)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+
+    @staticmethod
+    def finish_reason(out: GenerationOutput) -> str:
+        return "stop" if out.finish_reason == "eos" else "length"
+
+    def response(self, out: GenerationOutput, job: Job) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None}
+        choice["finish_reason"] = self.finish_reason(out)
+        return self._base(False) | {"choices": [choice], "usage": self.usage(out, job)}
+
+    def final_chunk(self, out: GenerationOutput) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": {"role": "assistant", "content": out.text}}
+        else:
+            choice = {"index": 0, "text": out.text, "logprobs": None}
+        return self._base(True) | {"choices": [choice | {"finish_reason": self.finish_reason(out)}]}
+
+    def usage_chunk(self, out: GenerationOutput, job: Job) -> dict:
+        return self._base(True) | {"choices": [], "usage": self.usage(out, job)}
+
+    def denoising_chunk(self, event: StepEvent, decode: Callable[[list[int]], str]) -> dict:
+        answer = event.canvas[event.prompt_length :].tolist()
+        text, run = [], []
+        for token in answer:  # decode runs of revealed tokens, one marker per masked position
+            if token == event.mask_token_id:
+                text.append(decode(run) if run else "")
+                run = []
+                text.append(MASK_MARKER)
+            else:
+                run.append(token)
+        text.append(decode(run) if run else "")
+        masked = sum(t == event.mask_token_id for t in answer)
+        return self._base(True) | {
+            "choices": [],
+            "denoising": {"step": event.step, "steps": event.total_steps, "masked": masked, "text": "".join(text)},
+        }
