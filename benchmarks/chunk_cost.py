@@ -16,9 +16,11 @@ import statistics
 import time
 
 import torch
-from mosaic_dllm.runtime.planned_ops import AllocatorMemory, Chunks, PlannedOps
 
 from mosaic_dllm.bench.presets import preset
+from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
+from mosaic_dllm.memory.sizes import ceil_div
+from mosaic_dllm.models.groups import PIECE_GROUPS, Chunks
 
 
 def timed(fn, repeats: int) -> float:
@@ -52,9 +54,9 @@ def main() -> None:
     cos, sin = ops0.rotary_tables(length, spec.rotary_dim, spec.rope_theta, None, x.device, name="rotary_tables")
     rows = []
     for pieces in [int(p) for p in args.pieces.split(",")]:
-        chunks = Chunks(norms=pieces, attention=pieces, ffn=pieces, projections=pieces)
+        chunks = Chunks(**dict.fromkeys(PIECE_GROUPS, pieces))
         ops = PlannedOps(AllocatorMemory(torch.device("cpu")), chunks)
-        row = {"pieces": pieces, "tokens_per_chunk": -(-length // pieces)}
+        row = {"pieces": pieces, "tokens_per_chunk": ceil_div(length, pieces)}
         row["ffn_s"] = timed(lambda: ops.mlp(x, gate, up, down, name="mlp"), args.repeats)  # noqa: B023
         row["qkv_s"] = timed(
             lambda: ops.norm_linears(x, norm_w, 1e-5, qkv, names=("attn_norm", "q_proj", "k_proj", "v_proj")),  # noqa: B023
