@@ -4,8 +4,12 @@ regions by token chunks: same tokens, same logits."""
 import pytest
 import torch
 
-from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm import LLM, DoesNotFit, GenerationConfig
+from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import Chunks, spans
+from mosaic_dllm.plan.search import fit, most_chunked
+from mosaic_dllm.plan.step_plan import PlanCache
+from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
 
 FORCED = [
@@ -64,17 +68,33 @@ def test_the_allocator_variant_runs_the_same_ops_unplanned(tiny_checkpoints):
     assert plain.token_ids == arena.token_ids
 
 
-def test_the_search_splits_only_the_allowed_groups(tiny_checkpoints):
-    llm = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16, row_chunk=64, chunk_groups=("ffn", "logits"))
-    roomy = llm.executor.plan_for(1, 200, 64).predicted_peak_bytes
-    tight = LLM(
-        tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=int(roomy * 0.9), chunk_groups=("ffn", "logits")
+def test_the_search_splits_only_the_allowed_groups():
+    """At llada-8b dims the FFN holds the peak: allowed to split only it and the logits rows, the
+    search fits a budget between their floor and the unchunked peak without touching the rest."""
+    groups = ("ffn", "logits")
+    plans = PlanCache(preset("llada-8b", layers=2), torch.bfloat16)
+    shape = StepShape(1, 2048, 64)
+    unchunked = plans.get(shape).predicted_peak_bytes
+    floor = plans.get(most_chunked(shape, groups)).predicted_peak_bytes
+    assert floor < unchunked
+    chosen = fit(plans, shape, (floor + unchunked) // 2, groups).plan.graph.shape
+    assert chosen.chunks.norms == chosen.chunks.attention == chosen.chunks.projections == 1
+    assert chosen.chunks.ffn > 1 or chosen.chunk < 64
+    with pytest.raises(DoesNotFit, match="cannot be chunked further"):
+        fit(plans, shape, floor - 1, groups)
+
+
+def test_the_executor_honours_its_chunk_groups(tiny_checkpoints):
+    """In the tiny model FFN and logits cannot lower the peak: restricted to them the search fails
+    where the unrestricted one fits."""
+    roomy = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16).executor.plan_for(1, 200, 64).predicted_peak_bytes
+    budget = int(roomy * 0.9)
+    restricted = LLM(
+        tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=budget, chunk_groups=("ffn", "logits")
     )
-    try:
-        shape = tight.executor.plan_for(1, 200, 64).graph.shape
-    except ValueError as exc:  # DoesNotFit: the peak is in a group this search may not split
-        assert "cannot be chunked further" in str(exc)
-    else:
-        assert shape.chunks.norms == 1 and shape.chunks.attention == 1
+    with pytest.raises(DoesNotFit, match="cannot be chunked further"):
+        restricted.executor.plan_for(1, 200, 64)
+    free = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=budget)
+    assert free.executor.plan_for(1, 200, 64).predicted_peak_bytes <= budget
     with pytest.raises(ValueError, match="unknown chunk groups"):
         LLM(tiny_checkpoints["llada"], chunk_groups=("everything",))
