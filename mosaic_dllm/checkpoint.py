@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -55,7 +55,8 @@ class Checkpoint:
     spec: ArchSpec
     weights: Weights
     tokenizer: Tokenizer | None
-    generation_config: dict[str, Any] = field(default_factory=dict)
+    generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json
+    model_config: dict[str, Any] = field(default_factory=dict)  # config.json as stored
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,8 +79,15 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def read_spec(path: str | Path) -> tuple[ArchSpec, Tokenizer | None, dict[str, Any]]:
-    """The architecture, tokenizer and generation config, without touching the weights."""
+class Description(NamedTuple):
+    spec: ArchSpec
+    tokenizer: Tokenizer | None
+    generation_config: dict[str, Any]  # generation_config.json ({} when absent)
+    model_config: dict[str, Any]  # config.json as stored
+
+
+def read_spec(path: str | Path) -> Description:
+    """The architecture, tokenizer and configs, without touching the weights."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist (expected config.json and *.safetensors)")
@@ -94,8 +102,7 @@ def read_spec(path: str | Path) -> tuple[ArchSpec, Tokenizer | None, dict[str, A
         eos_token_ids=as_id_tuple(generation.get("eos_token_id")) + from_tok.eos_token_ids,
         pad_token_id=generation.get("pad_token_id", from_tok.pad_token_id),
     )
-    spec = parse_config(config, hints)
-    return spec, tokenizer, generation
+    return Description(parse_config(config, hints), tokenizer, generation, config)
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -157,7 +164,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
-    spec, tokenizer, generation = read_spec(path)
+    spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
     check_state_dict(spec, tensor_shapes(files))  # names and shapes before any data is read
     target = parse_dtype(dtype)
@@ -175,7 +182,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
     weights = from_state_dict(spec, state)
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, target)
-    return Checkpoint(path, spec, weights, tokenizer, generation)
+    return Checkpoint(path, spec, weights, tokenizer, generation, config)
 
 
 def save(

@@ -37,7 +37,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
     }
     cfg = llm.default_config(**settings, stop_at_eos=args.stop_at_eos or None)
-    cfg_resolved = llm.resolve(cfg)  # fail on bad settings before printing anything
+    llm.resolve(cfg)  # fail on bad settings before encoding or printing anything
+    prompt_ids = llm.encode(args.prompt, chat=args.chat)
+    cfg_resolved = llm.resolve(cfg, len(prompt_ids))
     if args.model is None:
         print(
             f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
@@ -50,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(block=event.block, masked=int((event.canvas == event.mask_token_id).sum()))
 
-    out = llm.generate(args.prompt, cfg, chat=args.chat, callback=on_step)[0]
+    out = llm.generate(prompt_ids, cfg_resolved, callback=on_step)[0]
     bar.close()
     if args.json:
         record = {
@@ -58,7 +60,6 @@ def _generate(args: argparse.Namespace) -> int:
             "family": llm.spec.family,
             "executor": args.executor,
             **vars(out),
-            "config": vars(cfg_resolved),
         }
         print(json.dumps(record))
     else:
@@ -86,7 +87,7 @@ def _load(args: argparse.Namespace, model):
 def _info(args: argparse.Namespace) -> int:
     from .checkpoint import read_spec, shard_files, tensor_summary
 
-    spec, tokenizer, _ = read_spec(args.path)
+    spec, tokenizer, _, _ = read_spec(args.path)
     count, nbytes, dtypes = tensor_summary(shard_files(Path(args.path)))
     info = {
         "family": spec.family,
@@ -137,7 +138,7 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     executors = [e.strip() for e in args.executors.split(",") if e.strip()]
     options = variant_options(executors, args.row_chunk, budget)
-    generation = {"temperature": args.temperature}  # the worker adds the family sampler's bench settings
+    generation = {"temperature": args.temperature}  # unset settings: the sampler's benchmark settings
     job = {
         "preset": args.preset,
         "model": args.model,

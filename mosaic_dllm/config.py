@@ -1,9 +1,10 @@
-"""Generation settings. What each family's sampler accepts is checked by the sampler
-(`decoding/`, `Sampler.resolve`) before any heavy work; here only what holds for every family."""
+"""Generation settings as a caller gives them: a field left None is unset, and the family's sampler
+fills it the way the family's official entry point would (`Sampler.resolve`, decoding/), then
+checks every setting before any heavy work. Here only what holds for every family."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 
@@ -13,17 +14,17 @@ class GenerationConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    gen_length: int = 128
-    steps: int | None = None  # default: gen_length (one token per step)
-    block_length: int | None = None  # LLaDA / LLaDA-MoE; default: gen_length (one block)
-    temperature: float = 0.0
-    cfg_scale: float = 0.0  # LLaDA / LLaDA-MoE classifier-free guidance
-    remasking: str = "low_confidence"  # LLaDA / LLaDA-MoE
-    alg: str = "origin"  # Dream
+    gen_length: int | None = None  # tokens to generate
+    steps: int | None = None  # denoising steps
+    block_length: int | None = None  # LLaDA / LLaDA-MoE semi-autoregressive block
+    temperature: float | None = None
+    cfg_scale: float | None = None  # LLaDA / LLaDA-MoE classifier-free guidance
+    remasking: str | None = None  # LLaDA / LLaDA-MoE: low_confidence | random
+    alg: str | None = None  # Dream: origin | maskgit_plus | topk_margin | entropy
     alg_temp: float | None = None  # Dream: sample positions instead of top-k
     top_p: float | None = None  # Dream
     top_k: int | None = None  # Dream
-    eps: float = 1e-3  # Dream: final timestep
+    eps: float | None = None  # Dream: final timestep
     seed: int | None = 0
     stop_at_eos: bool = False  # finish once the text before the first EOS can no longer change
 
@@ -38,6 +39,14 @@ class GenerationConfig:
     @property
     def num_blocks(self) -> int:
         return self.gen_length // (self.block_length or self.gen_length)
+
+    def unset(self, **defaults: Any) -> GenerationConfig:
+        """The settings with every unset (None) field in `defaults` filled from it."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def given(self) -> dict[str, Any]:
+        """The settings the caller set."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     def check_common(self, *positive: str) -> None:
         """Settings every sampler needs: `positive` (and gen_length, steps) positive integers, a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class GenerationOutput:
     steps: int  # denoising steps run
     seconds: float
     finish_reason: str  # "eos" (an EOS ends the answer) or "length"
+    settings: dict  # every generation setting as resolved for this request (GenerationConfig fields)
 
 
 def default_model_path() -> Path:
@@ -95,7 +96,7 @@ class LLM:
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
-        self.sampler = sampler_for(self.spec)
+        self.sampler = sampler_for(self.spec, self.checkpoint.model_config, self.checkpoint.generation_config)
         if executor == "mosaic" and options.memory_budget is None:
             budget = default_budget(self.checkpoint.weights.embed.device, reserve)
             options = replace(options, memory_budget=budget)
@@ -103,18 +104,13 @@ class LLM:
         self._sampler_costs = LRU(64)  # by settings: bytes per logits row
 
     def default_config(self, **overrides) -> GenerationConfig:
-        """GenerationConfig from the checkpoint's generation_config.json, then `overrides` (None = keep)."""
-        stored = dict(self.checkpoint.generation_config)
-        if "max_new_tokens" in stored:
-            stored.setdefault("gen_length", stored["max_new_tokens"])
-        known = {f.name for f in fields(GenerationConfig)}
-        values = {k: v for k, v in stored.items() if k in known}
-        values |= {k: v for k, v in overrides.items() if v is not None}
-        return GenerationConfig.from_dict(values)
+        """Settings from keyword overrides (None = unset: the family's sampler resolves it)."""
+        return GenerationConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
 
-    def resolve(self, config: GenerationConfig) -> GenerationConfig:
-        """`config` with the family's defaults filled in, every setting checked (GenerationConfigError)."""
-        return self.sampler.resolve(config)
+    def resolve(self, config: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
+        """`config` with every unset setting filled as the family's official code would fill it (some
+        defaults depend on the prompt's length), every setting checked (GenerationConfigError)."""
+        return self.sampler.resolve(config, prompt_length)
 
     @property
     def device(self) -> torch.device:
@@ -162,20 +158,21 @@ class LLM:
         callback: StepCallback | None = None,
     ) -> list[GenerationOutput]:
         """Generate for one prompt or a list; each prompt runs as its own request (batch size one)."""
-        cfg = self.resolve(config or self.default_config())
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         if not batch:
             raise PromptError("the prompt is empty (no prompt or token ids given)")
+        self.resolve(config or GenerationConfig())  # bad settings fail before the prompts are encoded
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
-        for ids in encoded:
+        requests = [(ids, self.resolve(config or GenerationConfig(), len(ids))) for ids in encoded]
+        for ids, cfg in requests:
             self.check_memory(len(ids), cfg)
-        return [self._generate_one(ids, cfg, callback) for ids in encoded]
+        return [self._generate_one(ids, cfg, callback) for ids, cfg in requests]
 
     def check_memory(self, prompt_length: int, cfg: GenerationConfig) -> StepPlan | None:
         """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the
         longest length that would fit) when the memory budget cannot hold it. Returns that step's
         plan (None for an unplanned executor)."""
-        cfg = self.resolve(cfg)
+        cfg = self.resolve(cfg, prompt_length)
         return self.executor.plan_for(
             self.sampler.guidance_batch(cfg),
             prompt_length + cfg.gen_length,
@@ -228,6 +225,7 @@ class LLM:
             steps=result.steps_run,
             seconds=seconds,
             finish_reason="eos" if eos is not None else "length",
+            settings=cfg.given(),
         )
 
 

@@ -310,3 +310,67 @@ def dream_generate(model, input_ids, max_new_tokens, steps, temperature, top_p, 
                 row_indices = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer_index)
                 x[row_indices, transfer_index] = x_[row_indices, transfer_index]
     return x
+
+
+# transformers 4.46 (Dream's pinned version): PretrainedConfig.__init__ gives every model config these
+# generation attributes, taking config.json's value where it has one (`_get_global_generation_defaults`).
+GLOBAL_GENERATION_DEFAULTS = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "num_return_sequences": 1,
+}
+
+
+def dream_call_settings(model_config: dict, prompt_length: int, **kwargs) -> dict:
+    """The settings of Dream's `model.diffusion_generate(input_ids, **kwargs)` with no generation_config
+    argument: `_prepare_generation_config` builds `DreamGenerationConfig.from_model_config(model.config)`
+    and updates it with the call's kwargs; `_prepare_generated_length` turns max_new_tokens /
+    max_length into the canvas length (returned as max_new_tokens)."""
+    config = GLOBAL_GENERATION_DEFAULTS | model_config  # the model config's attributes
+    config = {k: v for k, v in config.items() if v is not None}  # from_model_config drops None values
+    generation = {  # DreamGenerationConfig.__init__ pops these from the config dict
+        "temperature": config.pop("temperature", 0.0),
+        "top_p": config.pop("top_p", None),
+        "top_k": config.pop("top_k", None),
+        "max_length": config.pop("max_length", 20),
+        "max_new_tokens": config.pop("max_new_tokens", None),
+        "eps": config.pop("eps", 1e-3),
+        "steps": config.pop("steps", 512),
+        "alg": config.pop("alg", "origin"),
+        "alg_temp": config.pop("alg_temp", None),
+    }
+    generation |= {k: v for k, v in kwargs.items() if k in generation}  # GenerationConfig.update
+    has_default_max_length = kwargs.get("max_length") is None and generation["max_length"] is not None
+    if generation["max_new_tokens"] is not None:
+        generation["max_length"] = generation["max_new_tokens"] + prompt_length
+    elif has_default_max_length and generation["max_length"] == 20:
+        generation["max_length"] = min(
+            generation["max_length"] + prompt_length, model_config["max_position_embeddings"]
+        )
+    generation["max_new_tokens"] = generation.pop("max_length") - prompt_length
+    return generation
+
+
+def dream_diffusion_generate(model, model_config: dict, input_ids, mask_id, **kwargs):
+    """Dream's `model.diffusion_generate(input_ids, **kwargs)`: its settings, then `_sample`."""
+    g = dream_call_settings(model_config, input_ids.shape[-1], **kwargs)
+    return dream_generate(
+        model,
+        input_ids,
+        g["max_new_tokens"],
+        g["steps"],
+        g["temperature"],
+        g["top_p"],
+        g["top_k"],
+        g["alg"],
+        g["alg_temp"],
+        g["eps"],
+        mask_id,
+    )

@@ -28,11 +28,6 @@ def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
     return sum(math.prod(s) for s in expected_shapes(spec).values()) * dtype.itemsize
 
 
-def bench_config(spec: ArchSpec, **settings) -> GenerationConfig:
-    """Settings for a first-step benchmark of `spec`'s sampler (rows it reads fixed by the canvas)."""
-    return GenerationConfig(**(sampler_for(spec).bench_settings | settings))
-
-
 def first_step_shape(
     spec: ArchSpec,
     dtype: torch.dtype,
@@ -47,7 +42,7 @@ def first_step_shape(
     rows the sampler reads (or `rows`), its batch and its measured bytes per logits row (at
     temperature 0; measured unless given)."""
     sampler = sampler_for(spec)
-    _, cfg = first_step_config(spec, length, alpha, bench_config(spec, cfg_scale=cfg_scale))
+    _, cfg = first_step_config(spec, length, alpha, GenerationConfig(cfg_scale=cfg_scale or None))
     if sampler_row_bytes is None:
         sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
     chunk = chunk_bucket(rows or sampler.first_step_rows(cfg), row_chunk)
@@ -76,7 +71,7 @@ def eager_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float
     if spec.moe is not None:
         return {"max_len": None, "note": "MoE routing depends on values: the eager step cannot be predicted"}
     one_layer = replace(spec, num_layers=1)
-    cfg = bench_config(spec)
+    cfg = GenerationConfig()
 
     def fits(length: int) -> bool:
         request = StepRequest.first_step(one_layer, length, alpha, cfg)

@@ -43,14 +43,17 @@ def first_step_config(
     spec: ArchSpec, length: int, alpha: float, config: GenerationConfig
 ) -> tuple[int, GenerationConfig]:
     """(prompt length, resolved settings) of a first step at total length `length` and prompt
-    fraction `alpha`: one step, one block over the whole answer."""
+    fraction `alpha`: one step, one block over the whole answer; settings left unset take the
+    sampler's benchmark settings (temperature 0; for Dream an alg whose rows are fixed)."""
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha (prompt fraction) must be in [0, 1), got {alpha}")
     prompt = max(1, int(length * alpha))
     gen_length = length - prompt
     if gen_length < 1:
         raise ValueError(f"length {length} leaves no generation positions at alpha {alpha}")
-    return prompt, sampler_for(spec).resolve(replace(config, gen_length=gen_length, steps=1, block_length=None))
+    sampler = sampler_for(spec)
+    config = replace(config, gen_length=gen_length, steps=1, block_length=None).unset(**sampler.bench_settings)
+    return prompt, sampler.resolve(config, prompt)
 
 
 def first_step(executor: Executor, spec: ArchSpec, request: StepRequest, gen: torch.Generator) -> None:

@@ -12,9 +12,9 @@ import sys
 import torch
 
 from .. import checkpoint
+from ..config import GenerationConfig
 from ..models.weights import Weights
 from ..plan.search import DoesNotFit
-from .capacity import bench_config
 from .presets import preset
 from .step import StepRequest, measure, predict, random_weights
 
@@ -30,7 +30,8 @@ def load_model(job: dict) -> tuple:
 
 def run(job: dict) -> dict:
     spec, weights, dtype = load_model(job)
-    request = StepRequest.first_step(spec, job["length"], job["alpha"], bench_config(spec, **job["generation"]))
+    settings = GenerationConfig.from_dict(job["generation"])
+    request = StepRequest.first_step(spec, job["length"], job["alpha"], settings)
     options = dict(job.get("options", {}))
     kind = options.pop("kind", job["executor"])  # a variant's executor class
     record = {

@@ -101,10 +101,11 @@ class SamplerState(Protocol):
 
 
 class Sampler(Protocol):
-    bench_settings: dict  # settings whose first step reads a fixed set of rows (for benchmarks)
+    bench_settings: dict  # defaults of a benchmark step: temperature 0, rows fixed by the canvas
 
-    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
-        """Defaults filled in, every setting checked; raises GenerationConfigError."""
+    def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
+        """Unset settings filled as the family's official code fills them (the prompt's length may
+        matter), every setting checked; raises GenerationConfigError. Idempotent."""
 
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         """Sequences per step (2 with classifier-free guidance)."""

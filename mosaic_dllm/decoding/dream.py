@@ -13,7 +13,6 @@ code gathers them. The per-row maths is the official one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -116,16 +115,61 @@ def sample_rows(
     return torch.cat(confidences), torch.cat(tokens)
 
 
+# transformers 4.46 (Dream's pinned version) gives every model config these generation attributes,
+# from config.json or these legacy defaults (`PretrainedConfig._get_global_generation_defaults`).
+LEGACY_CONFIG_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "max_length": 20}
+# DreamGenerationConfig's own defaults, for what the model config leaves unset (or None).
+DREAM_CONFIG_DEFAULTS = {
+    "temperature": 0.0,
+    "top_p": None,
+    "top_k": None,
+    "max_length": 20,
+    "max_new_tokens": None,
+    "eps": 1e-3,
+    "steps": 512,
+    "alg": "origin",
+    "alg_temp": None,
+}
+
+
+def official_defaults(model_config: dict) -> dict:
+    """What Dream's `diffusion_generate(ids, **kwargs)` uses for every setting the call leaves out.
+
+    It builds its settings with `DreamGenerationConfig.from_model_config(model.config)`: the model
+    config's attributes (config.json's keys, and the legacy defaults above for the generation keys
+    it lacks), None values dropped, DreamGenerationConfig's defaults for the rest; the call's
+    keyword arguments then override. generation_config.json is not read on this path.
+    """
+    values = {k: model_config.get(k, v) for k, v in LEGACY_CONFIG_DEFAULTS.items()}
+    values |= {k: model_config[k] for k in DREAM_CONFIG_DEFAULTS if k in model_config}
+    return DREAM_CONFIG_DEFAULTS | {k: v for k, v in values.items() if v is not None}
+
+
 class DreamSampler:
-    """The official Dream sampler (`_sample`): one canvas, timesteps, four ranking algorithms."""
+    """The official Dream sampler (`_sample`): one canvas, timesteps, four ranking algorithms.
 
-    bench_settings: dict = {"alg": "maskgit_plus"}  # origin reads a random subset of the rows
+    Settings left unset resolve as the official call resolves them (`official_defaults`): e.g.
+    temperature 1.0, top_k 50 and 512 steps unless config.json says otherwise, and a generation
+    length of 20 tokens (capped by the context) when neither the call nor the config gives one.
+    """
 
-    def __init__(self, spec: ArchSpec):
+    bench_settings: dict = {"alg": "maskgit_plus", "temperature": 0.0}  # origin reads a random subset of rows
+
+    def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
         self.mask_id, self.eos_ids, self.shift = spec.mask_token_id, spec.eos_token_ids, spec.logit_shift
+        self.context = spec.max_position_embeddings
+        self.defaults = official_defaults(model_config or {})
 
-    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
-        cfg = replace(cfg, steps=cfg.gen_length if cfg.steps is None else cfg.steps)
+    def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
+        d = self.defaults
+        if d["max_new_tokens"] is not None:
+            gen_length = d["max_new_tokens"]
+        elif d["max_length"] == DREAM_CONFIG_DEFAULTS["max_length"]:  # 20 new tokens, within the context
+            gen_length = min(d["max_length"] + prompt_length, self.context) - prompt_length
+        else:  # a configured max_length counts the prompt
+            gen_length = d["max_length"] - prompt_length
+        cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
+        cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
         cfg.check_common()
 
         def fail(msg: str) -> None:
@@ -135,7 +179,7 @@ class DreamSampler:
             fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
         if cfg.cfg_scale:
             fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
-        if cfg.remasking != "low_confidence":
+        if cfg.remasking not in (None, "low_confidence"):
             fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
         if cfg.alg not in ALGS:
             fail(f"alg must be one of {ALGS}, got {cfg.alg!r}")

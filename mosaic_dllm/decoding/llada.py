@@ -13,7 +13,6 @@ way and never revealed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,8 @@ from .rows import Chunks, RowChunks, UniformReplay
 from .schedule import llada_transfer_counts
 
 REMASKING = ("low_confidence", "random")
-DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k")
+LLADA_SETTINGS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
 
 
 def cfg_combine(cfg_scale: float):
@@ -86,18 +86,31 @@ def propose(
 
 
 class LLaDASampler:
-    """The official LLaDA sampler (also LLaDA-MoE's): blocks, remasking, classifier-free guidance."""
+    """The official LLaDA sampler (also LLaDA-MoE's): blocks, remasking, classifier-free guidance.
 
-    bench_settings: dict = {}
+    The official `generate` takes explicit arguments and reads no config; settings left unset take
+    the checkpoint's generation_config.json (our convention, e.g. the default model's 32/32/8), then
+    the official signature's defaults: gen_length 128, steps = gen_length, one block, temperature 0,
+    no guidance, low_confidence remasking.
+    """
 
-    def __init__(self, spec: ArchSpec):
+    bench_settings: dict = {"temperature": 0.0}
+
+    def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
         self.mask_id, self.eos_ids, self.vocab = spec.mask_token_id, spec.eos_token_ids, spec.vocab_size
+        stored = dict(generation_config or {})
+        if "max_new_tokens" in stored:
+            stored.setdefault("gen_length", stored["max_new_tokens"])
+        self.defaults = {k: stored[k] for k in LLADA_SETTINGS if stored.get(k) is not None}
 
-    def resolve(self, cfg: GenerationConfig) -> GenerationConfig:
-        cfg = replace(
-            cfg,
-            steps=cfg.gen_length if cfg.steps is None else cfg.steps,
-            block_length=cfg.gen_length if cfg.block_length is None else cfg.block_length,
+    def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
+        cfg = cfg.unset(**self.defaults).unset(gen_length=128)
+        cfg = cfg.unset(
+            steps=cfg.gen_length,
+            block_length=cfg.gen_length,
+            temperature=0.0,
+            cfg_scale=0.0,
+            remasking="low_confidence",
         )
         cfg.check_common("block_length")
 
@@ -115,8 +128,7 @@ class LLaDASampler:
             fail(f"cfg_scale must be >= 0, got {cfg.cfg_scale}")
         if cfg.remasking not in REMASKING:
             fail(f"remasking must be one of {REMASKING}, got {cfg.remasking!r}")
-        defaults = GenerationConfig()
-        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) != getattr(defaults, k)]
+        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) is not None]
         if dream_only:
             fail(f"{dream_only} apply to Dream only; LLaDA uses remasking / cfg_scale / block_length")
         return cfg

@@ -119,7 +119,7 @@ class Service:
             )
         llm = self.llm
         try:
-            config = llm.resolve(llm.default_config(**body.generation_settings()))
+            config = llm.resolve(llm.default_config(**body.generation_settings()), len(prompt_ids))
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_settings", "invalid_settings") from None
         total = len(prompt_ids) + config.gen_length

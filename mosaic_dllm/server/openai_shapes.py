@@ -41,14 +41,15 @@ class Shape:
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None}
         choice["finish_reason"] = self.finish_reason(out)
-        return self._base(False) | {"choices": [choice], "usage": self.usage(out, job)}
+        return self._base(False) | {"choices": [choice], "usage": self.usage(out, job), "settings": out.settings}
 
     def final_chunk(self, out: GenerationOutput) -> dict:
         if self.chat:
             choice = {"index": 0, "delta": {"role": "assistant", "content": out.text}}
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None}
-        return self._base(True) | {"choices": [choice | {"finish_reason": self.finish_reason(out)}]}
+        choice["finish_reason"] = self.finish_reason(out)
+        return self._base(True) | {"choices": [choice], "settings": out.settings}
 
     def usage_chunk(self, out: GenerationOutput, job: Job) -> dict:
         return self._base(True) | {"choices": [], "usage": self.usage(out, job)}

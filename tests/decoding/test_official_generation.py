@@ -75,21 +75,18 @@ DREAM_SETTINGS = (
 
 @pytest.mark.parametrize("settings", DREAM_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_dream_matches_official(tiny_checkpoints, settings, dtype, executor):
+    """Settings the call leaves out (top_k above all) resolve as the official call resolves them."""
     llm = LLM(tiny_checkpoints["dream"], dtype=dtype, **executor)
     out = llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=12, seed=5, **settings))[0]
     torch.manual_seed(5)
-    official = reference.dream_generate(
+    official = reference.dream_diffusion_generate(
         official_model(llm, "dream"),
+        llm.checkpoint.model_config,
         torch.tensor([PROMPT]),
-        16,
-        12,
-        settings["temperature"],
-        settings.get("top_p"),
-        settings.get("top_k"),
-        settings["alg"],
-        settings.get("alg_temp"),
-        1e-3,
         llm.spec.mask_token_id,
+        max_new_tokens=16,
+        steps=12,
+        **settings,
     )
     assert out.token_ids == official[0, len(PROMPT) :].tolist()
 

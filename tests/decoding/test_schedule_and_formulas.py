@@ -40,7 +40,8 @@ def test_cfg_formula():
 
 def test_dream_shift():
     logits = torch.arange(4.0).view(1, 4, 1)
-    shifted = dream.DreamSampler(SimpleNamespace(mask_token_id=3, eos_token_ids=(2,), logit_shift=True))
+    spec = SimpleNamespace(mask_token_id=3, eos_token_ids=(2,), logit_shift=True, max_position_embeddings=64)
+    shifted = dream.DreamSampler(spec)
     assert logits[:, shifted.hidden_rows(torch.arange(4))].flatten().tolist() == [0.0, 0.0, 1.0, 2.0]
 
 
@@ -62,7 +63,9 @@ class SyntheticExecutor:
 
 
 def sampler_of(module, executor, eos=(7,)):
-    spec = SimpleNamespace(mask_token_id=31, eos_token_ids=eos, vocab_size=executor.vocab, logit_shift=True)
+    spec = SimpleNamespace(
+        mask_token_id=31, eos_token_ids=eos, vocab_size=executor.vocab, logit_shift=True, max_position_embeddings=64
+    )
     return module.LLaDASampler(spec) if module is llada else module.DreamSampler(spec)
 
 

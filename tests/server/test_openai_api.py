@@ -32,6 +32,9 @@ def test_completion_round_trip_matches_the_engine(server, tiny_checkpoints):
     assert result.object == "text_completion" and result.choices[0].text == direct.text
     assert result.usage.completion_tokens == len(direct.token_ids) and result.usage.prompt_tokens > 0
     assert result.choices[0].finish_reason in ("stop", "length")
+    settings = result.model_extra["settings"]  # every setting as resolved for this request
+    assert settings["gen_length"] == 8 and settings["steps"] == 4 and settings["block_length"] == 8
+    assert settings["remasking"] == "low_confidence" and settings["temperature"] == 0.0
 
 
 def test_chat_round_trip(server):
