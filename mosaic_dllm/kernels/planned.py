@@ -12,13 +12,15 @@ attention kernel (it has no out= form) and MoE routing and expert intermediates 
 depend on the routing, i.e. on values).
 
 Chunking (`models.groups.Chunks`: pieces per group of the groups table): norms run over token
-chunks, rotary and attention over query blocks (against all keys and values), the dense FFN (fused
+chunks, rotary over position chunks, attention over query blocks (against all keys and values; blocks
+of at least 768 queries starting at multiples of 256, which keep the fused kernel's per-row
+arithmetic: see `models/groups.py`), the dense FFN (fused
 with its norm and residual add) and MoE over token chunks, the attention norm fused with the q/k/v
 projections and the output projection fused with its residual add over token chunks; their scratch
 buffers shrink to one chunk. Rotary rotates q and k in place and attention writes each query block's
 output over that block of q, so a layer at its most chunked holds the residual stream, q, k and v
 and little else. Every row's arithmetic is unchanged, so bf16 results stay bit-identical (fp32 GEMMs
-on fewer rows may round differently in the last bit).
+of the token-chunked regions on fewer rows may round differently in the last bit).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, spans
+from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from .eager import route_and_run_experts
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
@@ -97,7 +99,7 @@ class PlannedOps:
         pieces = getattr(self.chunks, group.name)
         if self.mem.tracing:
             return [(0, self.mem.chunk_size(total, group.name, pieces))]
-        return spans(total, pieces)
+        return group_spans(total, pieces, group)
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self._begin("embed", name, ids)

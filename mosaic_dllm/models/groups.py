@@ -15,9 +15,16 @@ from dataclasses import dataclass, fields, make_dataclass
 
 from ..memory.sizes import ceil_div
 
-# Below this many tokens (query rows for attention) per chunk a GEMM's per-call overhead dominates
-# (benchmarks/README.md has the measured cost).
+# Below this many tokens per chunk a GEMM's per-call overhead dominates (benchmarks/README.md has
+# the measured cost).
 MIN_CHUNK_TOKENS = 32
+# Query blocks of the fused attention kernel must keep its per-row arithmetic. PyTorch's CPU flash
+# attention splits queries into blocks of 32, 64 or 256 rows by the query count (>= 768: 256) and
+# packs K/V for AMX brgemm or not by the query count too (bf16: >= 64 queries and enough blocks per
+# thread). A call on >= 768 queries starting at a multiple of 256 therefore runs each of its rows
+# exactly as the whole call does (tested on searched shapes, tests/kernels/test_attention_blocks.py).
+ATTENTION_BLOCK_ALIGN = 256
+ATTENTION_MIN_QUERIES = 768
 
 
 @dataclass(frozen=True)
@@ -25,14 +32,24 @@ class OpGroup:
     name: str
     methods: tuple[str, ...]  # the `models.ops.Ops` methods whose work belongs to this group
     splits: str | None  # "tokens" | "queries" | "rows" | None (never chunked)
-    min_chunk: int = 1
+    min_chunk: int = 1  # the search splits no further
+    align: int = 1  # chunks start at multiples of this
+    min_block: int = 1  # no chunk (a short last one included) is smaller: merged into the one before
 
 
 GROUPS = (
     OpGroup("embedding", ("embed", "rotary_tables"), None),
     OpGroup("norms", ("rms_norm",), "tokens", MIN_CHUNK_TOKENS),
     OpGroup("projections", ("linear", "norm_linears", "linear_add"), "tokens", MIN_CHUNK_TOKENS),
-    OpGroup("attention", ("rotary", "attention"), "queries", MIN_CHUNK_TOKENS),
+    OpGroup("rotary", ("rotary",), "queries", MIN_CHUNK_TOKENS),  # elementwise: exact at any split
+    OpGroup(
+        "attention",
+        ("attention",),
+        "queries",
+        ATTENTION_MIN_QUERIES,
+        align=ATTENTION_BLOCK_ALIGN,
+        min_block=ATTENTION_MIN_QUERIES,
+    ),
     OpGroup("ffn", ("mlp", "moe", "norm_mlp_add"), "tokens", MIN_CHUNK_TOKENS),
     OpGroup("residual", ("add",), None),
     OpGroup("logits", ("lm_head",), "rows", 1),
@@ -56,7 +73,23 @@ Chunks.__module__ = __name__
 Chunks.__doc__ = f"Pieces per chunkable group ({', '.join(PIECE_GROUPS)}); 1 runs the group whole."
 
 
-def spans(total: int, pieces: int) -> list[tuple[int, int]]:
-    """[start, end) of `pieces` near-equal consecutive chunks of `total` (fewer if total is small)."""
-    size = ceil_div(total, max(1, pieces))
-    return [(s, min(s + size, total)) for s in range(0, total, size)]
+def spans(total: int, pieces: int, align: int = 1, min_block: int = 1) -> list[tuple[int, int]]:
+    """[start, end) of about `pieces` near-equal consecutive chunks of `total` (fewer if total is
+    small): chunk sizes rounded down to a multiple of `align`, none shorter than `min_block` (a
+    short tail joins the chunk before it)."""
+    size = max(min_block, ceil_div(total, max(1, pieces)) // align * align, 1)
+    starts = list(range(0, total, size))
+    if len(starts) > 1 and total - starts[-1] < min_block:
+        starts.pop()
+    return [(s, e) for s, e in zip(starts, [*starts[1:], total], strict=True)]
+
+
+def group_spans(total: int, pieces: int, group: OpGroup) -> list[tuple[int, int]]:
+    """The chunks `group` runs `total` rows in when split into `pieces`."""
+    return spans(total, pieces, group.align, group.min_block)
+
+
+def first_chunk(total: int, pieces: int, group: OpGroup) -> int:
+    """Rows in the first (largest) chunk: what every chunk-sized buffer of the group holds."""
+    start, end = group_spans(total, pieces, group)[0]
+    return end - start

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..memory.sizes import ceil_div, mib
-from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup
+from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup, first_chunk
 from .step_plan import PlanCache, StepPlan
 from .trace import StepShape
 
@@ -59,10 +59,13 @@ def _split(shape: StepShape, name: str) -> StepShape | None:
     if group.splits is None:
         return None
     pieces, rows = getattr(shape.chunks, name), _rows(group, shape)
-    if ceil_div(rows, pieces) <= group.min_chunk:
-        return None
-    more = min(pieces * 2, ceil_div(rows, group.min_chunk))
-    return replace(shape, chunks=replace(shape.chunks, **{name: more}))
+    current, limit = first_chunk(rows, pieces, group), ceil_div(rows, group.min_chunk)
+    more = pieces
+    while current > group.min_chunk and more < limit:  # more pieces until the chunks shrink
+        more = min(more * 2, limit)
+        if first_chunk(rows, more, group) < current:
+            return replace(shape, chunks=replace(shape.chunks, **{name: more}))
+    return None
 
 
 def most_chunked(shape: StepShape, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> StepShape:

@@ -21,8 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..memory.sizes import ceil_div
-from ..models.groups import PIECE_GROUPS, Chunks
+from ..models.groups import BY_NAME, PIECE_GROUPS, Chunks, first_chunk
 from ..models.spec import ArchSpec
 from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
 
@@ -95,7 +94,7 @@ class SymbolicStep:
     def evaluate(self, shape: StepShape) -> StepGraph:
         values = [shape.length, shape.chunk, shape.sampler_row_bytes]
         for total, group in self.chunk_sizes:
-            values.append(ceil_div(total.at(values), getattr(shape.chunks, group)))
+            values.append(first_chunk(total.at(values), getattr(shape.chunks, group), BY_NAME[group]))
         buffers = [
             TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
             for b, dims in zip(self.graph.buffers, self.dims, strict=True)

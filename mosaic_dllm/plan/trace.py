@@ -23,9 +23,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..kernels.planned import PlannedOps
-from ..memory.sizes import ceil_div
 from ..models import transformer
-from ..models.groups import Chunks
+from ..models.groups import BY_NAME, Chunks, first_chunk
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
 
@@ -134,7 +133,7 @@ class TraceMemory:
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
     def chunk_size(self, total: int, group: str, pieces: int) -> int:
-        return ceil_div(total, pieces)
+        return first_chunk(total, pieces, BY_NAME[group])
 
 
 def uniform_layers(spec: ArchSpec) -> bool:

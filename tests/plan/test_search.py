@@ -5,7 +5,7 @@ import torch
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.models.groups import ATTENTION_BLOCK_ALIGN, ATTENTION_MIN_QUERIES, BY_NAME, Chunks, group_spans
 from mosaic_dllm.plan.search import MIN_CHUNK_TOKENS, DoesNotFit, fit, max_length, most_chunked
 from mosaic_dllm.plan.step_plan import PlanCache
 from mosaic_dllm.plan.trace import StepShape
@@ -60,7 +60,12 @@ def test_max_length_grows_with_the_budget():
 def test_chunks_never_go_below_the_minimum_size():
     shape = most_chunked(StepShape(1, 1000, 64))
     assert shape.chunk == 1
-    assert -(-1000 // shape.chunks.ffn) <= MIN_CHUNK_TOKENS and -(-1000 // shape.chunks.attention) <= MIN_CHUNK_TOKENS
+    assert -(-1000 // shape.chunks.ffn) <= MIN_CHUNK_TOKENS and -(-1000 // shape.chunks.rotary) <= MIN_CHUNK_TOKENS
+    for length in (1000, 4096, 5000):  # attention: only the kernel's exact query blocks
+        pieces = most_chunked(StepShape(1, length, 64)).chunks.attention
+        blocks = group_spans(length, pieces, BY_NAME["attention"])
+        assert all(e - s >= ATTENTION_MIN_QUERIES and s % ATTENTION_BLOCK_ALIGN == 0 for s, e in blocks)
+        assert length < 2 * ATTENTION_MIN_QUERIES or min(e - s for s, e in blocks) < 2 * ATTENTION_MIN_QUERIES
 
 
 def test_engine_refuses_a_request_too_big_for_its_budget_before_any_work(tiny_checkpoints):
@@ -101,3 +106,13 @@ def test_the_floor_is_the_residual_stream_q_k_v_and_the_rotary_tables(name):
     whole = length * widths * 2 + tables
     assert whole <= floor.lower_bound_bytes <= whole * 1.01
     assert floor.arena_bytes <= floor.lower_bound_bytes * 1.01
+
+
+def test_a_split_that_cannot_shrink_the_chunks_is_refused():
+    """1311 queries make one exact attention block whatever the pieces (a split leaves a tail under
+    768): the search must move on, not ask again forever."""
+    from mosaic_dllm.plan.search import _split
+
+    assert _split(StepShape(1, 1311, 64), "attention") is None
+    assert _split(StepShape(1, 1600, 64), "attention").chunks.attention == 2
+    assert _split(StepShape(1, 1600, 64), "norms").chunks.norms == 2

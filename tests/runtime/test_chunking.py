@@ -1,5 +1,5 @@
-"""Chunked norms, rotary/attention by query blocks, FFN/MoE and the norm+projection and projection+residual
-regions by token chunks: same tokens, same logits."""
+"""Chunked norms, rotary by positions, attention by query blocks, FFN/MoE and the norm+projection and
+projection+residual regions by token chunks: same tokens, same logits."""
 
 import pytest
 import torch
@@ -14,10 +14,10 @@ from mosaic_dllm.runtime import EagerExecutor
 
 FORCED = [
     Chunks(norms=3),
-    Chunks(attention=4),
+    Chunks(rotary=4),
     Chunks(ffn=5),
     Chunks(projections=3),
-    Chunks(norms=2, attention=3, ffn=7, projections=4),
+    Chunks(norms=2, rotary=3, attention=3, ffn=7, projections=4),
 ]
 
 
@@ -36,6 +36,19 @@ def test_chunked_logits_equal_eager_bf16_bit_for_bit(tiny_checkpoints, family, c
     rows = torch.arange(37)
     got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
     assert torch.equal(got, full)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_in_query_blocks_equals_eager_bit_for_bit(tiny_checkpoints, family, dtype):
+    """A canvas long enough for attention to run in query blocks (1600 = 768 + 832 queries)."""
+    chunks = Chunks(attention=2, rotary=5)
+    llm = LLM(tiny_checkpoints[family], dtype=dtype, executor="mosaic", row_chunk=64, chunks=chunks)
+    ids = torch.randint(0, 300, (1, 1600), generator=torch.Generator().manual_seed(5))
+    full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
+    rows = torch.arange(0, 1600, 7)
+    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
+    assert torch.equal(got, full[:, rows])
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])

@@ -1,0 +1,70 @@
+"""Attention by query blocks is the whole fused call, bit for bit, on shapes searched for breakage.
+
+PyTorch's CPU flash-attention kernel picks its query split (32 / 64 / 256 rows) and whether it packs
+K/V for the AMX brgemm path from the number of queries in the call, so a call on a block of queries
+may run other arithmetic than the whole call did (one bf16 ulp in a few outputs, enough to flip a
+top-k tie). Blocks of at least 768 queries starting at multiples of 256 keep every row's arithmetic:
+`models.groups` makes the attention group's chunks so.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
+from mosaic_dllm.models.groups import ATTENTION_BLOCK_ALIGN, ATTENTION_MIN_QUERIES, BY_NAME, Chunks, group_spans
+
+# (length, heads, kv heads, head dim): lengths just above the block thresholds and between them,
+# plain and grouped heads, head dims that do and do not fill a 64-wide pack.
+SHAPES = [(1536, 4, 4, 64), (1600, 8, 2, 64), (1793, 2, 2, 32), (2000, 6, 3, 80), (2304, 4, 4, 128)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def qkv(length, heads, kv_heads, head_dim, dtype, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed + length)
+    q = torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
+def whole(q, k, v):
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    out = F.scaled_dot_product_attention(q, k, v, **gqa)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_query_blocks_equal_the_whole_call(shape, dtype):
+    q, k, v = qkv(*shape, dtype, batch=2 if shape[0] == 1600 else 1)
+    expected = whole(q, k, v)
+    for pieces in (2, 3):
+        ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(attention=pieces))
+        blocks = group_spans(shape[0], pieces, BY_NAME["attention"])
+        assert len(blocks) >= 2 and all(s % ATTENTION_BLOCK_ALIGN == 0 for s, _ in blocks)
+        got = ops.attention(q.clone(), k, v, name="attention")
+        assert torch.equal(got, expected), f"{pieces} pieces: {blocks}"
+
+
+def test_naive_query_blocks_can_differ():
+    """Why the blocks are constrained: on a 67-token canvas (4 heads x 64 dims), splitting the
+    queries into 2, 3 or 4 equal blocks changes some bf16 outputs for some inputs."""
+    differs = 0
+    for seed in range(8):
+        q, k, v = qkv(67, 4, 4, 64, torch.bfloat16, seed=seed)
+        expected = whole(q, k, v)
+        for pieces in (2, 3, 4):
+            size = -(-67 // pieces)
+            naive = [whole(q[:, :, s : s + size], k, v) for s in range(0, 67, size)]
+            differs += not torch.equal(torch.cat(naive, dim=1), expected)
+    assert differs
+
+
+def test_blocks_are_never_short():
+    group = BY_NAME["attention"]
+    for length in range(1, 5000, 37):
+        for pieces in (1, 2, 3, 8, 64):
+            blocks = group_spans(length, pieces, group)
+            assert blocks[0][0] == 0 and blocks[-1][1] == length
+            assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+            assert len(blocks) == 1 or all(e - s >= ATTENTION_MIN_QUERIES for s, e in blocks)
