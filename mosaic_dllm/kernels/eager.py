@@ -153,7 +153,9 @@ class EagerOps:
         self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
     ) -> Iterator[tuple[Tensor, Tensor]]:
         if rows is None:  # the official forward: every position at once
-            yield torch.arange(hidden.shape[1], device=hidden.device), F.linear(hidden, weight)
+            positions, logits = torch.arange(hidden.shape[1], device=hidden.device), F.linear(hidden, weight)
+            del hidden  # the official forward returns logits alone: the hidden states are freed here
+            yield positions, logits
             return
         step = chunk or max(1, rows.numel())
         for start in range(0, rows.numel(), step):
