@@ -314,15 +314,43 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .engine import default_model_path
     from .server import create_app
+    from .server.run import serve
 
-    llm = _load(args, args.model or default_model_path())
+    _check_port_free(args.host, args.port)  # before minutes of loading
+    model = args.model or default_model_path()
+    llm = _load(args, model)
     app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    budget = llm.executor.memory_budget
+    print(
+        f"mosaic serve: {Path(model).name} ({llm.spec.family}, {llm.executor.name} executor, memory budget "
+        f"{mib(budget) if budget else 'none'}, queue {args.max_queue}) on http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    serve(
+        app,
+        args.host,
+        args.port,
+        log_level="debug" if args.verbose else "info",
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+    )
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
@@ -423,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
     p.add_argument("--max-queue", type=int, default=16, help="admitted requests that may wait for the engine")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
+    p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")

@@ -4,8 +4,12 @@ checks every setting before any heavy work. Here only what holds for every famil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
+
+# No sequence dimension beyond this (2**24 tokens): larger values are typing accidents or attacks.
+MAX_LENGTH = 1 << 24
 
 
 class GenerationConfigError(ValueError):
@@ -50,10 +54,31 @@ class GenerationConfig:
 
     def check_common(self, *positive: str) -> None:
         """Settings every sampler needs: `positive` (and gen_length, steps) positive integers, a
-        temperature >= 0; raises GenerationConfigError."""
+        temperature >= 0, every number finite and of its type, a seed a generator accepts;
+        raises GenerationConfigError."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "stop_at_eos":
+                continue
+            if "float" in str(f.type) and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise GenerationConfigError(f"{f.name} must be a number, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise GenerationConfigError(f"{f.name} must be a finite number, got {value!r}")
+            if (
+                "int" in str(f.type)
+                and "float" not in str(f.type)
+                and (isinstance(value, bool) or not isinstance(value, int))
+            ):
+                raise GenerationConfigError(f"{f.name} must be an integer, got {value!r}")
+        if not isinstance(self.stop_at_eos, bool):
+            raise GenerationConfigError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
         for name in ("gen_length", "steps", *positive):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise GenerationConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > MAX_LENGTH:
+                raise GenerationConfigError(f"{name} must be at most {MAX_LENGTH}, got {value}")
         if self.temperature < 0:
             raise GenerationConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise GenerationConfigError(f"seed must be in [0, 2**63), got {self.seed}")

@@ -65,6 +65,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """Characters of the longest token: a text of n characters is at least n / this many tokens."""
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)

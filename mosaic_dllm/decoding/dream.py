@@ -175,6 +175,9 @@ class DreamSampler:
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
+        most = max(cfg.gen_length, DREAM_CONFIG_DEFAULTS["steps"])
+        if cfg.steps > most:
+            fail(f"steps ({cfg.steps}) must be at most {most} (the larger of gen_length and Dream's default 512)")
         if cfg.block_length not in (None, cfg.gen_length):
             fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
         if cfg.cfg_scale:

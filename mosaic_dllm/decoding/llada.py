@@ -117,6 +117,10 @@ class LLaDASampler:
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
+        if cfg.steps > cfg.gen_length:
+            fail(
+                f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): a step reveals at least one token"
+            )
         if cfg.gen_length % cfg.block_length:
             fail(f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})")
         if cfg.steps % cfg.num_blocks:

@@ -25,13 +25,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
-from .worker import GenerationWorker, Job, QueueFull
+from .worker import GenerationWorker, Job, QueueFull, ServerShuttingDown
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
@@ -94,17 +95,32 @@ class Service:
 
     # -- generation routes ---------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request):
-        job = self.admit(body, self.encode(self.llm.encode, body.prompt))
+        if isinstance(body.prompt, str):
+            self.check_text_length(len(body.prompt))
+        job = self.admit(body, await self.encode(self.llm.encode, body.prompt))
         return await self.respond(request, body, job, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self.check_text_length(sum(len(m.content) for m in body.messages))
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        job = self.admit(body, self.encode(self.llm.encode_chat, messages))
+        job = self.admit(body, await self.encode(self.llm.encode_chat, messages))
         return await self.respond(request, body, job, chat=True)
 
-    def encode(self, fn: Callable, *args) -> list[int]:
+    def check_text_length(self, chars: int) -> None:
+        """Refuse, before tokenizing, a text too long to fit the context in any tokenization."""
+        tokenizer, context = self.llm.tokenizer, self.llm.spec.max_position_embeddings
+        if tokenizer is not None and chars > context * tokenizer.longest_token_chars:
+            raise APIError(
+                400,
+                f"the prompt ({chars} characters) is longer than the model's context of {context} tokens can hold",
+                "context_length_exceeded",
+                "context_length",
+            )
+
+    async def encode(self, fn: Callable, *args) -> list[int]:
+        """Tokenize in a worker thread: a long text never stalls the event loop."""
         try:
-            return fn(*args)
+            return await run_in_threadpool(fn, *args)
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_prompt", "invalid_prompt") from None
 
@@ -132,21 +148,24 @@ class Service:
                 "context_length",
             )
         try:
-            planned = self.worker.admit(prompt_ids, config)
+            return self.worker.admit(prompt_ids, config)
         except DoesNotFit as exc:
             raise APIError(
                 400, str(exc), "memory_budget_exceeded", "memory_budget", longest_length=exc.max_length
             ) from None
         except QueueFull as exc:
             raise APIError(429, f"server busy: {exc}; retry later", "queue_full", "queue_full") from None
-        return Job(prompt_ids, config, planned_bytes=planned)
+        except ServerShuttingDown as exc:
+            raise APIError(503, str(exc), "server_shutting_down", "shutting_down") from None
 
     async def respond(self, request: Request, body: Sampling, job: Job, chat: bool):
         shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", self.model_id, chat)
         if body.stream:
             options = body.stream_options
             denoising, usage = (options.denoising, options.include_usage) if options else (False, False)
-            return StreamingResponse(self.stream(request, job, shape, denoising, usage), media_type="text/event-stream")
+            events = self.watch_steps(job) if denoising else None
+            task = asyncio.ensure_future(self.run(request.url.path, job))  # owns the queue slot from now on
+            return StreamingResponse(self.stream(task, job, shape, events, usage), media_type="text/event-stream")
         task = asyncio.ensure_future(self.run(request.url.path, job))
         while not task.done():  # a client that goes away cancels its generation
             await asyncio.wait({task}, timeout=0.2)
@@ -156,13 +175,15 @@ class Service:
             out = await task
         except GenerationCancelled:
             return Response(status_code=499)  # nobody is listening any more
-        return shape.response(out, job)
+        return JSONResponse(shape.response(out, job))
 
     async def run(self, path: str, job: Job) -> GenerationOutput:
         start = time.perf_counter()
         try:
             out = await self.worker.run(job)
         except GenerationCancelled:
+            if self.worker.shutting_down:
+                raise APIError(503, "the server is shutting down", "server_shutting_down", "shutting_down") from None
             self.metrics.requests.labels(path, "499").inc()
             self.metrics.rejections.labels("client_disconnected").inc()
             raise
@@ -175,20 +196,22 @@ class Service:
         self.metrics.request_latency.observe(time.perf_counter() - start)
         return out
 
+    @staticmethod
+    def watch_steps(job: Job) -> asyncio.Queue[StepEvent]:
+        """Denoising events of `job`, copied in the worker thread before the next step changes them."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_step(event: StepEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, replace(event, canvas=event.canvas.clone()))
+
+        job.on_step = on_step
+        return events
+
     async def stream(
-        self, request: Request, job: Job, shape: Shape, denoising: bool, usage: bool
+        self, task: asyncio.Future, job: Job, shape: Shape, events: asyncio.Queue | None, usage: bool
     ) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[StepEvent] = asyncio.Queue()
-        if denoising:
-
-            def on_step(event: StepEvent) -> None:  # worker thread: copy the canvas before the next step
-                loop.call_soon_threadsafe(events.put_nowait, replace(event, canvas=event.canvas.clone()))
-
-            job.on_step = on_step
-        task = asyncio.ensure_future(self.run(request.url.path, job))
         try:
-            while not task.done() or not events.empty():
+            while events is not None and (not task.done() or not events.empty()):
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
@@ -199,6 +222,8 @@ class Service:
                 out = await task
             except APIError as exc:
                 yield sse(error_body(exc.message, exc.code, "server_error"))
+                return
+            except GenerationCancelled:
                 return
             yield sse(shape.final_chunk(out))
             if usage:
@@ -214,7 +239,46 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before it is read whole (by its
+    Content-Length, or as it streams in)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self.refuse(send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge:
+            await self.refuse(send)
+
+    async def refuse(self, send) -> None:
+        body = json.dumps(error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max_body_bytes: int = 2 << 20) -> FastAPI:
     service = Service(llm, model_name, max_queue)
 
     @asynccontextmanager
@@ -236,4 +300,5 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16) -> 
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool = False
     denoising: bool = Field(False, description="also send one event per denoising step with the current canvas")
@@ -17,7 +17,7 @@ class StreamOptions(BaseModel):
 class Sampling(BaseModel):
     """Fields both endpoints share: OpenAI's, then the diffusion settings (mosaic's GenerationConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate (the generation length)")
@@ -68,7 +68,7 @@ class CompletionRequest(Sampling):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str

@@ -31,6 +31,10 @@ class QueueFull(RuntimeError):
     """Every queue slot is taken; the client should retry later."""
 
 
+class ServerShuttingDown(RuntimeError):
+    """The server stops: new requests are refused and running ones cancelled."""
+
+
 @dataclass(eq=False)  # identity: jobs live in a set
 class Job:
     prompt_ids: list[int]
@@ -46,27 +50,32 @@ class GenerationWorker:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.llm, self.max_queue, self.metrics = llm, max_queue, metrics
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mosaic-engine")
-        self._jobs: set[Job] = set()  # accepted, not finished
+        self._jobs: set[Job] = set()  # admitted (a queue slot held), not finished
         self.running: Job | None = None
+        self.shutting_down = False
 
     @property
     def waiting(self) -> int:
         return len(self._jobs) - (self.running is not None)
 
-    def admit(self, prompt_ids: list[int], config: GenerationConfig) -> int:
-        """Plan the request's largest step; returns its predicted activation bytes (0 when unplanned).
+    def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
+        """Plan the request's largest step and take a queue slot for it (on the event loop, so
+        admissions never interleave); `run` gives the slot back when the job ends.
 
-        Raises DoesNotFit (never fits the budget) or QueueFull.
+        Raises DoesNotFit (never fits the budget), QueueFull, or ServerShuttingDown.
         """
+        if self.shutting_down:
+            raise ServerShuttingDown("the server is shutting down")
         plan = self.llm.check_memory(len(prompt_ids), config)
         if len(self._jobs) > self.max_queue:  # one running plus max_queue waiting
             raise QueueFull(f"{self.waiting} requests are waiting (queue size {self.max_queue})")
-        return plan.predicted_peak_bytes if plan is not None else 0
+        job = Job(prompt_ids, config, planned_bytes=plan.predicted_peak_bytes if plan is not None else 0)
+        self._jobs.add(job)
+        self.metrics.queue_length.set(self.waiting)
+        return job
 
     async def run(self, job: Job) -> GenerationOutput:
         """Run an admitted job when the engine is free; raises GenerationCancelled if cancelled."""
-        self._jobs.add(job)
-        self.metrics.queue_length.set(self.waiting)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self._generate, job)
         finally:
@@ -95,11 +104,13 @@ class GenerationWorker:
             self.running = None
             self.metrics.observe_memory(self.llm)
 
-    def cancel_all(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Refuse new work and cancel queued and running work at its next step (signal-safe)."""
+        self.shutting_down = True
         for job in list(self._jobs):
             job.cancelled.set()
 
     def shutdown(self) -> None:
-        """Cancel queued and running work (the running step finishes), then stop the thread."""
-        self.cancel_all()
+        """Cancel everything, then wait for the engine thread (it stops at the running step's end)."""
+        self.begin_shutdown()
         self._pool.shutdown(wait=True, cancel_futures=False)
