@@ -97,13 +97,13 @@ class Service:
     async def completions(self, body: CompletionRequest, request: Request):
         if isinstance(body.prompt, str):
             self.check_text_length(len(body.prompt))
-        job = self.admit(body, await self.encode(self.llm.encode, body.prompt))
+        job = await self.admit(body, await self.encode(self.llm.encode, body.prompt))
         return await self.respond(request, body, job, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self.check_text_length(sum(len(m.content) for m in body.messages))
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        job = self.admit(body, await self.encode(self.llm.encode_chat, messages))
+        job = await self.admit(body, await self.encode(self.llm.encode_chat, messages))
         return await self.respond(request, body, job, chat=True)
 
     def check_text_length(self, chars: int) -> None:
@@ -124,7 +124,7 @@ class Service:
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_prompt", "invalid_prompt") from None
 
-    def admit(self, body: Sampling, prompt_ids: list[int]) -> Job:
+    async def admit(self, body: Sampling, prompt_ids: list[int]) -> Job:
         """Settings checked, context checked, memory planned and a queue slot taken, or APIError."""
         if body.model not in (None, self.model_id):
             raise APIError(
@@ -148,7 +148,7 @@ class Service:
                 "context_length",
             )
         try:
-            return self.worker.admit(prompt_ids, config)
+            return await self.worker.admit(prompt_ids, config)
         except DoesNotFit as exc:
             raise APIError(
                 400, str(exc), "memory_budget_exceeded", "memory_budget", longest_length=exc.max_length
@@ -211,7 +211,8 @@ class Service:
         self, task: asyncio.Future, job: Job, shape: Shape, events: asyncio.Queue | None, usage: bool
     ) -> AsyncIterator[str]:
         try:
-            while events is not None and (not task.done() or not events.empty()):
+            # every step's event, unless the job was cancelled: then only its end matters
+            while events is not None and (not task.done() or (not events.empty() and not job.cancelled.is_set())):
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
@@ -252,30 +253,33 @@ class BodyLimit:
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await self.refuse(send)
-        received = 0
+        received, refused = 0, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise BodyTooLarge
+            if received > self.max_bytes and not refused:  # answer now; the app sees a disconnect
+                refused = True
+                await self.refuse(send)
+                return {"type": "http.disconnect"}
             return message
 
+        async def guarded_send(message):
+            if not refused:
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self.refuse(send)
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
 
     async def refuse(self, send) -> None:
         body = json.dumps(error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max_body_bytes: int = 2 << 20) -> FastAPI:

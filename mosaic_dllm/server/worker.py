@@ -58,15 +58,18 @@ class GenerationWorker:
     def waiting(self) -> int:
         return len(self._jobs) - (self.running is not None)
 
-    def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
-        """Plan the request's largest step and take a queue slot for it (on the event loop, so
-        admissions never interleave); `run` gives the slot back when the job ends.
+    async def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
+        """Plan the request's largest step (in a thread: planning never stalls the event loop), then
+        take a queue slot for it (on the event loop, so slots are counted one admission at a time);
+        `run` gives the slot back when the job ends.
 
         Raises DoesNotFit (never fits the budget), QueueFull, or ServerShuttingDown.
         """
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
-        plan = self.llm.check_memory(len(prompt_ids), config)
+        plan = await asyncio.get_running_loop().run_in_executor(None, self.llm.check_memory, len(prompt_ids), config)
+        if self.shutting_down:
+            raise ServerShuttingDown("the server is shutting down")
         if len(self._jobs) > self.max_queue:  # one running plus max_queue waiting
             raise QueueFull(f"{self.waiting} requests are waiting (queue size {self.max_queue})")
         job = Job(prompt_ids, config, planned_bytes=plan.predicted_peak_bytes if plan is not None else 0)
@@ -83,7 +86,7 @@ class GenerationWorker:
             self.metrics.queue_length.set(self.waiting)
 
     def _generate(self, job: Job) -> GenerationOutput:
-        if job.cancelled.is_set():
+        if job.cancelled.is_set() or self.shutting_down:
             raise GenerationCancelled("the client went away before the request started")
         self.running = job
         self.metrics.planned_bytes.set(job.planned_bytes)
@@ -106,6 +109,8 @@ class GenerationWorker:
 
     def begin_shutdown(self) -> None:
         """Refuse new work and cancel queued and running work at its next step (signal-safe)."""
+        if not self.shutting_down:
+            log.warning("stopping: cancelling %d admitted requests at their next step", len(self._jobs))
         self.shutting_down = True
         for job in list(self._jobs):
             job.cancelled.set()
