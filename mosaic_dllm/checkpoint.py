@@ -162,8 +162,36 @@ def tensor_summary(files: list[Path]) -> tuple[int, int, dict[str, int]]:
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """The device, if this machine has it; otherwise one line naming it and what is available."""
+    available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; available here: {', '.join(available)}") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r} is not available on this machine; available here: {', '.join(available)}")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; available here: {', '.join(available)}")
+    return parsed
+
+
+FINITE_CHECK_ELEMENTS = 1 << 24  # a bounded temporary per check, whatever the tensor's size
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Refuse weights holding NaN or infinity (they load, then generate garbage)."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
+        if not bool(torch.isfinite(flat[start : start + FINITE_CHECK_ELEMENTS]).all()):
+            raise CheckpointError(f"weight {name!r} holds NaN or infinite values: the checkpoint is damaged")
+
+
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
+    device = parse_device(device)
     spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
     check_state_dict(spec, tensor_shapes(files))  # names and shapes before any data is read
@@ -174,6 +202,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     t = f.get_tensor(name)
+                    check_finite(name, t)
                     target = target or (t.dtype if t.is_floating_point() else None)
                     state[name] = t
         except (SafetensorError, OSError) as exc:

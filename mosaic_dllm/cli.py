@@ -80,6 +80,7 @@ def _load(args: argparse.Namespace, model):
         device=args.device,
         executor=args.executor,
         memory_reserve=args.memory_reserve,
+        allow_long_context=getattr(args, "allow_long_context", False),
         **options,
     )
 
@@ -122,6 +123,12 @@ def _train(args: argparse.Namespace) -> int:
     from .train.default_model import train_default_model
     from .train.trainer import TrainConfig
 
+    for flag in ("steps", "batch_size", "seq_len", "vocab_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose a fresh --out or pass --overwrite")
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     figures = train_default_model(Path(args.out), Path(args.run_dir), cfg, vocab_size=args.vocab_size)
     print(
@@ -156,8 +163,14 @@ def _bench_memory(args: argparse.Namespace) -> int:
     from .memory.sizes import parse_bytes
 
     job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)
-    lengths = [int(n) for n in args.lengths.split(",")]
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths takes comma-separated integers, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"--lengths must be integers >= 2, got {args.lengths!r}")
     records = memory_records(job, lengths, executors, options, lambda m: print(m, file=sys.stderr))
+    failed = _failed_probes(records)
     timelines = {r["executor"]: r.pop("timeline") for r in records if r.get("timeline")}
     for r in records:
         r.pop("timeline", None)
@@ -171,7 +184,22 @@ def _bench_memory(args: argparse.Namespace) -> int:
         plot_memory(
             records, timelines, args.plot, f"{name}, {args.layers or 'all'} layers, {args.dtype}, alpha {args.alpha}"
         )
-    return 0
+    return _report_failures(failed)
+
+
+def _failed_probes(records: list[dict]) -> list[str]:
+    """Probes that failed for another reason than "does not fit" (that one is a result)."""
+    return [
+        f"{r['executor']} at L={r['length']}: {r['status']}"
+        for r in records
+        if r["status"] != "ok" and not r["status"].startswith("does not fit")
+    ]
+
+
+def _report_failures(failed: list[str]) -> int:
+    for line in failed:
+        print(f"error: probe failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _bench_max_len(args: argparse.Namespace) -> int:
@@ -202,7 +230,8 @@ def _bench_max_len(args: argparse.Namespace) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
-    return 0
+    probes = [p | {"executor": r["executor"]} for r in records for p in r["probes"]]
+    return _report_failures(_failed_probes(probes))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -410,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_row_chunk_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
+    )
     _add_generation_flags(p)
     p.add_argument("--memory-budget", help="activation memory a step may use, e.g. 2GiB (mosaic)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
@@ -474,11 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
-    p.add_argument("--out", default="mosaic_dllm/assets/default_model", help="checkpoint directory to write")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (a fresh one, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     p.add_argument("--run-dir", default="runs/default_model", help="resumable training state")
     p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)

@@ -61,6 +61,7 @@ class GenerationOutput:
     steps: int  # denoising steps run
     seconds: float
     finish_reason: str  # "eos" (an EOS ends the answer) or "length"
+    completion_tokens: int  # tokens of the answer, its EOS included (not the padding after it)
     settings: dict  # every generation setting as resolved for this request (GenerationConfig fields)
 
 
@@ -82,11 +83,14 @@ class LLM:
         chunks: Chunks | None = None,
         chunk_groups: tuple[str, ...] | None = None,
         activations: str | None = None,
+        allow_long_context: bool = False,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
         options (`row_chunk`, forced `chunks`, `chunk_groups` the search may split, `activations`)
-        apply to the Mosaic executor; see `runtime.ExecutorOptions`."""
+        apply to the Mosaic executor; see `runtime.ExecutorOptions`. A request longer than the
+        checkpoint's context is refused unless `allow_long_context` (quality may degrade)."""
+        self.allow_long_context = allow_long_context
         given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
         if memory_budget is not None:
             given["memory_budget"] = parse_bytes(memory_budget)
@@ -120,6 +124,10 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PromptError(f"the prompt is not valid Unicode text (at character {exc.start})") from None
             if self.tokenizer is None:
                 raise PromptError(f"{self.checkpoint.path} has no tokenizer files; pass token ids instead of text")
             if chat:
@@ -166,7 +174,21 @@ class LLM:
         requests = [(ids, self.resolve(config or GenerationConfig(), len(ids))) for ids in encoded]
         for ids, cfg in requests:
             self.check_memory(len(ids), cfg)
+            self.check_context(len(ids), cfg)
         return [self._generate_one(ids, cfg, callback) for ids, cfg in requests]
+
+    def check_context(self, prompt_length: int, cfg: GenerationConfig) -> None:
+        """Refuse a request beyond the checkpoint's context unless long contexts are allowed (then warn)."""
+        total, context = prompt_length + cfg.gen_length, self.spec.max_position_embeddings
+        if total <= context:
+            return
+        message = (
+            f"the prompt ({prompt_length} tokens) plus gen_length ({cfg.gen_length}) is {total} tokens, more "
+            f"than the checkpoint's context of {context}"
+        )
+        if not self.allow_long_context:
+            raise PromptError(f"{message}; pass allow_long_context=True (CLI: --allow-long-context) to run it anyway")
+        warnings.warn(f"{message}; quality may degrade", stacklevel=3)
 
     def check_memory(self, prompt_length: int, cfg: GenerationConfig) -> StepPlan | None:
         """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the
@@ -193,13 +215,6 @@ class LLM:
     def _generate_one(
         self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
     ) -> GenerationOutput:
-        total = len(prompt_ids) + cfg.gen_length
-        if total > self.spec.max_position_embeddings:
-            warnings.warn(
-                f"sequence length {total} exceeds the checkpoint's trained context "
-                f"({self.spec.max_position_embeddings}); quality may degrade",
-                stacklevel=3,
-            )
         gen = torch.Generator(device=self.device)
         gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
@@ -225,6 +240,7 @@ class LLM:
             steps=result.steps_run,
             seconds=seconds,
             finish_reason="eos" if eos is not None else "length",
+            completion_tokens=len(answer) + (eos is not None),
             settings=cfg.given(),
         )
 

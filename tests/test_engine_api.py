@@ -91,10 +91,14 @@ def test_unknown_setting_named():
         GenerationConfig.from_dict({"temprature": 1.0})
 
 
-def test_longer_than_trained_context_warns_but_runs(llada):
-    with pytest.warns(UserWarning, match="exceeds the checkpoint's trained context"):
-        out = llada.generate([1, 2], GenerationConfig(gen_length=256, steps=1))[0]
+def test_longer_than_trained_context_is_refused_unless_allowed(llada, tiny_checkpoints):
+    with pytest.raises(PromptError, match="allow_long_context=True"):
+        llada.generate([1, 2], GenerationConfig(gen_length=256, steps=1))
+    allowing = LLM(tiny_checkpoints["llada"], allow_long_context=True)
+    with pytest.warns(UserWarning, match="more than the checkpoint's context") as warned:
+        out = allowing.generate([1, 2], GenerationConfig(gen_length=256, steps=1))[0]
     assert len(out.token_ids) == 256
+    assert warned[0].filename == __file__  # the warning points at the caller's line
 
 
 def test_text_without_tokenizer_is_refused(tiny_checkpoints, tmp_path):

@@ -89,9 +89,9 @@ class LLaDASampler:
     """The official LLaDA sampler (also LLaDA-MoE's): blocks, remasking, classifier-free guidance.
 
     The official `generate` takes explicit arguments and reads no config; settings left unset take
-    the checkpoint's generation_config.json (our convention, e.g. the default model's 32/32/8), then
-    the official signature's defaults: gen_length 128, steps = gen_length, one block, temperature 0,
-    no guidance, low_confidence remasking.
+    the checkpoint's generation_config.json (our convention, e.g. the default model's 32/32/8; its
+    steps and block_length only where they fit the request's gen_length), then: gen_length 128,
+    steps = gen_length, one block, temperature 0, no guidance, low_confidence remasking.
     """
 
     bench_settings: dict = {"temperature": 0.0}
@@ -104,23 +104,26 @@ class LLaDASampler:
         self.defaults = {k: stored[k] for k in LLADA_SETTINGS if stored.get(k) is not None}
 
     def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
-        cfg = cfg.unset(**self.defaults).unset(gen_length=128)
-        cfg = cfg.unset(
-            steps=cfg.gen_length,
-            block_length=cfg.gen_length,
-            temperature=0.0,
-            cfg_scale=0.0,
-            remasking="low_confidence",
-        )
+        stored = self.defaults
+        cfg = cfg.unset(gen_length=stored.get("gen_length", 128))
+        if isinstance(cfg.gen_length, int) and cfg.gen_length > 0:  # stored shapes only where they fit
+            block = stored.get("block_length")
+            if block and cfg.gen_length % block == 0:
+                cfg = cfg.unset(block_length=block)
+            cfg = cfg.unset(block_length=cfg.gen_length)
+            steps, blocks = stored.get("steps"), cfg.gen_length // cfg.block_length if cfg.block_length else 0
+            if steps and steps <= cfg.gen_length and blocks and steps % blocks == 0:
+                cfg = cfg.unset(steps=steps)
+            cfg = cfg.unset(steps=cfg.gen_length)
+        cfg = cfg.unset(**{k: stored[k] for k in ("temperature", "cfg_scale", "remasking") if k in stored})
+        cfg = cfg.unset(temperature=0.0, cfg_scale=0.0, remasking="low_confidence")
         cfg.check_common("block_length")
 
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
         if cfg.steps > cfg.gen_length:
-            fail(
-                f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): a step reveals at least one token"
-            )
+            fail(f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): more steps would reveal nothing")
         if cfg.gen_length % cfg.block_length:
             fail(f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})")
         if cfg.steps % cfg.num_blocks:

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
@@ -69,6 +70,17 @@ class Service:
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
         body = error_body(exc.message, exc.code, kind, **exc.extra)
         return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    async def http_error(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods, in OpenAI's error shape."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = error_body(f"{request.method} {request.url.path}: {exc.detail}", code)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def unexpected_error(self, request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        body = error_body(f"internal error: {exc}", "internal_error", "server_error")
+        return JSONResponse(body, status_code=500)
 
     # -- informational routes ------------------------------------------------------------------
     async def health(self) -> dict:
@@ -216,7 +228,7 @@ class Service:
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield sse(shape.denoising_chunk(getter.result(), self.llm.decode))
+                    yield sse(shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.spec.eos_token_ids))
                 else:
                     getter.cancel()
             try:
@@ -299,6 +311,8 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max
     )
     app.add_exception_handler(RequestValidationError, service.invalid_body)
     app.add_exception_handler(APIError, service.api_error)
+    app.add_exception_handler(StarletteHTTPException, service.http_error)
+    app.add_exception_handler(Exception, service.unexpected_error)
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_api_route("/metrics", service.prometheus, methods=["GET"])
     app.add_api_route("/v1/models", service.models, methods=["GET"])

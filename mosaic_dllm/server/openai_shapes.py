@@ -28,7 +28,7 @@ class Shape:
 
     @staticmethod
     def usage(out: GenerationOutput, job: Job) -> dict:
-        n_prompt, n_gen = len(job.prompt_ids), len(out.token_ids)
+        n_prompt, n_gen = len(job.prompt_ids), out.completion_tokens
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
     @staticmethod
@@ -54,8 +54,10 @@ class Shape:
     def usage_chunk(self, out: GenerationOutput, job: Job) -> dict:
         return self._base(True) | {"choices": [], "usage": self.usage(out, job)}
 
-    def denoising_chunk(self, event: StepEvent, decode: Callable[[list[int]], str]) -> dict:
+    def denoising_chunk(self, event: StepEvent, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]) -> dict:
         answer = event.canvas[event.prompt_length :].tolist()
+        eos = next((i for i, t in enumerate(answer) if t in eos_ids), None)
+        answer = answer if eos is None else answer[:eos]  # nothing after a revealed EOS: the answer ends there
         text, run = [], []
         for token in answer:  # decode runs of revealed tokens, one marker per masked position
             if token == event.mask_token_id:
