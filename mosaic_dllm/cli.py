@@ -424,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="generate text from a prompt")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text. Without --model: the embedded default model (a 64-token context; "
+        "defaults 32 tokens, 32 steps, blocks of 8; with only --gen-length, steps = the length).",
+    )
     p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")

@@ -1,0 +1,96 @@
+"""The Python API refuses bad input with one clear exception, before heavy work where it can."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mosaic_dllm import LLM, GenerationConfig, GenerationConfigError, PromptError
+from mosaic_dllm.checkpoint import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def llada(tiny_checkpoints):
+    return LLM(tiny_checkpoints["llada"])
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(temperature=math.nan), "temperature must be a finite number"),
+        (dict(temperature=math.inf), "temperature must be a finite number"),
+        (dict(cfg_scale=-math.inf), "cfg_scale must be a finite number"),
+        (dict(temperature="0.5"), "temperature must be a number"),
+        (dict(gen_length=True), "gen_length must be an integer"),
+        (dict(seed=2**70), "seed must be in"),
+        (dict(seed=-5), "seed must be in"),
+        (dict(gen_length=10**9), "gen_length must be at most"),
+        (dict(gen_length=8, steps=10**9), "steps must be at most"),
+        (dict(gen_length=8, steps=16), "steps \\(16\\) must be at most gen_length \\(8\\)"),
+        (dict(stop_at_eos="yes"), "stop_at_eos must be true or false"),
+    ],
+)
+def test_values_at_the_edges_of_their_types(llada, settings, message):
+    with pytest.raises(GenerationConfigError, match=message):
+        llada.generate([5, 6, 7], GenerationConfig(**settings))
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(top_p=math.nan), "top_p must be a finite number"),
+        (dict(steps=10**6, gen_length=8), "steps \\(1000000\\) must be at most 512"),
+        (dict(alg_temp=math.inf), "alg_temp must be a finite number"),
+    ],
+)
+def test_dream_edges(tiny_checkpoints, settings, message):
+    with pytest.raises(GenerationConfigError, match=message):
+        LLM(tiny_checkpoints["dream"]).generate([5, 6, 7], GenerationConfig(**settings))
+
+
+def test_text_that_is_not_unicode(llada):
+    with pytest.raises(PromptError, match="not valid Unicode"):
+        llada.generate("Return \ud800 the", GenerationConfig(gen_length=8, steps=4))
+
+
+@pytest.mark.parametrize(
+    "device,message", [("cuda", "not available on this machine"), ("banana", "unknown device"), ("mps", "available")]
+)
+def test_devices_that_are_not_here(tiny_checkpoints, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        LLM(tiny_checkpoints["llada"], device=device)
+
+
+@pytest.mark.parametrize("budget", [0, "0", "0GiB", -1])
+def test_a_zero_or_negative_budget_is_refused_not_replaced(tiny_checkpoints, budget):
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        LLM(tiny_checkpoints["llada"], memory_budget=budget)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_weights_that_are_not_finite_are_refused_by_name(tiny_checkpoints, tmp_path, bad):
+    path = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoints["llada"], path)
+    state = load_file(path / "model.safetensors")
+    name = sorted(state)[3]
+    state[name] = state[name].clone()
+    state[name].view(-1)[7] = bad
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"weight '{name}' holds NaN or infinite values"):
+        LLM(path)
+
+
+def test_max_tokens_alone_takes_defaults_that_divide(tmp_path, tiny_checkpoints):
+    path = tmp_path / "m"
+    shutil.copytree(tiny_checkpoints["llada"], path)
+    (path / "generation_config.json").write_text(json.dumps({"gen_length": 32, "steps": 32, "block_length": 8}))
+    llm = LLM(path)
+    for gen_length, steps, block in ((24, 24, 8), (32, 32, 8), (12, 12, 12)):
+        resolved = llm.resolve(GenerationConfig(gen_length=gen_length))
+        assert (resolved.gen_length, resolved.steps, resolved.block_length) == (gen_length, steps, block)
+    assert len(llm.generate([5, 6], GenerationConfig(gen_length=24))[0].token_ids) == 24
