@@ -94,3 +94,27 @@ def test_max_tokens_alone_takes_defaults_that_divide(tmp_path, tiny_checkpoints)
         resolved = llm.resolve(GenerationConfig(gen_length=gen_length))
         assert (resolved.gen_length, resolved.steps, resolved.block_length) == (gen_length, steps, block)
     assert len(llm.generate([5, 6], GenerationConfig(gen_length=24))[0].token_ids) == 24
+
+
+def test_usage_and_preview_stop_at_the_answer():
+    """completion_tokens count the answer (its EOS included), not the padding after it; the
+    denoising preview never shows text after a revealed EOS, which the answer drops."""
+    from mosaic_dllm.decoding.common import StepEvent
+    from mosaic_dllm.engine import GenerationOutput
+    from mosaic_dllm.server.openai_shapes import MASK_MARKER, Shape
+    from mosaic_dllm.server.worker import Job
+
+    out = GenerationOutput("abc", [1, 2, 3, 9, 4, 5], [7, 7], 4, 4, 0.1, "eos", 4, {})
+    assert Shape("id", "m", chat=False).usage(out, Job([7, 7], GenerationConfig()))["completion_tokens"] == 4
+    canvas = torch.tensor([7, 7, 1, 8, 2, 9, 3, 8])  # prompt 7 7; mask 8; EOS 9 revealed at answer position 3
+    event = StepEvent(2, 4, 0, canvas, 2, 8, 1)
+    text = Shape("id", "m", chat=False).denoising_chunk(event, lambda ids: "".join(map(str, ids)), (9,))
+    assert text["denoising"]["text"] == f"1{MASK_MARKER}2"
+
+
+def test_bench_exits_non_zero_naming_a_failed_probe(tiny_checkpoints, capsys):
+    from mosaic_dllm.cli import main
+
+    args = ["bench", "memory", "--model", str(tiny_checkpoints["llada"]), "--lengths", "32", "--executors", "mosaic"]
+    assert main([*args, "--dtype", "fp8"]) == 1
+    assert "error: probe failed: mosaic at L=32: failed: exit code 1" in capsys.readouterr().err

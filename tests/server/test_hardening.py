@@ -151,3 +151,5 @@ def test_half_open_connections_do_not_stop_service(tiny_checkpoints, tmp_path):
             assert s.recv(1) == b""
             s.close()
     assert os.path.getsize(log_path) < 100_000
+    log = log_path.read_text()
+    assert "mosaic serve: " in log and "Uvicorn running on" in log and '"POST /v1/completions HTTP/1.1" 200' in log
