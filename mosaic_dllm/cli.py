@@ -344,13 +344,17 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .engine import default_model_path
+    from .memory.sizes import parse_bytes
     from .server import create_app
     from .server.run import serve
 
+    max_body = parse_bytes(args.max_body)  # bad flags fail before anything loads
+    if max_body < 1024:
+        raise ValueError(f"--max-body must be at least 1KiB, got {args.max_body}")
     _check_port_free(args.host, args.port)  # before minutes of loading
     model = args.model or default_model_path()
     llm = _load(args, model)
-    app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue)
+    app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue, max_body_bytes=max_body)
     budget = llm.executor.memory_budget
     print(
         f"mosaic serve: {Path(model).name} ({llm.spec.family}, {llm.executor.name} executor, memory budget "
@@ -488,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
     p.add_argument("--max-queue", type=int, default=16, help="admitted requests that may wait for the engine")
+    p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
     p.set_defaults(func=_serve)

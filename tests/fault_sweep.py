@@ -63,6 +63,7 @@ CLI_CASES = [
     Case("budget with eager", [*GEN, "hi", "--executor", "eager", "--memory-budget", "1GiB"]),
     Case("Dream alg on LLaDA", [*GEN, "hi", "--alg", "entropy"]),
     Case("serve on port 99999", ["serve", "--port", "99999"]),
+    Case("serve with a 10-byte body limit", ["serve", "--max-body", "10"]),
     Case("serve on a taken port", ["serve", "--port", "{taken}"]),
     Case("train 0 steps", ["train", "--steps", "0", "--out", "{fresh}"]),
     Case("train without --out", ["train", "--steps", "1"]),

@@ -12,6 +12,7 @@ FAST_CLI = {
     "serve on a taken port",
     "train over the shipped model",
     "bench lengths abc",
+    "serve with a 10-byte body limit",
 }
 
 
