@@ -12,6 +12,10 @@ from typing import Any
 MAX_LENGTH = 1 << 24
 
 
+NUMBERS = ("temperature", "cfg_scale", "alg_temp", "top_p", "eps")
+INTEGERS = ("gen_length", "steps", "block_length", "top_k", "seed")
+
+
 class GenerationConfigError(ValueError):
     """Generation settings that cannot run (names the setting and the accepted values)."""
 
@@ -56,20 +60,16 @@ class GenerationConfig:
         """Settings every sampler needs: `positive` (and gen_length, steps) positive integers, a
         temperature >= 0, every number finite and of its type, a seed a generator accepts;
         raises GenerationConfigError."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or f.name == "stop_at_eos":
-                continue
-            if "float" in str(f.type) and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise GenerationConfigError(f"{f.name} must be a number, got {value!r}")
+        for name in NUMBERS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise GenerationConfigError(f"{name} must be a number, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
-                raise GenerationConfigError(f"{f.name} must be a finite number, got {value!r}")
-            if (
-                "int" in str(f.type)
-                and "float" not in str(f.type)
-                and (isinstance(value, bool) or not isinstance(value, int))
-            ):
-                raise GenerationConfigError(f"{f.name} must be an integer, got {value!r}")
+                raise GenerationConfigError(f"{name} must be a finite number, got {value!r}")
+        for name in INTEGERS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise GenerationConfigError(f"{name} must be an integer, got {value!r}")
         if not isinstance(self.stop_at_eos, bool):
             raise GenerationConfigError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
         for name in ("gen_length", "steps", *positive):

@@ -100,6 +100,29 @@ class SamplerState(Protocol):
     def result(self) -> DenoiseResult: ...
 
 
+class DenoiseState:
+    """What every family's step-wise state keeps: the canvas, the steps run, and the end test."""
+
+    def __init__(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator, mask_id: int, eos_ids):
+        self.cfg, self.gen, self.mask_id, self.eos_ids = cfg, gen, mask_id, eos_ids
+        self.prompt_length = prompt.numel()
+        self.x = initial_canvas(prompt, cfg.gen_length, mask_id)
+        self.steps_run, self.done, self.stopped_at_eos = 0, False, False
+
+    def finish_step(self, block: int, revealed: int) -> StepEvent:
+        """Count the step, decide whether the generation ends, and describe the step."""
+        self.steps_run += 1
+        canvas = self.x[0]
+        self.stopped_at_eos = self.cfg.stop_at_eos and answer_complete(
+            canvas, self.prompt_length, self.mask_id, self.eos_ids
+        )
+        self.done = self.stopped_at_eos or self.steps_run == self.cfg.steps
+        return StepEvent(self.steps_run, self.cfg.steps, block, canvas, self.prompt_length, self.mask_id, revealed)
+
+    def result(self) -> DenoiseResult:
+        return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)
+
+
 class Sampler(Protocol):
     bench_settings: dict  # defaults of a benchmark step: temperature 0, rows fixed by the canvas
 

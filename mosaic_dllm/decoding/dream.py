@@ -21,7 +21,7 @@ from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
-from .common import DenoiseResult, StepEvent, StepInput, answer_complete, initial_canvas
+from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
@@ -188,7 +188,7 @@ class DreamSampler:
             fail(f"alg must be one of {ALGS}, got {cfg.alg!r}")
         if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {cfg.top_p}")
-        if cfg.top_k is not None and (isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 1):
+        if cfg.top_k is not None and cfg.top_k < 1:  # its type is checked with the others
             fail(f"top_k must be a positive integer, got {cfg.top_k!r}")
         if cfg.alg_temp is not None and cfg.alg_temp < 0:
             fail(f"alg_temp must be >= 0, got {cfg.alg_temp}")
@@ -226,15 +226,13 @@ def ranking(cfg: GenerationConfig) -> dict:
     return {"margin_confidence": cfg.alg == "topk_margin", "neg_entropy": cfg.alg == "entropy"}
 
 
-class DreamState:
+class DreamState(DenoiseState):
     """One request's denoising, a step at a time: `next_step`, then `advance` with its logits."""
 
     def __init__(self, sampler: DreamSampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
-        self.sampler, self.cfg, self.gen = sampler, cfg, gen
-        self.prompt_length = prompt.numel()
-        self.x = initial_canvas(prompt, cfg.gen_length, sampler.mask_id)
+        super().__init__(prompt, cfg, gen, sampler.mask_id, sampler.eos_ids)
+        self.sampler = sampler
         self.timesteps = dream_timesteps(cfg.steps, cfg.eps, self.x.device)
-        self.steps_run, self.done, self.stopped_at_eos = 0, False, False
         self.positions = self.chosen = None
 
     def next_step(self) -> StepInput:
@@ -283,13 +281,4 @@ class DreamState:
                 x_[mask_index] = x0.clone()
                 batch = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer)
                 x[batch, transfer] = x_[batch, transfer]
-        self.steps_run += 1
-        revealed = before - int((x == mask_id).sum())
-        self.stopped_at_eos = cfg.stop_at_eos and answer_complete(
-            x[0], self.prompt_length, mask_id, self.sampler.eos_ids
-        )
-        self.done = self.stopped_at_eos or self.steps_run == cfg.steps
-        return StepEvent(self.steps_run, cfg.steps, 0, x[0], self.prompt_length, mask_id, revealed)
-
-    def result(self) -> DenoiseResult:
-        return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)
+        return self.finish_step(0, before - int((x == mask_id).sum()))

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
-from .common import DenoiseResult, StepEvent, StepInput, answer_complete, initial_canvas
+from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
 from .rows import Chunks, RowChunks, UniformReplay
 from .schedule import llada_transfer_counts
@@ -163,16 +163,14 @@ class LLaDASampler:
         return StepInput(state.guidance_ids(), rows)
 
 
-class LLaDAState:
+class LLaDAState(DenoiseState):
     """One request's denoising, a step at a time: `next_step`, then `advance` with its logits."""
 
     def __init__(self, sampler: LLaDASampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
-        self.sampler, self.cfg, self.gen = sampler, cfg, gen
-        self.prompt_length = prompt.numel()
-        self.x = initial_canvas(prompt, cfg.gen_length, sampler.mask_id)
+        super().__init__(prompt, cfg, gen, sampler.mask_id, sampler.eos_ids)
+        self.sampler = sampler
         self.prompt_index = self.x != sampler.mask_id
         self.steps_per_block = cfg.steps // cfg.num_blocks
-        self.steps_run, self.done, self.stopped_at_eos = 0, False, False
         self.quota: Tensor | None = None
 
     @property
@@ -210,13 +208,4 @@ class LLaDAState:
             _, chosen = torch.topk(confidence[row], k=int(self.quota[row, i]))
             transfer[row, chosen] = True
         x[transfer] = x0[transfer]
-        block = self.block
-        self.steps_run += 1
-        self.stopped_at_eos = cfg.stop_at_eos and answer_complete(
-            x[0], self.prompt_length, mask_id, self.sampler.eos_ids
-        )
-        self.done = self.stopped_at_eos or self.steps_run == cfg.steps
-        return StepEvent(self.steps_run, cfg.steps, block, x[0], self.prompt_length, mask_id, int(transfer.sum()))
-
-    def result(self) -> DenoiseResult:
-        return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)
+        return self.finish_step(self.block, int(transfer.sum()))
