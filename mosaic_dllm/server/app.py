@@ -150,15 +150,10 @@ class Service:
             config = llm.resolve(llm.default_config(**body.generation_settings()), len(prompt_ids))
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_settings", "invalid_settings") from None
-        total = len(prompt_ids) + config.gen_length
-        if total > llm.spec.max_position_embeddings:
-            raise APIError(
-                400,
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({config.gen_length}) is {total} tokens, more "
-                f"than the model's context of {llm.spec.max_position_embeddings}",
-                "context_length_exceeded",
-                "context_length",
-            )
+        try:
+            llm.check_context(len(prompt_ids), config)  # the engine's rule (refused unless long contexts are allowed)
+        except USER_ERRORS as exc:
+            raise APIError(400, str(exc), "context_length_exceeded", "context_length") from None
         try:
             return await self.worker.admit(prompt_ids, config)
         except DoesNotFit as exc:
