@@ -46,7 +46,7 @@ def first_step_shape(
     if sampler_row_bytes is None:
         sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
     chunk = chunk_bucket(rows or sampler.first_step_rows(cfg), row_chunk)
-    return StepShape(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
+    return StepShape.of(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
 
 
 def mosaic_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float, row_chunk: int) -> dict:
@@ -57,7 +57,7 @@ def mosaic_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: floa
     longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at)
     out = {"max_len": longest, "sampler_row_bytes": sampler}
     if longest:
-        result = fit(plans, replace(shape, length=longest, chunk=rows_at(longest)), budget)
+        result = fit(plans, replace(shape.alone(longest), chunk=rows_at(longest)), budget)
         out |= {
             "chunks": result.plan.summary()["chunks"],
             "predicted_peak_activation_bytes": result.plan.predicted_peak_bytes,

@@ -6,11 +6,16 @@ executor (`runtime/eager.py`) runs the model description with them: the baseline
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..models.ops import RowHead
+from ..models.packing import Packing
+
+Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -18,8 +23,8 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, linear: Linear = F.linear) -> Tensor:
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def route_and_run_experts(
@@ -30,9 +35,11 @@ def route_and_run_experts(
     top_k: int,
     normalize_top_k: bool,
     out: Tensor,
+    linear: Linear = F.linear,
 ) -> None:
-    """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`."""
-    weights = F.softmax(F.linear(flat, router), dim=1, dtype=torch.float)
+    """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`;
+    `linear` computes its GEMMs (the planned kernels pass a batch-invariant one)."""
+    weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
     if expert_bias is not None:
         weights = weights + expert_bias
     weights, chosen = torch.topk(weights, top_k, dim=-1)
@@ -44,7 +51,7 @@ def route_and_run_experts(
         slot, token = torch.where(expert_mask[e])
         if token.numel() == 0:
             continue
-        y = swiglu(flat[token], expert["gate"], expert["up"], expert["down"])
+        y = swiglu(flat[token], expert["gate"], expert["up"], expert["down"], linear)
         out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
 
 
@@ -76,7 +83,13 @@ class EagerOps:
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
         return F.linear(x, weight, bias)
 
-    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
+    def rotary(
+        self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
+    ) -> Tensor:
+        """Elementwise, so gathering each token's row of the tables computes what the official
+        (B, nh, L, hd) broadcast does."""
+        positions = packing.positions(x.device)
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (T, 1, rd)
         rd = cos.shape[-1]
         part, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
         if full_precision:  # LLaDA: rotate in float32, cast back
@@ -86,14 +99,26 @@ class EagerOps:
             out = (part * cos) + (rotate_half(part) * sin)
         return out if rest is None else torch.cat((out, rest), dim=-1)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
-        b, nh, length, hd = q.shape
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
+        """Sequences of one length (one request) in one call on (B, nh, L, hd), as the official code;
+        others one sequence per call (the CPU kernel's rows do not depend on the batch, tested)."""
+        _, tokens, nh, hd = q.shape
+        if packing.is_uniform:
+            return self._attend(q, k, v, len(packing.lengths)).view(1, tokens, nh * hd)
+        parts = [self._attend(q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], 1) for o, n in packing.sequences()]
+        return torch.cat(parts, dim=1).view(1, tokens, nh * hd)
+
+    @staticmethod
+    def _attend(q: Tensor, k: Tensor, v: Tensor, batch: int) -> Tensor:
+        """Token-major (1, B * L, heads, hd) -> (B, L, nh * hd) over B sequences of one length."""
+        _, tokens, nh, hd = q.shape
+        q, k, v = (t.reshape(batch, tokens // batch, t.shape[2], hd).transpose(1, 2) for t in (q, k, v))
         groups = nh // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
-        return out.transpose(1, 2).contiguous().view(b, length, nh * hd)
+        return out.transpose(1, 2).contiguous().view(batch, tokens // batch, nh * hd)
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         return swiglu(x, gate, up, down)
@@ -150,14 +175,23 @@ class EagerOps:
         return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
 
     def lm_head(
-        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        if rows is None:  # the official forward: every position at once
-            positions, logits = torch.arange(hidden.shape[1], device=hidden.device), F.linear(hidden, weight)
-            del hidden  # the official forward returns logits alone: the hidden states are freed here
-            yield positions, logits
-            return
-        step = chunk or max(1, rows.numel())
-        for start in range(0, rows.numel(), step):
-            part = rows[start : start + step]
-            yield part, F.linear(hidden[:, part], weight)
+        self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
+    ) -> RowHead:
+        """Single use: with rows None (the official forward) the hidden states are let go before the
+        logits are computed, as the official forward returns logits alone."""
+        held = [hidden]
+
+        def head(first: int, count: int, rows: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
+            start, length = packing.offsets[first], packing.lengths[first]
+            h = held.pop()[0, start : start + count * length].view(count, length, -1)
+            if rows is None:  # every position at once
+                positions, logits = torch.arange(length, device=h.device), F.linear(h, weight)
+                del h
+                yield positions, logits
+                return
+            step = chunk or max(1, rows.numel())
+            for at in range(0, rows.numel(), step):
+                part = rows[at : at + step]
+                yield part, F.linear(h[:, part], weight)
+
+        return head

@@ -19,8 +19,12 @@ with its norm and residual add) and MoE over token chunks, the attention norm fu
 projections and the output projection fused with its residual add over token chunks; their scratch
 buffers shrink to one chunk. Rotary rotates q and k in place and attention writes each query block's
 output over that block of q, so a layer at its most chunked holds the residual stream, q, k and v
-and little else. Every row's arithmetic is unchanged, so bf16 results stay bit-identical (fp32 GEMMs
-of the token-chunked regions on fewer rows may round differently in the last bit).
+and little else.
+
+A step's sequences are packed along the tokens (`models/packing.py`): token-local regions chunk
+over all T tokens, rotary and attention run each sequence's own chunks. Every GEMM runs in tiles
+of a fixed row count (`tiles.py`), so a token's arithmetic does not depend on how many tokens share
+its call: chunked or not, alone or packed with other requests, its results are bit-identical.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
+from ..models.ops import RowHead
+from ..models.packing import Packing
 from .eager import route_and_run_experts
+from .tiles import tile_workspace, tiled_linear, tiled_mm
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
@@ -53,8 +60,9 @@ class Memory(Protocol):
     def workspace(self, nbytes: int) -> None:
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
-    def chunk_size(self, total: int, group: str, pieces: int) -> int:
-        """Tracing only: rows in the first of `pieces` chunks of `total` rows (op group `group`)."""
+    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
+        """Tracing only: rows in the largest first chunk when each of `totals` rows (all tokens, or
+        each sequence's queries) is split into `pieces` chunks of op group `group`."""
 
 
 class AllocatorMemory:
@@ -98,8 +106,22 @@ class PlannedOps:
         buffer is sized by it), which the tracing memory gives."""
         pieces = getattr(self.chunks, group.name)
         if self.mem.tracing:
-            return [(0, self.mem.chunk_size(total, group.name, pieces))]
+            return [(0, self.mem.chunk_size((total,), group.name, pieces))]
         return group_spans(total, pieces, group)
+
+    def _sequence_spans(self, packing: Packing, group: OpGroup) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """(the largest chunk, [(sequence offset, sequence length, chunk start, chunk end)]): each
+        sequence's own chunks for a per-sequence group; a trace runs only the first."""
+        pieces = getattr(self.chunks, group.name)
+        if self.mem.tracing:
+            size = self.mem.chunk_size(packing.lengths, group.name, pieces)
+            return size, [(0, packing.lengths[0], 0, size)]
+        parts = [(o, n, s, e) for o, n in packing.sequences() for s, e in group_spans(n, pieces, group)]
+        return max(e - s for _, _, s, e in parts), parts
+
+    def _gemm_workspace(self, x: Tensor, *weights: Tensor) -> None:
+        """Declare the padded tile a GEMM on fewer rows than a tile allocates (one at a time)."""
+        self.mem.workspace(max(tile_workspace(x, w) for w in weights))
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self._begin("embed", name, ids)
@@ -152,11 +174,8 @@ class PlannedOps:
 
     @staticmethod
     def _project(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
-        """(n, in) rows -> (n, out) rows, as F.linear computes them."""
-        if bias is None:
-            torch.mm(x, weight.t(), out=out)
-        else:  # one fused addmm, as F.linear does for a contiguous input with bias
-            torch.addmm(bias, x, weight.t(), out=out)
+        """(n, in) rows -> (n, out) rows, as F.linear computes them, in row tiles."""
+        tiled_mm(x, weight, bias, out)
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
         group = self._begin("rms_norm", name, x)
@@ -172,6 +191,7 @@ class PlannedOps:
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
         self._begin("linear", name, x)
+        self._gemm_workspace(x, weight)
         out = self.mem.new((*x.shape[:-1], weight.shape[0]), x.dtype)
         self._project(x.reshape(-1, x.shape[-1]), weight, bias, out.view(-1, weight.shape[0]))
         return out
@@ -179,11 +199,11 @@ class PlannedOps:
     @staticmethod
     def _swiglu_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, g: Tensor, u: Tensor, out: Tensor) -> None:
         """down(silu(gate(x)) * up(x)) for (n, H) rows `x`, intermediates in `g` and `u` (n rows each)."""
-        torch.mm(x, gate.t(), out=g)
+        tiled_mm(x, gate, None, g)
         F.silu(g, inplace=True)
-        torch.mm(x, up.t(), out=u)
+        tiled_mm(x, up, None, u)
         g.mul_(u)
-        torch.mm(g, down.t(), out=out)
+        tiled_mm(g, down, None, out)
 
     # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
     # run as one op whose intermediates are one chunk each (the normalised rows, the projection
@@ -210,6 +230,7 @@ class PlannedOps:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return [self.linear(h, w, b, name=n) for (w, b), n in zip(linears, names[1:], strict=True)]
         rows, parts, scratch, h_buf = self._normed_region("norm_linears", x, names)
+        self._gemm_workspace(x, *(w for w, _ in linears))
         outs = [self.mem.new((*x.shape[:-1], w.shape[0]), x.dtype) for w, _ in linears]
         for start, end in parts:
             h = h_buf[: end - start]
@@ -224,6 +245,7 @@ class PlannedOps:
         if not self._chunked("linear_add"):
             return self.add(x, self.linear(y, weight, bias, name=names[0]), name=names[1])
         group = self._begin("linear_add", "+".join(names), x, y)
+        self._gemm_workspace(y, weight)
         rows, into = y.reshape(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         parts = self._spans(rows.shape[0], group)
         buf = self.mem.new((parts[0][1] - parts[0][0], weight.shape[0]), x.dtype)
@@ -248,6 +270,7 @@ class PlannedOps:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
         rows, parts, scratch, h_buf = self._normed_region("norm_mlp_add", x, names)
+        self._gemm_workspace(x, gate, up, down)
         size = h_buf.shape[0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -260,65 +283,68 @@ class PlannedOps:
             rows[start:end].add_(f)
         return x
 
-    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
-        """x (B, nh, L, hd) rotated in place over query blocks of the sequence (the model reads only
-        the rotated q and k)."""
+    def rotary(
+        self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
+    ) -> Tensor:
+        """x (1, T, nh, hd) rotated in place, each sequence over its own query blocks (the model
+        reads only the rotated q and k)."""
         group = self._begin("rotary", name, x, cos, sin)
-        b, nh, length, _ = x.shape
+        nh = x.shape[2]
         rd, half = cos.shape[-1], cos.shape[-1] // 2
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
-        parts = self._spans(length, group)
-        size = parts[0][1] - parts[0][0]
+        size, parts = self._sequence_spans(packing, group)
         # In float32 the bf16 inputs are widened inside each op (exactly, as .float() would), so no
         # float32 copy of x is needed.
-        first_buf = self.mem.new((b, nh, size, rd), work_dtype)
-        rotated_buf = self.mem.new((b, nh, size, rd), work_dtype)
-        for start, end in parts:  # a block is read whole before it is overwritten
+        first_buf = self.mem.new((1, size, nh, rd), work_dtype)
+        rotated_buf = self.mem.new((1, size, nh, rd), work_dtype)
+        for offset, _, start, end in parts:  # a block is read whole before it is overwritten
             n = end - start
-            p = x[:, :, start:end, :rd]
-            first, rotated = first_buf[:, :, :n], rotated_buf[:, :, :n]
-            torch.mul(p, cos[start:end], out=first)
+            p = x[:, offset + start : offset + end, :, :rd]
+            c, s = cos[start:end].unsqueeze(1), sin[start:end].unsqueeze(1)  # positions within the sequence
+            first, rotated = first_buf[:, :n], rotated_buf[:, :n]
+            torch.mul(p, c, out=first)
             rotated[..., :half].copy_(p[..., half:])
             rotated[..., :half].neg_()
             rotated[..., half:].copy_(p[..., :half])
-            rotated.mul_(sin[start:end])
+            rotated.mul_(s)
             first.add_(rotated)
-            x[:, :, start:end, :rd].copy_(first)
+            p.copy_(first)
         return x
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
+        """Each sequence's query blocks against its own keys and values; a block's output overwrites
+        that block of q (token-major, so the output is already (1, T, nh * hd)), read by it alone."""
         group = self._begin("attention", name, q, k, v)
-        b, nh, length, hd = q.shape
-        groups = nh // k.shape[1]
+        _, tokens, nh, hd = q.shape
+        groups = nh // k.shape[2]
         gqa = {}
         if groups > 1 and NATIVE_GQA:  # the kernel indexes kv heads itself: no repeated copies
             gqa = {"enable_gqa": True}
         elif groups > 1:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
-        parts = self._spans(length, group)
-        block = parts[0][1] - parts[0][0]
+        block, parts = self._sequence_spans(packing, group)
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
-        self.mem.workspace(b * nh * block * (hd * q.element_size() + 4))
-        heads_last = q.transpose(1, 2)  # a query block's output overwrites that block of q, read by it alone
-        if not heads_last.is_contiguous():
-            heads_last = self.mem.new((b, length, nh, hd), q.dtype)
-        out = heads_last.view(b, length, nh * hd)
-        for start, end in parts:
+        self.mem.workspace(nh * block * (hd * q.element_size() + 4))
+        for offset, length, start, end in parts:
+            keys, values = (t[:, offset : offset + length].transpose(1, 2) for t in (k, v))
+            queries = q[:, offset + start : offset + end]
             result = F.scaled_dot_product_attention(
-                q[:, :, start:end], k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
+                queries.transpose(1, 2), keys, values, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
             )
-            heads_last[:, start:end].copy_(result.transpose(1, 2))
+            queries.copy_(result.transpose(1, 2))
             del result
-        return out
+        return q.view(1, tokens, nh * hd)
 
     def _repeat_heads(self, t: Tensor, groups: int) -> Tensor:
-        b, nkv, length, hd = t.shape
-        out = self.mem.new((b, nkv * groups, length, hd), t.dtype)
-        out.view(b, nkv, groups, length, hd).copy_(t.unsqueeze(2).expand(b, nkv, groups, length, hd))
+        """Token-major (1, T, nkv, hd) -> (1, T, nkv * groups, hd), each kv head repeated in place."""
+        b, tokens, nkv, hd = t.shape
+        out = self.mem.new((b, tokens, nkv * groups, hd), t.dtype)
+        out.view(b, tokens, nkv, groups, hd).copy_(t.unsqueeze(3).expand(b, tokens, nkv, groups, hd))
         return out
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         group = self._begin("mlp", name, x)
+        self._gemm_workspace(x, gate, up, down)
         flat = x.reshape(-1, x.shape[-1])
         parts = self._spans(flat.shape[0], group)
         size = parts[0][1] - parts[0][0]
@@ -353,13 +379,21 @@ class PlannedOps:
         itemsize = x.element_size()
         routing = tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16
         self.mem.workspace(routing + tokens * (3 * x.shape[-1] + 2 * expert_width) * itemsize)
+        self._gemm_workspace(x, router, *(experts[0].values() if experts else ()))
         out = self.mem.new(tuple(x.shape), x.dtype)
         out.zero_()
         if not self.mem.tracing:
             flat_out = out.view(-1, x.shape[-1])
             for start, end in parts:  # each token's experts are summed in the same order
                 route_and_run_experts(
-                    flat[start:end], router, expert_bias, experts, top_k, normalize_top_k, flat_out[start:end]
+                    flat[start:end],
+                    router,
+                    expert_bias,
+                    experts,
+                    top_k,
+                    normalize_top_k,
+                    flat_out[start:end],
+                    tiled_linear,
                 )
         return out
 
@@ -369,25 +403,28 @@ class PlannedOps:
         return x.add_(y)
 
     def lm_head(
-        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(hidden rows, (B, C, V) logits) for hidden rows `rows` (None: all), `chunk` rows at a time.
+        self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
+    ) -> RowHead:
+        """Logits of the requested rows only, `chunk` rows of a request at a time. The gathered rows
+        and the logits live in one planned buffer each (`batch` x `chunk` rows), reused by every
+        chunk of every request: consume a chunk's logits before advancing."""
+        self._begin("lm_head", name, hidden)
+        self._gemm_workspace(hidden, weight)
+        width, vocab = hidden.shape[-1], weight.shape[0]
+        gathered = self.mem.new((batch * chunk, width), hidden.dtype)
+        logits = self.mem.new((batch * chunk, vocab), hidden.dtype)
+        flat = hidden.view(-1, width)
 
-        Both the gathered rows and the logits live in one planned buffer each, reused by every
-        chunk: consume a chunk's logits before advancing.
-        """
-        if rows is None:
-            rows = torch.arange(hidden.shape[1], device=hidden.device)
-        chunk = chunk or max(1, rows.numel())
-        self._begin("lm_head", name, hidden, rows)
-        b, v = hidden.shape[0], weight.shape[0]
-        gathered = self.mem.new((b, chunk, hidden.shape[-1]), hidden.dtype)
-        logits = self.mem.new((b, chunk, v), hidden.dtype)
-        for start in range(0, rows.numel(), chunk):
-            part = rows[start : start + chunk]
-            n = part.numel()
-            h = gathered.view(-1)[: b * n * hidden.shape[-1]].view(b, n, hidden.shape[-1])
-            torch.index_select(hidden, 1, part, out=h)
-            out = logits.view(-1)[: b * n * v].view(b, n, v)
-            torch.matmul(h, weight.t(), out=out)
-            yield part, out
+        def head(first: int, count: int, rows: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
+            if rows is None:
+                rows = torch.arange(packing.lengths[first], device=hidden.device)
+            starts = packing.offsets[first : first + count]
+            for at in range(0, rows.numel(), chunk):
+                part = rows[at : at + chunk]
+                n = count * part.numel()
+                h, out = gathered[:n], logits[:n]
+                torch.index_select(flat, 0, torch.cat([part + start for start in starts]), out=h)
+                tiled_mm(h, weight, None, out)
+                yield part, out.view(count, part.numel(), vocab)
+
+        return head

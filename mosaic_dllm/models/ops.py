@@ -4,21 +4,28 @@ An executor's kernels implement them: the eager kernels with fresh torch tensors
 official code computes them (`kernels/eager.py`); the planned kernels with planned buffers, chunks
 and row selection (`kernels/planned.py`). Every call carries a `name` so that executors can label
 what they run (timelines, plans); each method belongs to one op group (`groups.py`).
-Shapes: B batch, L sequence, H hidden, nh heads, hd head dim, V vocabulary, C logits rows.
+Shapes: T packed tokens (every sequence of the step, `packing.py`), L one sequence, B one request's
+sequences (2 with guidance), H hidden, nh heads, hd head dim, V vocabulary, C logits rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from .packing import Packing
+
+# An LM head over a step's final hidden states: (first sequence, sequences, hidden rows or None for
+# every row) -> (hidden rows (C,), (B, C, V) logits) chunks of that request.
+RowHead = Callable[[int, int, Tensor | None], Iterator[tuple[Tensor, Tensor]]]
+
 
 class Ops(Protocol):
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
-        """(B, L) ids -> (B, L, H)."""
+        """(1, T) ids -> (1, T, H)."""
 
     def rotary_tables(
         self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
@@ -63,11 +70,14 @@ class Ops(Protocol):
     ) -> Tensor:
         """x + mlp(rms_norm(x)); executors may write into x. `names`: the norm's, the MLP's, the add's."""
 
-    def rotary(self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, *, name: str) -> Tensor:
-        """Rotate (B, nh, L, hd) by the tables; only the first cos.shape[-1] dims rotate."""
+    def rotary(
+        self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
+    ) -> Tensor:
+        """Rotate (1, T, nh, hd) by the tables, each token by its position in its own sequence;
+        only the first cos.shape[-1] dims rotate."""
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, name: str) -> Tensor:
-        """Bidirectional attention: (B, nh, L, hd), (B, nkv, L, hd) x2 -> (B, L, nh * hd)."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
+        """Bidirectional attention within each sequence: (1, T, nh, hd), (1, T, nkv, hd) x2 -> (1, T, nh * hd)."""
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -83,14 +93,15 @@ class Ops(Protocol):
         *,
         name: str,
     ) -> Tensor:
-        """Softmax-routed mixture of SwiGLU experts over the tokens of x (B, L, H)."""
+        """Softmax-routed mixture of SwiGLU experts over the tokens of x (1, T, H)."""
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         """Residual add; executors may write into x."""
 
     def lm_head(
-        self, hidden: Tensor, weight: Tensor, rows: Tensor | None, chunk: int | None, *, name: str
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """(hidden rows (C,), (B, C, V) logits) chunks: of `rows`, `chunk` at a time, or of every
-        position in one chunk when `rows` is None (as the official forward returns them). A chunk's
+        self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
+    ) -> RowHead:
+        """The LM head over (1, T, H) hidden states, run as a request's chunks are consumed: of the
+        requested rows, `chunk` at a time, or of every row in one chunk when the rows are None (as
+        the official forward returns them). `batch`: the most sequences of one request. A chunk's
         logits may live in a buffer the next chunk reuses: consume them before advancing."""

@@ -3,6 +3,9 @@
 Pre-norm bidirectional transformer: embed, then per layer attention and FFN (dense SwiGLU or MoE)
 with residual adds, then the final norm and the LM head over the rows a sampler reads. Family quirks
 come from `ArchSpec`; what each op does with memory is the kernels' business (`kernels/`).
+
+A step runs on packed sequences (`packing.py`): every request's canvas rows one after another as
+(1, T) ids; token-local ops see all T tokens, rotary and attention each sequence alone.
 """
 
 from __future__ import annotations
@@ -11,26 +14,29 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
-from .ops import Ops
+from .ops import Ops, RowHead
+from .packing import Packing
 from .spec import ArchSpec
 from .weights import Weights
 
 
-def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor) -> Tensor:
-    """(B, L) token ids -> (B, L, H) normalised final hidden states."""
+def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing) -> Tensor:
+    """(1, T) packed token ids -> (1, T, H) normalised final hidden states."""
     x = ops.embed(ids, w.embed, name="embed")
     tables_dtype = None if spec.rope_full_precision else x.dtype
     cos, sin = ops.rotary_tables(
-        ids.shape[1], spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device, name="rotary_tables"
+        packing.longest, spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device, name="rotary_tables"
     )
     for i, layer in enumerate(w.layers):
-        x = attention_block(ops, spec, layer, x, cos, sin)
+        x = attention_block(ops, spec, layer, x, cos, sin, packing)
         x = ffn_block(ops, spec, layer, w.experts[i], i, x)
     return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm")
 
 
-def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    b, length, _ = x.shape
+def attention_block(
+    ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor, packing: Packing
+) -> Tensor:
+    b, tokens, _ = x.shape
     q, k, v = ops.norm_linears(
         x,
         layer["attn_norm"],
@@ -38,17 +44,15 @@ def attention_block(ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tenso
         [(layer[p], layer.get(f"{p}_bias")) for p in ("q", "k", "v")],
         names=("attn_norm", "q_proj", "k_proj", "v_proj"),
     )
-    q = q.view(b, length, spec.num_heads, spec.head_dim)
-    k = k.view(b, length, spec.num_kv_heads, spec.head_dim)
-    if spec.qk_norm:  # per head, before the heads move in front of the sequence
+    q = q.view(b, tokens, spec.num_heads, spec.head_dim)  # token-major: (1, T, heads, hd)
+    k = k.view(b, tokens, spec.num_kv_heads, spec.head_dim)
+    v = v.view(b, tokens, spec.num_kv_heads, spec.head_dim)
+    if spec.qk_norm:  # per head
         q = ops.rms_norm(q, layer["q_norm"], spec.rms_norm_eps, name="q_norm", overwrite=True)
         k = ops.rms_norm(k, layer["k_norm"], spec.rms_norm_eps, name="k_norm", overwrite=True)
-    q = q.transpose(1, 2)  # (B, nh, L, hd)
-    k = k.transpose(1, 2)
-    v = v.view(b, length, spec.num_kv_heads, spec.head_dim).transpose(1, 2)
-    q = ops.rotary(q, cos, sin, spec.rope_full_precision, name="rotary_q")
-    k = ops.rotary(k, cos, sin, spec.rope_full_precision, name="rotary_k")
-    a = ops.attention(q, k, v, name="attention")  # (B, L, nh * hd)
+    q = ops.rotary(q, cos, sin, spec.rope_full_precision, packing, name="rotary_q")
+    k = ops.rotary(k, cos, sin, spec.rope_full_precision, packing, name="rotary_k")
+    a = ops.attention(q, k, v, packing, name="attention")  # (1, T, nh * hd)
     return ops.linear_add(x, a, layer["o"], layer.get("o_bias"), names=("o_proj", "attn_residual"))
 
 
@@ -81,10 +85,22 @@ def ffn_block(
     return ops.add(x, f, name="ffn_residual")
 
 
+def forward(
+    ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing, batch: int, chunk: int
+) -> RowHead:
+    """(1, T) packed ids -> the LM head over the final hidden states: call it with a request's
+    sequences and rows for that request's (rows, (B, C, V) logits) chunks. `batch`: the most
+    sequences of one request (2 with guidance); `chunk`: logits rows per chunk. The body runs when
+    this is called, the LM head as the chunks are consumed."""
+    return ops.lm_head(hidden_states(ops, spec, w, ids, packing), w.lm_head, packing, batch, chunk, name="lm_head")
+
+
 def logits(
     ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, rows: Tensor | None = None, chunk: int | None = None
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """(B, L) ids -> (hidden rows, (B, C, V) logits) chunks for the hidden rows `rows`, `chunk` at a
-    time; rows None: every position in one chunk, as the official forward returns them. The body
-    runs when this is called; the LM head as the chunks are consumed."""
-    return ops.lm_head(hidden_states(ops, spec, w, ids), w.lm_head, rows, chunk, name="lm_head")
+    """One canvas: (B, L) ids -> (hidden rows, (B, C, V) logits) chunks for the hidden rows `rows`,
+    `chunk` at a time; rows None: every position in one chunk, as the official forward returns them."""
+    b, length = ids.shape
+    chunk = chunk or (rows.numel() if rows is not None and rows.numel() else length)
+    head = forward(ops, spec, w, ids.reshape(1, -1), Packing.uniform(b, length), b, chunk)
+    return head(0, b, rows)

@@ -47,8 +47,8 @@ class SearchResult:
 
 
 def _rows(group: OpGroup, shape: StepShape) -> int:
-    """What a chunk of `group` splits: every token of the batch, or one sequence's queries."""
-    return shape.length if group.splits == "queries" else shape.batch * shape.length
+    """What a chunk of `group` splits: every packed token, or (the longest) sequence's queries."""
+    return shape.longest if group.splits == "queries" else shape.tokens
 
 
 def _split(shape: StepShape, name: str) -> StepShape | None:
@@ -80,8 +80,16 @@ def most_chunked(shape: StepShape, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -
     return replace(shape, chunk=chunk, chunks=replace(shape.chunks, **pieces))
 
 
-def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> SearchResult:
-    """The first plan along the lazy search that fits `budget`, splitting only `groups`, or DoesNotFit."""
+def fit(
+    plans: PlanCache,
+    shape: StepShape,
+    budget: int,
+    groups: tuple[str, ...] = CHUNKABLE_GROUPS,
+    explain: bool = True,
+) -> SearchResult:
+    """The first plan along the lazy search that fits `budget`, splitting only `groups`, or
+    DoesNotFit (with the longest length that would fit when `explain`; a scheduler asking whether a
+    batch fits skips that search)."""
     start = time.perf_counter()
     plan, tried = plans.get(shape), 1
     while plan.predicted_peak_bytes > budget:
@@ -95,6 +103,8 @@ def fit(plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...]
             if better is not None:
                 break
         if better is None:
+            if not explain:
+                raise DoesNotFit(f"{shape.describe()} does not fit the budget of {mib(budget)}", budget, None)
             raise _does_not_fit(plans, plan.graph.shape, plan, budget, groups)
         plan = better
     return SearchResult(plan, tried, time.perf_counter() - start)
@@ -154,7 +164,7 @@ def max_length(
     so the floor decides."""
 
     def fits(length: int) -> bool:
-        probe = most_chunked(replace(shape, length=length, chunk=min(shape.chunk, rows_at(length))), groups)
+        probe = most_chunked(replace(shape.alone(length), chunk=min(shape.chunk, rows_at(length))), groups)
         return plans.get(probe).predicted_peak_bytes <= budget
 
     return longest(fits, limit=limit).max_len
@@ -167,7 +177,7 @@ def _does_not_fit(
     floor_bytes = min(floor.predicted_peak_bytes, plan.predicted_peak_bytes)
     longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk, groups=groups)
     message = (
-        f"a denoising step at length {shape.length} (batch {shape.batch}) needs at least "
+        f"{shape.describe()} needs at least "
         f"{mib(floor_bytes)} of activation memory, more than the budget of {mib(budget)}: "
         f"the peak is at {plan.graph.ops[plan.peak_op]} ({plan.peak_group}), which cannot be chunked further. "
         f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "

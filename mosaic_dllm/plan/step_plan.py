@@ -4,7 +4,7 @@ The offset algorithms (`offsets.py`) see only `Buffer`s; this module turns a tra
 into buffers, keeps the smaller of the algorithms' arenas, and reports what the plan costs: arena
 bytes, the lower bound no plan can beat, the op (and op group) where live bytes peak, the kernel
 workspace outside the arena, and the planning time. `PlanCache` keys plans by `StepShape`, so a
-generation plans once per distinct (batch, length, logits chunk bucket); its `StepTracer` traces
+generation plans once per distinct (sequence lengths, logits chunk bucket); its `StepTracer` traces
 once per graph structure and evaluates sizes for the rest.
 """
 
@@ -66,7 +66,9 @@ class StepPlan:
         g = self.graph
         return {
             "batch": g.shape.batch,
-            "length": g.shape.length,
+            "length": g.shape.longest,
+            "sequences": len(g.shape.lengths),
+            "tokens": g.shape.tokens,
             "arena_bytes": self.arena_bytes,
             "lower_bound_bytes": self.lower_bound_bytes,
             "arena_vs_lower_bound": round(self.arena_bytes / self.lower_bound_bytes, 4),

@@ -1,9 +1,10 @@
 """Buffer sizes as expressions of the step's symbols: trace once per graph structure, then evaluate.
 
-A step's ops and lifetimes depend only on its structure (batch, and which op groups run in more
-than one chunk: that switches token-local regions from op-by-op to fused); the buffer sizes depend
-on the symbols length L, logits rows per chunk C, the sampler's bytes per row S, and one chunk
-size per chunked op, ceil(total / pieces). Every size in the model is a constant times a product
+A step's ops and lifetimes depend only on its structure (the LM head's batch, and which op groups
+run in more than one chunk: that switches token-local regions from op-by-op to fused); the buffer
+sizes depend on the symbols packed tokens T, longest sequence L, logits rows per chunk C, the
+sampler's bytes per row S, and one chunk size per chunked op (of all tokens, or the largest of the
+sequences' first chunks). Every size in the model is a constant times a product
 of powers of these symbols, so one trace with each symbol set to a distinct large prime (a
 sentinel) recovers each dimension's expression by factoring: the sentinel primes divide no
 dimension of any config. The first evaluation of a structure is checked against a plain trace of
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..models.groups import BY_NAME, PIECE_GROUPS, Chunks, first_chunk
+from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
 
@@ -36,15 +38,18 @@ def _primes_from(start: int, count: int) -> tuple[int, ...]:
     return tuple(found)
 
 
-# Sentinels: L the largest (every chunk of a length must be shorter than it), then C, S and the
-# chunk sizes of one step (a layer template has a few dozen chunked ops at most).
+# Sentinels: T and L the largest (every chunk must be shorter; the trace packs a sequence of L and
+# one of T - L tokens, so L < T < 2L), then C, S and the chunk sizes of one step (a layer template
+# has a few dozen chunked ops at most).
 LENGTH_SENTINEL = 1_000_003
+TOKENS_SENTINEL = _primes_from(1_500_000, 1)[0]
 ROWS_SENTINEL, SAMPLER_SENTINEL, *CHUNK_SENTINELS = _primes_from(10_007, 2 + 64)
+SEQUENCES = None  # a chunked op over each sequence's queries, recorded instead of its totals
 
 
 @dataclass(frozen=True)
 class Monomial:
-    """const * prod(symbol_i ** powers[i]); symbols in the order L, C, S, chunk sizes."""
+    """const * prod(symbol_i ** powers[i]); symbols in the order T, L, C, S, chunk sizes."""
 
     const: int
     powers: tuple[int, ...]
@@ -70,14 +75,20 @@ class Monomial:
 class SymbolicMemory(TraceMemory):
     """A trace memory whose chunk sizes are sentinels, remembered with what they divide."""
 
-    def __init__(self) -> None:
+    def __init__(self, packing: Packing) -> None:
         super().__init__()
-        self.chunked: list[tuple[int, str]] = []  # (total rows, op group) per chunked op
+        self.packing = packing
+        self.chunked: list[tuple[int | None, str]] = []  # (total rows or SEQUENCES, op group) per chunked op
+        self.terms: dict[int, list[int]] = {}  # op -> each workspace declared (a sum of monomials)
 
-    def chunk_size(self, total: int, group: str, pieces: int) -> int:
+    def workspace(self, nbytes: int) -> None:
+        super().workspace(nbytes)
+        self.terms.setdefault(len(self.ops) - 1, []).append(nbytes)
+
+    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
         if len(self.chunked) == len(CHUNK_SENTINELS):
             raise RuntimeError("more chunked ops in one step than symbolic chunk sizes")
-        self.chunked.append((total, group))
+        self.chunked.append((SEQUENCES if totals == self.packing.lengths else totals[0], group))
         return CHUNK_SENTINELS[len(self.chunked) - 1]
 
 
@@ -88,18 +99,20 @@ class SymbolicStep:
 
     graph: StepGraph  # ops, lifetimes and template, traced at the sentinels
     dims: list[tuple[Monomial, ...]]  # per buffer, per dimension
-    workspace: dict[int, Monomial]
-    chunk_sizes: list[tuple[Monomial, str]]  # chunk size i = ceil(total / pieces of the group)
+    workspace: dict[int, list[Monomial]]  # per op, the terms its kernels declared
+    chunk_sizes: list[tuple[Monomial | None, str]]  # chunk i: the first of total / pieces (None: of each sequence)
 
     def evaluate(self, shape: StepShape) -> StepGraph:
-        values = [shape.length, shape.chunk, shape.sampler_row_bytes]
+        values = [shape.tokens, shape.longest, shape.chunk, shape.sampler_row_bytes]
         for total, group in self.chunk_sizes:
-            values.append(first_chunk(total.at(values), getattr(shape.chunks, group), BY_NAME[group]))
+            totals = shape.lengths if total is SEQUENCES else (total.at(values),)
+            pieces = getattr(shape.chunks, group)
+            values.append(max(first_chunk(n, pieces, BY_NAME[group]) for n in totals))
         buffers = [
             TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
             for b, dims in zip(self.graph.buffers, self.dims, strict=True)
         ]
-        workspace = {t: m.at(values) for t, m in self.workspace.items()}
+        workspace = {t: sum(m.at(values) for m in terms) for t, terms in self.workspace.items()}
         return replace(self.graph, shape=shape, buffers=buffers, workspace=workspace)
 
 
@@ -111,15 +124,25 @@ def structure(shape: StepShape) -> tuple:
 def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
     chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
-    at_sentinels = StepShape(shape.batch, LENGTH_SENTINEL, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
-    memory = SymbolicMemory()
-    graph = trace_step(spec, dtype, at_sentinels, memory)
-    sentinels = (LENGTH_SENTINEL, ROWS_SENTINEL, SAMPLER_SENTINEL, *CHUNK_SENTINELS[: len(memory.chunked)])
+    packing = Packing((LENGTH_SENTINEL, TOKENS_SENTINEL - LENGTH_SENTINEL))
+    at_sentinels = StepShape(packing.lengths, shape.batch, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
+    memory = SymbolicMemory(packing)
+    graph = trace_step(spec, dtype, at_sentinels, memory, packing)
+    sentinels = (
+        TOKENS_SENTINEL,
+        LENGTH_SENTINEL,
+        ROWS_SENTINEL,
+        SAMPLER_SENTINEL,
+        *CHUNK_SENTINELS[: len(memory.chunked)],
+    )
     return SymbolicStep(
         graph=graph,
         dims=[tuple(Monomial.factor(d, sentinels) for d in b.shape) for b in graph.buffers],
-        workspace={t: Monomial.factor(n, sentinels) for t, n in graph.workspace.items()},
-        chunk_sizes=[(Monomial.factor(total, sentinels), group) for total, group in memory.chunked],
+        workspace={t: [Monomial.factor(n, sentinels) for n in terms] for t, terms in memory.terms.items()},
+        chunk_sizes=[
+            (total if total is SEQUENCES else Monomial.factor(total, sentinels), group)
+            for total, group in memory.chunked
+        ],
     )
 
 

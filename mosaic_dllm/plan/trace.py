@@ -18,13 +18,16 @@ serves every layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 
 from ..kernels.planned import PlannedOps
 from ..models import transformer
 from ..models.groups import BY_NAME, Chunks, first_chunk
+from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
 
@@ -32,17 +35,70 @@ PREFIX_OPS = ("embed", "rotary_tables")
 TAIL_OPS = ("final_norm", "lm_head")
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """What a step's memory depends on: batch (2 with CFG), sequence length, logits rows per chunk,
-    the chunk counts of the other op groups, and the sampler's temporary bytes per logits row.
-    Per-request facts travel here, never as executor attributes."""
+NO_CHUNKS = Chunks()
+
+
+class RequestShape(NamedTuple):
+    """One request's part of a step: its sequences (2 with CFG), their length, the logits rows it
+    reads and its sampler's temporary bytes per logits row."""
 
     batch: int
     length: int
-    chunk: int
-    chunks: Chunks = Chunks()
+    rows: int
     sampler_row_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step's memory depends on: its sequences' lengths (a request contributes one, two with
+    CFG; packed, so only the multiset matters: kept longest first), the most sequences of one
+    request (`batch`, the LM head's rows per logits row), logits rows per chunk, the chunk counts of
+    the other op groups, and the sampler's temporary bytes per logits row (the most of any request).
+    Per-request facts travel here, never as executor attributes."""
+
+    lengths: tuple[int, ...]
+    batch: int
+    chunk: int
+    chunks: Chunks = NO_CHUNKS
+    sampler_row_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lengths", tuple(sorted(self.lengths, reverse=True)))
+
+    @classmethod
+    def of(
+        cls, batch: int, length: int, chunk: int, chunks: Chunks = NO_CHUNKS, sampler_row_bytes: int = 0
+    ) -> StepShape:
+        """One request: `batch` sequences of `length` tokens."""
+        return cls((length,) * batch, batch, chunk, chunks, sampler_row_bytes)
+
+    @classmethod
+    def packing(cls, requests: Sequence[RequestShape], row_chunk: int, chunks: Chunks = NO_CHUNKS) -> StepShape:
+        """The step that runs `requests` together, logits rows bucketed for the most of any request."""
+        return cls(
+            tuple(r.length for r in requests for _ in range(r.batch)),
+            max(r.batch for r in requests),
+            chunk_bucket(max(r.rows for r in requests), row_chunk),
+            chunks,
+            max(r.sampler_row_bytes for r in requests),
+        )
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return self.lengths[0]
+
+    def alone(self, length: int) -> StepShape:
+        """One request of this shape's guidance batch at `length` (what a max-length search varies)."""
+        return replace(self, lengths=(length,) * self.batch)
+
+    def describe(self) -> str:
+        if len(self.lengths) == self.batch:
+            return f"a denoising step at length {self.longest} (batch {self.batch})"
+        return f"a batched step of {len(self.lengths)} sequences ({self.tokens} tokens, longest {self.longest})"
 
 
 def chunk_bucket(rows: int, row_chunk: int) -> int:
@@ -132,8 +188,8 @@ class TraceMemory:
         t = len(self.ops) - 1
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
-    def chunk_size(self, total: int, group: str, pieces: int) -> int:
-        return first_chunk(total, pieces, BY_NAME[group])
+    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
+        return max(first_chunk(total, pieces, BY_NAME[group]) for total in totals)
 
 
 def uniform_layers(spec: ArchSpec) -> bool:
@@ -145,18 +201,28 @@ def meta_weights(spec: ArchSpec, dtype: torch.dtype):
     return from_state_dict(spec, state)
 
 
-def trace_step(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, memory: TraceMemory | None = None) -> StepGraph:
-    """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows) on the meta device."""
+def trace_step(
+    spec: ArchSpec,
+    dtype: torch.dtype,
+    shape: StepShape,
+    memory: TraceMemory | None = None,
+    packing: Packing | None = None,
+) -> StepGraph:
+    """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows of a request of
+    `shape.batch` sequences) on the meta device; `packing` (default: the shape's lengths) lets the
+    symbolic trace pick its sentinel lengths."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
     memory = memory or TraceMemory()
     ops = PlannedOps(memory, shape.chunks)
-    ids = torch.empty((shape.batch, shape.length), dtype=torch.long, device="meta")
+    packing = packing or Packing(shape.lengths)
+    ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
     weights = meta_weights(traced, dtype)
-    for _ in transformer.logits(ops, traced, weights, ids, rows, shape.chunk):
+    head = transformer.forward(ops, traced, weights, ids, packing, shape.batch, shape.chunk)
+    for _ in head(0, shape.batch, rows):
         memory.workspace(shape.chunk * shape.sampler_row_bytes)  # the sampler's temporaries per chunk
     return _layer_template(memory, shape, repeats=spec.num_layers // traced.num_layers)
 

@@ -7,6 +7,9 @@ float64 casts included.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -15,7 +18,8 @@ from ..models import transformer
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from ..plan.step_plan import StepPlan
-from .executor import RowChunks
+from ..plan.trace import RequestShape
+from .executor import CanvasRows, RowChunks, StepLogits
 
 
 class EagerExecutor:
@@ -35,6 +39,14 @@ class EagerExecutor:
     def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> None:
         """Unplanned: activations come from the allocator as the official code makes them."""
         return None
+
+    def plan_batch(self, requests: Sequence[RequestShape]) -> None:
+        return None
+
+    @contextmanager
+    def batch_logits(self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
+        """One official forward per request, run when its logits are read."""
+        yield [lambda ids=ids, rows=rows: self.row_logits(ids, rows) for ids, rows in steps]
 
     @torch.inference_mode()
     def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:

@@ -4,11 +4,16 @@ An executor runs the one model description (`models/transformer.py`) with its ke
 it for the logits of the hidden rows its sampler reads; the chunks it yields cover at least those
 rows: the eager executor yields every row at once, as the official forward computes them; the
 Mosaic executor exactly the requested rows, a chunk at a time, within the step's memory plan.
+
+Several requests' steps may run together (`batch_logits`): the Mosaic executor packs them into one
+forward pass whose arithmetic per token equals each request's alone; the eager executor (the
+oracle) runs one official forward per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -18,9 +23,12 @@ from torch import Tensor
 from ..models.groups import CHUNKABLE_GROUPS, Chunks
 from ..models.spec import ArchSpec
 from ..plan.step_plan import StepPlan
+from ..plan.trace import RequestShape
 
 DEFAULT_ROW_CHUNK = 64
 RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V))
+StepLogits = Callable[[], RowChunks]  # one request's row logits in a running step (callable again to re-read)
+CanvasRows = tuple[Tensor, Tensor]  # a request's canvas batch (B, L) and the hidden rows it reads
 
 
 @dataclass(frozen=True)
@@ -67,11 +75,28 @@ class Executor(Protocol):
     def last_plan(self) -> StepPlan | None: ...
 
     def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> StepPlan | None:
-        """The memory plan of a step (None for an unplanned executor); may raise DoesNotFit."""
+        """The memory plan of one request's step (None for an unplanned executor); may raise
+        DoesNotFit, naming the longest length that fits."""
+
+    def plan_batch(self, requests: Sequence[RequestShape]) -> StepPlan | None:
+        """The memory plan of a step running `requests` together; raises DoesNotFit (without the
+        longest-length search) when it cannot fit."""
+
+    def batch_logits(
+        self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0
+    ) -> AbstractContextManager[list[StepLogits]]:
+        """Run one step of several requests; inside the context, the i-th callable yields request
+        i's (hidden rows, (B, C, V) logits) chunks covering at least its rows. Consume each chunk
+        before advancing, and every request's chunks before leaving the context."""
 
     def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
-        """(hidden rows, (B, C, V) logits) chunks covering at least `rows` of canvas `ids` (B, L);
-        consume each chunk before advancing."""
+        """One request's step: `batch_logits` of one."""
 
     def release(self) -> None:
         """Give the request's activation memory back."""
+
+
+def single_step(executor: Executor, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
+    """One request's step through `executor.batch_logits`."""
+    with executor.batch_logits([(ids, rows)], sampler_row_bytes) as (logits,):
+        yield from logits()

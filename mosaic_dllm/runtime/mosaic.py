@@ -1,8 +1,9 @@
 """The Mosaic executor: the same model description, planned into one arena, with mask-only logits.
 
-A step asks for the logits of the rows its sampler reads (`row_logits`). The executor looks up the
-plan for the step's shape (`plan.step_plan.PlanCache`: traced once per batch, length and logits
-chunk bucket), makes the arena big enough, and runs `models.transformer` with the planned kernels,
+A step asks for the logits of the rows its sampler reads (`row_logits`; several requests together:
+`batch_logits`, their sequences packed into one pass). The executor looks up the plan for the
+step's shape (`plan.step_plan.PlanCache`: per sequence lengths and logits chunk bucket, so a steady
+batch plans once), makes the arena big enough, and runs `models.transformer` with the planned kernels,
 whose every activation is a view at its planned offset (`ArenaMemory`). The LM head runs over the
 rows in chunks of `row_chunk`, into one planned buffer, so no tensor of size L x V ever exists.
 `release` gives the arena's memory back (the engine calls it when a request ends).
@@ -16,6 +17,8 @@ work. Plans and searches are cached per shape (bounded), so a generation searche
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -24,12 +27,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..kernels.planned import AllocatorMemory, PlannedOps
 from ..memory.arena import Arena
 from ..models import transformer
+from ..models.ops import RowHead
+from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
-from ..plan.search import SearchResult, fit
+from ..plan.search import DoesNotFit, SearchResult, fit
 from ..plan.step_plan import LRU, PlanCache, StepPlan
-from ..plan.trace import StepShape, chunk_bucket
-from .executor import ExecutorOptions, RowChunks
+from ..plan.trace import RequestShape, StepShape
+from .executor import CanvasRows, ExecutorOptions, RowChunks, StepLogits, single_step
 
 
 class PlanMismatchError(AssertionError):
@@ -107,42 +112,85 @@ class MosaicExecutor:
         return self.arena.touched_bytes
 
     def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> StepPlan:
-        """The plan of a step over a (batch, length) canvas sampling `rows` rows (may raise DoesNotFit).
+        """The plan of one request's step over a (batch, length) canvas sampling `rows` rows (may
+        raise DoesNotFit naming the longest length that fits).
 
         Thread-safe: a server plans the next request while the current one runs.
         """
-        chunk = chunk_bucket(rows, self.options.row_chunk)
-        shape = StepShape(batch, length, chunk, self.options.chunks, sampler_row_bytes)
+        return self._plan([RequestShape(batch, length, rows, sampler_row_bytes)], explain=True)
+
+    def plan_batch(self, requests: Sequence[RequestShape]) -> StepPlan:
+        """The plan of a step running `requests` together (DoesNotFit without the length search)."""
+        return self._plan(requests, explain=False)
+
+    def _plan(self, requests: Sequence[RequestShape], explain: bool) -> StepPlan:
+        shape = StepShape.packing(requests, self.options.row_chunk, self.options.chunks)
         with self._planning:
             if self.memory_budget is None:
                 return self.plans.get(shape)
-            result: SearchResult | None = self.searches.lookup(shape)
-            if result is None:
-                result = fit(self.plans, shape, self.memory_budget, self.options.chunk_groups)
+            result: SearchResult | DoesNotFit | None = self.searches.lookup(shape)
+            if result is None or (explain and isinstance(result, DoesNotFit) and result.max_length is None):
+                try:
+                    result = fit(self.plans, shape, self.memory_budget, self.options.chunk_groups, explain)
+                except DoesNotFit as refused:
+                    result = refused
                 self.searches.put(shape, result)
+            if isinstance(result, DoesNotFit):
+                raise result
             return result.plan
 
-    @torch.inference_mode()
     def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
         """Yield (hidden rows, (B, C, V) logits) for hidden-state rows `rows` of canvas `ids`.
 
         The logits live in one arena buffer reused by the next chunk: consume them before advancing.
         No rows, no forward pass: nothing would read it.
         """
-        if rows.numel() == 0:
+        return single_step(self, ids, rows, sampler_row_bytes)
+
+    @contextmanager
+    def batch_logits(self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
+        """One packed forward pass for every request's canvas; request i's callable runs the LM head
+        over its rows (again if called again, while the context is open)."""
+        reading = [i for i, (_, rows) in enumerate(steps) if rows.numel()]
+        logits: list[StepLogits] = [lambda: iter(()) for _ in steps]
+        if not reading:  # no rows, no forward pass: nothing would read it
+            yield logits
             return
-        plan = self.plan_for(ids.shape[0], ids.shape[1], rows.numel(), sampler_row_bytes)
+        requests = [RequestShape(*steps[i][0].shape, steps[i][1].numel(), sampler_row_bytes) for i in reading]
+        plan = self._plan(requests, explain=len(requests) == 1)
+        head = self._forward(plan, [steps[i][0] for i in reading], requests)
+        first = 0
+        for i, r in zip(reading, requests, strict=True):
+            logits[i] = self._reader(head, first, r.batch, steps[i][1])
+            first += r.batch
+        yield logits
+
+    @torch.inference_mode()
+    def _forward(self, plan: StepPlan, canvases: list[Tensor], requests: list[RequestShape]) -> RowHead:
+        """The packed body of a step under its plan; returns its LM head."""
         if self.options.activations == "allocator":
-            memory = AllocatorMemory(ids.device)
+            memory = AllocatorMemory(canvases[0].device)
         else:
             if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
                 self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
             memory = ArenaMemory(plan, self.arena)
         self.last_plan = plan
+        ids = canvases[0].reshape(1, -1) if len(canvases) == 1 else torch.cat([c.reshape(-1) for c in canvases])[None]
+        packing = Packing(tuple(r.length for r in requests for _ in range(r.batch)))
         ops = PlannedOps(memory, plan.graph.shape.chunks)
-        yield from transformer.logits(ops, self.spec, self.weights, ids, rows, plan.graph.shape.chunk)
+        shape = plan.graph.shape
+        head = transformer.forward(ops, self.spec, self.weights, ids, packing, shape.batch, shape.chunk)
         if isinstance(memory, ArenaMemory):
             memory.finish()
+        return head
+
+    @staticmethod
+    def _reader(head: RowHead, first: int, count: int, rows: Tensor) -> StepLogits:
+        @torch.inference_mode()
+        def read() -> RowChunks:
+            yield from head(first, count, rows)
+
+        return read
 
     def release(self) -> None:
         """Give the arena's memory back to the system (plans stay cached)."""

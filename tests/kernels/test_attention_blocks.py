@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
 from mosaic_dllm.models.groups import ATTENTION_BLOCK_ALIGN, ATTENTION_MIN_QUERIES, BY_NAME, Chunks, group_spans
+from mosaic_dllm.models.packing import Packing
 
 # (length, heads, kv heads, head dim): lengths just above the block thresholds and between them,
 # plain and grouped heads, head dims that do and do not fill a 64-wide pack.
@@ -25,6 +26,11 @@ def qkv(length, heads, kv_heads, head_dim, dtype, batch=1, seed=0):
     q = torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)
     k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2))
     return q, k, v
+
+
+def token_major(t):
+    """(B, heads, L, hd) -> the packed (1, B * L, heads, hd) layout the kernels take."""
+    return t.transpose(1, 2).reshape(1, -1, t.shape[1], t.shape[3]).contiguous()
 
 
 def whole(q, k, v):
@@ -42,8 +48,9 @@ def test_query_blocks_equal_the_whole_call(shape, dtype):
         ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(attention=pieces))
         blocks = group_spans(shape[0], pieces, BY_NAME["attention"])
         assert len(blocks) >= 2 and all(s % ATTENTION_BLOCK_ALIGN == 0 for s, _ in blocks)
-        got = ops.attention(q.clone(), k, v, name="attention")
-        assert torch.equal(got, expected), f"{pieces} pieces: {blocks}"
+        packing = Packing.uniform(q.shape[0], shape[0])
+        got = ops.attention(token_major(q), token_major(k), token_major(v), packing, name="attention")
+        assert torch.equal(got.view(expected.shape), expected), f"{pieces} pieces: {blocks}"
 
 
 def test_naive_query_blocks_can_differ():

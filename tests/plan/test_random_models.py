@@ -37,7 +37,7 @@ def models(draw):
 @given(models())
 def test_random_models_plan_validly_and_run_exactly(case):
     spec, batch, length, row_chunk, chunks = case
-    plan = plan_step(spec, torch.bfloat16, StepShape(batch, length, min(row_chunk, length), chunks), check=True)
+    plan = plan_step(spec, torch.bfloat16, StepShape.of(batch, length, min(row_chunk, length), chunks), check=True)
     assert plan.lower_bound_bytes <= plan.arena_bytes
     weights = random_weights(spec, torch.bfloat16)
     ids = torch.randint(0, 316, (batch, length), generator=torch.Generator().manual_seed(length))

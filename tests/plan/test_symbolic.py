@@ -33,7 +33,7 @@ def test_factoring_recovers_constant_and_powers():
     sampler=st.integers(0, 10**6),
 )
 def test_evaluated_graphs_equal_plain_traces(name, batch, length, rows, chunks, sampler):
-    shape = StepShape(batch, length, rows, Chunks(*chunks), sampler)
+    shape = StepShape.of(batch, length, rows, Chunks(*chunks), sampler)
     tracer = TRACERS[name]
     graph = tracer.graph(shape)
     assert tracer.is_symbolic(shape), "every size in these models is a product of the step's symbols"
@@ -51,9 +51,9 @@ def test_a_structure_whose_evaluation_disagrees_is_traced_shape_by_shape(monkeyp
 
     monkeypatch.setattr(symbolic, "symbolic_trace", wrong)
     tracer = StepTracer(spec, torch.bfloat16)
-    shape = StepShape(1, 50, 8)
+    shape = StepShape.of(1, 50, 8)
     assert tracer.graph(shape) == trace_step(spec, torch.bfloat16, shape)
     assert not tracer.is_symbolic(shape)
-    other = StepShape(1, 70, 8)
+    other = StepShape.of(1, 70, 8)
     assert structure(other) == structure(shape)
     assert tracer.graph(other) == trace_step(spec, torch.bfloat16, other)

@@ -86,7 +86,7 @@ def test_the_search_splits_only_the_allowed_groups():
     search fits a budget between their floor and the unchunked peak without touching the rest."""
     groups = ("ffn", "logits")
     plans = PlanCache(preset("llada-8b", layers=2), torch.bfloat16)
-    shape = StepShape(1, 2048, 64)
+    shape = StepShape.of(1, 2048, 64)
     unchunked = plans.get(shape).predicted_peak_bytes
     floor = plans.get(most_chunked(shape, groups)).predicted_peak_bytes
     assert floor < unchunked
