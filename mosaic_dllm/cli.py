@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .engine import USER_ERRORS
+from .engine import DEFAULT_MAX_BATCH, USER_ERRORS
 from .memory.sizes import gib, mib
 from .runtime import DEFAULT_ROW_CHUNK
 
@@ -81,6 +81,7 @@ def _load(args: argparse.Namespace, model):
         executor=args.executor,
         memory_reserve=args.memory_reserve,
         allow_long_context=getattr(args, "allow_long_context", False),
+        max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
         **options,
     )
 
@@ -345,10 +346,14 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .engine import default_model_path
     from .memory.sizes import parse_bytes
+    from .scheduler import Scheduler
     from .server import create_app
     from .server.run import serve
 
     max_body = parse_bytes(args.max_body)  # bad flags fail before anything loads
+    Scheduler.check_max_batch(args.max_batch)
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if max_body < 1024:
         raise ValueError(f"--max-body must be at least 1KiB, got {args.max_body}")
     _check_port_free(args.host, args.port)  # before minutes of loading
@@ -356,9 +361,10 @@ def _serve(args: argparse.Namespace) -> int:
     llm = _load(args, model)
     app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue, max_body_bytes=max_body)
     budget = llm.executor.memory_budget
+    limits = f"batch {args.max_batch}, queue {args.max_queue}"
     print(
         f"mosaic serve: {Path(model).name} ({llm.spec.family}, {llm.executor.name} executor, memory budget "
-        f"{mib(budget) if budget else 'none'}, queue {args.max_queue}) on http://{args.host}:{args.port}",
+        f"{mib(budget) if budget else 'none'}, {limits}) on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,
     )
@@ -491,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_row_chunk_flag(p)
     p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
-    p.add_argument("--max-queue", type=int, default=16, help="admitted requests that may wait for the engine")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="most requests per forward pass, as the memory plan admits (1: one at a time; tokens are the same)",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")

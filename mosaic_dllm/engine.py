@@ -1,14 +1,14 @@
 """The Python API: `LLM(path).generate(prompts, GenerationConfig(...))`.
 
-One request's path: prompt -> token ids -> the family's sampler starts a state (decoding/) -> each
-step, the executor (runtime/) gives the logits of the rows the state reads and the state advances
--> tokens -> text.
+One request's path: prompt -> token ids -> settings resolved and checked, its largest step planned
+-> the scheduler (scheduler.py) starts the family sampler's state (decoding/) when the request joins
+the running batch -> each step, the executor (runtime/) gives the logits of the rows every state
+reads in one packed forward pass, and each state advances -> tokens -> text.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,19 +19,22 @@ from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import GenerationConfig, GenerationConfigError
 from .decoding import sampler_for
-from .decoding.common import GenerationCancelled, StepCallback, StepInput, denoise, first_eos
+from .decoding.common import DenoiseResult, GenerationCancelled, StepCallback, first_eos
 from .memory.budget import DEFAULT_RESERVE, default_budget
 from .memory.sizes import parse_bytes
 from .models import ConfigError
 from .models.groups import Chunks
 from .plan.search import DoesNotFit
 from .plan.step_plan import LRU, StepPlan
+from .plan.trace import RequestShape
 from .runtime import ExecutorOptions, check_executor, make_executor
+from .scheduler import Request, Scheduler
 from .tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default_model"
+DEFAULT_MAX_BATCH = 16
 Prompt = str | list[int]
 
 
@@ -84,12 +87,15 @@ class LLM:
         chunk_groups: tuple[str, ...] | None = None,
         activations: str | None = None,
         allow_long_context: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
         options (`row_chunk`, forced `chunks`, `chunk_groups` the search may split, `activations`)
         apply to the Mosaic executor; see `runtime.ExecutorOptions`. A request longer than the
-        checkpoint's context is refused unless `allow_long_context` (quality may degrade)."""
+        checkpoint's context is refused unless `allow_long_context` (quality may degrade).
+        `max_batch`: most requests sharing a forward pass (1: one at a time); batched or not, each
+        request's tokens are the same."""
         self.allow_long_context = allow_long_context
         given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
         if memory_budget is not None:
@@ -97,6 +103,7 @@ class LLM:
         options = ExecutorOptions(**{k: v for k, v in given.items() if v is not None})
         reserve = parse_bytes(memory_reserve)
         check_executor(executor, options)  # before the weights are loaded
+        Scheduler.check_max_batch(max_batch)
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
@@ -105,6 +112,7 @@ class LLM:
             budget = default_budget(self.checkpoint.weights.embed.device, reserve)
             options = replace(options, memory_budget=budget)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
+        self.scheduler = Scheduler(self.executor, max_batch)
         self._sampler_costs = LRU(64)  # by settings: bytes per logits row
 
     def default_config(self, **overrides) -> GenerationConfig:
@@ -160,22 +168,51 @@ class LLM:
     def generate(
         self,
         prompts: Prompt | list[Prompt],
-        config: GenerationConfig | None = None,
+        config: GenerationConfig | list[GenerationConfig] | None = None,
         *,
         chat: bool = False,
         callback: StepCallback | None = None,
     ) -> list[GenerationOutput]:
-        """Generate for one prompt or a list; each prompt runs as its own request (batch size one)."""
+        """Generate for one prompt or a list, with one config or one per prompt. The requests run
+        batched (up to `max_batch` per forward pass, as the memory plan admits); each one's tokens
+        are those it gets alone. Every prompt and setting is checked before any work; `callback`
+        sees every request's steps."""
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         if not batch:
             raise PromptError("the prompt is empty (no prompt or token ids given)")
-        self.resolve(config or GenerationConfig())  # bad settings fail before the prompts are encoded
+        configs = config if isinstance(config, list) else [config or GenerationConfig()] * len(batch)
+        if len(configs) != len(batch):
+            raise ValueError(f"{len(configs)} configs for {len(batch)} prompts: give one, or one per prompt")
+        for cfg in configs:
+            self.resolve(cfg)  # bad settings fail before the prompts are encoded
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
-        requests = [(ids, self.resolve(config or GenerationConfig(), len(ids))) for ids in encoded]
-        for ids, cfg in requests:
-            self.check_memory(len(ids), cfg)
-            self.check_context(len(ids), cfg)
-        return [self._generate_one(ids, cfg, callback) for ids, cfg in requests]
+        requests = [self.request(ids, cfg, callback) for ids, cfg in zip(encoded, configs, strict=True)]
+        for request in requests:
+            self.check_context(request.prompt.numel(), request.config)
+        for request in requests:
+            self.scheduler.submit(request)
+        self.scheduler.run(requests)
+        return [self.output(request) for request in requests]
+
+    def request(self, prompt_ids: list[int], config: GenerationConfig, callback: StepCallback | None = None) -> Request:
+        """A request ready for the scheduler: settings resolved and memory checked (raises the user
+        error, or DoesNotFit with the longest length that fits); the caller checks the context
+        (`check_context`, which warns at the caller's line when long contexts are allowed)."""
+        cfg = self.resolve(config, len(prompt_ids))
+        self.check_memory(len(prompt_ids), cfg)
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
+
+        def start():
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
+            return self.sampler.start(prompt, cfg, gen)
+
+        return Request(prompt, cfg, start, self.worst_step(len(prompt_ids), cfg), callback)
+
+    def output(self, request: Request) -> GenerationOutput:
+        """The finished request's output (raises its error if it failed or was cancelled)."""
+        result, seconds = request.result.result()
+        return self._output(request.prompt.tolist(), request.config, result, seconds)
 
     def check_context(self, prompt_length: int, cfg: GenerationConfig) -> None:
         """Refuse a request beyond the checkpoint's context unless long contexts are allowed (then warn)."""
@@ -194,8 +231,11 @@ class LLM:
         """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the
         longest length that would fit) when the memory budget cannot hold it. Returns that step's
         plan (None for an unplanned executor)."""
-        cfg = self.resolve(cfg, prompt_length)
-        return self.executor.plan_for(
+        return self.executor.plan_for(*self.worst_step(prompt_length, self.resolve(cfg, prompt_length)))
+
+    def worst_step(self, prompt_length: int, cfg: GenerationConfig) -> RequestShape:
+        """A request's largest step (its first: it reads the most rows), resolved settings `cfg`."""
+        return RequestShape(
             self.sampler.guidance_batch(cfg),
             prompt_length + cfg.gen_length,
             self.sampler.first_step_rows(cfg),
@@ -212,23 +252,9 @@ class LLM:
             self._sampler_costs.put(key, cost)
         return cost
 
-    def _generate_one(
-        self, prompt_ids: list[int], cfg: GenerationConfig, callback: StepCallback | None
+    def _output(
+        self, prompt_ids: list[int], cfg: GenerationConfig, result: DenoiseResult, seconds: float
     ) -> GenerationOutput:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
-        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
-        sampler_bytes = self.sampler_row_bytes(cfg)
-
-        def logits(step: StepInput):
-            return self.executor.row_logits(step.ids, step.rows, sampler_bytes)
-
-        start = time.perf_counter()
-        try:
-            result = denoise(self.sampler.start(prompt, cfg, gen), logits, callback)
-        finally:
-            self.executor.release()  # the request's activation memory goes back, also on cancel or error
-        seconds = time.perf_counter() - start
         generated = result.canvas[len(prompt_ids) :].tolist()
         eos = first_eos(result.canvas[len(prompt_ids) :], self.spec.eos_token_ids)
         answer = generated if eos is None else generated[:eos]

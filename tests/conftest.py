@@ -15,3 +15,11 @@ def tiny_checkpoints(tmp_path_factory):
         build_tiny_checkpoint(path, family, dtype=torch.float32, sharded=family == "dream")
         out[family] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory):
+    """A LLaDA 256 wide: fp32 GEMMs of this width round a row differently by the call's row count."""
+    path = tmp_path_factory.mktemp("llada_wide")
+    build_tiny_checkpoint(path, "llada", hidden_size=256, head_dim=64, rotary_dim=64, intermediate_size=512, std=0.2)
+    return path

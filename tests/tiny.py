@@ -69,15 +69,17 @@ def build_tiny_checkpoint(
     seed: int = 0,
     sharded: bool = False,
     std: float = 0.5,
+    **sizes,
 ) -> ArchSpec:
-    """Write a random tiny checkpoint of `family` to `path` and return its spec.
+    """Write a random tiny checkpoint of `family` to `path` and return its spec; `sizes` override
+    the tiny spec's fields (e.g. a wider hidden size).
 
     A large init std gives peaked, seed-dependent logits, so that token comparisons mean something.
     """
     path = Path(path)
     tok = train_bpe(SAMPLE_TEXT, family, vocab_size=320)
     ids = save_tokenizer(path, tok, family)
-    spec = tiny_spec(family, tok.get_vocab_size(with_added_tokens=True), ids=ids)
+    spec = replace(tiny_spec(family, tok.get_vocab_size(with_added_tokens=True), ids=ids), **sizes)
     state = random_state_dict(spec, dtype, seed=seed, std=std)
     if spec.moe is not None:  # a non-zero expert bias, so that its handling is tested
         for name in state:

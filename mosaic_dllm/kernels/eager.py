@@ -23,8 +23,8 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, linear: Linear = F.linear) -> Tensor:
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def route_and_run_experts(
@@ -36,9 +36,10 @@ def route_and_run_experts(
     normalize_top_k: bool,
     out: Tensor,
     linear: Linear = F.linear,
+    mlp: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = swiglu,
 ) -> None:
     """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`;
-    `linear` computes its GEMMs (the planned kernels pass a batch-invariant one)."""
+    `linear` computes the router and `mlp` the experts (the planned kernels pass batch-invariant ones)."""
     weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
     if expert_bias is not None:
         weights = weights + expert_bias
@@ -51,7 +52,7 @@ def route_and_run_experts(
         slot, token = torch.where(expert_mask[e])
         if token.numel() == 0:
             continue
-        y = swiglu(flat[token], expert["gate"], expert["up"], expert["down"], linear)
+        y = mlp(flat[token], expert["gate"], expert["up"], expert["down"])
         out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
 
 

@@ -40,7 +40,7 @@ from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from .eager import route_and_run_experts
-from .tiles import tile_workspace, tiled_linear, tiled_mm
+from .tiles import fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
@@ -199,11 +199,7 @@ class PlannedOps:
     @staticmethod
     def _swiglu_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, g: Tensor, u: Tensor, out: Tensor) -> None:
         """down(silu(gate(x)) * up(x)) for (n, H) rows `x`, intermediates in `g` and `u` (n rows each)."""
-        tiled_mm(x, gate, None, g)
-        F.silu(g, inplace=True)
-        tiled_mm(x, up, None, u)
-        g.mul_(u)
-        tiled_mm(g, down, None, out)
+        tiled_swiglu(x, gate, up, down, out, g, u)
 
     # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
     # run as one op whose intermediates are one chunk each (the normalised rows, the projection
@@ -270,7 +266,7 @@ class PlannedOps:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
         rows, parts, scratch, h_buf = self._normed_region("norm_mlp_add", x, names)
-        self._gemm_workspace(x, gate, up, down)
+        self.mem.workspace(swiglu_workspace(x, gate, down))
         size = h_buf.shape[0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -344,7 +340,7 @@ class PlannedOps:
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         group = self._begin("mlp", name, x)
-        self._gemm_workspace(x, gate, up, down)
+        self.mem.workspace(swiglu_workspace(x, gate, down))
         flat = x.reshape(-1, x.shape[-1])
         parts = self._spans(flat.shape[0], group)
         size = parts[0][1] - parts[0][0]
@@ -379,7 +375,9 @@ class PlannedOps:
         itemsize = x.element_size()
         routing = tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16
         self.mem.workspace(routing + tokens * (3 * x.shape[-1] + 2 * expert_width) * itemsize)
-        self._gemm_workspace(x, router, *(experts[0].values() if experts else ()))
+        self._gemm_workspace(x, router)
+        if experts:
+            self.mem.workspace(swiglu_workspace(x, experts[0]["gate"], experts[0]["down"]))
         out = self.mem.new(tuple(x.shape), x.dtype)
         out.zero_()
         if not self.mem.tracing:
@@ -394,6 +392,7 @@ class PlannedOps:
                     normalize_top_k,
                     flat_out[start:end],
                     tiled_linear,
+                    fresh_swiglu,
                 )
         return out
 

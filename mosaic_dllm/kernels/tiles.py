@@ -9,6 +9,12 @@ the rows rotated between calls). So the planned kernels multiply in tiles of exa
 rows: a tail shorter than a tile is computed as the last full tile (overlapping rows are computed
 again, identically), and a call of fewer rows than a tile runs on a zero-padded tile. Then a
 token's arithmetic is the same alone, packed with other requests, or chunked by the planner.
+
+Elementwise kernels have the same trap on a smaller scale: PyTorch vectorizes a flat loop and
+finishes the elements past the last full vector with a scalar function, and for SiLU (unlike exp,
+cos or rsqrt) the scalar function rounds differently. So the SwiGLU runs tile by tile too: a tile
+of ROW_TILE rows holds a multiple of every vector width, so every element takes the vector path,
+wherever its row sits in the batch.
 """
 
 from __future__ import annotations
@@ -52,4 +58,46 @@ def tiled_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """F.linear over (n, K) rows, batch-invariant (a fresh output)."""
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     tiled_mm(x, weight, bias, out)
+    return out
+
+
+def tiled_swiglu(
+    x: Tensor, gate: Tensor, up: Tensor, down: Tensor, out: Tensor, g: Tensor | None = None, u: Tensor | None = None
+) -> None:
+    """out = down(silu(gate(x)) * up(x)) for (n, H) rows, every op on tiles of ROW_TILE rows; the
+    intermediates go to `g` and `u` ((n, I) buffers) or to tile-sized scratch when not given."""
+    n = x.shape[0]
+    if n == 0 or x.device.type == "meta":
+        return
+    if n < ROW_TILE:
+        padded = torch.zeros((ROW_TILE, x.shape[1]), dtype=x.dtype, device=x.device)
+        padded[:n] = x
+        result = torch.empty((ROW_TILE, down.shape[0]), dtype=out.dtype, device=out.device)
+        tiled_swiglu(padded, gate, up, down, result)
+        out.copy_(result[:n])
+        return
+    if g is None or u is None:
+        g, u = (torch.empty((ROW_TILE, w.shape[0]), dtype=x.dtype, device=x.device) for w in (gate, up))
+        tile = lambda start: slice(0, ROW_TILE)  # noqa: E731
+    else:
+        tile = lambda start: slice(start, start + ROW_TILE)  # noqa: E731
+    for start in range(0, n, ROW_TILE):
+        start = min(start, n - ROW_TILE)  # the tail: the last full tile, recomputed from x
+        rows, here = slice(start, start + ROW_TILE), tile(start)
+        _mm(x[rows], gate, None, g[here])
+        torch.nn.functional.silu(g[here], inplace=True)
+        _mm(x[rows], up, None, u[here])
+        g[here].mul_(u[here])
+        _mm(g[here], down, None, out[rows])
+
+
+def swiglu_workspace(x: Tensor, gate: Tensor, down: Tensor) -> int:
+    """Bytes `tiled_swiglu` allocates at most (a padded tile, or tile-sized intermediates)."""
+    return ROW_TILE * (2 * x.shape[-1] + 2 * gate.shape[0]) * x.element_size()
+
+
+def fresh_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """`tiled_swiglu` into a fresh output (the MoE experts' rows)."""
+    out = torch.empty((x.shape[0], down.shape[0]), dtype=x.dtype, device=x.device)
+    tiled_swiglu(x, gate, up, down, out)
     return out

@@ -93,7 +93,8 @@ class Service:
             "admission": "by memory plan" if budget else "unplanned (eager executor: no budget)",
             "memory_budget_bytes": budget,
             "arena_committed_bytes": self.llm.executor.committed_bytes,
-            "running": self.worker.running is not None,
+            "running": self.worker.running,
+            "max_batch": self.llm.scheduler.max_batch,
             "waiting": self.worker.waiting,
             "max_queue": self.max_queue,
         }
@@ -182,7 +183,7 @@ class Service:
             out = await task
         except GenerationCancelled:
             return Response(status_code=499)  # nobody is listening any more
-        return JSONResponse(shape.response(out, job))
+        return JSONResponse(shape.response(out))
 
     async def run(self, path: str, job: Job) -> GenerationOutput:
         start = time.perf_counter()
@@ -235,7 +236,7 @@ class Service:
                 return
             yield sse(shape.final_chunk(out))
             if usage:
-                yield sse(shape.usage_chunk(out, job))
+                yield sse(shape.usage_chunk(out))
             yield "data: [DONE]\n\n"
         finally:  # client gone (the response is cancelled) or done: stop the generation
             job.cancelled.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from ..engine import LLM
+from ..scheduler import BatchStats
 
 
 class Metrics:
@@ -29,12 +30,23 @@ class Metrics:
             "mosaic_request_latency_seconds", "Wall time from admission to the last token", registry=r
         )
         self.planned_bytes = Gauge(
-            "mosaic_planned_activation_bytes", "Predicted peak activation bytes of the running request", registry=r
+            "mosaic_planned_activation_bytes",
+            "Predicted peak activation bytes of the running batch's largest step (its plan, vs the budget)",
+            registry=r,
         )
+        self.batch_requests = Gauge("mosaic_batch_requests", "Requests in the running batch", registry=r)
+        self.batch_sequences = Gauge(
+            "mosaic_batch_sequences", "Sequences in flight (a request with guidance runs two)", registry=r
+        )
+        self.batch_tokens = Gauge("mosaic_batch_tokens", "Tokens in flight (every sequence's canvas)", registry=r)
         self.arena_bytes = Gauge("mosaic_arena_committed_bytes", "Arena bytes in use (0 between requests)", registry=r)
         self.budget_bytes = Gauge("mosaic_memory_budget_bytes", "Activation memory budget", registry=r)
 
-    def observe_memory(self, llm: LLM) -> None:
+    def observe_batch(self, stats: BatchStats, llm: LLM) -> None:
+        self.batch_requests.set(stats.running)
+        self.batch_sequences.set(stats.sequences)
+        self.batch_tokens.set(stats.tokens)
+        self.planned_bytes.set(stats.planned_bytes)
         self.arena_bytes.set(llm.executor.committed_bytes)
 
     def render(self) -> bytes:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from ..decoding.common import StepEvent
 from ..engine import GenerationOutput
-from .worker import Job
 
 MASK_MARKER = "\u2591"  # light shade: one per masked position in denoising events
 
@@ -27,21 +26,21 @@ class Shape:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model}
 
     @staticmethod
-    def usage(out: GenerationOutput, job: Job) -> dict:
-        n_prompt, n_gen = len(job.prompt_ids), out.completion_tokens
+    def usage(out: GenerationOutput) -> dict:
+        n_prompt, n_gen = len(out.prompt_token_ids), out.completion_tokens
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
     @staticmethod
     def finish_reason(out: GenerationOutput) -> str:
         return "stop" if out.finish_reason == "eos" else "length"
 
-    def response(self, out: GenerationOutput, job: Job) -> dict:
+    def response(self, out: GenerationOutput) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None}
         choice["finish_reason"] = self.finish_reason(out)
-        return self._base(False) | {"choices": [choice], "usage": self.usage(out, job), "settings": out.settings}
+        return self._base(False) | {"choices": [choice], "usage": self.usage(out), "settings": out.settings}
 
     def final_chunk(self, out: GenerationOutput) -> dict:
         if self.chat:
@@ -51,8 +50,8 @@ class Shape:
         choice["finish_reason"] = self.finish_reason(out)
         return self._base(True) | {"choices": [choice], "settings": out.settings}
 
-    def usage_chunk(self, out: GenerationOutput, job: Job) -> dict:
-        return self._base(True) | {"choices": [], "usage": self.usage(out, job)}
+    def usage_chunk(self, out: GenerationOutput) -> dict:
+        return self._base(True) | {"choices": [], "usage": self.usage(out)}
 
     def denoising_chunk(self, event: StepEvent, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]) -> dict:
         answer = event.canvas[event.prompt_length :].tolist()

@@ -1,12 +1,13 @@
-"""Admission and execution: plan each request before accepting it, run accepted ones one at a time.
+"""Admission and execution: plan each request before accepting it, run accepted ones batched.
 
-`GenerationWorker.admit` runs on the event loop. It plans the request's largest step against the
-engine's memory budget (`LLM.check_memory`): a request that can never fit is refused at once
-(`DoesNotFit`, with the longest length that would fit); one that fits waits for the engine in a
-bounded queue (`QueueFull` when it is full); `run` then awaits the engine thread. A single worker
-thread runs the engine, so the event loop never blocks on a denoising step. Each job carries a
-cancel flag that the step callback reads: a client that goes away stops its generation at the next
-step, and the engine releases the arena.
+`GenerationWorker.admit` runs on the event loop. It checks and plans the request's largest step
+against the engine's memory budget (`LLM.request`, in a thread): a request that can never fit is
+refused at once (`DoesNotFit`, with the longest length that would fit); one that fits takes a slot
+(`QueueFull` when `max_batch` run and `max_queue` wait already). `run` hands it to the engine's
+scheduler (`scheduler.py`), which a single engine thread drives step by step: a request joins the
+running batch at a step boundary when the batch's plan with it fits the budget, and leaves when it
+ends. The event loop never blocks on a step. Each job carries a cancel flag the scheduler reads at
+every step boundary: a client that goes away stops its own generation, never the others'.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import GenerationConfig
-from ..decoding.common import GenerationCancelled, StepEvent
+from ..decoding.common import StepEvent
 from ..engine import LLM, GenerationOutput
+from ..scheduler import Request
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,18 @@ class ServerShuttingDown(RuntimeError):
 class Job:
     prompt_ids: list[int]
     config: GenerationConfig
-    on_step: Callable[[StepEvent], None] | None = None  # called from the worker thread
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    planned_bytes: int = 0
+    request: Request
+    planned_bytes: int = 0  # the predicted peak of its largest step alone
+    on_step: Callable[[StepEvent], None] | None = None  # called from the engine thread
+
+    @property
+    def cancelled(self) -> threading.Event:
+        return self.request.cancelled
+
+    def step_done(self, event: StepEvent) -> bool:
+        if self.on_step is not None:
+            self.on_step(event)
+        return not self.cancelled.is_set()
 
 
 class GenerationWorker:
@@ -49,63 +58,62 @@ class GenerationWorker:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.llm, self.max_queue, self.metrics = llm, max_queue, metrics
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mosaic-engine")
-        self._jobs: set[Job] = set()  # admitted (a queue slot held), not finished
-        self.running: Job | None = None
+        self.scheduler = llm.scheduler
+        self.scheduler.on_step = metrics.step_latency.observe
+        self._jobs: set[Job] = set()  # admitted (a slot held), not finished
         self.shutting_down = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mosaic-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.stats.running
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs) - (self.running is not None)
+        return len(self._jobs) - self.running
 
     async def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
-        """Plan the request's largest step (in a thread: planning never stalls the event loop), then
-        take a queue slot for it (on the event loop, so slots are counted one admission at a time);
-        `run` gives the slot back when the job ends.
+        """Check and plan the request's largest step (in a thread: planning never stalls the event
+        loop), then take a slot for it (on the event loop, so slots are counted one admission at a
+        time); `run` gives the slot back when the job ends.
 
         Raises DoesNotFit (never fits the budget), QueueFull, or ServerShuttingDown.
         """
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
-        plan = await asyncio.get_running_loop().run_in_executor(None, self.llm.check_memory, len(prompt_ids), config)
+        request = await asyncio.get_running_loop().run_in_executor(None, self.llm.request, prompt_ids, config)
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
-        if len(self._jobs) > self.max_queue:  # one running plus max_queue waiting
+        if len(self._jobs) >= self.scheduler.max_batch + self.max_queue:
             raise QueueFull(f"{self.waiting} requests are waiting (queue size {self.max_queue})")
-        job = Job(prompt_ids, config, planned_bytes=plan.predicted_peak_bytes if plan is not None else 0)
+        plan = self.llm.executor.plan_for(*request.worst)
+        job = Job(prompt_ids, request.config, request, plan.predicted_peak_bytes if plan is not None else 0)
+        request.callback = job.step_done
         self._jobs.add(job)
         self.metrics.queue_length.set(self.waiting)
         return job
 
     async def run(self, job: Job) -> GenerationOutput:
-        """Run an admitted job when the engine is free; raises GenerationCancelled if cancelled."""
+        """Run an admitted job in the batch; raises GenerationCancelled if cancelled."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._generate, job)
+            await asyncio.wrap_future(self.scheduler.submit(job.request))
+            return self.llm.output(job.request)
         finally:
             self._jobs.discard(job)
             self.metrics.queue_length.set(self.waiting)
 
-    def _generate(self, job: Job) -> GenerationOutput:
-        if job.cancelled.is_set() or self.shutting_down:
-            raise GenerationCancelled("the client went away before the request started")
-        self.running = job
-        self.metrics.planned_bytes.set(job.planned_bytes)
-        last = time.perf_counter()
-
-        def callback(event: StepEvent) -> bool:
-            nonlocal last
-            now = time.perf_counter()
-            self.metrics.step_latency.observe(now - last)
-            last = now
-            if job.on_step is not None:
-                job.on_step(event)
-            return not job.cancelled.is_set()
-
-        try:
-            return self.llm.generate(job.prompt_ids, job.config, callback=callback)[0]
-        finally:
-            self.running = None
-            self.metrics.observe_memory(self.llm)
+    def _loop(self) -> None:
+        """The engine thread: one batched step after another while there is work."""
+        while not (self._stop.is_set() and self.scheduler.idle):
+            if not self.scheduler.wait_for_work(timeout=0.25):
+                continue
+            try:
+                self.scheduler.step()
+            except Exception:  # the scheduler fails requests, never itself; keep serving regardless
+                log.exception("the scheduler failed a step")
+            self.metrics.observe_batch(self.scheduler.stats, self.llm)
 
     def begin_shutdown(self) -> None:
         """Refuse new work and cancel queued and running work at its next step (signal-safe)."""
@@ -114,8 +122,10 @@ class GenerationWorker:
         self.shutting_down = True
         for job in list(self._jobs):
             job.cancelled.set()
+        self._stop.set()
+        self.scheduler.wake()
 
     def shutdown(self) -> None:
         """Cancel everything, then wait for the engine thread (it stops at the running step's end)."""
         self.begin_shutdown()
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        self._thread.join()

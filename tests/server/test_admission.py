@@ -37,7 +37,7 @@ def test_a_request_too_big_for_the_budget_is_refused_with_the_longest_length(lon
 
 
 def test_full_queue_is_429_and_a_disconnect_cancels_and_frees_memory(long_context_checkpoint):
-    llm = LLM(long_context_checkpoint, memory_budget="256MiB")
+    llm = LLM(long_context_checkpoint, memory_budget="256MiB", max_batch=1)  # one running, none may wait
     with serving(llm, max_queue=0) as (url, app):
         long_body = {
             "prompt": "Return the",
@@ -65,7 +65,7 @@ def test_full_queue_is_429_and_a_disconnect_cancels_and_frees_memory(long_contex
 def test_an_internal_error_fails_that_request_only(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["llada"])
     with serving(llm) as (url, app):
-        real = llm.executor.row_logits
+        real = llm.executor.batch_logits
         broken = threading.Event()
 
         def failing(*args, **kwargs):
@@ -74,7 +74,7 @@ def test_an_internal_error_fails_that_request_only(tiny_checkpoints):
                 raise RuntimeError("simulated kernel failure")
             return real(*args, **kwargs)
 
-        llm.executor.row_logits = failing
+        llm.executor.batch_logits = failing
         response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=60)
         assert response.status_code == 500 and "simulated kernel failure" in response.json()["error"]["message"]
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 8}, timeout=60)

@@ -49,7 +49,8 @@ LONG = {"prompt": "Return the", "max_tokens": 1024, "steps": 1024}
 
 
 def test_a_burst_gets_exactly_the_queue_bound(long_context_checkpoint):
-    with mosaic_serve(long_context_checkpoint, "--max-queue", "2", "--memory-budget", "256MiB") as (url, _):
+    flags = ("--max-batch", "4", "--max-queue", "2", "--memory-budget", "256MiB")
+    with mosaic_serve(long_context_checkpoint, *flags) as (url, _):
         barrier = threading.Barrier(20)
 
         def post(_):
@@ -58,7 +59,7 @@ def test_a_burst_gets_exactly_the_queue_bound(long_context_checkpoint):
 
         with ThreadPoolExecutor(20) as pool:
             codes = sorted(r.status_code for r in pool.map(post, range(20)))
-        assert codes == [200] * 3 + [429] * 17  # one running and two waiting; every accepted one completes
+        assert codes == [200] * 6 + [429] * 14  # four running and two waiting; every accepted one completes
 
 
 def test_a_stop_cancels_work_in_flight_and_exits_promptly(long_context_checkpoint):

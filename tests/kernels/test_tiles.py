@@ -1,0 +1,76 @@
+"""Batch-invariant kernels: a row's result does not depend on how many rows share its call.
+
+Plain GEMMs and SiLU fail that on this project's CPUs (the first tests show it, so the others mean
+something); the tiled kernels of `kernels/tiles.py` pass it at every row count and offset.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
+from mosaic_dllm.kernels.tiles import ROW_TILE, tiled_linear, tiled_swiglu
+from mosaic_dllm.models.packing import Packing
+
+COUNTS = (1, 2, 5, 15, 16, 63, 64, 65, 100, 129, 200)
+
+
+def rows_by_count(fn, x):
+    """fn over every (offset, count) slice of x, compared with fn over all of x: the bad slices."""
+    full = fn(x)
+    return [
+        (o, n)
+        for n in COUNTS
+        for o in (0, 7)
+        if o + n <= x.shape[0] and not torch.equal(fn(x[o : o + n]), full[o : o + n])
+    ]
+
+
+def test_plain_gemm_and_silu_round_rows_by_the_calls_row_count():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(210, 256, generator=g), torch.randn(96, 256, generator=g)
+    assert rows_by_count(lambda t: t @ w.t(), x)  # fp32: 1, 2-15 and 16+ rows round differently
+    silu = torch.randn(210 * 48, generator=g).view(210, 48)
+    assert rows_by_count(F.silu, silu)  # the scalar tail after the last full vector rounds differently
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("width", [48, 256, 1024])
+def test_tiled_kernels_give_a_row_the_same_bits_at_any_count_and_offset(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(210, width, generator=g).to(dtype)
+    w = torch.randn(96, width, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    assert not rows_by_count(lambda t: tiled_linear(t, w), x)
+    assert not rows_by_count(lambda t: tiled_linear(t, w, b), x)
+    gate, up = (torch.randn(40, width, generator=g).to(dtype) for _ in range(2))
+    down = torch.randn(width, 40, generator=g).to(dtype)
+
+    def swiglu(t):
+        out = torch.empty(t.shape[0], width, dtype=dtype)
+        tiled_swiglu(t, gate, up, down, out)
+        return out
+
+    assert not rows_by_count(swiglu, x)
+    # with the caller's intermediates (the planned FFN buffers) the bits are the same
+    out, inter = torch.empty(210, width, dtype=dtype), [torch.empty(210, 40, dtype=dtype) for _ in range(2)]
+    tiled_swiglu(x, gate, up, down, out, *inter)
+    assert torch.equal(out, swiglu(x))
+    assert ROW_TILE == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_packed_attention_is_each_sequence_alone(dtype):
+    """Sequences of 7, 64 and 33 tokens (grouped kv heads) packed: no attention across them."""
+    g = torch.Generator().manual_seed(1)
+    lengths, heads, kv, hd = (7, 64, 33), 4, 2, 16
+    q = torch.randn(1, sum(lengths), heads, hd, generator=g).to(dtype)
+    k, v = (torch.randn(1, sum(lengths), kv, hd, generator=g).to(dtype) for _ in range(2))
+    ops = PlannedOps(AllocatorMemory(torch.device("cpu")))
+    packed = ops.attention(q.clone(), k, v, Packing(lengths), name="attention")
+    start = 0
+    for n in lengths:
+        part = slice(start, start + n)
+        alone = ops.attention(q[:, part].clone(), k[:, part], v[:, part], Packing((n,)), name="attention")
+        assert torch.equal(packed[:, part], alone)
+        start += n
