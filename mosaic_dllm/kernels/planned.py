@@ -91,6 +91,7 @@ class PlannedOps:
 
     def __init__(self, memory: Memory, chunks: Chunks | None = None):
         self.mem, self.chunks = memory, chunks or Chunks()
+        self._positions_of: tuple[Packing, Tensor] | None = None  # the step's token positions
 
     def _begin(self, method: str, name: str, *reads: Tensor) -> OpGroup:
         """Declare an op of `method`'s group; returns the group."""
@@ -282,21 +283,27 @@ class PlannedOps:
     def rotary(
         self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
     ) -> Tensor:
-        """x (1, T, nh, hd) rotated in place, each sequence over its own query blocks (the model
-        reads only the rotated q and k)."""
+        """x (1, T, nh, hd) rotated in place over chunks of the packed tokens, each token by its
+        position in its own sequence (the tables' rows gathered per chunk; the model reads only the
+        rotated q and k)."""
         group = self._begin("rotary", name, x, cos, sin)
-        nh = x.shape[2]
+        tokens, nh = x.shape[1], x.shape[2]
         rd, half = cos.shape[-1], cos.shape[-1] // 2
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
-        size, parts = self._sequence_spans(packing, group)
+        parts = self._spans(tokens, group)
+        size = parts[0][1] - parts[0][0]
+        positions = self._positions(packing, x.device)
         # In float32 the bf16 inputs are widened inside each op (exactly, as .float() would), so no
         # float32 copy of x is needed.
         first_buf = self.mem.new((1, size, nh, rd), work_dtype)
         rotated_buf = self.mem.new((1, size, nh, rd), work_dtype)
-        for offset, _, start, end in parts:  # a block is read whole before it is overwritten
+        tables_buf = [self.mem.new((size, 1, rd), cos.dtype) for _ in range(2)]
+        for start, end in parts:  # a chunk is read whole before it is overwritten
             n = end - start
-            p = x[:, offset + start : offset + end, :, :rd]
-            c, s = cos[start:end].unsqueeze(1), sin[start:end].unsqueeze(1)  # positions within the sequence
+            p = x[:, start:end, :, :rd]
+            c, s = (buf[:n] for buf in tables_buf)
+            torch.index_select(cos, 0, positions[start:end], out=c.view(n, rd))
+            torch.index_select(sin, 0, positions[start:end], out=s.view(n, rd))
             first, rotated = first_buf[:, :n], rotated_buf[:, :n]
             torch.mul(p, c, out=first)
             rotated[..., :half].copy_(p[..., half:])
@@ -306,6 +313,16 @@ class PlannedOps:
             first.add_(rotated)
             p.copy_(first)
         return x
+
+    def _positions(self, packing: Packing, device: torch.device) -> Tensor:
+        """Each packed token's position in its sequence: made once per step (8 bytes a token,
+        declared as workspace of every rotary op)."""
+        self.mem.workspace(packing.tokens * 8)
+        if self.mem.tracing:
+            return torch.empty((packing.tokens,), dtype=torch.long, device=device)
+        if self._positions_of is None or self._positions_of[0] is not packing:
+            self._positions_of = (packing, packing.positions(device))
+        return self._positions_of[1]
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
         """Each sequence's query blocks against its own keys and values; a block's output overwrites

@@ -41,7 +41,7 @@ GROUPS = (
     OpGroup("embedding", ("embed", "rotary_tables"), None),
     OpGroup("norms", ("rms_norm",), "tokens", MIN_CHUNK_TOKENS),
     OpGroup("projections", ("linear", "norm_linears", "linear_add"), "tokens", MIN_CHUNK_TOKENS),
-    OpGroup("rotary", ("rotary",), "queries", MIN_CHUNK_TOKENS),  # elementwise: exact at any split
+    OpGroup("rotary", ("rotary",), "tokens", MIN_CHUNK_TOKENS),  # elementwise: exact at any split
     OpGroup(
         "attention",
         ("attention",),
