@@ -257,6 +257,8 @@ def _plan(args: argparse.Namespace) -> int:
     sampler = shape.sampler_row_bytes
     plans = PlanCache(spec, dtype)
     summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")}
+    if args.max_batch:
+        return _plan_max_batch(args, summary, shape, plans)
     if args.budget:  # the lazy search's choice for this budget (DoesNotFit names the floor)
         from .memory.sizes import parse_bytes
         from .plan.search import fit
@@ -292,6 +294,41 @@ def _plan(args: argparse.Namespace) -> int:
         )
     if args.ascii:
         print(ascii_map(plan.buffers, plan.plan))
+    return 0
+
+
+def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> int:
+    """The most requests like this one (their first, largest step) one batched step can run within
+    the budget: what the scheduler's admission would let in together."""
+    from dataclasses import replace
+
+    from .memory.sizes import parse_bytes
+    from .plan.search import DoesNotFit, fit, longest
+
+    if not args.budget:
+        raise ValueError("--max-batch needs --budget (the activation memory a step may use)")
+    budget = parse_bytes(args.budget)
+    chosen = {}
+
+    def fits(n: int) -> bool:
+        try:
+            chosen[n] = fit(plans, replace(shape, lengths=shape.lengths * n), budget, explain=False).plan
+        except DoesNotFit:
+            return False
+        return True
+
+    most = longest(fits, start=1, limit=1 << 16).max_len
+    record = summary | {"length": args.length, "budget_bytes": budget, "max_batch": most}
+    if most:
+        plan = chosen[most]
+        record |= {"predicted_peak_activation_bytes": plan.predicted_peak_bytes, "chunks": plan.summary()["chunks"]}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    head = f"{record['model']} ({record['dtype']}), L={args.length}, budget {mib(budget)}"
+    print(f"{head}: at most {most} requests per step")
+    if most:
+        print(f"  predicted peak {mib(record['predicted_peak_activation_bytes'])}, chunks {record['chunks']}")
     return 0
 
 
@@ -515,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
     p.add_argument("--length", type=int, help="total sequence length L (prompt + generation)")
     p.add_argument("--max-len", action="store_true", help="longest L that fits, eager vs mosaic")
+    p.add_argument(
+        "--max-batch", action="store_true", help="with --length and --budget: most such requests one step runs together"
+    )
     p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
     p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")

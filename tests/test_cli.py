@@ -1,8 +1,10 @@
 """The `mosaic` command line, run in-process."""
 
 import json
+from dataclasses import replace
 
 import pytest
+import torch
 
 from mosaic_dllm.cli import main
 
@@ -130,3 +132,21 @@ def test_plan_max_len_needs_one_budget(capsys):
     assert "exactly one of --budget" in capsys.readouterr().err
     assert main(["plan", "--preset", "llada-8b", "--max-len", "--device-memory", "8GiB"]) == 2
     assert "weights alone" in capsys.readouterr().err
+
+
+def test_plan_max_batch_is_the_most_requests_whose_batched_step_fits(capsys):
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "1024", "--max-batch", "--budget", "1GiB"]
+    assert main([*argv, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    most = record["max_batch"]
+    assert most >= 2 and record["predicted_peak_activation_bytes"] <= 1 << 30
+    from mosaic_dllm.bench.capacity import first_step_shape
+    from mosaic_dllm.bench.presets import preset
+    from mosaic_dllm.plan.search import DoesNotFit, fit
+    from mosaic_dllm.plan.step_plan import PlanCache
+
+    spec = preset("llada-8b", 2)
+    shape = first_step_shape(spec, torch.bfloat16, 1024, 0.5, 64)
+    with pytest.raises(DoesNotFit):  # one more request does not fit, chunked as far as the search goes
+        fit(PlanCache(spec, torch.bfloat16), replace(shape, lengths=shape.lengths * (most + 1)), 1 << 30, explain=False)
+    assert main(argv[:-2]) == 2 and "--max-batch needs --budget" in capsys.readouterr().err

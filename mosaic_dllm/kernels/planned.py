@@ -40,7 +40,7 @@ from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from .eager import route_and_run_experts
-from .tiles import fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
+from .tiles import HEAD_ROW_TILE, fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
@@ -425,7 +425,7 @@ class PlannedOps:
         and the logits live in one planned buffer each (`batch` x `chunk` rows), reused by every
         chunk of every request: consume a chunk's logits before advancing."""
         self._begin("lm_head", name, hidden)
-        self._gemm_workspace(hidden, weight)
+        self.mem.workspace(tile_workspace(hidden, weight, HEAD_ROW_TILE))
         width, vocab = hidden.shape[-1], weight.shape[0]
         gathered = self.mem.new((batch * chunk, width), hidden.dtype)
         logits = self.mem.new((batch * chunk, vocab), hidden.dtype)
@@ -440,7 +440,7 @@ class PlannedOps:
                 n = count * part.numel()
                 h, out = gathered[:n], logits[:n]
                 torch.index_select(flat, 0, torch.cat([part + start for start in starts]), out=h)
-                tiled_mm(h, weight, None, out)
+                tiled_mm(h, weight, None, out, HEAD_ROW_TILE)
                 yield part, out.view(count, part.numel(), vocab)
 
         return head

@@ -23,28 +23,31 @@ import torch
 from torch import Tensor
 
 ROW_TILE = 64
+# The LM head reads a few rows per request (a block's masked positions), so it multiplies in smaller
+# tiles: padding 8 rows to 64 would cost 8x the GEMM.
+HEAD_ROW_TILE = 16
 
 
-def tile_workspace(x: Tensor, weight: Tensor) -> int:
+def tile_workspace(x: Tensor, weight: Tensor, tile: int = ROW_TILE) -> int:
     """Bytes a call on fewer rows than a tile allocates (the padded input and output tiles)."""
-    return ROW_TILE * (weight.shape[0] + weight.shape[1]) * x.element_size()
+    return tile * (weight.shape[0] + weight.shape[1]) * x.element_size()
 
 
-def tiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
-    """out = x @ weight.T (+ bias) for (n, K) rows, computed ROW_TILE rows per call."""
+def tiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, tile: int = ROW_TILE) -> None:
+    """out = x @ weight.T (+ bias) for (n, K) rows, computed `tile` rows per call."""
     n = x.shape[0]
     if n == 0 or x.device.type == "meta":
         return
-    if n < ROW_TILE:
-        padded = torch.zeros((ROW_TILE, x.shape[1]), dtype=x.dtype, device=x.device)
+    if n < tile:
+        padded = torch.zeros((tile, x.shape[1]), dtype=x.dtype, device=x.device)
         padded[:n] = x
-        result = torch.empty((ROW_TILE, weight.shape[0]), dtype=out.dtype, device=out.device)
+        result = torch.empty((tile, weight.shape[0]), dtype=out.dtype, device=out.device)
         _mm(padded, weight, bias, result)
         out.copy_(result[:n])
         return
-    for start in range(0, n, ROW_TILE):
-        start = min(start, n - ROW_TILE)  # the tail: the last full tile
-        _mm(x[start : start + ROW_TILE], weight, bias, out[start : start + ROW_TILE])
+    for start in range(0, n, tile):
+        start = min(start, n - tile)  # the tail: the last full tile
+        _mm(x[start : start + tile], weight, bias, out[start : start + tile])
 
 
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:

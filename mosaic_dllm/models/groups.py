@@ -2,7 +2,7 @@
 and the chunking search all read.
 
 Every `Ops` method belongs to one group. A group that may be chunked says what a chunk splits:
-"tokens" (the rows of every sequence of the batch), "queries" (each sequence's query positions,
+"tokens" (every packed token of the step), "queries" (each sequence's query positions,
 attended against all its keys) or "rows" (the logits rows a sampler reads); and its smallest chunk.
 The trace labels every op with its group, the plan reports the group at the peak, and the search
 splits that group's chunk. Adding a chunkable region = one row here + its kernel in

@@ -85,9 +85,7 @@ def ffn_block(
     return ops.add(x, f, name="ffn_residual")
 
 
-def forward(
-    ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing, batch: int, chunk: int
-) -> RowHead:
+def forward(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing, batch: int, chunk: int) -> RowHead:
     """(1, T) packed ids -> the LM head over the final hidden states: call it with a request's
     sequences and rows for that request's (rows, (B, C, V) logits) chunks. `batch`: the most
     sequences of one request (2 with guidance); `chunk`: logits rows per chunk. The body runs when

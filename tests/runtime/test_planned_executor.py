@@ -23,9 +23,13 @@ def test_only_declared_kernel_workspace_allocates_outside_the_arena(tiny_checkpo
     for r in tracker.timeline.records:
         outside[r.op] = max(outside.get(r.op, 0), r.new_bytes)
     big = {op: n for op, n in outside.items() if n > 256}  # the rotary inverse frequencies are 32 bytes
-    # the attention output; the LM head's chunks of 2 x 8 rows on a zero-padded tile (kernels/tiles.py);
+    # the attention output; GEMMs on fewer rows than a tile run on a zero-padded tile (kernels/tiles.py);
     # the packed tokens' positions for rotary
-    assert set(big) == {"scaled_dot_product_attention", "zeros", "empty", "arange", "cat"}
+    assert (
+        {"scaled_dot_product_attention"}
+        <= set(big)
+        <= {"scaled_dot_product_attention", "zeros", "empty", "arange", "cat"}
+    )
     assert max(r.live_bytes for r in tracker.timeline.records) <= plan.workspace_bytes
 
 
