@@ -6,7 +6,7 @@ import torch
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.decoding import dream
 from mosaic_dllm.decoding.rows import UniformReplay
-from mosaic_dllm.kernels.tiles import ROW_TILE
+from mosaic_dllm.kernels.tiles import HEAD_ROW_TILE
 from mosaic_dllm.memory.accounting import LiveTensorTracker
 from mosaic_dllm.runtime import EagerExecutor, MosaicExecutor
 
@@ -73,7 +73,7 @@ def vocabulary_rows(tracker: LiveTensorTracker, vocab: int) -> int:
     ],
 )
 def test_no_tensor_spans_the_sequence_times_the_vocabulary(tiny_checkpoints, family, settings):
-    chunk, gen_length = 4, 2 * ROW_TILE
+    chunk, gen_length = 4, 24
     llm = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="mosaic", row_chunk=chunk)
     cfg = GenerationConfig(gen_length=gen_length, steps=4, **settings)
     with LiveTensorTracker() as mosaic:
@@ -83,7 +83,7 @@ def test_no_tensor_spans_the_sequence_times_the_vocabulary(tiny_checkpoints, fam
         eager.generate([5, 6, 7, 8], cfg)
     batch = 2 if settings.get("cfg_scale") else 1
     # a chunk's logits, or the one fixed tile of the batch-invariant GEMM (kernels/tiles.py)
-    assert vocabulary_rows(mosaic, llm.spec.vocab_size) <= max(batch * chunk, ROW_TILE) < gen_length
+    assert vocabulary_rows(mosaic, llm.spec.vocab_size) <= max(batch * chunk, HEAD_ROW_TILE) < gen_length
     assert vocabulary_rows(official, llm.spec.vocab_size) >= gen_length  # the baseline does build L x V
     assert isinstance(llm.executor, MosaicExecutor)
 
