@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 
-from mosaic_dllm import LLM
+from mosaic_dllm import LLM, GenerationConfig
 
 from .conftest import get_json, serving
 
@@ -82,7 +82,9 @@ def test_an_internal_error_fails_that_request_only(tiny_checkpoints):
 
 
 def test_concurrent_load_every_request_gets_exactly_one_answer(tiny_checkpoints):
+    """32 requests from 8 clients run batched; each plain completion equals the same request alone."""
     llm = LLM(tiny_checkpoints["llada"], memory_budget="64MiB")
+    texts = {}
     with serving(llm, max_queue=32) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -90,7 +92,9 @@ def test_concurrent_load_every_request_gets_exactly_one_answer(tiny_checkpoints)
             kind = i % 3
             extra = {"steps": 8, "seed": i}
             if kind == 0:
-                return client.completions.create(model=None, prompt=f"Item {i}", max_tokens=16, extra_body=extra).id
+                out = client.completions.create(model=None, prompt=f"Item {i}", max_tokens=16, extra_body=extra)
+                texts[i] = out.choices[0].text
+                return out.id
             if kind == 1:
                 chunks = list(
                     client.completions.create(
@@ -107,3 +111,8 @@ def test_concurrent_load_every_request_gets_exactly_one_answer(tiny_checkpoints)
         assert len(set(ids)) == 32
         metrics = httpx.get(f"{url}/metrics").text
         assert "mosaic_generated_tokens_total 512.0" in metrics
+        assert "mosaic_batch_requests" in metrics and "mosaic_batch_tokens" in metrics
+        assert "mosaic_step_latency_seconds_count" in metrics
+    alone = LLM(tiny_checkpoints["llada"], memory_budget="64MiB", max_batch=1)
+    for i, text in texts.items():
+        assert text == alone.generate(f"Item {i}", GenerationConfig(gen_length=16, steps=8, seed=i))[0].text
