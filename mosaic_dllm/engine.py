@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -176,7 +177,36 @@ class LLM:
         """Generate for one prompt or a list, with one config or one per prompt. The requests run
         batched (up to `max_batch` per forward pass, as the memory plan admits); each one's tokens
         are those it gets alone. Every prompt and setting is checked before any work; `callback`
-        sees every request's steps."""
+        sees every request's steps. Raises the first failed request's error once all have ended."""
+        requests = self._submit(prompts, config, chat, callback)
+        self.scheduler.run(requests)
+        return [self.output(request) for request in requests]
+
+    def stream(
+        self,
+        prompts: Prompt | list[Prompt],
+        config: GenerationConfig | list[GenerationConfig] | None = None,
+        *,
+        chat: bool = False,
+        callback: StepCallback | None = None,
+    ) -> Iterator[tuple[int, GenerationOutput]]:
+        """`generate`, yielding (prompt index, output) as each request finishes; a failed request
+        raises when it finishes. Requests still running when the iterator is closed are cancelled."""
+        requests = self._submit(prompts, config, chat, callback)
+        pending = dict(enumerate(requests))
+        try:
+            while pending:
+                finished = [i for i, r in pending.items() if r.result.done()]
+                if not finished:
+                    self.scheduler.step()
+                for i in finished:
+                    yield i, self.output(pending.pop(i))
+        finally:
+            for request in pending.values():  # they leave the batch at the next step
+                request.cancelled.set()
+
+    def _submit(self, prompts, config, chat: bool, callback: StepCallback | None) -> list[Request]:
+        """Check every prompt and setting (before any work), then queue the requests."""
         batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         if not batch:
             raise PromptError("the prompt is empty (no prompt or token ids given)")
@@ -188,11 +218,10 @@ class LLM:
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
         requests = [self.request(ids, cfg, callback) for ids, cfg in zip(encoded, configs, strict=True)]
         for request in requests:
-            self.check_context(request.prompt.numel(), request.config)
+            self.check_context(request.prompt.numel(), request.config, stacklevel=4)  # warn at the user's line
         for request in requests:
             self.scheduler.submit(request)
-        self.scheduler.run(requests)
-        return [self.output(request) for request in requests]
+        return requests
 
     def request(self, prompt_ids: list[int], config: GenerationConfig, callback: StepCallback | None = None) -> Request:
         """A request ready for the scheduler: settings resolved and memory checked (raises the user
@@ -214,7 +243,7 @@ class LLM:
         result, seconds = request.result.result()
         return self._output(request.prompt.tolist(), request.config, result, seconds)
 
-    def check_context(self, prompt_length: int, cfg: GenerationConfig) -> None:
+    def check_context(self, prompt_length: int, cfg: GenerationConfig, stacklevel: int = 3) -> None:
         """Refuse a request beyond the checkpoint's context unless long contexts are allowed (then warn)."""
         total, context = prompt_length + cfg.gen_length, self.spec.max_position_embeddings
         if total <= context:
@@ -225,7 +254,7 @@ class LLM:
         )
         if not self.allow_long_context:
             raise PromptError(f"{message}; pass allow_long_context=True (CLI: --allow-long-context) to run it anyway")
-        warnings.warn(f"{message}; quality may degrade", stacklevel=3)
+        warnings.warn(f"{message}; quality may degrade", stacklevel=stacklevel)
 
     def check_memory(self, prompt_length: int, cfg: GenerationConfig) -> StepPlan | None:
         """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the

@@ -194,3 +194,31 @@ def test_packed_logits_equal_each_request_alone_bit_for_bit(tiny_checkpoints, wi
         packed = [logits_of(read) for read in reads]
     for (ids, rows), got in zip(steps, packed, strict=True):
         assert torch.equal(got, logits_of(lambda ids=ids, rows=rows: llm.executor.row_logits(ids, rows)))
+
+
+def test_stream_yields_each_request_as_it_finishes(tiny_checkpoints):
+    path = tiny_checkpoints["llada"]
+    requests = requests_of("llada")
+    llm = LLM(path, max_batch=8)
+    order, outs = [], {}
+    for i, out in llm.stream([p for p, _ in requests], [c for _, c in requests]):
+        order.append(i)
+        outs[i] = out
+    assert sorted(order) == list(range(len(requests)))
+    assert [outs[i].steps for i in order] == sorted(o.steps for o in outs.values())  # the shortest first
+    same([outs[i] for i in range(len(requests))], alone(path, requests))
+    closed = llm.stream([p for p, _ in requests], [c for _, c in requests])
+    next(closed)
+    closed.close()  # the others are cancelled and leave at the next step
+    llm.scheduler.step()
+    assert llm.scheduler.idle
+
+
+def test_one_bad_setting_refuses_the_call_before_any_work(tiny_checkpoints):
+    from mosaic_dllm.config import GenerationConfigError
+
+    llm = LLM(tiny_checkpoints["llada"], max_batch=8)
+    configs = [GenerationConfig(gen_length=8, steps=4), GenerationConfig(gen_length=8, steps=16)]
+    with pytest.raises(GenerationConfigError, match="steps"):
+        llm.generate([[5, 6], [7, 8]], configs)
+    assert llm.scheduler.idle and llm.scheduler.steps_run == 0
