@@ -222,3 +222,13 @@ def test_one_bad_setting_refuses_the_call_before_any_work(tiny_checkpoints):
     with pytest.raises(GenerationConfigError, match="steps"):
         llm.generate([[5, 6], [7, 8]], configs)
     assert llm.scheduler.idle and llm.scheduler.steps_run == 0
+
+
+def test_a_steady_batch_plans_once_per_rows_bucket(tiny_checkpoints):
+    """Four requests alike for 32 steps: plans per logits-rows bucket (8, 4, 2, 1), not per step."""
+    llm = LLM(tiny_checkpoints["llada"], max_batch=4)
+    cfg = GenerationConfig(gen_length=32, steps=32, block_length=8, stop_at_eos=False)
+    llm.generate([[5, 6, 7]] * 4, cfg)
+    assert llm.scheduler.steps_run == 32
+    # one request's check, admitting the 2nd, 3rd and 4th (the worst step: 8 rows), then 4, 2 and 1 rows
+    assert llm.executor.plans.plans_made == 7
