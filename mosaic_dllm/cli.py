@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="most requests per forward pass, as the memory plan admits (1: one at a time; tokens are the same)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
+    p.add_argument(
+        "--allow-long-context", action="store_true", help="run requests beyond the checkpoint's context (warned)"
+    )
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")

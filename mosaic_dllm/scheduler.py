@@ -49,7 +49,9 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Future = field(default_factory=Future)  # -> (DenoiseResult, seconds) or the error
     state: SamplerState | None = None
+    submitted: float = 0.0
     started: float = 0.0
+    waited_for_memory: bool = False  # it headed the queue while the batch's plan with it did not fit
 
     @property
     def sequences(self) -> int:
@@ -92,6 +94,7 @@ class Scheduler:
     def submit(self, request: Request) -> Future:
         """Queue `request` (thread-safe); it joins the batch at a step boundary."""
         with self._lock:
+            request.submitted = time.perf_counter()
             self.waiting.append(request)
             self.stats.waiting = len(self.waiting)
             self._lock.notify_all()
@@ -183,6 +186,7 @@ class Scheduler:
                     request.result.set_exception(GenerationCancelled("cancelled before it started"))
                     continue
                 if self.running and not self._fits([r.worst for r in self.running] + [request.worst]):
+                    request.waited_for_memory = True
                     break  # first in, first served: the head waits for room
                 self.waiting.popleft()
                 try:

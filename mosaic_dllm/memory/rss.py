@@ -20,6 +20,11 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+def current_rss_bytes() -> int:
+    """The process's resident set size now."""
+    return _status_kib("VmRSS") * 1024
+
+
 def release_free_heap() -> None:
     """Collect garbage and hand freed heap back to the OS, so that the next peak starts clean."""
     gc.collect()

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics.
+"""The OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics;
+and for people, `/` (a live page that watches the canvas denoise) and `/stats` (its gauges as JSON).
 
 A request is validated (pydantic: unknown fields and bad types are 422), turned into token ids and
 a GenerationConfig (bad settings are 400), admitted by its memory plan (400 if it can never fit
@@ -24,12 +25,13 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
+from ..memory.rss import current_rss_bytes
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
@@ -37,6 +39,7 @@ from .worker import GenerationWorker, Job, QueueFull, ServerShuttingDown
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
+PAGE = Path(__file__).parent / "page.html"
 
 
 class APIError(Exception):
@@ -98,6 +101,26 @@ class Service:
             "waiting": self.worker.waiting,
             "max_queue": self.max_queue,
         }
+
+    async def stats(self) -> dict:
+        """The gauges the page shows, as JSON: the batch, the queue, memory planned and committed."""
+        batch = self.worker.scheduler.stats
+        return {
+            "running": batch.running,
+            "waiting": self.worker.waiting,
+            "max_batch": self.worker.scheduler.max_batch,
+            "max_queue": self.max_queue,
+            "batch_sequences": batch.sequences,
+            "batch_tokens": batch.tokens,
+            "planned_bytes": batch.planned_bytes,
+            "memory_budget_bytes": self.llm.executor.memory_budget,
+            "arena_committed_bytes": self.llm.executor.committed_bytes,
+            "rss_bytes": current_rss_bytes(),
+        }
+
+    async def page(self) -> HTMLResponse:
+        """The live page: one self-contained file, no request to any other host."""
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -224,7 +247,10 @@ class Service:
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield sse(shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.spec.eos_token_ids))
+                    chunk = shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.spec.eos_token_ids)
+                    if chunk["denoising"]["step"] == 1:  # the first step: how the request got in
+                        chunk["denoising"]["admission"] = job.admission(self.llm.executor.memory_budget)
+                    yield sse(chunk)
                 else:
                     getter.cancel()
             try:
@@ -309,6 +335,8 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max
     app.add_exception_handler(APIError, service.api_error)
     app.add_exception_handler(StarletteHTTPException, service.http_error)
     app.add_exception_handler(Exception, service.unexpected_error)
+    app.add_api_route("/", service.page, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/stats", service.stats, methods=["GET"])
     app.add_api_route("/health", service.health, methods=["GET"])
     app.add_api_route("/metrics", service.prometheus, methods=["GET"])
     app.add_api_route("/v1/models", service.models, methods=["GET"])

@@ -67,7 +67,18 @@ class Shape:
                 run.append(token)
         text.append(decode(run) if run else "")
         masked = sum(t == event.mask_token_id for t in answer)
+        generated = event.canvas[event.prompt_length :].tolist()
+        cells = [None if t == event.mask_token_id else decode([t]) for t in generated]  # None: masked
         return self._base(True) | {
             "choices": [],
-            "denoising": {"step": event.step, "steps": event.total_steps, "masked": masked, "text": "".join(text)},
+            "denoising": {
+                "step": event.step,
+                "steps": event.total_steps,
+                "block": event.block,
+                "masked": masked,
+                "revealed": event.revealed,
+                "text": "".join(text),
+                "cells": cells,  # every generated position, its decoded token or null while masked
+                "eos_at": eos,  # the answer ends at this position (None: no EOS revealed yet)
+            },
         }

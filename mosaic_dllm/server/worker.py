@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import GenerationConfig
 from ..decoding.common import StepEvent
@@ -41,11 +41,26 @@ class Job:
     config: GenerationConfig
     request: Request
     planned_bytes: int = 0  # the predicted peak of its largest step alone
+    plan: dict = field(default_factory=dict)  # that step's plan summary (chunks, peak group, ...)
     on_step: Callable[[StepEvent], None] | None = None  # called from the engine thread
 
     @property
     def cancelled(self) -> threading.Event:
         return self.request.cancelled
+
+    def admission(self, budget: int | None) -> dict:
+        """How the request got in: its settings, its largest step's plan against the budget, and
+        how long it waited (for memory or a batch slot) before its first step."""
+        r = self.request
+        return {
+            "settings": self.config.given(),
+            "predicted_peak_bytes": self.planned_bytes or None,
+            "budget_bytes": budget,
+            "chunks": self.plan.get("chunks"),
+            "peak_group": self.plan.get("peak_group"),
+            "queued_seconds": round(max(0.0, r.started - r.submitted), 3),
+            "waited_for_memory": r.waited_for_memory,
+        }
 
     def step_done(self, event: StepEvent) -> bool:
         if self.on_step is not None:
@@ -89,7 +104,10 @@ class GenerationWorker:
         if len(self._jobs) >= self.scheduler.max_batch + self.max_queue:
             raise QueueFull(f"{self.waiting} requests are waiting (queue size {self.max_queue})")
         plan = self.llm.executor.plan_for(*request.worst)
-        job = Job(prompt_ids, request.config, request, plan.predicted_peak_bytes if plan is not None else 0)
+        if plan is None:  # the eager executor plans nothing
+            job = Job(prompt_ids, request.config, request)
+        else:
+            job = Job(prompt_ids, request.config, request, plan.predicted_peak_bytes, plan.summary())
         request.callback = job.step_done
         self._jobs.add(job)
         self.metrics.queue_length.set(self.waiting)
