@@ -504,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_info)
 
+    p = sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness with the `mosaic` model (e.g. --model mosaic --tasks gsm8k)",
+        add_help=False,
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
+    p.set_defaults(func=_eval)
+
     bench = sub.add_parser("bench", help="measure memory and latency of one denoising step").add_subparsers(
         dest="bench", required=True
     )
@@ -584,7 +592,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        from .evaluation import main as evaluate
+    except ImportError as exc:
+        raise ValueError(f"mosaic eval needs lm-eval: pip install 'mosaic-dllm[eval]' ({exc})") from None
+    rest = args.lm_eval_args
+    return evaluate(rest[1:] if rest[:1] == ["--"] else rest)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # every later argument is lm_eval's, options included
+        argv = ["eval", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

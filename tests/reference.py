@@ -374,3 +374,41 @@ def dream_diffusion_generate(model, model_config: dict, input_ids, mask_id, **kw
         g["eps"],
         mask_id,
     )
+
+
+# ---- LLaDA's Monte Carlo log-likelihood (get_log_likelihood.py / eval_llada.py), restated ------------
+
+
+def llada_forward_process(batch, prompt_index, mask_id):
+    b, length = batch.shape
+    target_len = (length - prompt_index.sum()).item()
+    k = torch.randint(1, target_len + 1, ())
+    x = torch.round(torch.linspace(float(k), k + (b - 1) * (target_len / b), steps=b)).long()
+    x = ((x - 1) % target_len) + 1
+    is_mask = torch.arange(target_len).repeat(b, 1) < x.unsqueeze(1)
+    for i in range(b):
+        is_mask[i] = is_mask[i][torch.randperm(target_len)]
+    is_mask = torch.cat((torch.zeros(b, int(prompt_index.sum()), dtype=torch.bool), is_mask), dim=1)
+    return torch.where(is_mask, mask_id, batch), (x / target_len).unsqueeze(1).repeat(1, length)
+
+
+def llada_log_likelihood(model, prefix, target, mc_num, batch_size, cfg_scale, mask_id):
+    """`model(ids) -> (B, L, V) logits`; the global RNG seeded by the caller, as the official script."""
+    seq = torch.cat([prefix, target])[None, :].repeat((batch_size, 1))
+    prompt_index = torch.arange(seq.shape[1]) < len(prefix)
+    acc = []
+    for _ in range(mc_num // batch_size):
+        perturbed, p_mask = llada_forward_process(seq, prompt_index, mask_id)
+        mask_index = perturbed == mask_id
+        batch = perturbed
+        if cfg_scale > 0.0:
+            un = batch.clone()
+            un[prompt_index.unsqueeze(0).repeat(batch.shape[0], 1)] = mask_id
+            batch = torch.cat([batch, un])
+        logits = model(batch)
+        if cfg_scale > 0.0:
+            cond, un_logits = torch.chunk(logits, 2, dim=0)
+            logits = un_logits + (cfg_scale + 1) * (cond - un_logits)
+        loss = F.cross_entropy(logits[mask_index], seq[mask_index], reduction="none") / p_mask[mask_index]
+        acc.append((loss.sum() / batch_size).item())
+    return -sum(acc) / len(acc)

@@ -1,0 +1,154 @@
+"""lm-evaluation-harness model `mosaic`: generation and likelihood through the engine.
+
+    mosaic eval --model mosaic --model_args pretrained=DIR,gen_length=256,steps=256,block_length=32 \\
+        --tasks gsm8k --num_fewshot 5
+
+`mosaic eval` registers the model and hands its arguments to lm-eval's own command line
+(lm-eval has no plugin discovery for models); from Python, `import mosaic_dllm.evaluation` registers
+it for `lm_eval.simple_evaluate(model="mosaic", ...)`. Needs the `eval` extra (`lm-eval`).
+
+- `generate_until`: every request of a call runs batched through `LLM.generate` (each answer as
+  alone). gen_length: `gen_length` from the model args, else the task's `max_gen_toks`, else 256;
+  LLaDA's steps default to gen_length and block_length to gen_length unless given (the official
+  sampler's defaults for a call that names only the length). The answer is cut at the first stop
+  sequence; special tokens are dropped. Chat templates come from the checkpoint's tokenizer
+  (`--apply_chat_template`).
+- `loglikelihood`: LLaDA's official Monte Carlo estimate (`decoding/likelihood.py`: `mc_num`
+  samples, `mc_batch_size` per pass (the official `batch_size`), `cfg_scale`), one generator
+  seeded with `likelihood_seed` for the whole run as the official script seeds the global one;
+  the context/continuation split as the official harness
+  (trailing spaces of the context move to the continuation). `isgreedy` is always False, the
+  official harness's recommended setting (its greedy check is for LAMBADA-style metrics).
+  Dream: refused with a message (not implemented here yet). `loglikelihood_rolling`: refused, as
+  the official harness.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from .config import GenerationConfig
+from .decoding.likelihood import log_likelihood
+from .engine import LLM
+
+log = logging.getLogger(__name__)
+GENERATION_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+GENERATION_KEYS += ("alg", "alg_temp", "top_p", "top_k", "seed", "stop_at_eos")
+ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
+
+
+@register_model("mosaic")
+class MosaicLM(LM):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        mc_num: int = 128,
+        mc_batch_size: int = 32,
+        likelihood_seed: int = 1234,
+        batch_size: int | str | None = None,
+        max_batch_size: int | None = None,
+        **settings,
+    ):
+        """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
+        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context) and generation settings
+        (gen_length, steps, block_length, temperature, cfg_scale, remasking, alg, alg_temp, top_p,
+        top_k, seed, stop_at_eos) as in `LLM` and `GenerationConfig`; `mc_num` and `mc_batch_size`
+        (the official `batch_size`) for the likelihood; `likelihood_seed` seeds its generator.
+        lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""
+        super().__init__()
+        unknown = set(settings) - set(GENERATION_KEYS) - set(ENGINE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown mosaic model_args {sorted(unknown)}; known: {GENERATION_KEYS + ENGINE_KEYS}")
+        engine = {k: settings[k] for k in ENGINE_KEYS if settings.get(k) is not None}
+        device = str(engine.get("device", "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda:0
+            log.warning("mosaic: device %s is not available here; running on cpu", device)
+            engine["device"] = "cpu"
+        self.llm = LLM(pretrained, **engine)
+        self.settings = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
+        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.gen = torch.Generator(device=self.llm.device).manual_seed(int(likelihood_seed))
+        self.name = str(pretrained or "default_model")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.name
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.llm.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def config_for(self, gen_kwargs: dict) -> GenerationConfig:
+        """The request's settings: the model args', with gen_length from the task when unset."""
+        settings = dict(self.settings)
+        settings.setdefault("gen_length", int(gen_kwargs.get("max_gen_toks", 256)))
+        if self.llm.spec.family != "dream":
+            settings.setdefault("steps", settings["gen_length"])
+            settings.setdefault("block_length", settings["gen_length"])
+        return GenerationConfig.from_dict(settings)
+
+    def generate_until(self, requests) -> list[str]:
+        prompts, configs, stops = [], [], []
+        for request in requests:
+            context, gen_kwargs = request.args
+            until = gen_kwargs.get("until") or []
+            stops.append([until] if isinstance(until, str) else list(until))
+            prompts.append(self.llm.encode(context))
+            configs.append(self.config_for(gen_kwargs))
+        answers = []
+        for out, until in zip(tqdm(self.llm.generate(prompts, configs), desc="mosaic generate"), stops, strict=True):
+            text = out.text
+            for stop in until:
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+            answers.append(text)
+        return answers
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """As the official harness: trailing spaces of the context start the continuation; the
+        continuation's ids are the whole text's beyond the context's."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation, context = context[-spaces:] + continuation, context[:-spaces]
+        whole = self.llm.tokenizer.encode(context + continuation)
+        prefix = self.llm.tokenizer.encode(context) if context else []
+        return prefix, whole[len(prefix) :]
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        if self.llm.spec.family == "dream":
+            raise NotImplementedError("mosaic: Dream's likelihood is not implemented yet; use generation tasks")
+        cfg_scale = float(self.settings.get("cfg_scale", 0.0))
+        out = []
+        for request in tqdm(requests, desc="mosaic likelihood"):
+            prefix, target = (torch.tensor(ids, dtype=torch.long) for ids in self._encode_pair(*request.args))
+            value = log_likelihood(
+                self.llm.executor,
+                prefix,
+                target,
+                self.llm.spec.mask_token_id,
+                self.gen,
+                self.mc_num,
+                self.mc_batch_size,
+                cfg_scale,
+            )
+            out.append((value, False))
+        return out
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError(
+            "mosaic: rolling log-likelihood (perplexity tasks) is not implemented, as in LLaDA's harness"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`mosaic eval ...`: lm-eval's command line with the `mosaic` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(argv if argv is not None else sys.argv[2:])]
+    cli_evaluate()
+    return 0
