@@ -49,15 +49,21 @@ def tiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, tile: 
     if n == 0 or x.device.type == "meta":
         return
     if n < tile:
-        padded = torch.zeros((tile, x.shape[1]), dtype=x.dtype, device=x.device)
-        padded[:n] = x
-        result = torch.empty((tile, weight.shape[0]), dtype=out.dtype, device=out.device)
-        _mm(padded, weight, bias, result)
-        out.copy_(result[:n])
+        _on_padded_tile(x, tile, out, lambda rows, result: _mm(rows, weight, bias, result))
         return
     for start in range(0, n, tile):
         start = min(start, n - tile)  # the tail: the last full tile
         _mm(x[start : start + tile], weight, bias, out[start : start + tile])
+
+
+def _on_padded_tile(x: Tensor, size: int, out: Tensor, run) -> None:
+    """`run(rows, result)` on `x`'s rows zero-padded to a full tile; the first rows of the result to `out`."""
+    n = x.shape[0]
+    padded = torch.zeros((size, x.shape[1]), dtype=x.dtype, device=x.device)
+    padded[:n] = x
+    result = torch.empty((size, out.shape[1]), dtype=out.dtype, device=out.device)
+    run(padded, result)
+    out.copy_(result[:n])
 
 
 def _mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
@@ -83,11 +89,7 @@ def tiled_swiglu(
     if n == 0 or x.device.type == "meta":
         return
     if n < size:
-        padded = torch.zeros((size, x.shape[1]), dtype=x.dtype, device=x.device)
-        padded[:n] = x
-        result = torch.empty((size, down.shape[0]), dtype=out.dtype, device=out.device)
-        tiled_swiglu(padded, gate, up, down, result)
-        out.copy_(result[:n])
+        _on_padded_tile(x, size, out, lambda rows, result: tiled_swiglu(rows, gate, up, down, result))
         return
     if g is None or u is None:
         g, u = (torch.empty((size, w.shape[0]), dtype=x.dtype, device=x.device) for w in (gate, up))
