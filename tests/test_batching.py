@@ -232,3 +232,11 @@ def test_a_steady_batch_plans_once_per_rows_bucket(tiny_checkpoints):
     assert llm.scheduler.steps_run == 32
     # one request's check, admitting the 2nd, 3rd and 4th (the worst step: 8 rows), then 4, 2 and 1 rows
     assert llm.executor.plans.plans_made == 7
+
+
+def test_the_eager_oracle_batches_by_running_each_request_alone(tiny_checkpoints):
+    requests = requests_of("dream")
+    llm = LLM(tiny_checkpoints["dream"], executor="eager", max_batch=8)
+    batched = llm.generate([p for p, _ in requests], [c for _, c in requests])
+    assert llm.scheduler.steps_run < sum(o.steps for o in batched)
+    same(batched, alone(tiny_checkpoints["dream"], requests, executor="eager"))

@@ -21,6 +21,28 @@ def test_models_health_and_metrics(server):
     assert health["memory_budget_bytes"] == 64 << 20
     metrics = httpx.get(f"{url}/metrics").text
     assert "mosaic_queue_length" in metrics and "mosaic_memory_budget_bytes 6.7108864e+07" in metrics
+    stats = get_json(f"{url}/stats")  # the page's gauges
+    assert stats["memory_budget_bytes"] == 64 << 20 and stats["max_batch"] == 16 and stats["rss_bytes"] > 0
+    assert {"running", "waiting", "batch_sequences", "batch_tokens", "planned_bytes", "arena_committed_bytes"} <= set(
+        stats
+    )
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not any(ref in page.text for ref in ('src="http', "src='http", 'href="http', "@import", "//cdn"))  # offline
+
+
+def test_denoising_events_carry_every_cell_and_the_admission(server):
+    url, _ = server
+    body = {"prompt": "The quick", "max_tokens": 8, "steps": 4, "stream": True, "stream_options": {"denoising": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    steps = [c["denoising"] for c in chunks if "denoising" in c]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(len(s["cells"]) == 8 for s in steps)
+    assert [sum(c is None for c in s["cells"]) for s in steps] == [6, 4, 2, 0]
+    admission = steps[0]["admission"]
+    assert admission["budget_bytes"] == 64 << 20 and 0 < admission["predicted_peak_bytes"] <= 64 << 20
+    assert admission["chunks"]["logits_rows"] >= 1 and admission["waited_for_memory"] is False
+    assert "admission" not in steps[1]
 
 
 def test_completion_round_trip_matches_the_engine(server, tiny_checkpoints):
