@@ -4,10 +4,12 @@
 as generation does (decoding/), so what is measured is what generation does. `measure` runs it on
 real tensors under the live-tensor tracker and the peak-RSS probe; `predict` runs it under
 FakeTensorMode, where no memory is allocated and nothing is computed, to give the same live-tensor
-timeline for lengths too long to run. A planned executor's arena is outside aten's view in both: it
-is added to the timeline as `planned_bytes` (the plan's arena size). The first step's rows are known
-without looking at values (every generated position), so the step runs on fake tensors too; the
-reveal bookkeeping that follows (O(L) integers, data-dependent) is not included.
+timeline for lengths too long to run. A planned executor's arena is outside aten's view in both:
+it is added to the timeline as `planned_bytes` (the plan's arena size). The first step's rows are
+known without looking at values (every generated position); the canvas and those rows stay real
+tensors in a prediction, so the LLaDA sampler's noise replay at temperature > 0 reads its rows from
+them (Dream's sampler at temperature > 0 checks its probabilities by value: not predictable yet).
+The reveal bookkeeping that follows (O(L) integers, data-dependent) is not included.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..config import GenerationConfig
 from ..decoding import sampler_for
+from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.rss import PeakMemory
 from ..models.spec import ArchSpec
@@ -56,15 +59,40 @@ def first_step_config(
     return prompt, sampler.resolve(config, prompt)
 
 
-def first_step(executor: Executor, spec: ArchSpec, request: StepRequest, gen: torch.Generator) -> None:
-    device = executor.weights.embed.device
+def first_step(
+    executor: Executor, spec: ArchSpec, request: StepRequest, gen: torch.Generator, sampler_bytes: int | None = None
+) -> None:
+    """Start the sampler on a first-step canvas and run that step (`sampler_bytes`: the sampler's
+    measured bytes per logits row, measured here unless given)."""
+    run_first_step(executor, start_first_step(spec, request, executor.weights.embed.device, gen), sampler_bytes)
+
+
+def start_first_step(spec: ArchSpec, request: StepRequest, device: torch.device, gen: torch.Generator):
+    """(sampler, state, step input) of a request's first step: small real tensors (the canvas, the
+    rows), so a prediction under FakeTensorMode can still read which rows the step samples."""
     p = request.prompt_length
     prompt = (torch.arange(p, device=device) * 7919) % spec.mask_token_id  # any non-mask ids
     sampler = sampler_for(spec)
     state = sampler.start(prompt, request.config, gen)
-    step = sampler.first_step(state)
-    sampler_bytes = sampler.row_bytes(request.config, spec.vocab_size, executor.dtype, torch.device("cpu"))
+    return sampler, state, sampler.first_step(state)
+
+
+def run_first_step(executor: Executor, started, sampler_bytes: int | None = None) -> None:
+    sampler, state, step = started
+    if sampler_bytes is None:
+        sampler_bytes = sampler.row_bytes(state.cfg, executor.spec.vocab_size, executor.dtype, torch.device("cpu"))
     state.propose(lambda: executor.row_logits(step.ids, step.rows, sampler_bytes))
+
+
+def _fake_canvas(mode: FakeTensorMode, started):
+    """The started step with its tensors fake, as the executor's, except the state's `rows`: LLaDA's
+    noise replay reads the rows it asked for by value (a conversion inside the mode would count as
+    an allocation the real step does not make, so the conversion happens here, before tracking)."""
+    sampler, state, step = started
+    for name, value in vars(state).items():
+        if isinstance(value, torch.Tensor) and name != "rows":
+            setattr(state, name, mode.from_tensor(value))
+    return sampler, state, StepInput(mode.from_tensor(step.ids), mode.from_tensor(step.rows))
 
 
 def executor_options(options: ExecutorOptions | dict | None) -> ExecutorOptions | None:
@@ -100,10 +128,11 @@ def measure(
     warm = StepRequest.first_step(spec, 64, 0.5, request.config)  # one-time kernel set-up, off the record
     first_step(executor, spec, warm, torch.Generator(device=device).manual_seed(0))
     executor.release()  # the measured step commits its own arena pages
-    gen = torch.Generator(device=device).manual_seed(0)
-    with PeakMemory(device) as peak, LiveTensorTracker() as tracker:
+    started = start_first_step(spec, request, device, torch.Generator(device=device).manual_seed(0))
+    sampler_bytes = started[0].row_bytes(request.config, spec.vocab_size, executor.dtype, torch.device("cpu"))
+    with PeakMemory(device) as peak, LiveTensorTracker() as tracker:  # the step, not its inputs
         start = time.perf_counter()
-        first_step(executor, spec, request, gen)
+        run_first_step(executor, started, sampler_bytes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -122,11 +151,14 @@ def predict(
     """The live-tensor timeline of the step, from shapes alone (no memory, no compute)."""
     if spec.moe is not None:
         raise NotImplementedError("MoE steps route tokens by value: their memory can be measured, not predicted")
-    with FakeTensorMode():
+    sampler_bytes = sampler_for(spec).row_bytes(request.config, spec.vocab_size, dtype, torch.device("cpu"))
+    started = [start_first_step(spec, request, torch.device("cpu"), torch.Generator().manual_seed(0)) for _ in range(2)]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the rows stay real: the sampler reads them
         state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
         executor = make_executor(executor_name, spec, from_state_dict(spec, state), executor_options(options))
-        first_step(executor, spec, request, torch.Generator().manual_seed(0))  # plans and sizes the arena
+        started = [_fake_canvas(mode, s) for s in started]  # as measured: the canvas is an input, not a step buffer
+        run_first_step(executor, started[0], sampler_bytes)  # plans and sizes the arena
         with LiveTensorTracker() as tracker:
-            first_step(executor, spec, request, torch.Generator().manual_seed(0))
+            run_first_step(executor, started[1], sampler_bytes)
     tracker.timeline.planned_bytes = executor.arena_bytes
     return tracker.timeline

@@ -52,16 +52,23 @@ def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: flo
 
 
 def propose(
-    chunks: Chunks, x: Tensor, vocab: int, temperature: float, remasking: str, gen: torch.Generator
+    chunks: Chunks,
+    x: Tensor,
+    vocab: int,
+    temperature: float,
+    remasking: str,
+    gen: torch.Generator,
+    wanted: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """x0 and confidence (1, L) for the positions in `chunks`, per row exactly as the official sampler.
+    """x0 and confidence (1, L) for the positions in `chunks`, per row exactly as the official sampler;
+    `wanted`: the rows asked for (chunks of exactly those rows, in order, or of every row).
 
     Positions not in `chunks` keep their token and get confidence -inf.
     """
     length = x.shape[1]
     x0 = x.clone()
     confidence = None
-    noise = UniformReplay(gen, length, vocab, x.device) if temperature > 0 else None
+    noise = UniformReplay(gen, length, vocab, x.device, wanted) if temperature > 0 else None
     for pos, logits in chunks:  # logits (C, V)
         if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
             lg = logits.to(torch.float64)
@@ -159,8 +166,8 @@ class LLaDASampler:
 
     def first_step(self, state: LLaDAState) -> StepInput:
         p = state.prompt_length
-        rows = torch.arange(p, p + state.cfg.block_length, device=state.x.device)
-        return StepInput(state.guidance_ids(), rows)
+        state.rows = torch.arange(p, p + state.cfg.block_length, device=state.x.device)
+        return StepInput(state.guidance_ids(), state.rows)
 
 
 class LLaDAState(DenoiseState):
@@ -172,6 +179,7 @@ class LLaDAState(DenoiseState):
         self.prompt_index = self.x != sampler.mask_id
         self.steps_per_block = cfg.steps // cfg.num_blocks
         self.quota: Tensor | None = None
+        self.rows: Tensor | None = None  # the rows the current step reads
 
     @property
     def block(self) -> int:
@@ -185,14 +193,14 @@ class LLaDAState(DenoiseState):
         end = start + self.cfg.block_length
         if self.steps_run % self.steps_per_block == 0:  # a block starts: its quota per step
             self.quota = llada_transfer_counts(self.x[:, start:end] == self.sampler.mask_id, self.steps_per_block)
-        readable = (self.x[0, :end] == self.sampler.mask_id).nonzero().flatten()  # masked, up to the block's end
-        return StepInput(self.guidance_ids(), readable)
+        self.rows = (self.x[0, :end] == self.sampler.mask_id).nonzero().flatten()  # masked, up to the block's end
+        return StepInput(self.guidance_ids(), self.rows)
 
     def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
         """x0 and confidence (1, L) of the step, from its row logits (guidance combined per chunk)."""
         cfg, combine = self.cfg, cfg_combine(self.cfg.cfg_scale)
         chunks = ((rows, combine(lg)) for rows, lg in logits())
-        return propose(chunks, self.x, self.sampler.vocab, cfg.temperature, cfg.remasking, self.gen)
+        return propose(chunks, self.x, self.sampler.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows)
 
     def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
         cfg, mask_id, x = self.cfg, self.sampler.mask_id, self.x

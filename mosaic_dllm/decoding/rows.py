@@ -44,8 +44,15 @@ class UniformReplay:
     (decoding/cost.py measures a take across such a gap) covers them.
     """
 
-    def __init__(self, gen: torch.Generator, rows: int, vocab: int, device: torch.device):
+    def __init__(
+        self, gen: torch.Generator, rows: int, vocab: int, device: torch.device, wanted: Tensor | None = None
+    ):
+        """`wanted`: the rows the sampler asked for, in order; chunks of exactly those rows then take
+        their positions from it (no read of the executor's positions, so a prediction on fake
+        tensors works too)."""
         self.gen, self.rows, self.vocab, self.device = gen, rows, vocab, device
+        self.wanted = wanted.tolist() if wanted is not None else None
+        self.taken = 0  # of `wanted`
         self.next_row = 0
         self.block_rows = 1
 
@@ -59,7 +66,13 @@ class UniformReplay:
         """(C, V) uniforms for ascending `positions` (all >= any position taken before)."""
         self.block_rows = max(self.block_rows, positions.numel())
         out = torch.empty(positions.numel(), self.vocab, dtype=torch.float64, device=self.device)
-        pos = positions.tolist()
+        n = positions.numel()
+        if n == self.rows - self.next_row:  # every row left, ascending: no need to read them
+            pos = list(range(self.next_row, self.rows))
+        elif self.wanted is not None:  # the next chunk of the rows the sampler asked for
+            pos, self.taken = self.wanted[self.taken : self.taken + n], self.taken + n
+        else:
+            pos = positions.tolist()
         i = 0
         while i < len(pos):
             j = i

@@ -19,6 +19,7 @@ from tests.tiny import tiny_spec
     [
         ("llada", GenerationConfig()),
         ("llada", GenerationConfig(cfg_scale=1.0, remasking="random")),
+        ("llada", GenerationConfig(temperature=1.0)),  # the official float64 noise, replayed row by row
         ("dream", GenerationConfig(alg="entropy", top_p=0.9)),
     ],
 )
@@ -138,3 +139,24 @@ def test_unknown_variant_is_refused():
 
     with pytest.raises(ValueError, match="available: eager, mask-only"):
         variant_options(["fast"], 64)
+
+
+@pytest.mark.parametrize("executor", ["eager", "mosaic"])
+def test_the_harness_runs_at_temperature_one(tiny_checkpoints, executor):
+    """Measured and predicted at temperature 1 (the official sampler's heaviest path): the same peak."""
+    job = {
+        "model": str(tiny_checkpoints["llada"]),
+        "executor": executor,
+        "length": 96,
+        "alpha": 0.5,
+        "dtype": "bf16",
+        "generation": {"temperature": 1.0},
+        "options": {"row_chunk": 8} if executor == "mosaic" else {},
+    }
+    record = run_job(job)
+    assert record["status"] == "ok", record["status"]
+    assert record["predicted_peak_activation_bytes"] == record["peak_activation_bytes"]
+    predicted = run_job(job | {"measure": False, "length": 4096})
+    assert (
+        predicted["status"] == "ok" and predicted["predicted_peak_activation_bytes"] > record["peak_activation_bytes"]
+    )
