@@ -129,9 +129,17 @@ class Scheduler:
         if not self.running:
             return
         begin = time.perf_counter()
-        batch = list(self.running)
+        batch, inputs = [], []
+        for request in self.running:  # a state that cannot say what it reads fails alone
+            try:
+                inputs.append(request.state.next_step())
+                batch.append(request)
+            except Exception as exc:
+                self._finish(request, error=exc)
+        if not batch:
+            self._retire()
+            return
         try:
-            inputs = [r.state.next_step() for r in batch]
             row_bytes = max(r.worst.sampler_row_bytes for r in batch)
             with self.executor.batch_logits([(s.ids, s.rows) for s in inputs], row_bytes) as logits:
                 for request, read in zip(batch, logits, strict=True):

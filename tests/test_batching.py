@@ -141,7 +141,8 @@ def test_cancelling_one_request_leaves_the_others_exact(tiny_checkpoints):
     same([llm.output(made[i]) for i in kept], alone(path, [requests[i] for i in kept]))
 
 
-def test_a_failing_request_fails_alone(tiny_checkpoints):
+@pytest.mark.parametrize("method", ["advance", "next_step"])
+def test_a_failing_request_fails_alone(tiny_checkpoints, method):
     path = tiny_checkpoints["dream"]
     requests = requests_of("dream")
     llm = LLM(path, max_batch=8)
@@ -152,10 +153,10 @@ def test_a_failing_request_fails_alone(tiny_checkpoints):
     def start():
         state = real_start()
 
-        def advance(logits):
+        def fail(*args):
             raise RuntimeError("simulated sampler failure")
 
-        state.advance = advance
+        setattr(state, method, fail)
         return state
 
     broken.start = start
