@@ -1,5 +1,5 @@
-"""What every sampler shares: the `Sampler` protocol, the step-wise state it starts, the loop that
-drives a state with an executor, step events and the EOS completion test.
+"""What every sampler shares: the `Sampler` protocol, the step-wise state it starts, step events and
+the EOS completion test (the loop that drives states with an executor is `scheduler.py`).
 
 A sampler (one per family: `llada.py`, `dream.py`) owns everything family-specific about decoding:
 its settings (`resolve`), which rows a step reads, the guidance batch, its temporary bytes per
@@ -71,11 +71,6 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
     return not bool((gen[: int(revealed_eos[0])] == mask_id).any())
 
 
-def notify(callback: StepCallback | None, event: StepEvent) -> None:
-    if callback is not None and callback(event) is False:
-        raise GenerationCancelled(f"generation cancelled by the step callback at step {event.step}")
-
-
 @dataclass(frozen=True)
 class StepInput:
     """What a step needs from the executor: the canvas batch (B, L) and the hidden rows it reads."""
@@ -145,14 +140,3 @@ class Sampler(Protocol):
     def first_step(self, state: SamplerState) -> StepInput:
         """The first step's input, computed without data-dependent ops (predictable on fake tensors)."""
 
-
-def denoise(
-    state: SamplerState,
-    logits: Callable[[StepInput], RowChunks],
-    callback: StepCallback | None = None,
-) -> DenoiseResult:
-    """Drive `state` to its end; `logits(step)` runs the network for one step."""
-    while not state.done:
-        step = state.next_step()
-        notify(callback, state.advance(lambda step=step: logits(step)))
-    return state.result()

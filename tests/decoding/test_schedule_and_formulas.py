@@ -7,7 +7,7 @@ import torch
 
 from mosaic_dllm import GenerationCancelled, GenerationConfig
 from mosaic_dllm.decoding import dream, llada
-from mosaic_dllm.decoding.common import answer_complete, denoise
+from mosaic_dllm.decoding.common import answer_complete
 from mosaic_dllm.decoding.schedule import dream_timesteps, dream_transfer_count, llada_transfer_counts
 
 
@@ -70,10 +70,16 @@ def sampler_of(module, executor, eos=(7,)):
 
 
 def run(module, executor, prompt, cfg, gen, callback=None):
-    """The engine's loop over a synthetic executor: resolve, start, step until done."""
+    """The scheduler's loop for one request over a synthetic executor: resolve, start, step until done
+    (a callback returning False cancels, as the scheduler does)."""
     sampler = sampler_of(module, executor)
     state = sampler.start(prompt, sampler.resolve(cfg), gen)
-    return denoise(state, lambda step: executor.row_logits(step.ids, step.rows), callback)
+    while not state.done:
+        step = state.next_step()
+        event = state.advance(lambda step=step: executor.row_logits(step.ids, step.rows))
+        if callback is not None and callback(event) is False:
+            raise GenerationCancelled(f"cancelled at step {event.step}")
+    return state.result()
 
 
 def synthetic_logits(vocab=32, eos=7, eos_from=5, prompt_len=3, seed=0):
