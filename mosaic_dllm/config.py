@@ -12,7 +12,8 @@ from typing import Any
 MAX_LENGTH = 1 << 24
 
 
-NUMBERS = ("temperature", "cfg_scale", "alg_temp", "top_p", "eps")
+NUMBERS = ("temperature", "cfg_scale", "alg_temp", "top_p", "eps", "threshold", "factor")
+CACHES = ("none", "prefix", "dual")
 INTEGERS = ("gen_length", "steps", "block_length", "top_k", "seed")
 
 
@@ -33,6 +34,10 @@ class GenerationConfig:
     top_p: float | None = None  # Dream
     top_k: int | None = None  # Dream
     eps: float | None = None  # Dream: final timestep
+    # Fast-dLLM's parallel decoding (opt-in; approximations of the official sampler, exact to Fast-dLLM):
+    threshold: float | None = None  # reveal every masked position of the block above this confidence
+    factor: float | None = None  # Fast-dLLM's factor-based variant of the threshold
+    cache: str | None = None  # none | prefix | dual: Fast-dLLM's block K/V caches
     seed: int | None = 0
     stop_at_eos: bool = False  # finish once the text before the first EOS can no longer change
 
@@ -47,6 +52,16 @@ class GenerationConfig:
     @property
     def num_blocks(self) -> int:
         return self.gen_length // (self.block_length or self.gen_length)
+
+    @property
+    def parallel(self) -> bool:
+        """Fast-dLLM's decoding (threshold, factor or a block cache) rather than the official sampler."""
+        return self.threshold is not None or self.factor is not None or self.cache not in (None, "none")
+
+    @property
+    def most_steps(self) -> int:
+        """The steps a generation can take: `steps`, or with a threshold (or factor) one token a step."""
+        return self.gen_length if self.threshold is not None or self.factor is not None else self.steps
 
     def unset(self, **defaults: Any) -> GenerationConfig:
         """The settings with every unset (None) field in `defaults` filled from it."""
@@ -80,5 +95,15 @@ class GenerationConfig:
                 raise GenerationConfigError(f"{name} must be at most {MAX_LENGTH}, got {value}")
         if self.temperature < 0:
             raise GenerationConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise GenerationConfigError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.factor is not None and self.factor <= 0:
+            raise GenerationConfigError(f"factor must be > 0, got {self.factor}")
+        if self.threshold is not None and self.factor is not None:
+            raise GenerationConfigError(
+                "set threshold or factor, not both (factor is Fast-dLLM's variant of threshold)"
+            )
+        if self.cache is not None and self.cache not in CACHES:
+            raise GenerationConfigError(f"cache must be one of {CACHES}, got {self.cache!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise GenerationConfigError(f"seed must be in [0, 2**63), got {self.seed}")

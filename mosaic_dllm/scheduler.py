@@ -141,7 +141,7 @@ class Scheduler:
             return
         try:
             row_bytes = max(r.worst.sampler_row_bytes for r in batch)
-            with self.executor.batch_logits([(s.ids, s.rows) for s in inputs], row_bytes) as logits:
+            with self.executor.batch_logits(inputs, row_bytes) as logits:
                 for request, read in zip(batch, logits, strict=True):
                     self._advance(request, read)
         except Exception as exc:  # the forward pass failed: every request of the step fails

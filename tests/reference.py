@@ -38,24 +38,49 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def llada_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
-    """modeling_llada.py (LLaDALlamaBlock, rope_full_precision, SDPA without mask)."""
+def _with_cache(i, k, v, past, replace_position, presents):
+    """Fast-dLLM's modeling_llada attention cache: the layer's K and V before rotary, the past ones
+    concatenated in front (prefix) or overwritten at `replace_position` (dual); returns the keys'
+    and values' full length and the first position of the queries."""
+    t = k.shape[-2]
+    first = 0
+    if past is not None:
+        pk, pv = past[i]
+        if replace_position is None:
+            k, v = torch.cat((pk, k), dim=-2), torch.cat((pv, v), dim=-2)
+            first = k.shape[-2] - t
+        else:
+            where = replace_position.nonzero(as_tuple=True)[1]
+            pk[:, :, where] = k
+            pv[:, :, where] = v
+            k, v = pk, pv
+            first = int(where.max()) + 1 - t
+    if presents is not None:
+        presents.append((k, v))
+    return k, v, first
+
+
+def llada_logits(config: dict, sd: dict, ids: torch.Tensor, past=None, replace_position=None, presents=None):
+    """modeling_llada.py (LLaDALlamaBlock, rope_full_precision, SDPA without mask); with `past` and
+    `presents`, Fast-dLLM's cached forward (its modeling_llada.py)."""
     b, t = ids.shape
     nh, nkv = config["n_heads"], config["n_kv_heads"]
     hs = config["d_model"] // nh
     eps = config["rms_norm_eps"]
     x = F.embedding(ids, sd["model.transformer.wte.weight"])
     inv = 1.0 / (config["rope_theta"] ** (torch.arange(0, hs, 2, dtype=torch.float) / hs))
-    freqs = torch.einsum("i , j -> i j", torch.arange(t, dtype=torch.float), inv)
-    pos = torch.cat((freqs, freqs), dim=-1)
-    sin, cos = pos.sin()[None, None], pos.cos()[None, None]
+
+    def tables(n):
+        freqs = torch.einsum("i , j -> i j", torch.arange(n, dtype=torch.float), inv)
+        pos = torch.cat((freqs, freqs), dim=-1)
+        return pos.sin()[None, None], pos.cos()[None, None]
 
     def rot_half(v):
         bb, hh, tt, dd = v.size()
         x1, x2 = v.view(bb, hh, tt, 2, dd // 2).unbind(dim=-2)
         return torch.cat((-x2, x1), dim=-1)
 
-    def rope(v):
+    def rope(v, sin, cos):
         vf = v.float()
         return ((vf * cos) + (rot_half(vf) * sin)).to(vf.dtype).type_as(v)
 
@@ -65,7 +90,10 @@ def llada_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
         q = F.linear(h, sd[p + "q_proj.weight"]).view(b, t, nh, hs).transpose(1, 2)
         k = F.linear(h, sd[p + "k_proj.weight"]).view(b, t, nkv, hs).transpose(1, 2)
         v = F.linear(h, sd[p + "v_proj.weight"]).view(b, t, nkv, hs).transpose(1, 2)
-        q, k = rope(q), rope(k)
+        k, v, first = _with_cache(i, k, v, past, replace_position, presents)
+        sin, cos = tables(k.shape[-2])
+        q = rope(q, sin[:, :, first : first + t], cos[:, :, first : first + t])
+        k = rope(k, sin, cos)
         if nkv != nh:
             k = k.repeat_interleave(nh // nkv, dim=1, output_size=nh)
             v = v.repeat_interleave(nh // nkv, dim=1, output_size=nh)
@@ -95,8 +123,9 @@ def _mlp(x, sd, p):
     )
 
 
-def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
-    """modeling_dream.py (Qwen2 + SDPA) and modeling_lladamoe.py (OLMoE-style, qk-norm per head)."""
+def hf_logits(config: dict, sd: dict, ids: torch.Tensor, past=None, replace_position=None, presents=None):
+    """modeling_dream.py (Qwen2 + SDPA) and modeling_lladamoe.py (OLMoE-style, qk-norm per head);
+    with `past` and `presents`, the cache of Fast-dLLM's modeling_llada applied to them."""
     b, t = ids.shape
     nh = config["num_attention_heads"]
     nkv = config.get("num_key_value_heads") or nh
@@ -104,9 +133,6 @@ def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
     eps = config["rms_norm_eps"]
     moe = "num_experts" in config
     x = F.embedding(ids, sd["model.embed_tokens.weight"])
-    cos, sin = _hf_rope(config, t, x.dtype, hd)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rd = cos.shape[-1]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         a = p + "self_attn."
@@ -121,12 +147,18 @@ def hf_logits(config: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
         q = q.view(b, t, nh, hd).transpose(1, 2)
         k = k.view(b, t, nkv, hd).transpose(1, 2)
         v = v.view(b, t, nkv, hd).transpose(1, 2)
-        q = torch.cat(((q[..., :rd] * cos) + (_rotate_half(q[..., :rd]) * sin), q[..., rd:]), dim=-1)
+        k, v, first = _with_cache(i, k, v, past, replace_position, presents)
+        keys = k.shape[-2]
+        cos, sin = _hf_rope(config, keys, x.dtype, hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rd = cos.shape[-1]
+        qc, qs = cos[:, :, first : first + t], sin[:, :, first : first + t]
+        q = torch.cat(((q[..., :rd] * qc) + (_rotate_half(q[..., :rd]) * qs), q[..., rd:]), dim=-1)
         k = torch.cat(((k[..., :rd] * cos) + (_rotate_half(k[..., :rd]) * sin), k[..., rd:]), dim=-1)
         rep = nh // nkv
         if rep > 1:
-            k = k[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
-            v = v[:, :, None].expand(b, nkv, rep, t, hd).reshape(b, nh, t, hd)
+            k = k[:, :, None].expand(b, nkv, rep, keys, hd).reshape(b, nh, keys, hd)
+            v = v[:, :, None].expand(b, nkv, rep, keys, hd).reshape(b, nh, keys, hd)
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         x = residual + F.linear(att.transpose(1, 2).contiguous().view(b, t, nh * hd), sd[a + "o_proj.weight"])
         residual = x
@@ -412,3 +444,117 @@ def llada_log_likelihood(model, prefix, target, mc_num, batch_size, cfg_scale, m
         loss = F.cross_entropy(logits[mask_index], seq[mask_index], reduction="none") / p_mask[mask_index]
         acc.append((loss.sum() / batch_size).item())
     return -sum(acc) / len(acc)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fast-dLLM's LLaDA decoding (NVlabs/Fast-dLLM llada/generate.py): threshold / factor parallel
+# decoding, with a prefix or dual block cache. Global RNG, batch of one.
+
+
+def fast_transfer(logits, temperature, remasking, mask_index, x, quota, threshold=None, factor=None):
+    """get_transfer_index (quota or threshold) and get_transfer_index_dynamic (factor), restated."""
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
+    if remasking == "low_confidence":
+        p = F.softmax(logits.to(torch.float64), dim=-1)
+        x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        x0_p = torch.rand((x0.shape[0], x0.shape[1]))
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, -np.inf)
+    transfer = torch.zeros_like(x0, dtype=torch.bool)
+    masked = int(mask_index[0].sum())
+    if factor is not None:
+        bounds = [1 - factor / (n + 1) for n in range(1, masked + 1)]
+        bounds[0] = -1
+        ranked = torch.sort(confidence[0][mask_index[0]], descending=True)[0]
+        for top in range(masked):
+            if ranked[top] < bounds[top]:
+                break
+        if top in (0, masked - 1):
+            top += 1
+        transfer[0, torch.topk(confidence[0], k=top)[1]] = True
+        return x0, transfer
+    k = masked if threshold is not None else int(quota)
+    _, chosen = torch.topk(confidence[0], k=k)
+    transfer[0, chosen] = True
+    if threshold is not None:
+        for j in range(1, k):
+            if confidence[0, chosen[j]] < threshold:
+                transfer[0, chosen[j]] = False
+    return x0, transfer
+
+
+@torch.no_grad()
+def fast_generate(
+    forward,
+    prompt,
+    steps,
+    gen_length,
+    block_length,
+    temperature,
+    remasking,
+    mask_id,
+    threshold=None,
+    factor=None,
+    cache=None,
+):
+    """Fast-dLLM's `generate` (cache None), `generate_with_prefix_cache` ("prefix") and
+    `generate_with_dual_cache` ("dual"); `forward(ids, past, replace_position, presents)` -> logits.
+    Returns the canvas and the forward passes."""
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, : prompt.shape[1]] = prompt
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    passes = 0
+
+    def transfer(logits, mask_index, canvas, i):
+        q = quota[0, i] if threshold is None and factor is None else None
+        return fast_transfer(logits, temperature, remasking, mask_index, canvas, q, threshold, factor)
+
+    for b in range(num_blocks):
+        start = prompt.shape[1] + b * block_length
+        end = start + block_length
+        quota = get_num_transfer_tokens(x[:, start:end] == mask_id, per_block)
+        if cache is None:
+            i = 0
+            while True:
+                passes += 1
+                mask_index = x == mask_id
+                logits = forward(x, None, None, None)
+                mask_index[:, end:] = False
+                x0, chosen = transfer(logits, mask_index, x, i)
+                x[chosen] = x0[chosen]
+                i += 1
+                if not (x[:, start:end] == mask_id).any():
+                    break
+            continue
+        presents = []
+        logits = forward(x, None, None, presents)
+        passes += 1
+        mask_index = x == mask_id
+        mask_index[:, end:] = False
+        x0, chosen = transfer(logits, mask_index, x, 0)
+        x[chosen] = x0[chosen]
+        if cache == "prefix":
+            past = [(k[:, :, :start], v[:, :, :start]) for k, v in presents]
+        else:
+            past = presents
+            replace_position = torch.zeros_like(x, dtype=torch.bool)
+            replace_position[:, start:end] = True
+        i = 1
+        while (x[:, start:end] == mask_id).any():
+            passes += 1
+            if cache == "prefix":
+                mask_index = x[:, start:] == mask_id
+                mask_index[:, block_length:] = False
+                logits = forward(x[:, start:], past, None, None)
+                add_gumbel_noise(logits, temperature)  # drawn and dropped, as the reference does
+                x0, chosen = transfer(logits, mask_index, x[:, start:], i)
+                x[:, start:][chosen] = x0[chosen]
+            else:
+                mask_index = x[:, start:end] == mask_id
+                logits = forward(x[:, start:end], past, replace_position, None)
+                x0, chosen = transfer(logits, mask_index, x[:, start:end], i)
+                x[:, start:end][chosen] = x0[chosen]
+            i += 1
+    return x, passes

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from ..config import GenerationConfig
+from ..runtime.executor import StepInput
 from .rows import RowChunks
 
 
 @dataclass(frozen=True)
 class StepEvent:
     step: int  # 1-based, over the whole generation
-    total_steps: int
+    total_steps: int  # at most (threshold decoding ends when every position is revealed)
     block: int  # 0-based block index (always 0 for Dream)
     canvas: Tensor  # (L,) current tokens, prompt included; masked positions hold mask_token_id
     prompt_length: int
@@ -71,14 +72,6 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
     return not bool((gen[: int(revealed_eos[0])] == mask_id).any())
 
 
-@dataclass(frozen=True)
-class StepInput:
-    """What a step needs from the executor: the canvas batch (B, L) and the hidden rows it reads."""
-
-    ids: Tensor
-    rows: Tensor
-
-
 class SamplerState(Protocol):
     done: bool
 
@@ -111,8 +104,17 @@ class DenoiseState:
         self.stopped_at_eos = self.cfg.stop_at_eos and answer_complete(
             canvas, self.prompt_length, self.mask_id, self.eos_ids
         )
-        self.done = self.stopped_at_eos or self.steps_run == self.cfg.steps
-        return StepEvent(self.steps_run, self.cfg.steps, block, canvas, self.prompt_length, self.mask_id, revealed)
+        self.done = self.stopped_at_eos or self.finished()
+        return StepEvent(self.steps_run, self.total_steps, block, canvas, self.prompt_length, self.mask_id, revealed)
+
+    @property
+    def total_steps(self) -> int:
+        """The steps the generation takes (at most, when it ends early by its own rule)."""
+        return self.cfg.steps
+
+    def finished(self) -> bool:
+        """Every step run (official samplers: a fixed number of steps)."""
+        return self.steps_run == self.cfg.steps
 
     def result(self) -> DenoiseResult:
         return DenoiseResult(self.x[0], self.steps_run, self.steps_run, self.stopped_at_eos)
@@ -134,9 +136,11 @@ class Sampler(Protocol):
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         """Measured temporary bytes per logits row of this sampler with settings `cfg`."""
 
+    def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
+        """Bytes of the block cache a request with settings `cfg` keeps across steps (0: none)."""
+
     def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> SamplerState:
         """The state of a request whose resolved settings are `cfg`."""
 
     def first_step(self, state: SamplerState) -> StepInput:
         """The first step's input, computed without data-dependent ops (predictable on fake tensors)."""
-

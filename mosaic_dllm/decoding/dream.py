@@ -180,6 +180,11 @@ class DreamSampler:
             fail(f"steps ({cfg.steps}) must be at most {most} (the larger of gen_length and Dream's default 512)")
         if cfg.block_length not in (None, cfg.gen_length):
             fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
+        if cfg.parallel:
+            fail(
+                "threshold / factor / cache (Fast-dLLM's parallel decoding) are implemented for LLaDA and "
+                "LLaDA-MoE; Dream's block sampler is not yet: leave them unset for Dream"
+            )
         if cfg.cfg_scale:
             fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
         if cfg.remasking not in (None, "low_confidence"):
@@ -207,6 +212,9 @@ class DreamSampler:
             sample_tokens(logits[0], cfg.temperature, cfg.top_p, cfg.top_k, gen, **ranking(cfg))
 
         return measure_row_bytes(reduce, 1, vocab, dtype, device)
+
+    def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
+        return 0
 
     def hidden_rows(self, positions: Tensor) -> Tensor:
         """The hidden rows whose logits are those of `positions`."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..runtime import Executor
+from ..runtime.executor import StepInput
 from .llada import cfg_combine
 from .rows import select_rows
 
@@ -70,10 +71,10 @@ def log_likelihood(
                 unconditional = ids.clone()
                 unconditional[:, : prefix.numel()] = mask_id
                 ids = torch.cat([ids, unconditional])
-            steps.append((ids, (copy == mask_id).nonzero().flatten()))
+            steps.append(StepInput(ids, (copy == mask_id).nonzero().flatten()))
         losses = []
         with executor.batch_logits(steps) as reads:
-            for i, ((_, rows), read) in enumerate(zip(steps, reads, strict=True)):
+            for i, ((_, rows, _), read) in enumerate(zip(steps, reads, strict=True)):
                 for part, logits in select_rows(read(), rows, length):
                     targets = seq[i, rows[part]]
                     loss = F.cross_entropy(combine(logits), targets, reduction="none")

@@ -22,6 +22,8 @@ from ..config import GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
+from .parallel import ParallelLLaDAState, block_cache
+from .parallel import propose as parallel_propose
 from .rows import Chunks, RowChunks, UniformReplay
 from .schedule import llada_transfer_counts
 
@@ -104,6 +106,7 @@ class LLaDASampler:
     bench_settings: dict = {"temperature": 0.0}
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
+        self.spec = spec
         self.mask_id, self.eos_ids, self.vocab = spec.mask_token_id, spec.eos_token_ids, spec.vocab_size
         stored = dict(generation_config or {})
         if "max_new_tokens" in stored:
@@ -142,6 +145,8 @@ class LLaDASampler:
             fail(f"cfg_scale must be >= 0, got {cfg.cfg_scale}")
         if cfg.remasking not in REMASKING:
             fail(f"remasking must be one of {REMASKING}, got {cfg.remasking!r}")
+        if cfg.parallel and cfg.cfg_scale > 0:
+            fail("threshold / factor / cache follow Fast-dLLM, which has no classifier-free guidance: set cfg_scale 0")
         dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) is not None]
         if dream_only:
             fail(f"{dream_only} apply to Dream only; LLaDA uses remasking / cfg_scale / block_length")
@@ -154,17 +159,25 @@ class LLaDASampler:
         return cfg.block_length
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+        reducer = parallel_propose if cfg.parallel else propose
+
         def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
             canvas = torch.zeros((1, length), dtype=torch.long, device=device)
             chunk = cfg_combine(cfg.cfg_scale)(logits)
-            propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen)
+            reducer(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen)
 
         return measure_row_bytes(reduce, self.guidance_batch(cfg), vocab, dtype, device)
 
-    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> LLaDAState:
+    def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
+        cache = block_cache(self.spec, prompt_length, cfg)
+        return cache.nbytes(dtype) if cache is not None else 0
+
+    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> LLaDAState | ParallelLLaDAState:
+        if cfg.parallel:
+            return ParallelLLaDAState(self.spec, prompt, cfg, gen)
         return LLaDAState(self, prompt, cfg, gen)
 
-    def first_step(self, state: LLaDAState) -> StepInput:
+    def first_step(self, state: LLaDAState | ParallelLLaDAState) -> StepInput:
         p = state.prompt_length
         state.rows = torch.arange(p, p + state.cfg.block_length, device=state.x.device)
         return StepInput(state.guidance_ids(), state.rows)

@@ -44,9 +44,7 @@ class UniformReplay:
     (decoding/cost.py measures a take across such a gap) covers them.
     """
 
-    def __init__(
-        self, gen: torch.Generator, rows: int, vocab: int, device: torch.device, wanted: Tensor | None = None
-    ):
+    def __init__(self, gen: torch.Generator, rows: int, vocab: int, device: torch.device, wanted: Tensor | None = None):
         """`wanted`: the rows the sampler asked for, in order; chunks of exactly those rows then take
         their positions from it (no read of the executor's positions, so a prediction on fake
         tensors works too)."""

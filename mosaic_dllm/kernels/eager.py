@@ -100,20 +100,34 @@ class EagerOps:
             out = (part * cos) + (rotate_half(part) * sin)
         return out if rest is None else torch.cat((out, rest), dim=-1)
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         """Sequences of one length (one request) in one call on (B, nh, L, hd), as the official code;
-        others one sequence per call (the CPU kernel's rows do not depend on the batch, tested)."""
+        others one sequence per call (the CPU kernel's rows do not depend on the batch, tested).
+        A window attends to its cache's keys with its own in place (Fast-dLLM's cached forward)."""
         _, tokens, nh, hd = q.shape
-        if packing.is_uniform:
+        for i, (o, _) in enumerate(packing.sequences()):
+            use = packing.cache(i)
+            if use is not None and use.refresh:
+                use.cache.store(layer, k[0, o : o + use.keep], v[0, o : o + use.keep])
+        if packing.is_uniform and not any(packing.window(i) for i in range(len(packing.lengths))):
             return self._attend(q, k, v, len(packing.lengths)).view(1, tokens, nh * hd)
-        parts = [self._attend(q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], 1) for o, n in packing.sequences()]
+        parts = []
+        for i, (o, n) in enumerate(packing.sequences()):
+            keys, values = k[:, o : o + n], v[:, o : o + n]
+            if (use := packing.window(i)) is not None:
+                keys = k.new_empty((1, use.length, *k.shape[2:]))
+                values = v.new_empty((1, use.length, *v.shape[2:]))
+                use.cache.splice(layer, k[0, o : o + n], v[0, o : o + n], use.start, use.length, (keys[0], values[0]))
+            parts.append(self._attend(q[:, o : o + n], keys, values, 1))
         return torch.cat(parts, dim=1).view(1, tokens, nh * hd)
 
     @staticmethod
     def _attend(q: Tensor, k: Tensor, v: Tensor, batch: int) -> Tensor:
-        """Token-major (1, B * L, heads, hd) -> (B, L, nh * hd) over B sequences of one length."""
+        """Token-major (1, B * L, heads, hd) queries and (1, B * K, kv heads, hd) keys and values ->
+        (B, L, nh * hd) over B sequences of one length."""
         _, tokens, nh, hd = q.shape
-        q, k, v = (t.reshape(batch, tokens // batch, t.shape[2], hd).transpose(1, 2) for t in (q, k, v))
+        q = q.reshape(batch, tokens // batch, nh, hd).transpose(1, 2)
+        k, v = (t.reshape(batch, t.shape[1] // batch, t.shape[2], hd).transpose(1, 2) for t in (k, v))
         groups = nh // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)

@@ -324,22 +324,51 @@ class PlannedOps:
             self._positions_of = (packing, packing.positions(device))
         return self._positions_of[1]
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         """Each sequence's query blocks against its own keys and values; a block's output overwrites
-        that block of q (token-major, so the output is already (1, T, nh * hd)), read by it alone."""
+        that block of q (token-major, so the output is already (1, T, nh * hd)), read by it alone.
+        A refreshing sequence stores its K and V in its cache (outside the arena, counted by the
+        plan); a window's keys and values are spliced from its cache into two planned buffers,
+        sized for the longest window's canvas and reused sequence after sequence."""
         group = self._begin("attention", name, q, k, v)
         _, tokens, nh, hd = q.shape
         groups = nh // k.shape[2]
-        gqa = {}
+        windows = [i for i in range(len(packing.lengths)) if packing.window(i)]
+        spliced = None
+        if windows:
+            longest = max(packing.window(i).length for i in windows)
+            spliced = [self.mem.new((1, longest, *k.shape[2:]), k.dtype) for _ in range(2)]
+        if not self.mem.tracing:
+            for i, (o, _) in enumerate(packing.sequences()):
+                use = packing.cache(i)
+                if use is not None and use.refresh:
+                    use.cache.store(layer, k[0, o : o + use.keep], v[0, o : o + use.keep])
+        gqa, own = {}, (k, v)  # `own`: the fresh K and V with their kv heads
+        repeat = groups > 1 and not NATIVE_GQA
         if groups > 1 and NATIVE_GQA:  # the kernel indexes kv heads itself: no repeated copies
             gqa = {"enable_gqa": True}
-        elif groups > 1:  # repeat_interleave over heads, written into planned buffers
+        elif repeat:  # repeat_interleave over heads, written into planned buffers
             k, v = (self._repeat_heads(t, groups) for t in (k, v))
+            if spliced is not None:
+                spliced_heads = [self.mem.new((1, spliced[0].shape[1], nh, hd), k.dtype) for _ in range(2)]
         block, parts = self._sequence_spans(packing, group)
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
         self.mem.workspace(nh * block * (hd * q.element_size() + 4))
+        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         for offset, length, start, end in parts:
             keys, values = (t[:, offset : offset + length].transpose(1, 2) for t in (k, v))
+            use = packing.window(sequence_of[offset]) if not self.mem.tracing else None
+            if use is not None:
+                n = use.length
+                if start == 0:  # the sequence's first query block: splice its keys once
+                    fresh = (t[0, offset : offset + length] for t in own)
+                    use.cache.splice(layer, *fresh, use.start, n, (spliced[0][0, :n], spliced[1][0, :n]))
+                    if repeat:
+                        for src, dst in zip(spliced, spliced_heads, strict=True):
+                            shape = (1, n, src.shape[2], groups, hd)
+                            dst[:, :n].view(shape).copy_(src[:, :n].unsqueeze(3).expand(shape))
+                source = spliced_heads if repeat else spliced
+                keys, values = (t[:, :n].transpose(1, 2) for t in source)
             queries = q[:, offset + start : offset + end]
             result = F.scaled_dot_product_attention(
                 queries.transpose(1, 2), keys, values, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa

@@ -76,8 +76,10 @@ class Ops(Protocol):
         """Rotate (1, T, nh, hd) by the tables, each token by its position in its own sequence;
         only the first cos.shape[-1] dims rotate."""
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, *, name: str) -> Tensor:
-        """Bidirectional attention within each sequence: (1, T, nh, hd), (1, T, nkv, hd) x2 -> (1, T, nh * hd)."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
+        """Bidirectional attention within each sequence: (1, T, nh, hd), (1, T, nkv, hd) x2 -> (1, T, nh * hd).
+        With block caches (`packing.caches`): a refreshing sequence stores its K and V of `layer`, a
+        window's queries attend to the cached K and V with its own in their place."""
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""

@@ -5,6 +5,9 @@ sequence's tokens; rotary and attention run per sequence (no padding, no attenti
 sequences). A request contributes one sequence, two with classifier-free guidance (conditional
 then unconditional, adjacent). One request alone is a packing too: its B sequences in canvas order,
 which is exactly the (B, L) layout the official code flattens.
+
+A sequence may also be a window of a longer canvas that attends to a block cache (`kv_cache.py`):
+its tokens sit at canvas positions [start, start + n) and its keys span the whole canvas.
 """
 
 from __future__ import annotations
@@ -15,14 +18,37 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from .kv_cache import CacheUse
+
 
 @dataclass(frozen=True)
 class Packing:
-    lengths: tuple[int, ...]  # every sequence's length, in packing order
+    lengths: tuple[int, ...]  # every sequence's tokens in this step, in packing order
+    caches: tuple[CacheUse | None, ...] = ()  # per sequence, how it uses a block cache (empty: none does)
 
     def __post_init__(self) -> None:
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"a packing needs sequences of at least one token, got {self.lengths}")
+        if self.caches and len(self.caches) != len(self.lengths):
+            raise ValueError("a packing's caches must name one use (or None) per sequence")
+
+    def cache(self, sequence: int) -> CacheUse | None:
+        return self.caches[sequence] if self.caches else None
+
+    def window(self, sequence: int) -> CacheUse | None:
+        """The sequence's cache use when it is a window attending to a cache (not a refresh)."""
+        use = self.cache(sequence)
+        return use if use is not None and not use.refresh else None
+
+    @cached_property
+    def starts(self) -> tuple[int, ...]:
+        """Each sequence's first canvas position (0 unless it is a window)."""
+        return tuple(w.start if (w := self.window(i)) else 0 for i in range(len(self.lengths)))
+
+    @cached_property
+    def span(self) -> int:
+        """The canvas positions any sequence's keys cover (what the rotary tables must reach)."""
+        return max(w.length if (w := self.window(i)) else n for i, n in enumerate(self.lengths))
 
     @classmethod
     def uniform(cls, batch: int, length: int) -> Packing:
@@ -54,5 +80,7 @@ class Packing:
         return list(zip(self.offsets, self.lengths, strict=True))
 
     def positions(self, device: torch.device) -> Tensor:
-        """Each packed token's position within its own sequence (what rotary rotates by)."""
-        return torch.cat([torch.arange(n, device=device) for n in self.lengths])
+        """Each packed token's position within its own canvas (what rotary rotates by)."""
+        return torch.cat(
+            [torch.arange(s, s + n, device=device) for s, n in zip(self.starts, self.lengths, strict=True)]
+        )

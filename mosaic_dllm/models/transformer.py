@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from .kv_cache import CacheUse
 from .ops import Ops, RowHead
 from .packing import Packing
 from .spec import ArchSpec
@@ -25,16 +26,23 @@ def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Pa
     x = ops.embed(ids, w.embed, name="embed")
     tables_dtype = None if spec.rope_full_precision else x.dtype
     cos, sin = ops.rotary_tables(
-        packing.longest, spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device, name="rotary_tables"
+        packing.span, spec.rotary_dim, spec.rope_theta, tables_dtype, ids.device, name="rotary_tables"
     )
     for i, layer in enumerate(w.layers):
-        x = attention_block(ops, spec, layer, x, cos, sin, packing)
+        x = attention_block(ops, spec, layer, i, x, cos, sin, packing)
         x = ffn_block(ops, spec, layer, w.experts[i], i, x)
     return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm")
 
 
 def attention_block(
-    ops: Ops, spec: ArchSpec, layer: dict[str, Tensor], x: Tensor, cos: Tensor, sin: Tensor, packing: Packing
+    ops: Ops,
+    spec: ArchSpec,
+    layer: dict[str, Tensor],
+    index: int,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    packing: Packing,
 ) -> Tensor:
     b, tokens, _ = x.shape
     q, k, v = ops.norm_linears(
@@ -52,7 +60,7 @@ def attention_block(
         k = ops.rms_norm(k, layer["k_norm"], spec.rms_norm_eps, name="k_norm", overwrite=True)
     q = ops.rotary(q, cos, sin, spec.rope_full_precision, packing, name="rotary_q")
     k = ops.rotary(k, cos, sin, spec.rope_full_precision, packing, name="rotary_k")
-    a = ops.attention(q, k, v, packing, name="attention")  # (1, T, nh * hd)
+    a = ops.attention(q, k, v, packing, index, name="attention")  # (1, T, nh * hd)
     return ops.linear_add(x, a, layer["o"], layer.get("o_bias"), names=("o_proj", "attn_residual"))
 
 
@@ -94,11 +102,19 @@ def forward(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing,
 
 
 def logits(
-    ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, rows: Tensor | None = None, chunk: int | None = None
+    ops: Ops,
+    spec: ArchSpec,
+    w: Weights,
+    ids: Tensor,
+    rows: Tensor | None = None,
+    chunk: int | None = None,
+    cache: CacheUse | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """One canvas: (B, L) ids -> (hidden rows, (B, C, V) logits) chunks for the hidden rows `rows`,
-    `chunk` at a time; rows None: every position in one chunk, as the official forward returns them."""
+    `chunk` at a time; rows None: every position in one chunk, as the official forward returns them.
+    `cache`: how the canvas (then a window, for a window step) uses a block cache."""
     b, length = ids.shape
     chunk = chunk or (rows.numel() if rows is not None and rows.numel() else length)
-    head = forward(ops, spec, w, ids.reshape(1, -1), Packing.uniform(b, length), b, chunk)
+    packing = Packing((length,) * b, (cache,) * b if cache is not None else ())
+    head = forward(ops, spec, w, ids.reshape(1, -1), packing, b, chunk)
     return head(0, b, rows)

@@ -44,8 +44,9 @@ class StepPlan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """Arena plus the largest transient workspace (kernel outputs, MoE experts, the sampler's temporaries)."""
-        return self.arena_bytes + self.workspace_bytes
+        """Arena plus the largest transient workspace (kernel outputs, MoE experts, the sampler's
+        temporaries) plus the block caches alive through the step."""
+        return self.arena_bytes + self.workspace_bytes + self.graph.shape.cache_bytes
 
     @property
     def peak_group(self) -> str:
@@ -76,6 +77,7 @@ class StepPlan:
             "peak_op": g.ops[self.peak_op],
             "peak_group": self.peak_group,
             "workspace_bytes": self.workspace_bytes,
+            "cache_bytes": g.shape.cache_bytes,
             "predicted_peak_activation_bytes": self.predicted_peak_bytes,
             "chunks": {"logits_rows": g.shape.chunk} | g.shape.chunks.as_dict(),
             "buffers": len(self.buffers),

@@ -155,6 +155,8 @@ class StepTracer:
         self._steps: dict[tuple, SymbolicStep | None] = {}
 
     def graph(self, shape: StepShape) -> StepGraph:
+        if shape.cache_keys:  # a window step (block caches): traced shape by shape
+            return trace_step(self.spec, self.dtype, shape)
         key = structure(shape)
         if key not in self._steps:
             step = symbolic_trace(self.spec, self.dtype, shape)

@@ -27,6 +27,7 @@ import torch
 from ..kernels.planned import PlannedOps
 from ..models import transformer
 from ..models.groups import BY_NAME, Chunks, first_chunk
+from ..models.kv_cache import BlockCache, CacheUse
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
@@ -39,13 +40,17 @@ NO_CHUNKS = Chunks()
 
 
 class RequestShape(NamedTuple):
-    """One request's part of a step: its sequences (2 with CFG), their length, the logits rows it
-    reads and its sampler's temporary bytes per logits row."""
+    """One request's part of a step: its sequences (2 with CFG), their length (tokens run this
+    step), the logits rows it reads, its sampler's temporary bytes per logits row, the bytes of its
+    block cache (alive through the step), and, for a window attending to that cache, the canvas
+    length its keys span (0: none)."""
 
     batch: int
     length: int
     rows: int
     sampler_row_bytes: int = 0
+    cache_bytes: int = 0
+    keys: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class StepShape:
     chunk: int
     chunks: Chunks = NO_CHUNKS
     sampler_row_bytes: int = 0
+    cache_keys: int = 0  # the longest canvas a window attends to through a block cache (0: no window)
+    cache_bytes: int = 0  # block caches alive through the step (outside the arena)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(sorted(self.lengths, reverse=True)))
@@ -81,6 +88,8 @@ class StepShape:
             chunk_bucket(max(r.rows for r in requests), row_chunk),
             chunks,
             max(r.sampler_row_bytes for r in requests),
+            max(r.keys for r in requests),
+            sum(r.cache_bytes for r in requests),
         )
 
     @property
@@ -92,8 +101,18 @@ class StepShape:
         return self.lengths[0]
 
     def alone(self, length: int) -> StepShape:
-        """One request of this shape's guidance batch at `length` (what a max-length search varies)."""
-        return replace(self, lengths=(length,) * self.batch)
+        """One request of this shape's guidance batch at `length` (what a max-length search varies);
+        a block cache scaled with the length."""
+        cache = -(-self.cache_bytes * length // self.longest)
+        return replace(self, lengths=(length,) * self.batch, cache_keys=0, cache_bytes=cache)
+
+    def trace_packing(self, spec: ArchSpec) -> Packing:
+        """A packing of this shape: with windows, the shortest sequence is one, its canvas the longest
+        window's (the buffers depend only on whether there is a window and on that length)."""
+        if not self.cache_keys:
+            return Packing(self.lengths)
+        window = CacheUse(BlockCache(spec, 0), refresh=False, length=self.cache_keys)
+        return Packing(self.lengths, (None,) * (len(self.lengths) - 1) + (window,))
 
     def describe(self) -> str:
         if len(self.lengths) == self.batch:
@@ -217,7 +236,7 @@ def trace_step(
         traced = replace(spec, num_layers=1, moe=moe)
     memory = memory or TraceMemory()
     ops = PlannedOps(memory, shape.chunks)
-    packing = packing or Packing(shape.lengths)
+    packing = packing or shape.trace_packing(spec)
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
     weights = meta_weights(traced, dtype)

@@ -15,11 +15,12 @@ from torch import Tensor
 
 from ..kernels.eager import EagerOps
 from ..models import transformer
+from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from ..plan.step_plan import StepPlan
 from ..plan.trace import RequestShape
-from .executor import CanvasRows, RowChunks, StepLogits
+from .executor import RowChunks, StepInput, StepLogits
 
 
 class EagerExecutor:
@@ -36,7 +37,7 @@ class EagerExecutor:
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
-    def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> None:
+    def plan_for(self, *request: int) -> None:
         """Unplanned: activations come from the allocator as the official code makes them."""
         return None
 
@@ -44,14 +45,18 @@ class EagerExecutor:
         return None
 
     @contextmanager
-    def batch_logits(self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
+    def batch_logits(self, steps: Sequence[StepInput], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
         """One official forward per request, run when its logits are read."""
-        yield [lambda ids=ids, rows=rows: self.row_logits(ids, rows) for ids, rows in steps]
+        steps = [StepInput(*step) for step in steps]  # plain (ids, rows) tuples too
+        yield [lambda s=step: self.row_logits(s.ids, s.rows, cache=s.cache) for step in steps]
 
     @torch.inference_mode()
-    def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
-        """Every row's logits in one chunk, whatever `rows` asks for (the official forward)."""
-        yield from transformer.logits(self.ops, self.spec, self.weights, ids)
+    def row_logits(
+        self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0, cache: CacheUse | None = None
+    ) -> RowChunks:
+        """Every row's logits in one chunk, whatever `rows` asks for (the official forward; with a
+        block cache, Fast-dLLM's cached forward)."""
+        yield from transformer.logits(self.ops, self.spec, self.weights, ids, cache=cache)
 
     @torch.inference_mode()
     def logits(self, ids: Tensor) -> Tensor:

@@ -15,12 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from ..models.groups import CHUNKABLE_GROUPS, Chunks
+from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from ..plan.step_plan import StepPlan
 from ..plan.trace import RequestShape
@@ -28,7 +29,21 @@ from ..plan.trace import RequestShape
 DEFAULT_ROW_CHUNK = 64
 RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V))
 StepLogits = Callable[[], RowChunks]  # one request's row logits in a running step (callable again to re-read)
-CanvasRows = tuple[Tensor, Tensor]  # a request's canvas batch (B, L) and the hidden rows it reads
+
+
+class StepInput(NamedTuple):
+    """What one request's step needs from the executor: its canvas batch (B, L), the hidden rows it
+    reads, and how it uses a block cache (then L is the window's tokens; see models/kv_cache.py)."""
+
+    ids: Tensor
+    rows: Tensor
+    cache: CacheUse | None = None
+
+    def shape(self, sampler_row_bytes: int, dtype: torch.dtype) -> RequestShape:
+        use = self.cache
+        keys = use.length if use is not None and not use.refresh else 0
+        cache_bytes = use.cache.nbytes(dtype) if use is not None else 0
+        return RequestShape(*self.ids.shape, self.rows.numel(), sampler_row_bytes, cache_bytes, keys)
 
 
 @dataclass(frozen=True)
@@ -74,7 +89,9 @@ class Executor(Protocol):
     @property
     def last_plan(self) -> StepPlan | None: ...
 
-    def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> StepPlan | None:
+    def plan_for(
+        self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0, cache_bytes: int = 0, keys: int = 0
+    ) -> StepPlan | None:
         """The memory plan of one request's step (None for an unplanned executor); may raise
         DoesNotFit, naming the longest length that fits."""
 
@@ -83,20 +100,22 @@ class Executor(Protocol):
         longest-length search) when it cannot fit."""
 
     def batch_logits(
-        self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0
+        self, steps: Sequence[StepInput], sampler_row_bytes: int = 0
     ) -> AbstractContextManager[list[StepLogits]]:
         """Run one step of several requests; inside the context, the i-th callable yields request
         i's (hidden rows, (B, C, V) logits) chunks covering at least its rows. Consume each chunk
         before advancing, and every request's chunks before leaving the context."""
 
-    def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
+    def row_logits(
+        self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0, cache: CacheUse | None = None
+    ) -> RowChunks:
         """One request's step: `batch_logits` of one."""
 
     def release(self) -> None:
         """Give the request's activation memory back."""
 
 
-def single_step(executor: Executor, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
+def single_step(executor: Executor, step: StepInput, sampler_row_bytes: int = 0) -> RowChunks:
     """One request's step through `executor.batch_logits`."""
-    with executor.batch_logits([(ids, rows)], sampler_row_bytes) as (logits,):
+    with executor.batch_logits([step], sampler_row_bytes) as (logits,):
         yield from logits()

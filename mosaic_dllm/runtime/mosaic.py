@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from ..kernels.planned import AllocatorMemory, PlannedOps
 from ..memory.arena import Arena
 from ..models import transformer
+from ..models.kv_cache import CacheUse
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
@@ -34,7 +35,7 @@ from ..models.weights import Weights
 from ..plan.search import DoesNotFit, SearchResult, fit
 from ..plan.step_plan import LRU, PlanCache, StepPlan
 from ..plan.trace import RequestShape, StepShape
-from .executor import CanvasRows, ExecutorOptions, RowChunks, StepLogits, single_step
+from .executor import ExecutorOptions, RowChunks, StepInput, StepLogits, single_step
 
 
 class PlanMismatchError(AssertionError):
@@ -111,13 +112,15 @@ class MosaicExecutor:
     def committed_bytes(self) -> int:
         return self.arena.touched_bytes
 
-    def plan_for(self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0) -> StepPlan:
+    def plan_for(
+        self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0, cache_bytes: int = 0, keys: int = 0
+    ) -> StepPlan:
         """The plan of one request's step over a (batch, length) canvas sampling `rows` rows (may
-        raise DoesNotFit naming the longest length that fits).
+        raise DoesNotFit naming the longest length that fits); the rest as `RequestShape`.
 
         Thread-safe: a server plans the next request while the current one runs.
         """
-        return self._plan([RequestShape(batch, length, rows, sampler_row_bytes)], explain=True)
+        return self._plan([RequestShape(batch, length, rows, sampler_row_bytes, cache_bytes, keys)], explain=True)
 
     def plan_batch(self, requests: Sequence[RequestShape]) -> StepPlan:
         """The plan of a step running `requests` together (DoesNotFit without the length search)."""
@@ -139,44 +142,51 @@ class MosaicExecutor:
                 raise result
             return result.plan
 
-    def row_logits(self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0) -> RowChunks:
+    def row_logits(
+        self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0, cache: CacheUse | None = None
+    ) -> RowChunks:
         """Yield (hidden rows, (B, C, V) logits) for hidden-state rows `rows` of canvas `ids`.
 
         The logits live in one arena buffer reused by the next chunk: consume them before advancing.
         No rows, no forward pass: nothing would read it.
         """
-        return single_step(self, ids, rows, sampler_row_bytes)
+        return single_step(self, StepInput(ids, rows, cache), sampler_row_bytes)
 
     @contextmanager
-    def batch_logits(self, steps: Sequence[CanvasRows], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
+    def batch_logits(self, steps: Sequence[StepInput], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
         """One packed forward pass for every request's canvas; request i's callable runs the LM head
         over its rows (again if called again, while the context is open)."""
-        reading = [i for i, (_, rows) in enumerate(steps) if rows.numel()]
+        steps = [StepInput(*step) for step in steps]  # plain (ids, rows) tuples too
+        reading = [i for i, step in enumerate(steps) if step.rows.numel()]
         logits: list[StepLogits] = [lambda: iter(()) for _ in steps]
         if not reading:  # no rows, no forward pass: nothing would read it
             yield logits
             return
-        requests = [RequestShape(*steps[i][0].shape, steps[i][1].numel(), sampler_row_bytes) for i in reading]
+        requests = [steps[i].shape(sampler_row_bytes, self.dtype) for i in reading]
+        idle_caches = sum(s.shape(0, self.dtype).cache_bytes for s in steps if not s.rows.numel())
+        requests[0] = requests[0]._replace(cache_bytes=requests[0].cache_bytes + idle_caches)  # alive all the same
         plan = self._plan(requests, explain=len(requests) == 1)
-        head = self._forward(plan, [steps[i][0] for i in reading], requests)
+        head = self._forward(plan, [steps[i] for i in reading], requests)
         first = 0
         for i, r in zip(reading, requests, strict=True):
-            logits[i] = self._reader(head, first, r.batch, steps[i][1])
+            logits[i] = self._reader(head, first, r.batch, steps[i].rows)
             first += r.batch
         yield logits
 
     @torch.inference_mode()
-    def _forward(self, plan: StepPlan, canvases: list[Tensor], requests: list[RequestShape]) -> RowHead:
+    def _forward(self, plan: StepPlan, steps: list[StepInput], requests: list[RequestShape]) -> RowHead:
         """The packed body of a step under its plan; returns its LM head."""
         if self.options.activations == "allocator":
-            memory = AllocatorMemory(canvases[0].device)
+            memory = AllocatorMemory(steps[0].ids.device)
         else:
             if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
                 self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
             memory = ArenaMemory(plan, self.arena)
         self.last_plan = plan
+        canvases = [step.ids for step in steps]
         ids = canvases[0].reshape(1, -1) if len(canvases) == 1 else torch.cat([c.reshape(-1) for c in canvases])[None]
-        packing = Packing(tuple(r.length for r in requests for _ in range(r.batch)))
+        caches = tuple(s.cache for s, r in zip(steps, requests, strict=True) for _ in range(r.batch))
+        packing = Packing(tuple(r.length for r in requests for _ in range(r.batch)), caches if any(caches) else ())
         ops = PlannedOps(memory, plan.graph.shape.chunks)
         shape = plan.graph.shape
         head = transformer.forward(ops, self.spec, self.weights, ids, packing, shape.batch, shape.chunk)

@@ -49,7 +49,7 @@ def test_query_blocks_equal_the_whole_call(shape, dtype):
         blocks = group_spans(shape[0], pieces, BY_NAME["attention"])
         assert len(blocks) >= 2 and all(s % ATTENTION_BLOCK_ALIGN == 0 for s, _ in blocks)
         packing = Packing.uniform(q.shape[0], shape[0])
-        got = ops.attention(token_major(q), token_major(k), token_major(v), packing, name="attention")
+        got = ops.attention(token_major(q), token_major(k), token_major(v), packing, 0, name="attention")
         assert torch.equal(got.view(expected.shape), expected), f"{pieces} pieces: {blocks}"
 
 

@@ -66,10 +66,10 @@ def test_packed_attention_is_each_sequence_alone(dtype):
     q = torch.randn(1, sum(lengths), heads, hd, generator=g).to(dtype)
     k, v = (torch.randn(1, sum(lengths), kv, hd, generator=g).to(dtype) for _ in range(2))
     ops = PlannedOps(AllocatorMemory(torch.device("cpu")))
-    packed = ops.attention(q.clone(), k, v, Packing(lengths), name="attention")
+    packed = ops.attention(q.clone(), k, v, Packing(lengths), 0, name="attention")
     start = 0
     for n in lengths:
         part = slice(start, start + n)
-        alone = ops.attention(q[:, part].clone(), k[:, part], v[:, part], Packing((n,)), name="attention")
+        alone = ops.attention(q[:, part].clone(), k[:, part], v[:, part], Packing((n,)), 0, name="attention")
         assert torch.equal(packed[:, part], alone)
         start += n

@@ -1,0 +1,176 @@
+"""Fast-dLLM's parallel decoding for LLaDA / LLaDA-MoE (NVlabs/Fast-dLLM llada/generate.py), opt-in.
+
+An approximation of the official sampler, exact to Fast-dLLM's code: semi-autoregressive blocks as
+the official sampler, but a block runs until none of its positions is masked, and a step reveals
+
+- threshold: every masked position of the block whose confidence is at least `threshold`, and the
+  most confident one whatever its confidence (`get_transfer_index` with a threshold);
+- factor: the n most confident, for the largest n whose n-th confidence is at least
+  1 - factor / (n + 1) (`get_transfer_index_dynamic`, quirks included: when only the last one
+  fails, all are revealed);
+- neither: the official per-step quota (only with a cache: without one it is the official sampler).
+
+Unlike the official sampler, confidences are float64 softmax probabilities, and a uniform draw for
+`random` remasking covers the rows Fast-dLLM's logits have. Ties go as torch.topk orders them over
+a confidence vector of the reference's length, so the candidates are ranked on that same length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import GenerationConfig
+from ..models.kv_cache import BlockCache, CacheUse
+from ..models.spec import ArchSpec
+from .common import DenoiseState, StepEvent, StepInput
+from .rows import Chunks, RowChunks, UniformReplay
+from .schedule import llada_transfer_counts
+
+
+def propose(
+    chunks: Chunks,
+    window: Tensor,
+    vocab: int,
+    temperature: float,
+    remasking: str,
+    gen: torch.Generator,
+    wanted: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """x0 and confidence (1, n) over the n positions of the step's window (the rows its logits have),
+    from `chunks` of (window positions, (C, V) logits); other positions keep their token, -inf."""
+    n = window.shape[1]
+    x0 = window.clone()
+    confidence = torch.full((1, n), -torch.inf, dtype=torch.float64, device=window.device)
+    noise = UniformReplay(gen, n, vocab, window.device, wanted) if temperature > 0 else None
+    for pos, logits in chunks:
+        if noise is not None:  # add_gumbel_noise: float64 Gumbel-max
+            lg = logits.to(torch.float64)
+            rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
+            del lg
+        else:
+            rows_x0 = torch.argmax(logits, dim=-1)
+        x0[0, pos] = rows_x0
+        if remasking == "low_confidence":
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
+            del p
+    if noise is not None:
+        noise.finish()
+    if remasking == "random":
+        confidence = torch.rand((1, n), generator=gen, device=window.device)
+    return x0, confidence
+
+
+def threshold_transfer(confidence: Tensor, masked: int, threshold: float) -> Tensor:
+    """Indices revealed: the top `masked` candidates, the first always, the others at >= threshold."""
+    values, chosen = torch.topk(confidence, k=masked)
+    keep = torch.ones_like(chosen, dtype=torch.bool)
+    keep[1:] = ~(values[1:] < threshold)
+    return chosen[keep]
+
+
+def factor_transfer(confidence: Tensor, mask: Tensor, factor: float) -> Tensor:
+    """Indices revealed by Fast-dLLM's factor rule (`get_transfer_index_dynamic`)."""
+    masked = int(mask.sum())
+    bounds = [-1.0] + [1 - factor / (n + 1) for n in range(2, masked + 1)]
+    ranked = torch.sort(confidence[mask], descending=True)[0]
+    top = 0
+    for top in range(masked):
+        if ranked[top] < bounds[top]:
+            break
+    if top == 0 or top == masked - 1:
+        top += 1
+    return torch.topk(confidence, k=top)[1]
+
+
+class ParallelLLaDAState(DenoiseState):
+    """One request decoded with Fast-dLLM's settings, a step at a time.
+
+    With a cache, a block's first step runs the whole canvas and refreshes the cache; its other
+    steps run a window: the block and everything after it (`prefix`) or the block alone (`dual`).
+    """
+
+    def __init__(self, spec: ArchSpec, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        super().__init__(prompt, cfg, gen, spec.mask_token_id, spec.eos_token_ids)
+        self.vocab = spec.vocab_size
+        self.steps_per_block = cfg.steps // cfg.num_blocks
+        self.block, self.block_step = 0, 0
+        self.quota: Tensor | None = None
+        self.rows: Tensor | None = None
+        self.window = (0, self.x.shape[1])  # the canvas positions this step runs
+        self.cache = block_cache(spec, prompt.numel(), cfg)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.most_steps
+
+    def block_span(self) -> tuple[int, int]:
+        start = self.prompt_length + self.block * self.cfg.block_length
+        return start, start + self.cfg.block_length
+
+    def next_step(self) -> StepInput:
+        start, end = self.block_span()
+        length = self.x.shape[1]
+        if self.block_step == 0 and self.cfg.threshold is None and self.cfg.factor is None:
+            self.quota = llada_transfer_counts(self.x[:, start:end] == self.mask_id, self.steps_per_block)
+        use = None
+        if self.cache is None:
+            self.window = (0, length)
+        elif self.block_step == 0:  # the block's first step: the whole canvas, stored
+            self.window = (0, length)
+            use = CacheUse(self.cache, refresh=True, keep=start if self.cfg.cache == "prefix" else length)
+        else:
+            self.window = (start, length if self.cfg.cache == "prefix" else end)
+            use = CacheUse(self.cache, refresh=False, start=start, length=length)
+        w0, w1 = self.window
+        self.rows = (self.x[0, start:end] == self.mask_id).nonzero().flatten() + (start - w0)
+        return StepInput(self.x[:, w0:w1], self.rows, use)
+
+    def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        w0, w1 = self.window
+        window = self.x[:, w0:w1]
+        if cfg.temperature > 0 and cfg.cache == "prefix" and w0 > 0:  # the reference draws noise it never reads
+            UniformReplay(self.gen, w1 - w0, self.vocab, window.device).finish()
+        chunks = ((rows, lg[0]) for rows, lg in logits())
+        return propose(chunks, window, self.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows)
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        cfg = self.cfg
+        start, end = self.block_span()
+        w0, w1 = self.window
+        x0, x0_p = self.propose(logits)
+        window = self.x[:, w0:w1]  # a view: revealing writes the canvas
+        mask = window == self.mask_id
+        mask[:, end - w0 :] = False
+        confidence = torch.where(mask, x0_p, -torch.inf)[0]
+        if cfg.factor is not None:
+            chosen = factor_transfer(confidence, mask[0], cfg.factor)
+        elif cfg.threshold is not None:
+            chosen = threshold_transfer(confidence, int(mask.sum()), cfg.threshold)
+        else:
+            chosen = torch.topk(confidence, k=int(self.quota[0, self.block_step]))[1]
+        window[0, chosen] = x0[0, chosen]
+        block = self.block
+        self.block_step += 1
+        if not (self.x[0, start:end] == self.mask_id).any():
+            self.block, self.block_step = self.block + 1, 0
+        event = self.finish_step(block, chosen.numel())
+        if self.done and self.cache is not None:
+            self.cache.release()
+        return event
+
+    def finished(self) -> bool:
+        return self.block == self.cfg.num_blocks
+
+
+def block_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> BlockCache | None:
+    """The request's cache at its largest: the prefix before the last block, or the whole canvas."""
+    if cfg.cache in (None, "none"):
+        return None
+    length = prompt_length + cfg.gen_length
+    return BlockCache(spec, length - cfg.block_length if cfg.cache == "prefix" else length)

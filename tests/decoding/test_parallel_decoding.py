@@ -1,0 +1,144 @@
+"""Fast-dLLM's parallel decoding (threshold, factor, prefix and dual block caches) gives the tokens
+of a restatement of Fast-dLLM's LLaDA loops (tests/reference.py `fast_generate`), for LLaDA and
+LLaDA-MoE, bf16 and fp32, eager and Mosaic (mask-only rows in chunks of 3), alone, batched, and
+under a memory budget that chunks the steps; and the caches are counted by every plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.config import GenerationConfigError
+from tests import reference
+
+PROMPT = [5, 17, 42, 99, 7, 64]
+BASE = dict(gen_length=16, steps=8, block_length=8, seed=11)
+
+SETTINGS = [
+    dict(threshold=0.02),
+    dict(threshold=0.05, temperature=0.7),
+    dict(factor=1.0),
+    dict(factor=0.5, remasking="random", temperature=1.0),
+    dict(cache="prefix"),  # the official quota per step, with a cache
+    dict(cache="dual", temperature=0.8),
+    dict(cache="prefix", threshold=0.05, temperature=0.7),
+    dict(cache="prefix", factor=0.5, remasking="random", temperature=1.0),
+    dict(cache="dual", factor=1.0, temperature=0.5),
+    dict(cache="dual", threshold=0.3, remasking="random"),
+]
+
+
+def fast_reference(llm: LLM, family: str, settings: dict) -> tuple[list[int], int]:
+    config, state = reference.load_state(llm.checkpoint.path, llm.checkpoint.dtype)
+    model = reference.llada_logits if family == "llada" else reference.hf_logits
+    s = BASE | {"temperature": 0.0, "remasking": "low_confidence"} | settings
+    torch.manual_seed(s["seed"])
+    x, passes = reference.fast_generate(
+        lambda ids, past, where, presents: model(config, state, ids, past, where, presents),
+        torch.tensor([PROMPT]),
+        s["steps"],
+        s["gen_length"],
+        s["block_length"],
+        s["temperature"],
+        s["remasking"],
+        llm.spec.mask_token_id,
+        s.get("threshold"),
+        s.get("factor"),
+        s.get("cache"),
+    )
+    return x[0, len(PROMPT) :].tolist(), passes
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def dtype(request):
+    return request.param
+
+
+@pytest.mark.parametrize("family", ["llada", "llada_moe"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_tokens_equal_fast_dllm(tiny_checkpoints, family, settings, dtype):
+    expected, passes = fast_reference(LLM(tiny_checkpoints[family], dtype=dtype, executor="eager"), family, settings)
+    for options in ({"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3}):
+        out = LLM(tiny_checkpoints[family], dtype=dtype, **options).generate(
+            PROMPT, GenerationConfig(**BASE, **settings)
+        )
+        assert out[0].token_ids == expected, options
+        assert out[0].forward_passes == passes
+
+
+def test_caches_and_thresholds_change_what_the_test_compares(tiny_checkpoints):
+    """The comparisons above can fail: a cache changes these tokens, a threshold the forward passes."""
+    llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32)
+    runs = {c: llm.generate(PROMPT, GenerationConfig(**BASE, factor=1.0, cache=c))[0] for c in (None, "prefix", "dual")}
+    assert runs[None].token_ids != runs["prefix"].token_ids != runs["dual"].token_ids != runs[None].token_ids
+    official = llm.generate(PROMPT, GenerationConfig(**BASE))[0]
+    assert llm.generate(PROMPT, GenerationConfig(**BASE, threshold=0.02))[0].forward_passes < official.forward_passes
+
+
+@pytest.mark.parametrize("family", ["llada", "llada_moe"])
+def test_batched_and_under_a_budget_each_request_keeps_its_tokens(tiny_checkpoints, family):
+    """Cached and uncached requests in one batch (windows next to whole canvases), then under a
+    budget that chunks the steps: every request's tokens equal the reference's; every step's plan,
+    caches included, within the budget."""
+    path = tiny_checkpoints[family]
+    llm = LLM(path, dtype=torch.float32, executor="eager")
+    picked = [SETTINGS[i] for i in (0, 5, 6, 7, 8, 9)] + [{}]
+    expected = [fast_reference(llm, family, s)[0] if s else None for s in picked]
+    alone = LLM(path, dtype=torch.float32, max_batch=1)
+    expected[-1] = alone.generate(PROMPT, GenerationConfig(**BASE))[0].token_ids  # the official sampler
+    configs = [GenerationConfig(**BASE, **s) for s in picked]
+
+    batched = LLM(path, dtype=torch.float32, max_batch=8)
+    assert [o.token_ids for o in batched.generate([PROMPT] * len(configs), configs)] == expected
+
+    worst = [batched.request(PROMPT, c).worst for c in configs]
+    assert sum(w.cache_bytes for w in worst) > 0
+    peak = batched.executor.plan_batch(worst).predicted_peak_bytes
+    budget = int(peak * 0.7)
+    tight = LLM(path, dtype=torch.float32, max_batch=8, memory_budget=budget)
+    steps = []  # (the step's plan, the caches of the requests it ran)
+    tight.scheduler.on_step = lambda _: steps.append(
+        (tight.executor.last_plan, sum(r.worst.cache_bytes for r in tight.scheduler.running))
+    )
+    assert [o.token_ids for o in tight.generate([PROMPT] * len(configs), configs)] == expected
+    assert max(p.predicted_peak_bytes for p, _ in steps) <= budget
+    assert any(p.graph.shape.cache_keys for p, _ in steps)  # window steps ran, planned with their caches
+    assert all(p.graph.shape.cache_bytes == caches for p, caches in steps)
+
+
+def test_a_request_that_fits_only_without_its_cache_is_refused_before_any_work(tiny_checkpoints):
+    path = tiny_checkpoints["llada"]
+    llm = LLM(path, dtype=torch.float32)
+    cfg = GenerationConfig(gen_length=64, steps=64, block_length=8)
+    plain = llm.executor.plan_for(*llm.request(PROMPT, cfg).worst).predicted_peak_bytes
+    dual = llm.request(PROMPT, GenerationConfig(**(cfg.given() | {"cache": "dual"}))).worst
+    assert dual.cache_bytes > 0
+    tight = LLM(path, dtype=torch.float32, memory_budget=plain + dual.cache_bytes // 2, chunk_groups=())
+    assert tight.generate(PROMPT, cfg)[0].token_ids
+    with pytest.raises(Exception, match="budget"):
+        tight.generate(PROMPT, GenerationConfig(**(cfg.given() | {"cache": "dual"})))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(threshold=0.0), "threshold must be in"),
+        (dict(threshold=1.5), "threshold must be in"),
+        (dict(factor=-1.0), "factor must be > 0"),
+        (dict(threshold=0.9, factor=1.0), "not both"),
+        (dict(cache="full"), "cache must be one of"),
+        (dict(threshold=0.9, cfg_scale=1.0), "classifier-free guidance"),
+        (dict(threshold="high"), "threshold must be a number"),
+    ],
+)
+def test_impossible_combinations_are_refused(tiny_checkpoints, settings, message):
+    llm = LLM(tiny_checkpoints["llada"])
+    with pytest.raises(GenerationConfigError, match=message):
+        llm.generate(PROMPT, GenerationConfig(**BASE, **settings))
+
+
+def test_dream_refuses_fast_dllm_settings_it_does_not_have_yet(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["dream"])
+    with pytest.raises(GenerationConfigError, match="Dream's block sampler is not yet"):
+        llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=8, threshold=0.9))
