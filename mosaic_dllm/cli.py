@@ -34,6 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
             "top_p",
             "top_k",
             "seed",
+            "threshold",
+            "factor",
+            "cache",
         )
     }
     cfg = llm.default_config(**settings, stop_at_eos=args.stop_at_eos or None)
@@ -46,7 +49,7 @@ def _generate(args: argparse.Namespace) -> int:
             f"by `mosaic train` on stdlib docstring summaries: short, docstring-like sentences]",
             file=sys.stderr,
         )
-    bar = tqdm(total=cfg_resolved.steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
+    bar = tqdm(total=cfg_resolved.most_steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
 
     def on_step(event) -> None:
         bar.update(1)
@@ -64,6 +67,13 @@ def _generate(args: argparse.Namespace) -> int:
         print(json.dumps(record))
     else:
         print(out.text)
+    if not args.json and not args.no_progress:
+        tokens = len(out.token_ids)
+        print(
+            f"[{out.forward_passes} forward passes for {tokens} generated tokens "
+            f"({out.forward_passes / tokens:.3g} per token), {out.seconds:.2f} s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -254,6 +264,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.length < 2:
         raise ValueError(f"--length must be at least 2, got {args.length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
+    if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
+        from dataclasses import replace
+
+        from .models.kv_cache import BlockCache
+
+        positions = args.length - args.block_length if args.cache == "prefix" else args.length
+        if positions < 1:
+            raise ValueError(f"--block-length ({args.block_length}) must be shorter than --length ({args.length})")
+        shape = replace(shape, cache_bytes=BlockCache(spec, positions).nbytes(dtype))
     sampler = shape.sampler_row_bytes
     plans = PlanCache(spec, dtype)
     summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")}
@@ -283,7 +302,9 @@ def _plan(args: argparse.Namespace) -> int:
         f"  workspace        {mb(plan.workspace_bytes)} at most outside the arena at once (attention kernel "
         f"output, MoE routing and experts, the sampler's {sampler} bytes per logits row at temperature 0)"
     )
-    print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (arena + workspace)")
+    if shape.cache_bytes:
+        print(f"  block cache      {mb(shape.cache_bytes)} ({args.cache}), alive across steps outside the arena")
+    print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (arena + workspace + cache)")
     print(f"  peak at          {summary['peak_op']} ({summary['peak_group']})")
     print(f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers")
     print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
@@ -312,7 +333,8 @@ def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> in
 
     def fits(n: int) -> bool:
         try:
-            chosen[n] = fit(plans, replace(shape, lengths=shape.lengths * n), budget, explain=False).plan
+            many = replace(shape, lengths=shape.lengths * n, cache_bytes=shape.cache_bytes * n)
+            chosen[n] = fit(plans, many, budget, explain=False).plan
         except DoesNotFit:
             return False
         return True
@@ -462,6 +484,19 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alg-temp", type=float, help="Dream")
     g.add_argument("--top-p", type=float, help="Dream")
     g.add_argument("--top-k", type=int, help="Dream")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        help="Fast-dLLM parallel decoding (LLaDA): reveal every masked token of the block at or above this "
+        "confidence, at least one a step. An approximation of the official sampler, exact to Fast-dLLM",
+    )
+    g.add_argument("--factor", type=float, help="Fast-dLLM's factor-based variant of --threshold (LLaDA)")
+    g.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        help="Fast-dLLM block K/V cache (LLaDA): reuse the prompt's and finished blocks' K/V (prefix), also "
+        "the later blocks' (dual), within a block. An approximation of the official sampler, exact to Fast-dLLM",
+    )
     g.add_argument("--seed", type=int)
     g.add_argument("--stop-at-eos", action="store_true", help="stop once the text before the first EOS is final")
 
@@ -490,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_row_chunk_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary on stderr")
     p.add_argument(
         "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
     )
@@ -573,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
     _add_row_chunk_flag(p)
     p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
+    p.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        default="none",
+        help="Fast-dLLM block cache the request keeps (its bytes join the plan)",
+    )
+    p.add_argument("--block-length", type=int, default=32, help="--cache prefix: the block the cache stops before")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
     p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -39,7 +39,7 @@ from .engine import LLM
 
 log = logging.getLogger(__name__)
 GENERATION_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
-GENERATION_KEYS += ("alg", "alg_temp", "top_p", "top_k", "seed", "stop_at_eos")
+GENERATION_KEYS += ("alg", "alg_temp", "top_p", "top_k", "seed", "stop_at_eos", "threshold", "factor", "cache")
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
 
 
@@ -58,8 +58,9 @@ class MosaicLM(LM):
         """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
         (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context) and generation settings
         (gen_length, steps, block_length, temperature, cfg_scale, remasking, alg, alg_temp, top_p,
-        top_k, seed, stop_at_eos) as in `LLM` and `GenerationConfig`; `mc_num` and `mc_batch_size`
-        (the official `batch_size`) for the likelihood; `likelihood_seed` seeds its generator.
+        top_k, seed, stop_at_eos; Fast-dLLM's threshold, factor, cache) as in `LLM` and
+        `GenerationConfig`; `mc_num` and `mc_batch_size` (the official `batch_size`) for the
+        likelihood; `likelihood_seed` seeds its generator.
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""
         super().__init__()
         unknown = set(settings) - set(GENERATION_KEYS) - set(ENGINE_KEYS)

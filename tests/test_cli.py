@@ -61,9 +61,25 @@ def test_generate_plain_text_and_flags(tiny_checkpoints, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("threshold", ["0.9", "0.1"])
+def test_generate_with_threshold_and_dual_cache_prints_its_forward_passes(threshold, capsys):
+    """The default model with Fast-dLLM's settings: the forward passes said on stderr. Its confidences
+    rarely reach 0.9 (one token a step); at 0.1 several tokens share a step."""
+    args = ["generate", "--prompt", "Return the number of", "--threshold", threshold, "--cache", "dual", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["cache"] == "dual" and out["settings"]["threshold"] == float(threshold)
+    assert out["forward_passes"] < len(out["token_ids"]) or threshold == "0.9"
+    assert main(args[:-1]) == 0
+    err = capsys.readouterr().err
+    assert f"{out['forward_passes']} forward passes for {len(out['token_ids'])} generated tokens" in err
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
+        (["--threshold", "1.5"], "threshold must be in (0, 1]"),
+        (["--cache", "dual", "--cfg-scale", "1"], "no classifier-free guidance"),
         (["--gen-length", "10", "--block-length", "4"], "must be divisible by block_length"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--prompt", ""], "the prompt is empty"),
@@ -150,3 +166,24 @@ def test_plan_max_batch_is_the_most_requests_whose_batched_step_fits(capsys):
     with pytest.raises(DoesNotFit):  # one more request does not fit, chunked as far as the search goes
         fit(PlanCache(spec, torch.bfloat16), replace(shape, lengths=shape.lengths * (most + 1)), 1 << 30, explain=False)
     assert main(argv[:-2]) == 2 and "--max-batch needs --budget" in capsys.readouterr().err
+
+
+def test_plan_counts_a_block_cache(capsys):
+    """With --cache the request's block cache joins the plan: the same arena, a peak larger by the
+    cache (2 layers x L x K and V x 4096 x bf16 for dual), and fewer requests per batched step."""
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "1024", "--json"]
+    records = {}
+    for cache in ("none", "dual"):
+        assert main([*argv, "--cache", cache]) == 0
+        records[cache] = json.loads(capsys.readouterr().out)
+    dual = 2 * 2 * 1024 * 4096 * 2
+    assert records["dual"]["cache_bytes"] == dual and records["none"]["cache_bytes"] == 0
+    assert (
+        records["dual"]["predicted_peak_activation_bytes"] == records["none"]["predicted_peak_activation_bytes"] + dual
+    )
+    batch = ["--max-batch", "--budget", "1GiB"]
+    most = {}
+    for cache in ("none", "prefix", "dual"):
+        assert main([*argv, *batch, "--cache", cache, "--block-length", "512"]) == 0  # prefix: half the canvas
+        most[cache] = json.loads(capsys.readouterr().out)["max_batch"]
+    assert most["dual"] < most["prefix"] < most["none"]

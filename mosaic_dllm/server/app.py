@@ -40,6 +40,17 @@ from .worker import GenerationWorker, Job, QueueFull, ServerShuttingDown
 log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 1
 PAGE = Path(__file__).parent / "page.html"
+# What the model card says about decoding: the default is the official sampler; the rest are opt-in.
+DECODING = {
+    "default": "the official sampler of the model's family (tokens equal the official code's)",
+    "approximations": {
+        "threshold": "Fast-dLLM parallel decoding (LLaDA / LLaDA-MoE): every masked token of the block at or "
+        "above the confidence threshold a step; an approximation of the official sampler, exact to Fast-dLLM",
+        "factor": "Fast-dLLM's factor-based threshold; an approximation of the official sampler, exact to Fast-dLLM",
+        "cache": "Fast-dLLM block K/V cache, prefix or dual (LLaDA / LLaDA-MoE); an approximation of the "
+        "official sampler, exact to Fast-dLLM; counted in every memory plan",
+    },
+}
 
 
 class APIError(Exception):
@@ -126,7 +137,7 @@ class Service:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def models(self) -> dict:
-        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm"}
+        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm", "decoding": DECODING}
         return {"object": "list", "data": [card]}
 
     # -- generation routes ---------------------------------------------------------------------
@@ -224,6 +235,7 @@ class Service:
         self.metrics.requests.labels(path, "200").inc()
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
         self.metrics.generated_tokens.inc(len(out.token_ids))
+        self.metrics.forward_passes.inc(out.forward_passes)
         self.metrics.request_latency.observe(time.perf_counter() - start)
         return out
 

@@ -19,6 +19,13 @@ class Metrics:
         self.rejections = Counter("mosaic_rejections", "Requests refused, by reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("mosaic_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("mosaic_generated_tokens", "Tokens generated", registry=r)
+        self.forward_passes = Counter(
+            "mosaic_forward_passes",
+            "Forward passes of finished requests (a batched step counts once per request); divided by "
+            "mosaic_generated_tokens: forward passes per generated token (1 for the official samplers at "
+            "steps = gen_length, less with threshold decoding)",
+            registry=r,
+        )
         self.queue_length = Gauge("mosaic_queue_length", "Admitted requests waiting for the engine", registry=r)
         self.step_latency = Histogram(
             "mosaic_step_latency_seconds",

@@ -37,6 +37,18 @@ class Sampling(BaseModel):
     top_k: int | None = Field(None, ge=1)
     cfg_scale: float | None = Field(None, ge=0)
     stop_at_eos: bool | None = None
+    # Fast-dLLM's parallel decoding (LLaDA / LLaDA-MoE): approximations of the official sampler
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="reveal every masked token of the block at or above this confidence (at least one a step); "
+        "Fast-dLLM's decoding, an approximation of the official sampler",
+    )
+    factor: float | None = Field(None, gt=0, description="Fast-dLLM's factor-based variant of threshold")
+    cache: Literal["none", "prefix", "dual"] | None = Field(
+        None, description="Fast-dLLM's block K/V cache; an approximation of the official sampler"
+    )
 
     def generation_settings(self) -> dict:
         """The GenerationConfig overrides this request sets (None: the model's default)."""
@@ -53,6 +65,9 @@ class Sampling(BaseModel):
             "cfg_scale": self.cfg_scale,
             "seed": self.seed,
             "stop_at_eos": self.stop_at_eos,
+            "threshold": self.threshold,
+            "factor": self.factor,
+            "cache": self.cache,
         }
 
 

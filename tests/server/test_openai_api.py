@@ -59,6 +59,29 @@ def test_completion_round_trip_matches_the_engine(server, tiny_checkpoints):
     assert settings["remasking"] == "low_confidence" and settings["temperature"] == 0.0
 
 
+def test_fast_dllm_settings_round_trip_and_count_forward_passes(server):
+    """threshold and a cache as request fields; the model card says they approximate the official
+    sampler; /metrics counts forward passes next to generated tokens."""
+    url, app = server
+    card = get_json(f"{url}/v1/models")["data"][0]
+    assert "approximation of the official sampler" in card["decoding"]["approximations"]["cache"]
+    before = app.state.llm  # the same engine answers directly
+    result = client(url).completions.create(
+        model="tiny-llada",
+        prompt="The quick",
+        max_tokens=8,
+        extra_body={"steps": 8, "block_length": 4, "threshold": 0.05, "cache": "dual", "seed": 3},
+    )
+    cfg = before.default_config(gen_length=8, steps=8, block_length=4, threshold=0.05, cache="dual", seed=3)
+    direct = before.generate("The quick", cfg)[0]
+    assert result.choices[0].text == direct.text and result.model_extra["settings"]["cache"] == "dual"
+    metrics = httpx.get(f"{url}/metrics").text
+    passes = next(
+        float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("mosaic_forward_passes_total")
+    )
+    assert passes >= direct.forward_passes
+
+
 def test_chat_round_trip(server):
     url, _ = server
     result = client(url).chat.completions.create(
@@ -131,6 +154,10 @@ def test_denoising_events_show_the_canvas_filling_in(server):
         ({"prompt": "hi", "max_tokens": 8, "model": "gpt-4"}, 404, "not served here"),
         ({"prompt": "hi " * 300, "max_tokens": 8}, 400, "context"),
         ({"prompt": "hi", "max_tokens": 256}, 400, "context"),
+        ({"prompt": "hi", "max_tokens": 8, "threshold": 1.5}, 422, "threshold"),
+        ({"prompt": "hi", "max_tokens": 8, "cache": "full"}, 422, "cache"),
+        ({"prompt": "hi", "max_tokens": 8, "threshold": 0.9, "factor": 1.0}, 400, "not both"),
+        ({"prompt": "hi", "max_tokens": 8, "cache": "dual", "cfg_scale": 1.0}, 400, "classifier-free guidance"),
     ],
 )
 def test_bad_requests_get_clear_errors(server, body, status, needle):
