@@ -9,7 +9,7 @@ to the plan's prediction (which counts the block cache).
     python benchmarks/fast_decoding.py --thresholds 0.9 0.1 --out benchmarks/results/fast_decoding_default.json
 
 (b) A random llada-8b checkpoint (2 layers): the first steps of one request (a block's first step
-    runs the whole canvas; with a cache, the others run a window), time and memory per pass.
+    runs the whole canvas; with a cache, the others run a window), time (median) and memory per pass.
 
     python benchmarks/fast_decoding.py --preset llada-8b --layers 2 --prompt-tokens 512 --gen 256 \\
         --block 32 --steps-per-setting 4 --out benchmarks/results/fast_decoding_llada8b.json
@@ -28,6 +28,11 @@ import torch
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.memory.accounting import LiveTensorTracker
 from mosaic_dllm.memory.sizes import mib
+
+
+def size(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 10 << 20 else mib(n)
+
 
 PROMPTS = [
     "Return the number of",
@@ -56,6 +61,13 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
     request = llm.request(prompt, cfg)
     llm.scheduler.submit(request)
     steps: list[dict] = []
+    plans, arenas = [], []  # each step's plan and arena, taken before an idle scheduler releases them
+
+    def record(_: float) -> None:
+        plans.append(llm.executor.last_plan)
+        arenas.append(llm.executor.arena_bytes)
+
+    llm.scheduler.on_step = record
     tracker = LiveTensorTracker() if track else None
     if tracker is not None:
         tracker.__enter__()
@@ -64,7 +76,7 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
             begin, first = time.perf_counter(), len(tracker.timeline.records) if tracker else 0
             llm.scheduler.step()
             seconds = time.perf_counter() - begin
-            plan = llm.executor.last_plan
+            plan = plans[-1]
             row = {
                 "seconds": seconds,
                 "kind": "window" if plan.graph.shape.cache_keys else "whole canvas",
@@ -74,7 +86,7 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
             }
             if tracker is not None:
                 live = max((r.live_bytes for r in tracker.timeline.records[first:]), default=0)
-                row["measured_peak_bytes"] = live + llm.executor.arena_bytes
+                row["measured_peak_bytes"] = live + arenas[-1]
             steps.append(row)
     finally:
         if tracker is not None:
@@ -128,7 +140,7 @@ def preset_model(args) -> dict:
             row[kind] = {
                 "passes": len(mine),
                 "tokens_per_pass": timed[mine[0]]["tokens"],
-                "seconds_per_pass": statistics.mean(timed[i]["seconds"] for i in mine),
+                "seconds_per_pass": statistics.median(timed[i]["seconds"] for i in mine),
                 "measured_peak_bytes": max(tracked[i]["measured_peak_bytes"] for i in mine),
                 "predicted_peak_bytes": max(tracked[i]["predicted_peak_bytes"] for i in mine),
                 "cache_bytes": tracked[mine[0]]["cache_bytes"],
@@ -143,15 +155,15 @@ def print_table(record: dict) -> None:
         if "passes_per_token" in row:
             print(
                 f"{name:32} passes/token {row['passes_per_token']:.3f}  s/token {row['seconds_per_token']:.4f}  "
-                f"peak {mib(row['measured_peak_bytes'])} measured, {mib(row['predicted_peak_bytes'])} planned "
-                f"(cache {mib(row['cache_bytes'])})"
+                f"peak {size(row['measured_peak_bytes'])} measured, {size(row['predicted_peak_bytes'])} planned "
+                f"(cache {size(row['cache_bytes'])})"
             )
             continue
         for kind, r in row.items():
             print(
                 f"{name:32} {kind:12} {r['tokens_per_pass']:5} tokens  {r['seconds_per_pass']:.3f} s/pass  "
-                f"peak {mib(r['measured_peak_bytes'])} measured, {mib(r['predicted_peak_bytes'])} planned "
-                f"(cache {mib(r['cache_bytes'])})"
+                f"peak {size(r['measured_peak_bytes'])} measured, {size(r['predicted_peak_bytes'])} planned "
+                f"(cache {size(r['cache_bytes'])})"
             )
 
 

@@ -487,15 +487,16 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threshold",
         type=float,
-        help="Fast-dLLM parallel decoding (LLaDA): reveal every masked token of the block at or above this "
+        help="Fast-dLLM parallel decoding: reveal every masked token of the block at or above this "
         "confidence, at least one a step. An approximation of the official sampler, exact to Fast-dLLM",
     )
     g.add_argument("--factor", type=float, help="Fast-dLLM's factor-based variant of --threshold (LLaDA)")
     g.add_argument(
         "--cache",
         choices=["none", "prefix", "dual"],
-        help="Fast-dLLM block K/V cache (LLaDA): reuse the prompt's and finished blocks' K/V (prefix), also "
-        "the later blocks' (dual), within a block. An approximation of the official sampler, exact to Fast-dLLM",
+        help="Fast-dLLM block K/V cache: reuse the prompt's and finished blocks' K/V (prefix), also the later "
+        "blocks' (dual), within a block (Dream: required with --block-length). An approximation of the "
+        "official sampler, exact to Fast-dLLM",
     )
     g.add_argument("--seed", type=int)
     g.add_argument("--stop-at-eos", action="store_true", help="stop once the text before the first EOS is final")

@@ -558,3 +558,79 @@ def fast_generate(
                 x[:, start:end][chosen] = x0[chosen]
             i += 1
     return x, passes
+
+
+@torch.no_grad()
+def fast_dream_generate(
+    forward, prompt, gen_length, steps, block_length, temperature, top_p, top_k, alg_temp, eps, mask_id, threshold, dual
+):
+    """Fast-dLLM's Dream block sampler (dream/model/generation_utils_block.py `_sample`), batch of
+    one: alg confidence_threshold when `threshold` is given, else its entropy quota; always cached
+    (prefix, or dual). `forward(ids, past, replace_position, presents)` -> logits."""
+    x = F.pad(prompt, (0, gen_length), value=mask_id)
+    num_blocks = gen_length // block_length
+    per_block = steps // num_blocks
+    timesteps = torch.linspace(1, eps, per_block + 1)
+
+    def shifted(logits):
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+    for b in range(num_blocks):
+        start = prompt.shape[1] + b * block_length
+        end = start + block_length
+        presents = []
+        logits = shifted(forward(x, None, None, presents))
+        _, x0 = sample_tokens(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        x[:, start] = x0[:, start]
+        if dual:
+            past = presents
+            replace_position = torch.zeros_like(x, dtype=torch.bool)
+            replace_position[:, start:end] = True
+        else:
+            past = [(k[:, :, :start], v[:, :, :start]) for k, v in presents]
+        i = 1
+        while True:
+            stop = end if dual else x.shape[1]
+            mask_index = x[:, start:stop] == mask_id
+            logits = shifted(forward(x[:, start:stop], past, replace_position if dual else None, None))
+            if threshold is not None:
+                confidence, x0 = sample_tokens(logits[mask_index], temperature=temperature, top_p=top_p, top_k=top_k)
+                proposal = torch.zeros_like(x[:, start:stop]) + mask_id
+                full = torch.full_like(x[:, start:stop], -torch.inf, dtype=logits.dtype)
+                proposal[mask_index] = x0.clone()
+                full[mask_index] = confidence
+                full[:, block_length:] = -torch.inf
+                count = (x[:, start:end] == mask_id).sum()
+                chosen_confidence, chosen = torch.topk(full, count)
+                transfer = torch.zeros_like(proposal, dtype=torch.bool)
+                transfer[0, chosen[0]] = True
+                for k in range(1, count):
+                    if chosen_confidence[0, k] < threshold:
+                        transfer[0, chosen[0, k]] = False
+                x[:, start:stop][transfer] = proposal[transfer]
+            else:
+                if i == per_block:
+                    break
+                t, s = timesteps[i], timesteps[i + 1]
+                mask_index[:, block_length:] = False
+                confidence, x0 = sample_tokens(
+                    logits[mask_index], temperature, top_p=top_p, top_k=top_k, neg_entropy=True
+                )
+                num = mask_index.sum() / mask_index.shape[0]
+                n = int(num * (1 - s / t)) if i < per_block - 1 else int(num)
+                full = torch.full_like(x[:, start:stop], -torch.inf, dtype=logits.dtype)
+                full[mask_index] = confidence
+                full[:, block_length:] = -torch.inf
+                if n > 0:
+                    if alg_temp is None or alg_temp == 0:
+                        _, transfer = torch.topk(full, n)
+                    else:
+                        transfer = torch.multinomial(F.softmax(full / alg_temp, dim=-1), num_samples=n)
+                    proposal = torch.zeros_like(x[:, start:stop]) + mask_id
+                    proposal[mask_index] = x0.clone()
+                    rows = torch.arange(x.size(0)).unsqueeze(1).expand_as(transfer)
+                    x[:, start:stop][rows, transfer] = proposal[rows, transfer]
+                i += 1
+            if (x[:, start:end] == mask_id).sum() == 0:
+                break
+    return x

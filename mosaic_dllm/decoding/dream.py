@@ -13,6 +13,7 @@ code gathers them. The per-row maths is the official one.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,11 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig, GenerationConfigError
+from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
+from .parallel import block_cache
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
@@ -156,6 +159,7 @@ class DreamSampler:
     bench_settings: dict = {"alg": "maskgit_plus", "temperature": 0.0}  # origin reads a random subset of rows
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
+        self.spec = spec
         self.mask_id, self.eos_ids, self.shift = spec.mask_token_id, spec.eos_token_ids, spec.logit_shift
         self.context = spec.max_position_embeddings
         self.defaults = official_defaults(model_config or {})
@@ -168,28 +172,34 @@ class DreamSampler:
             gen_length = min(d["max_length"] + prompt_length, self.context) - prompt_length
         else:  # a configured max_length counts the prompt
             gen_length = d["max_length"] - prompt_length
-        cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
-        cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
-        cfg.check_common()
 
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
+        if cfg.parallel:  # Fast-dLLM's block sampler ranks by entropy, or reveals by threshold
+            block_alg = "confidence_threshold" if cfg.threshold is not None else "entropy"
+            if cfg.alg not in (None, block_alg):
+                fail(
+                    "Fast-dLLM's Dream block sampler ranks by entropy (alg entropy), or with a threshold by "
+                    f"confidence (alg confidence_threshold); got alg {cfg.alg!r}"
+                )
+            cfg = replace(cfg, alg=block_alg)
+        cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
+        cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
+        cfg.check_common()
+
         most = max(cfg.gen_length, DREAM_CONFIG_DEFAULTS["steps"])
         if cfg.steps > most:
             fail(f"steps ({cfg.steps}) must be at most {most} (the larger of gen_length and Dream's default 512)")
-        if cfg.block_length not in (None, cfg.gen_length):
-            fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
         if cfg.parallel:
-            fail(
-                "threshold / factor / cache (Fast-dLLM's parallel decoding) are implemented for LLaDA and "
-                "LLaDA-MoE; Dream's block sampler is not yet: leave them unset for Dream"
-            )
+            self.check_block_sampler(cfg)
+        elif cfg.block_length not in (None, cfg.gen_length):
+            fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
         if cfg.cfg_scale:
             fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
         if cfg.remasking not in (None, "low_confidence"):
             fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
-        if cfg.alg not in ALGS:
+        if cfg.alg not in ALGS and not cfg.parallel:
             fail(f"alg must be one of {ALGS}, got {cfg.alg!r}")
         if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {cfg.top_p}")
@@ -200,6 +210,29 @@ class DreamSampler:
         if not 0 < cfg.eps < 1:
             fail(f"eps must be in (0, 1), got {cfg.eps}")
         return cfg
+
+    @staticmethod
+    def check_block_sampler(cfg: GenerationConfig) -> None:
+        """Fast-dLLM's Dream sampler (`generation_utils_block.py`): blocks, always a cache."""
+        if cfg.factor is not None:
+            raise GenerationConfigError("factor is Fast-dLLM's LLaDA rule; its Dream block sampler has threshold only")
+        if cfg.cache not in ("prefix", "dual"):
+            raise GenerationConfigError(
+                "Fast-dLLM's Dream block sampler always keeps a block cache: set cache to prefix or dual"
+            )
+        if cfg.block_length is None:
+            raise GenerationConfigError("a Dream block cache needs blocks: set block_length (Fast-dLLM uses 32)")
+        if isinstance(cfg.block_length, bool) or not isinstance(cfg.block_length, int) or cfg.block_length < 1:
+            raise GenerationConfigError(f"block_length must be a positive integer, got {cfg.block_length!r}")
+        if cfg.gen_length % cfg.block_length:
+            raise GenerationConfigError(
+                f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})"
+            )
+        if cfg.steps % cfg.num_blocks:
+            raise GenerationConfigError(
+                f"steps ({cfg.steps}) must be divisible by the number of blocks "
+                f"(gen_length / block_length = {cfg.num_blocks})"
+            )
 
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         return 1
@@ -214,13 +247,16 @@ class DreamSampler:
         return measure_row_bytes(reduce, 1, vocab, dtype, device)
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
-        return 0
+        cache = block_cache(self.spec, prompt_length, cfg)
+        return cache.nbytes(dtype) if cache is not None else 0
 
     def hidden_rows(self, positions: Tensor) -> Tensor:
         """The hidden rows whose logits are those of `positions`."""
         return (positions - 1).clamp(min=0) if self.shift else positions
 
-    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> DreamState:
+    def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> DreamState | BlockDreamState:
+        if cfg.parallel:
+            return BlockDreamState(self, prompt, cfg, gen)
         return DreamState(self, prompt, cfg, gen)
 
     def first_step(self, state: DreamState) -> StepInput:
@@ -290,3 +326,116 @@ class DreamState(DenoiseState):
                 batch = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer)
                 x[batch, transfer] = x_[batch, transfer]
         return self.finish_step(0, before - int((x == mask_id).sum()))
+
+
+class BlockDreamState(DenoiseState):
+    """Fast-dLLM's Dream block sampler (dream/model/generation_utils_block.py), a step at a time.
+
+    An approximation of the official sampler, exact to Fast-dLLM. Per block: a step over the whole
+    canvas refreshes the cache and reveals the block's first position alone (sampled over every
+    row, as the reference samples them); then steps over a window (the block and all after it, or
+    the block alone with `dual`), whose logits are shifted within the window (its first position
+    reads its own row). Each window step reveals, of the block's masked positions, every one at or
+    above `threshold` (at least one), or by negative entropy the official quota of the block's
+    timesteps; a block runs at most `steps / blocks` steps.
+    """
+
+    def __init__(self, sampler: DreamSampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        super().__init__(prompt, cfg, gen, sampler.mask_id, sampler.eos_ids)
+        self.sampler = sampler
+        self.steps_per_block = cfg.steps // cfg.num_blocks
+        self.timesteps = dream_timesteps(self.steps_per_block, cfg.eps, self.x.device)
+        self.block, self.block_step = 0, 0
+        self.cache = block_cache(sampler.spec, prompt.numel(), cfg)
+        self.window = (0, self.x.shape[1])
+        self.positions: Tensor | None = None  # window positions whose logits the step reads
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.most_steps if self.cfg.threshold is None else self.cfg.gen_length
+
+    def block_span(self) -> tuple[int, int]:
+        start = self.prompt_length + self.block * self.cfg.block_length
+        return start, start + self.cfg.block_length
+
+    def next_step(self) -> StepInput:
+        start, end = self.block_span()
+        length = self.x.shape[1]
+        if self.block_step == 0:  # the whole canvas; every row sampled when sampling draws randomness
+            self.window = (0, length)
+            use = CacheUse(self.cache, refresh=True, keep=start if self.cfg.cache == "prefix" else length)
+            every = self.cfg.temperature > 0
+            self.positions = torch.arange(length) if every else torch.tensor([start])
+        else:
+            self.window = (start, length if self.cfg.cache == "prefix" else end)
+            use = CacheUse(self.cache, refresh=False, start=start, length=length)
+            masked = self.x[0, self.window[0] : self.window[1]] == self.mask_id
+            if self.cfg.threshold is None:
+                masked[self.cfg.block_length :] = False
+            self.positions = masked.nonzero().flatten()
+        self.positions = self.positions.to(self.x.device)
+        w0, w1 = self.window
+        return StepInput(self.x[:, w0:w1], self.wanted(), use)
+
+    def wanted(self) -> Tensor:
+        """The hidden rows the step reads: each position's, each row once (every position of the
+        canvas reads rows 0 .. L - 2, position 0 and 1 both row 0; see `propose`)."""
+        if self.sampler.shift and self.positions.numel() == self.window[1] - self.window[0]:
+            return self.positions[:-1]
+        return self.sampler.hidden_rows(self.positions)
+
+    def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
+        cfg, w0, w1 = self.cfg, *self.window
+        wanted = self.wanted()
+        every = wanted.numel() < self.positions.numel()  # every position: row 0 read twice, in order
+
+        def rows() -> Chunks:
+            for part, lg in select_rows(logits(), wanted, w1 - w0):
+                if every and part.start == 0:
+                    yield self.positions[:1], lg[0, :1]
+                yield (wanted[part] + 1, lg[0]) if every else (self.positions[part], lg[0])
+
+        rank = {"neg_entropy": True} if self.block_step and cfg.threshold is None else {}
+        return sample_rows(rows, self.gen, cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **rank)
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        cfg, mask_id = self.cfg, self.sampler.mask_id
+        start, end = self.block_span()
+        w0, w1 = self.window
+        confidence, x0 = self.propose(logits)
+        window = self.x[0, w0:w1]  # a view: revealing writes the canvas
+        before = int((self.x[0, start:end] == mask_id).sum())
+        if self.block_step == 0:
+            window[start] = x0[self.positions == start][0]
+        else:
+            full = torch.full((w1 - w0,), -torch.inf, dtype=confidence.dtype, device=window.device)
+            full[self.positions] = confidence
+            full[cfg.block_length :] = -torch.inf
+            if cfg.threshold is not None:
+                values, chosen = torch.topk(full, before)
+                chosen = chosen[torch.cat([values.new_ones(1, dtype=torch.bool), ~(values[1:] < cfg.threshold)])]
+            else:
+                mask = torch.zeros_like(window, dtype=torch.bool)
+                mask[self.positions] = True
+                n = dream_transfer_count(mask[None], self.block_step, self.steps_per_block, self.timesteps)
+                chosen = self.positions[:0]
+                if n > 0 and (cfg.alg_temp is None or cfg.alg_temp == 0):
+                    chosen = torch.topk(full, n)[1]
+                elif n > 0:
+                    weights = F.softmax(full / cfg.alg_temp, dim=-1)
+                    chosen = torch.multinomial(weights, num_samples=n, generator=self.gen)
+            proposal = torch.full_like(window, mask_id)
+            proposal[self.positions] = x0
+            window[chosen] = proposal[chosen]
+        block = self.block
+        self.block_step += 1
+        quota_spent = cfg.threshold is None and self.block_step == self.steps_per_block
+        if quota_spent or not (self.x[0, start:end] == mask_id).any():  # the reference moves on
+            self.block, self.block_step = self.block + 1, 0
+        event = self.finish_step(block, before - int((self.x[0, start:end] == mask_id).sum()))
+        if self.done and self.cache is not None:
+            self.cache.release()
+        return event
+
+    def finished(self) -> bool:
+        return self.block == self.cfg.num_blocks

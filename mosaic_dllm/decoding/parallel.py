@@ -1,4 +1,5 @@
-"""Fast-dLLM's parallel decoding for LLaDA / LLaDA-MoE (NVlabs/Fast-dLLM llada/generate.py), opt-in.
+"""Fast-dLLM's parallel decoding for LLaDA / LLaDA-MoE (NVlabs/Fast-dLLM llada/generate.py), opt-in;
+Dream's block sampler is `dream.BlockDreamState` (it shares the block cache made here).
 
 An approximation of the official sampler, exact to Fast-dLLM's code: semi-autoregressive blocks as
 the official sampler, but a block runs until none of its positions is masked, and a step reveals

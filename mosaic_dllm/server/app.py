@@ -44,11 +44,12 @@ PAGE = Path(__file__).parent / "page.html"
 DECODING = {
     "default": "the official sampler of the model's family (tokens equal the official code's)",
     "approximations": {
-        "threshold": "Fast-dLLM parallel decoding (LLaDA / LLaDA-MoE): every masked token of the block at or "
-        "above the confidence threshold a step; an approximation of the official sampler, exact to Fast-dLLM",
-        "factor": "Fast-dLLM's factor-based threshold; an approximation of the official sampler, exact to Fast-dLLM",
-        "cache": "Fast-dLLM block K/V cache, prefix or dual (LLaDA / LLaDA-MoE); an approximation of the "
-        "official sampler, exact to Fast-dLLM; counted in every memory plan",
+        "threshold": "Fast-dLLM parallel decoding: every masked token of the block at or above the confidence "
+        "threshold a step; an approximation of the official sampler, exact to Fast-dLLM",
+        "factor": "Fast-dLLM's factor-based threshold (LLaDA / LLaDA-MoE); an approximation of the official "
+        "sampler, exact to Fast-dLLM",
+        "cache": "Fast-dLLM block K/V cache, prefix or dual (Dream: its block sampler, which needs one); an "
+        "approximation of the official sampler, exact to Fast-dLLM; counted in every memory plan",
     },
 }
 

@@ -1,7 +1,8 @@
 """Fast-dLLM's parallel decoding (threshold, factor, prefix and dual block caches) gives the tokens
-of a restatement of Fast-dLLM's LLaDA loops (tests/reference.py `fast_generate`), for LLaDA and
-LLaDA-MoE, bf16 and fp32, eager and Mosaic (mask-only rows in chunks of 3), alone, batched, and
-under a memory budget that chunks the steps; and the caches are counted by every plan."""
+of a restatement of Fast-dLLM's loops (tests/reference.py `fast_generate` for LLaDA and LLaDA-MoE,
+`fast_dream_generate` for Dream's block sampler), bf16 and fp32, eager and Mosaic (mask-only rows
+in chunks of 3), alone, batched, and under a memory budget that chunks the steps; and the caches
+are counted by every plan."""
 
 from __future__ import annotations
 
@@ -138,7 +139,80 @@ def test_impossible_combinations_are_refused(tiny_checkpoints, settings, message
         llm.generate(PROMPT, GenerationConfig(**BASE, **settings))
 
 
-def test_dream_refuses_fast_dllm_settings_it_does_not_have_yet(tiny_checkpoints):
+DREAM_SETTINGS = [
+    dict(cache="prefix", threshold=0.05),
+    dict(cache="dual", threshold=0.05),
+    dict(cache="prefix"),  # the entropy quota
+    dict(cache="dual"),
+    dict(cache="prefix", threshold=0.1, temperature=0.8, top_p=0.9),
+    dict(cache="dual", temperature=0.5, alg_temp=0.3),
+    dict(cache="dual", steps=2),  # one step a block: the reference leaves the rest masked
+]
+
+
+@pytest.mark.parametrize("settings", DREAM_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_dream_tokens_equal_fast_dllm_block_sampler(tiny_checkpoints, settings, dtype):
+    """Dream's settings left unset resolve as the official call (temperature 0 given here, top_k 50)."""
+    cfg = GenerationConfig(**(dict(gen_length=16, steps=8, block_length=8, temperature=0.0, seed=11) | settings))
+    outs = [
+        LLM(tiny_checkpoints["dream"], dtype=dtype, **options).generate(PROMPT, cfg)[0]
+        for options in ({"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3})
+    ]
+    s = outs[0].settings
+    config, state = reference.load_state(tiny_checkpoints["dream"], dtype)
+    torch.manual_seed(11)
+    x = reference.fast_dream_generate(
+        lambda ids, past, where, presents: reference.hf_logits(config, state, ids, past, where, presents),
+        torch.tensor([PROMPT]),
+        s["gen_length"],
+        s["steps"],
+        s["block_length"],
+        s["temperature"],
+        s.get("top_p"),
+        s.get("top_k"),
+        s.get("alg_temp"),
+        s["eps"],
+        LLM(tiny_checkpoints["dream"]).spec.mask_token_id,
+        s.get("threshold"),
+        s["cache"] == "dual",
+    )
+    assert outs[0].token_ids == outs[1].token_ids == x[0, len(PROMPT) :].tolist()
+
+
+def test_dream_block_requests_batched_under_a_budget_keep_their_tokens_alone(tiny_checkpoints):
+    path = tiny_checkpoints["dream"]
+    base = dict(gen_length=16, steps=8, temperature=0.0, seed=11)
+    configs = [GenerationConfig(**(base | {"block_length": 8} | s)) for s in DREAM_SETTINGS[:6]]
+    configs.append(GenerationConfig(**base, alg="maskgit_plus"))  # the official sampler alongside
+    alone = LLM(path, dtype=torch.float32, max_batch=1)
+    expected = [alone.generate(PROMPT, c)[0].token_ids for c in configs]
+    roomy = LLM(path, dtype=torch.float32, max_batch=8)
+    peak = roomy.executor.plan_batch([roomy.request(PROMPT, c).worst for c in configs]).predicted_peak_bytes
+    tight = LLM(path, dtype=torch.float32, max_batch=8, memory_budget=int(peak * 0.7))
+    assert [o.token_ids for o in tight.generate([PROMPT] * len(configs), configs)] == expected
+
+
+def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["dream"], dtype=torch.float32)
+    runs = [
+        llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=8, temperature=0.0, **s))[0]
+        for s in (dict(cache="prefix", block_length=8), dict(cache="dual", block_length=8), {})
+    ]
+    assert len({tuple(r.token_ids) for r in runs}) == 3
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(threshold=0.9, block_length=8), "always keeps a block cache"),
+        (dict(cache="dual"), "needs blocks"),
+        (dict(cache="dual", block_length=5), "divisible by block_length"),
+        (dict(cache="dual", block_length=8, factor=1.0), "threshold only"),
+        (dict(cache="dual", block_length=8, alg="maskgit_plus"), "ranks by entropy"),
+        (dict(cache="dual", block_length=8, steps=3), "divisible by the number of blocks"),
+    ],
+)
+def test_dream_refuses_what_its_block_sampler_lacks(tiny_checkpoints, settings, message):
     llm = LLM(tiny_checkpoints["dream"])
-    with pytest.raises(GenerationConfigError, match="Dream's block sampler is not yet"):
-        llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=8, threshold=0.9))
+    with pytest.raises(GenerationConfigError, match=message):
+        llm.generate(PROMPT, GenerationConfig(**(dict(gen_length=16, steps=8) | settings)))
