@@ -11,6 +11,7 @@ import torch
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.config import GenerationConfigError
+from mosaic_dllm.models.groups import Chunks
 from tests import reference
 
 PROMPT = [5, 17, 42, 99, 7, 64]
@@ -105,6 +106,7 @@ def test_batched_and_under_a_budget_each_request_keeps_its_tokens(tiny_checkpoin
     assert [o.token_ids for o in tight.generate([PROMPT] * len(configs), configs)] == expected
     assert max(p.predicted_peak_bytes for p, _ in steps) <= budget
     assert any(p.graph.shape.cache_keys for p, _ in steps)  # window steps ran, planned with their caches
+    assert any(p.graph.shape.chunks != Chunks() for p, _ in steps)  # and chunked by the search
     assert all(p.graph.shape.cache_bytes == caches for p, caches in steps)
 
 
