@@ -156,7 +156,9 @@ def test_the_harness_runs_at_temperature_one(tiny_checkpoints, executor):
     record = run_job(job)
     assert record["status"] == "ok", record["status"]
     assert record["predicted_peak_activation_bytes"] == record["peak_activation_bytes"]
-    predicted = run_job(job | {"measure": False, "length": 4096})
+    if executor == "eager":
+        return  # a prediction alone at a longer length: once is enough
+    predicted = run_job(job | {"measure": False, "length": 768})
     assert (
         predicted["status"] == "ok" and predicted["predicted_peak_activation_bytes"] > record["peak_activation_bytes"]
     )
