@@ -135,6 +135,12 @@ class EagerOps:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).contiguous().view(batch, tokens // batch, nh * hd)
 
+    def attention_in_query_blocks(self) -> bool:
+        return False  # the official code runs the attention block op by op
+
+    def attention_region(self, *args, name: str) -> Tensor:
+        raise NotImplementedError("the eager kernels run the attention block op by op, as the official code")
+
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         return swiglu(x, gate, up, down)
 

@@ -18,8 +18,10 @@ arithmetic: see `models/groups.py`), the dense FFN (fused
 with its norm and residual add) and MoE over token chunks, the attention norm fused with the q/k/v
 projections and the output projection fused with its residual add over token chunks; their scratch
 buffers shrink to one chunk. Rotary rotates q and k in place and attention writes each query block's
-output over that block of q, so a layer at its most chunked holds the residual stream, q, k and v
-and little else.
+output over that block of q. When the attention group is chunked, the whole attention block runs as
+one region (`attention_region`): K and V of every token first, then per query block its norm, q,
+rotary (the block's own table rows), attention, output projection and residual add; so a layer at
+its most chunked holds the residual stream, K and V and one block's buffers: the exact floor.
 
 A step's sequences are packed along the tokens (`models/packing.py`): token-local regions chunk
 over all T tokens, rotary and attention run each sequence's own chunks. Every GEMM runs in tiles
@@ -39,12 +41,16 @@ from torch import Tensor
 from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.ops import RowHead
 from ..models.packing import Packing
+from ..models.spec import ArchSpec
 from .eager import route_and_run_experts
 from .tiles import HEAD_ROW_TILE, fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
 NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# Rows the attention region normalises, projects and rotates at a time (a wide GEMM's row tile: no
+# padded tiles); only the attention itself needs a whole query block.
+REGION_ROWS = 256
 
 
 class Memory(Protocol):
@@ -61,7 +67,7 @@ class Memory(Protocol):
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
     def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
-        """Tracing only: rows in the largest first chunk when each of `totals` rows (all tokens, or
+        """Tracing only: rows in the largest chunk when each of `totals` rows (all tokens, or
         each sequence's queries) is split into `pieces` chunks of op group `group`."""
 
 
@@ -134,26 +140,44 @@ class PlannedOps:
         self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str
     ) -> tuple[Tensor, Tensor]:
         self._begin("rotary_tables", name)
-        device = self.mem.device
+        if self.attention_in_query_blocks():  # each query block builds its own rows: no full table
+            empty = torch.empty((0, rotary_dim), dtype=dtype or torch.float32, device=self.mem.device)
+            return empty, empty
+        tables = self._table_buffers(length, rotary_dim, dtype)
+        torch.arange(length, out=tables[0])
+        return self._fill_tables(tables, length, theta)
+
+    def _table_buffers(self, rows: int, rotary_dim: int, dtype: torch.dtype | None) -> list[Tensor]:
+        """positions, freqs, emb, cos, sin (and their casts to `dtype`) for `rows` table rows."""
+        f32 = torch.float32
+        bufs = [self.mem.new((rows,), f32), self.mem.new((rows, rotary_dim // 2), f32)]
+        bufs.append(self.mem.new((rows, rotary_dim), f32))
+        for _ in range(2):
+            bufs.append(self.mem.new((rows, rotary_dim), f32))
+            if dtype is not None and dtype != f32:
+                bufs.append(self.mem.new((rows, rotary_dim), dtype))
+        return bufs
+
+    def _fill_tables(self, bufs: list[Tensor], n: int, theta: float) -> tuple[Tensor, Tensor]:
+        """cos and sin of the first `n` float32 positions in bufs[0], element by element as the
+        official tables (a row does not depend on which other rows are computed with it)."""
+        positions, freqs, emb, *tables = (b[:n] for b in bufs)
+        rotary_dim = emb.shape[-1]
         inv_freq = 1.0 / (  # rotary_dim / 2 floats: negligible, left to the allocator
-            theta ** (torch.arange(0, rotary_dim, 2, device=device, dtype=torch.int64).float() / rotary_dim)
+            theta ** (torch.arange(0, rotary_dim, 2, device=self.mem.device, dtype=torch.int64).float() / rotary_dim)
         )
-        positions = self.mem.new((length,), torch.float32)
-        torch.arange(length, out=positions)
-        freqs = self.mem.new((length, rotary_dim // 2), torch.float32)
         torch.outer(positions, inv_freq, out=freqs)
-        emb = self.mem.new((length, rotary_dim), torch.float32)
         torch.cat((freqs, freqs), dim=-1, out=emb)
-        tables = []
-        for fn in (torch.cos, torch.sin):
-            table = self.mem.new((length, rotary_dim), torch.float32)
+        cast = len(tables) == 4
+        out = []
+        for fn, table in zip((torch.cos, torch.sin), (tables[0], tables[2 if cast else 1]), strict=True):
             fn(emb, out=table)
-            if dtype is not None and dtype != torch.float32:
-                cast = self.mem.new((length, rotary_dim), dtype)
-                cast.copy_(table)
-                table = cast
-            tables.append(table)
-        return tables[0], tables[1]
+            if cast:
+                target = tables[1] if fn is torch.cos else tables[3]
+                target.copy_(table)
+                table = target
+            out.append(table)
+        return out[0], out[1]
 
     def _norm_scratch(self, rows: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
         f32 = torch.float32
@@ -288,7 +312,7 @@ class PlannedOps:
         rotated q and k)."""
         group = self._begin("rotary", name, x, cos, sin)
         tokens, nh = x.shape[1], x.shape[2]
-        rd, half = cos.shape[-1], cos.shape[-1] // 2
+        rd = cos.shape[-1]
         work_dtype = torch.float32 if full_precision else x.dtype  # LLaDA rotates in float32
         parts = self._spans(tokens, group)
         size = parts[0][1] - parts[0][0]
@@ -304,15 +328,20 @@ class PlannedOps:
             c, s = (buf[:n] for buf in tables_buf)
             torch.index_select(cos, 0, positions[start:end], out=c.view(n, rd))
             torch.index_select(sin, 0, positions[start:end], out=s.view(n, rd))
-            first, rotated = first_buf[:, :n], rotated_buf[:, :n]
-            torch.mul(p, c, out=first)
-            rotated[..., :half].copy_(p[..., half:])
-            rotated[..., :half].neg_()
-            rotated[..., half:].copy_(p[..., :half])
-            rotated.mul_(s)
-            first.add_(rotated)
-            p.copy_(first)
+            self._rotate(p, c, s, first_buf[:, :n], rotated_buf[:, :n])
         return x
+
+    @staticmethod
+    def _rotate(p: Tensor, c: Tensor, s: Tensor, first: Tensor, rotated: Tensor) -> None:
+        """p = p * cos + rotate_half(p) * sin in place, via two scratch buffers of p's shape."""
+        half = p.shape[-1] // 2
+        torch.mul(p, c, out=first)
+        rotated[..., :half].copy_(p[..., half:])
+        rotated[..., :half].neg_()
+        rotated[..., half:].copy_(p[..., :half])
+        rotated.mul_(s)
+        first.add_(rotated)
+        p.copy_(first)
 
     def _positions(self, packing: Packing, device: torch.device) -> Tensor:
         """Each packed token's position in its sequence: made once per step (8 bytes a token,
@@ -376,6 +405,112 @@ class PlannedOps:
             queries.copy_(result.transpose(1, 2))
             del result
         return q.view(1, tokens, nh * hd)
+
+    def attention_in_query_blocks(self) -> bool:
+        return self._chunked("attention_region")
+
+    def attention_region(
+        self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
+    ) -> Tensor:
+        """The attention block in each sequence's query blocks (the attention group's chunks, which
+        keep the fused kernel's per-row arithmetic). First K and V of every token into two buffers
+        that live through the region; then per query block its q, attention against its
+        sequence's K and V (or its cache's, spliced), output projection and residual add. Norms,
+        projections and rotary run `REGION_ROWS` rows at a time (rotary with those rows' own table
+        rows); only the attention needs a whole query block (its q). The op-by-op path's
+        arithmetic on the same rows, so the same bits; the floor is the residual stream plus K, V."""
+        group = self._begin("attention_region", name, x)
+        _, tokens, width = x.shape
+        nh, nkv, hd, rd = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rotary_dim
+        eps, groups = spec.rms_norm_eps, spec.num_heads // spec.num_kv_heads
+        rows = x.view(-1, width)
+        block, parts = self._sequence_spans(packing, group)
+        bias = {p: layer.get(f"{p}_bias") for p in ("q", "k", "v", "o")}
+        self._gemm_workspace(x, layer["q"], layer["k"], layer["v"])
+        self.mem.workspace(tile_workspace(x, layer["o"]))
+        self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
+        keys, values = (self.mem.new((1, tokens, nkv, hd), x.dtype) for _ in range(2))
+        windows = [packing.window(i).length for i in range(len(packing.lengths)) if packing.window(i)]
+        spliced = [self.mem.new((1, max(windows), nkv, hd), x.dtype) for _ in range(2)] if windows else None
+        q = self.mem.new((block, nh * hd), x.dtype)  # a query block's queries, then its attention output
+        sub = REGION_ROWS
+        scratch = self._norm_scratch(sub, width)
+        h = self.mem.new((sub, width), x.dtype)
+        projected = self.mem.new((sub, width), x.dtype)
+        heads_scratch = self._norm_scratch(sub * nh, hd) if spec.qk_norm else None
+        work = torch.float32 if spec.rope_full_precision else x.dtype
+        first, rotated = (self.mem.new((sub, nh, rd), work) for _ in range(2))
+        tables = self._table_buffers(sub, rd, None if spec.rope_full_precision else x.dtype)
+        repeat = groups > 1 and not NATIVE_GQA
+        if repeat:  # torch < 2.5: one sequence's keys and values repeated over the heads at a time
+            self.mem.workspace(2 * max([packing.longest, *windows]) * nh * hd * x.element_size())
+        positions = self._positions(packing, x.device)
+        if self.mem.tracing:
+            return x
+
+        def normed(at: slice) -> Tensor:
+            n = at.stop - at.start
+            self._norm_rows(rows[at], layer["attn_norm"], eps, scratch, h[:n])
+            return h[:n]
+
+        def heads(weight: str, out: Tensor, at: slice) -> None:
+            """out (n, heads * hd) = rotary(head norm(h @ W.T + b)) at the rows' positions."""
+            n = at.stop - at.start
+            count = out.shape[-1] // hd
+            self._project(h[:n], layer[weight], bias[weight], out)
+            if heads_scratch is not None:
+                flat = out.view(n * count, hd)
+                self._norm_rows(flat, layer[f"{weight}_norm"], eps, heads_scratch, flat)
+            tables[0][:n].copy_(positions[at])
+            cos, sin = self._fill_tables(tables, n, spec.rope_theta)
+            part = out.view(n, count, hd)[..., :rd]
+            self._rotate(part, cos.unsqueeze(1), sin.unsqueeze(1), first[:n, :count], rotated[:n, :count])
+
+        def pieces(first_row: int, last_row: int) -> list[slice]:
+            return [slice(a, min(a + sub, last_row)) for a in range(first_row, last_row, sub)]
+
+        for offset, _, start, end in parts:  # K and V of every token
+            for at in pieces(offset + start, offset + end):
+                n = at.stop - at.start
+                normed(at)
+                heads("k", keys[0, at].view(n, nkv * hd), at)
+                self._project(h[:n], layer["v"], bias["v"], values[0, at].view(n, nkv * hd))
+        for i, (o, _) in enumerate(packing.sequences()):
+            use = packing.cache(i)
+            if use is not None and use.refresh:
+                use.cache.store(index, keys[0, o : o + use.keep], values[0, o : o + use.keep])
+        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
+        for offset, length, start, end in parts:  # query blocks
+            m = end - start
+            k, v = keys[:, offset : offset + length], values[:, offset : offset + length]
+            use = packing.window(sequence_of[offset])
+            if use is not None:
+                if start == 0:
+                    use.cache.splice(index, k[0], v[0], use.start, use.length, (spliced[0][0], spliced[1][0]))
+                k, v = spliced[0][:, : use.length], spliced[1][:, : use.length]
+            if repeat:
+                k, v = (t.repeat_interleave(groups, dim=2) for t in (k, v))  # torch < 2.5 only
+            for at in pieces(offset + start, offset + end):
+                normed(at)
+                row = at.start - offset - start
+                heads("q", q[row : row + at.stop - at.start], at)
+            gqa = {"enable_gqa": True} if groups > 1 and not repeat else {}
+            result = F.scaled_dot_product_attention(
+                q[:m].view(1, m, nh, hd).transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
+                **gqa,
+            )
+            q[:m].view(1, m, nh, hd).copy_(result.transpose(1, 2))
+            del result
+            for at in pieces(offset + start, offset + end):
+                n, row = at.stop - at.start, at.start - offset - start
+                self._project(q[row : row + n], layer["o"], bias["o"], projected[:n])
+                rows[at].add_(projected[:n])
+        return x
 
     def _repeat_heads(self, t: Tensor, groups: int) -> Tensor:
         """Token-major (1, T, nkv, hd) -> (1, T, nkv * groups, hd), each kv head repeated in place."""

@@ -44,7 +44,7 @@ GROUPS = (
     OpGroup("rotary", ("rotary",), "tokens", MIN_CHUNK_TOKENS),  # elementwise: exact at any split
     OpGroup(
         "attention",
-        ("attention",),
+        ("attention", "attention_region"),  # chunked: the whole attention block in query blocks
         "queries",
         ATTENTION_MIN_QUERIES,
         align=ATTENTION_BLOCK_ALIGN,
@@ -89,7 +89,7 @@ def group_spans(total: int, pieces: int, group: OpGroup) -> list[tuple[int, int]
     return spans(total, pieces, group.align, group.min_block)
 
 
-def first_chunk(total: int, pieces: int, group: OpGroup) -> int:
-    """Rows in the first (largest) chunk: what every chunk-sized buffer of the group holds."""
-    start, end = group_spans(total, pieces, group)[0]
-    return end - start
+def largest_chunk(total: int, pieces: int, group: OpGroup) -> int:
+    """Rows in the largest chunk (the first, or a last one a short tail joined): what every
+    chunk-sized buffer of the group holds."""
+    return max(end - start for start, end in group_spans(total, pieces, group))

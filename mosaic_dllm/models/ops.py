@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .packing import Packing
+from .spec import ArchSpec
 
 # An LM head over a step's final hidden states: (first sequence, sequences, hidden rows or None for
 # every row) -> (hidden rows (C,), (B, C, V) logits) chunks of that request.
@@ -80,6 +81,18 @@ class Ops(Protocol):
         """Bidirectional attention within each sequence: (1, T, nh, hd), (1, T, nkv, hd) x2 -> (1, T, nh * hd).
         With block caches (`packing.caches`): a refreshing sequence stores its K and V of `layer`, a
         window's queries attend to the cached K and V with its own in their place."""
+
+    def attention_in_query_blocks(self) -> bool:
+        """Whether the attention block runs as one region in query blocks (`attention_region`)
+        instead of op by op."""
+
+    def attention_region(
+        self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
+    ) -> Tensor:
+        """The whole attention block, x + o(attention(rotary(norm(q(n(x)))), K, V)), with K and V
+        first computed for every token and then, query block by query block, the block's norm, q,
+        q-norm, rotary (tables for the block's positions only), attention, output projection and
+        residual add: no full-length q, attention output or rotary table. Same arithmetic, row by row."""
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""

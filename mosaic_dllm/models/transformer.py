@@ -31,7 +31,10 @@ def hidden_states(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Pa
     for i, layer in enumerate(w.layers):
         x = attention_block(ops, spec, layer, i, x, cos, sin, packing)
         x = ffn_block(ops, spec, layer, w.experts[i], i, x)
-    return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm")
+    # At the floor (attention in query blocks) the final norm writes over the residual stream, which
+    # nothing reads again: two full-length buffers would exceed the residual stream plus K and V.
+    at_floor = ops.attention_in_query_blocks()
+    return ops.rms_norm(x, w.final_norm, spec.rms_norm_eps, name="final_norm", overwrite=at_floor)
 
 
 def attention_block(
@@ -44,6 +47,8 @@ def attention_block(
     sin: Tensor,
     packing: Packing,
 ) -> Tensor:
+    if ops.attention_in_query_blocks():  # the attention group chunked: one region, no full-length q
+        return ops.attention_region(x, spec, layer, index, packing, name="attention_region")
     b, tokens, _ = x.shape
     q, k, v = ops.norm_linears(
         x,

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..memory.sizes import ceil_div, mib
-from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup, first_chunk
+from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
 from .step_plan import PlanCache, StepPlan
 from .trace import StepShape
 
@@ -59,11 +59,11 @@ def _split(shape: StepShape, name: str) -> StepShape | None:
     if group.splits is None:
         return None
     pieces, rows = getattr(shape.chunks, name), _rows(group, shape)
-    current, limit = first_chunk(rows, pieces, group), ceil_div(rows, group.min_chunk)
+    current, limit = largest_chunk(rows, pieces, group), ceil_div(rows, group.min_chunk)
     more = pieces
     while current > group.min_chunk and more < limit:  # more pieces until the chunks shrink
         more = min(more * 2, limit)
-        if first_chunk(rows, more, group) < current:
+        if largest_chunk(rows, more, group) < current:
             return replace(shape, chunks=replace(shape.chunks, **{name: more}))
     return None
 

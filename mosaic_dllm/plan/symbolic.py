@@ -4,7 +4,7 @@ A step's ops and lifetimes depend only on its structure (the LM head's batch, an
 run in more than one chunk: that switches token-local regions from op-by-op to fused); the buffer
 sizes depend on the symbols packed tokens T, longest sequence L, logits rows per chunk C, the
 sampler's bytes per row S, and one chunk size per chunked op (of all tokens, or the largest of the
-sequences' first chunks). Every size in the model is a constant times a product
+sequences' largest chunks). Every size in the model is a constant times a product
 of powers of these symbols, so one trace with each symbol set to a distinct large prime (a
 sentinel) recovers each dimension's expression by factoring: the sentinel primes divide no
 dimension of any config. The first evaluation of a structure is checked against a plain trace of
@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..models.groups import BY_NAME, PIECE_GROUPS, Chunks, first_chunk
+from ..models.groups import BY_NAME, PIECE_GROUPS, Chunks, largest_chunk
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
@@ -107,7 +107,7 @@ class SymbolicStep:
         for total, group in self.chunk_sizes:
             totals = shape.lengths if total is SEQUENCES else (total.at(values),)
             pieces = getattr(shape.chunks, group)
-            values.append(max(first_chunk(n, pieces, BY_NAME[group]) for n in totals))
+            values.append(max(largest_chunk(n, pieces, BY_NAME[group]) for n in totals))
         buffers = [
             TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
             for b, dims in zip(self.graph.buffers, self.dims, strict=True)

@@ -26,7 +26,7 @@ import torch
 
 from ..kernels.planned import PlannedOps
 from ..models import transformer
-from ..models.groups import BY_NAME, Chunks, first_chunk
+from ..models.groups import BY_NAME, Chunks, largest_chunk
 from ..models.kv_cache import BlockCache, CacheUse
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
@@ -208,7 +208,7 @@ class TraceMemory:
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
     def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
-        return max(first_chunk(total, pieces, BY_NAME[group]) for total in totals)
+        return max(largest_chunk(total, pieces, BY_NAME[group]) for total in totals)
 
 
 def uniform_layers(spec: ArchSpec) -> bool:

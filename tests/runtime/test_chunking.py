@@ -111,3 +111,27 @@ def test_the_executor_honours_its_chunk_groups(tiny_checkpoints):
     assert free.executor.plan_for(1, 200, 64).predicted_peak_bytes <= budget
     with pytest.raises(ValueError, match="unknown chunk groups"):
         LLM(tiny_checkpoints["llada"], chunk_groups=("everything",))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_the_attention_region_keeps_packed_requests_and_block_caches_exact(tiny_checkpoints, family):
+    """Attention in query blocks runs the whole attention block as one region (K and V first, then
+    each block's q, attention, projection and residual add): packed canvases of 1600 and 900 tokens
+    give each one's eager logits bit for bit, and a request decoded with a dual cache (windows
+    attending to a 1600-token cache) gives the eager executor's tokens."""
+    path = tiny_checkpoints[family]
+    llm = LLM(path, dtype=torch.bfloat16, row_chunk=16, chunks=Chunks(attention=2), allow_long_context=True)
+    eager = EagerExecutor(llm.spec, llm.checkpoint.weights)
+    g = torch.Generator().manual_seed(6)
+    steps = [(torch.randint(0, 300, (1, n), generator=g), torch.arange(0, n, 13)) for n in (1600, 900)]
+    with llm.executor.batch_logits(steps) as reads:
+        packed = [torch.cat([lg.clone() for _, lg in read()], dim=1) for read in reads]
+    assert llm.executor.last_plan.graph.shape.chunks.attention == 2
+    for (ids, rows), got in zip(steps, packed, strict=True):
+        assert torch.equal(got, eager.logits(ids)[:, rows])
+    prompt = torch.randint(0, 300, (1568,), generator=g).tolist()
+    cfg = GenerationConfig(gen_length=32, steps=32, block_length=16, threshold=0.05, cache="dual", temperature=0.0)
+    options = ({"executor": "eager"}, {})
+    outs = [LLM(path, dtype=torch.bfloat16, allow_long_context=True, **o).generate(prompt, cfg)[0] for o in options]
+    region = llm.generate(prompt, cfg)[0]
+    assert region.token_ids == outs[0].token_ids == outs[1].token_ids
