@@ -101,13 +101,14 @@ class MosaicLM(LM):
             stops.append([until] if isinstance(until, str) else list(until))
             prompts.append(self.llm.encode(context))
             configs.append(self.config_for(gen_kwargs))
-        answers = []
-        for out, until in zip(tqdm(self.llm.generate(prompts, configs), desc="mosaic generate"), stops, strict=True):
+        answers: list[str] = [""] * len(prompts)
+        done = self.llm.stream(prompts, configs)  # batched; the bar moves as each request finishes
+        for i, out in tqdm(done, total=len(prompts), desc="mosaic generate"):
             text = out.text
-            for stop in until:
+            for stop in stops[i]:
                 if stop and stop in text:
                     text = text.split(stop)[0]
-            answers.append(text)
+            answers[i] = text
         return answers
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
