@@ -2,10 +2,11 @@
 
     python benchmarks/chunk_cost.py [--preset llada-8b] [--length 2048] [--repeats 3]
 
-Runs the FFN, the attention norm with the q/k/v projections, the attention block's rotary +
-attention and an RMSNorm through `PlannedOps` (the Mosaic executor's ops) with random weights, each
-split into 1, 2, 4, ... chunks, and prints the median seconds and the slowdown against one chunk.
-The search's minimum chunk size (`planner.search.MIN_CHUNK_TOKENS`) is chosen from this.
+Runs the FFN, the attention norm with the q/k/v projections, the whole attention block (one
+chunk: op by op; more: the attention region in query blocks of at least 768 queries, the smallest
+the search may pick) and an RMSNorm through `PlannedOps` (the Mosaic executor's ops) with random
+weights, each split into 1, 2, 4, ... chunks, and prints the median seconds and the slowdown
+against one chunk. The search's minimum chunk size (`plan.search.MIN_CHUNK_TOKENS`) is chosen from this.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import time
 import torch
 
 from mosaic_dllm.bench.presets import preset
+from mosaic_dllm.bench.step import random_weights
 from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
 from mosaic_dllm.memory.sizes import ceil_div
+from mosaic_dllm.models import transformer
 from mosaic_dllm.models.groups import PIECE_GROUPS, Chunks
+from mosaic_dllm.models.packing import Packing
 
 
 def timed(fn, repeats: int) -> float:
@@ -40,16 +44,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--pieces", default="1,2,4,8,16,32,64")
     args = parser.parse_args()
-    spec = preset(args.preset)
+    spec = preset(args.preset, 1)
     torch.manual_seed(0)
-    h, i, n, hd, length = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.head_dim, args.length
+    h, length = spec.hidden_size, args.length
+    weights = random_weights(spec, torch.bfloat16)
+    layer = weights.layers[0]
     x = torch.randn(1, length, h, dtype=torch.bfloat16)
-    gate, up = (torch.randn(i, h, dtype=torch.bfloat16) * 0.02 for _ in range(2))
-    down = torch.randn(h, i, dtype=torch.bfloat16) * 0.02
-    norm_w = torch.ones(h, dtype=torch.bfloat16)
-    qkv = [(torch.randn(n * hd, h, dtype=torch.bfloat16) * 0.02, None) for _ in range(3)]
-    q = torch.randn(1, n, length, hd, dtype=torch.bfloat16)
-    k, v = torch.randn_like(q), torch.randn_like(q)
+    gate, up, down = layer["gate"], layer["up"], layer["down"]
+    norm_w = layer["attn_norm"]
+    qkv = [(layer[p], layer.get(f"{p}_bias")) for p in ("q", "k", "v")]
+    packing = Packing((length,))
     ops0 = PlannedOps(AllocatorMemory(torch.device("cpu")))
     cos, sin = ops0.rotary_tables(length, spec.rotary_dim, spec.rope_theta, None, x.device, name="rotary_tables")
     rows = []
@@ -62,15 +66,16 @@ def main() -> None:
             lambda: ops.norm_linears(x, norm_w, 1e-5, qkv, names=("attn_norm", "q_proj", "k_proj", "v_proj")),  # noqa: B023
             args.repeats,
         )
+        block_ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(attention=pieces))
         row["attention_s"] = timed(
-            lambda: ops.attention(ops.rotary(q, cos, sin, True, name="rotary_q"), k, v, name="attention"),  # noqa: B023
+            lambda: transformer.attention_block(block_ops, spec, layer, 0, x.clone(), cos, sin, packing),  # noqa: B023
             args.repeats,
         )
         row["norm_s"] = timed(lambda: ops.rms_norm(x, norm_w, 1e-5, name="ffn_norm"), args.repeats)  # noqa: B023
         rows.append(row)
     base = rows[0]
     print(f"{args.preset} dims, L={length}, bf16, {torch.get_num_threads()} threads; seconds (slowdown vs 1 chunk)")
-    print(f"{'pieces':>6} {'tokens':>7} {'ffn':>16} {'norm+qkv':>16} {'rotary+attention':>18} {'rms_norm':>16}")
+    print(f"{'pieces':>6} {'tokens':>7} {'ffn':>16} {'norm+qkv':>16} {'attention block':>18} {'rms_norm':>16}")
     for r in rows:
         cells = [f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" for k in ("ffn_s", "qkv_s", "attention_s", "norm_s")]
         print(

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import GenerationConfig, GenerationConfigError
@@ -23,8 +22,7 @@ from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
 from .parallel import ParallelLLaDAState, block_cache
-from .parallel import propose as parallel_propose
-from .rows import Chunks, RowChunks, UniformReplay
+from .rows import RowChunks, propose
 from .schedule import llada_transfer_counts
 
 REMASKING = ("low_confidence", "random")
@@ -51,47 +49,6 @@ def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: flo
     un_x = x.clone()
     un_x[prompt_index] = mask_id
     return torch.cat([x, un_x], dim=0)
-
-
-def propose(
-    chunks: Chunks,
-    x: Tensor,
-    vocab: int,
-    temperature: float,
-    remasking: str,
-    gen: torch.Generator,
-    wanted: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """x0 and confidence (1, L) for the positions in `chunks`, per row exactly as the official sampler;
-    `wanted`: the rows asked for (chunks of exactly those rows, in order, or of every row).
-
-    Positions not in `chunks` keep their token and get confidence -inf.
-    """
-    length = x.shape[1]
-    x0 = x.clone()
-    confidence = None
-    noise = UniformReplay(gen, length, vocab, x.device, wanted) if temperature > 0 else None
-    for pos, logits in chunks:  # logits (C, V)
-        if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
-            lg = logits.to(torch.float64)
-            rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
-            del lg
-        else:
-            rows_x0 = torch.argmax(logits, dim=-1)
-        x0[0, pos] = rows_x0
-        if remasking == "low_confidence":
-            if confidence is None:
-                confidence = torch.full((1, length), -torch.inf, dtype=logits.dtype, device=x.device)
-            p = F.softmax(logits, dim=-1)
-            confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
-            del p  # not alive while the next chunk is reduced: the plan budgets one chunk's temporaries
-    if noise is not None:
-        noise.finish()  # keep the generator where the official full draw leaves it
-    if remasking == "random":
-        confidence = torch.rand((1, length), generator=gen, device=x.device)
-    if confidence is None:  # no position to read this step
-        confidence = torch.full((1, length), -torch.inf, device=x.device)
-    return x0, confidence
 
 
 class LLaDASampler:
@@ -159,12 +116,12 @@ class LLaDASampler:
         return cfg.block_length
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-        reducer = parallel_propose if cfg.parallel else propose
+        softmax_dtype = torch.float64 if cfg.parallel else None  # Fast-dLLM's confidences are float64
 
         def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
             canvas = torch.zeros((1, length), dtype=torch.long, device=device)
             chunk = cfg_combine(cfg.cfg_scale)(logits)
-            reducer(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen)
+            propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen, None, softmax_dtype)
 
         return measure_row_bytes(reduce, self.guidance_batch(cfg), vocab, dtype, device)
 

@@ -21,49 +21,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import GenerationConfig
 from ..models.kv_cache import BlockCache, CacheUse
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
-from .rows import Chunks, RowChunks, UniformReplay
+from .rows import RowChunks, UniformReplay, propose
 from .schedule import llada_transfer_counts
-
-
-def propose(
-    chunks: Chunks,
-    window: Tensor,
-    vocab: int,
-    temperature: float,
-    remasking: str,
-    gen: torch.Generator,
-    wanted: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """x0 and confidence (1, n) over the n positions of the step's window (the rows its logits have),
-    from `chunks` of (window positions, (C, V) logits); other positions keep their token, -inf."""
-    n = window.shape[1]
-    x0 = window.clone()
-    confidence = torch.full((1, n), -torch.inf, dtype=torch.float64, device=window.device)
-    noise = UniformReplay(gen, n, vocab, window.device, wanted) if temperature > 0 else None
-    for pos, logits in chunks:
-        if noise is not None:  # add_gumbel_noise: float64 Gumbel-max
-            lg = logits.to(torch.float64)
-            rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
-            del lg
-        else:
-            rows_x0 = torch.argmax(logits, dim=-1)
-        x0[0, pos] = rows_x0
-        if remasking == "low_confidence":
-            p = F.softmax(logits.to(torch.float64), dim=-1)
-            confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
-            del p
-    if noise is not None:
-        noise.finish()
-    if remasking == "random":
-        confidence = torch.rand((1, n), generator=gen, device=window.device)
-    return x0, confidence
 
 
 def threshold_transfer(confidence: Tensor, masked: int, threshold: float) -> Tensor:
@@ -138,7 +103,7 @@ class ParallelLLaDAState(DenoiseState):
         if cfg.temperature > 0 and cfg.cache == "prefix" and w0 > 0:  # the reference draws noise it never reads
             UniformReplay(self.gen, w1 - w0, self.vocab, window.device).finish()
         chunks = ((rows, lg[0]) for rows, lg in logits())
-        return propose(chunks, window, self.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows)
+        return propose(chunks, window, self.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows, torch.float64)
 
     def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
         cfg = self.cfg

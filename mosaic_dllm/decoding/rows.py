@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V)) from an executor
@@ -86,3 +87,47 @@ class UniformReplay:
 
     def finish(self) -> None:
         self._discard(self.rows)
+
+
+def propose(
+    chunks: Chunks,
+    x: Tensor,
+    vocab: int,
+    temperature: float,
+    remasking: str,
+    gen: torch.Generator,
+    wanted: Tensor | None = None,
+    softmax_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """LLaDA's reduction of a step's row logits: x0 and confidence (1, L) for the positions in
+    `chunks`, per row exactly as the official sampler (float64 Gumbel-max at temperature > 0; the
+    confidence a softmax in the logits' dtype, or in `softmax_dtype`: Fast-dLLM's float64; or
+    uniform noise); `wanted`: the rows asked for (chunks of exactly those rows, in order, or of
+    every row). Positions not in `chunks` keep their token and get confidence -inf.
+    """
+    length = x.shape[1]
+    x0 = x.clone()
+    confidence = None
+    noise = UniformReplay(gen, length, vocab, x.device, wanted) if temperature > 0 else None
+    for pos, logits in chunks:  # logits (C, V)
+        if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
+            lg = logits.to(torch.float64)
+            rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
+            del lg
+        else:
+            rows_x0 = torch.argmax(logits, dim=-1)
+        x0[0, pos] = rows_x0
+        if remasking == "low_confidence":
+            if confidence is None:
+                dtype = softmax_dtype or logits.dtype
+                confidence = torch.full((1, length), -torch.inf, dtype=dtype, device=x.device)
+            p = F.softmax(logits if softmax_dtype is None else logits.to(softmax_dtype), dim=-1)
+            confidence[0, pos] = torch.gather(p, dim=-1, index=rows_x0.unsqueeze(-1)).squeeze(-1)
+            del p  # not alive while the next chunk is reduced: the plan budgets one chunk's temporaries
+    if noise is not None:
+        noise.finish()  # keep the generator where the official full draw leaves it
+    if remasking == "random":
+        confidence = torch.rand((1, length), generator=gen, device=x.device)
+    if confidence is None:  # no position to read this step
+        confidence = torch.full((1, length), -torch.inf, device=x.device)
+    return x0, confidence
