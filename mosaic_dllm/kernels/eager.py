@@ -105,10 +105,7 @@ class EagerOps:
         others one sequence per call (the CPU kernel's rows do not depend on the batch, tested).
         A window attends to its cache's keys with its own in place (Fast-dLLM's cached forward)."""
         _, tokens, nh, hd = q.shape
-        for i, (o, _) in enumerate(packing.sequences()):
-            use = packing.cache(i)
-            if use is not None and use.refresh:
-                use.cache.store(layer, k[0, o : o + use.keep], v[0, o : o + use.keep])
+        packing.store_caches(layer, k, v)
         if packing.is_uniform and not any(packing.window(i) for i in range(len(packing.lengths))):
             return self._attend(q, k, v, len(packing.lengths)).view(1, tokens, nh * hd)
         parts = []

@@ -368,10 +368,7 @@ class PlannedOps:
             longest = max(packing.window(i).length for i in windows)
             spliced = [self.mem.new((1, longest, *k.shape[2:]), k.dtype) for _ in range(2)]
         if not self.mem.tracing:
-            for i, (o, _) in enumerate(packing.sequences()):
-                use = packing.cache(i)
-                if use is not None and use.refresh:
-                    use.cache.store(layer, k[0, o : o + use.keep], v[0, o : o + use.keep])
+            packing.store_caches(layer, k, v)
         gqa, own = {}, (k, v)  # `own`: the fresh K and V with their kv heads
         repeat = groups > 1 and not NATIVE_GQA
         if groups > 1 and NATIVE_GQA:  # the kernel indexes kv heads itself: no repeated copies
@@ -475,10 +472,7 @@ class PlannedOps:
                 normed(at)
                 heads("k", keys[0, at].view(n, nkv * hd), at)
                 self._project(h[:n], layer["v"], bias["v"], values[0, at].view(n, nkv * hd))
-        for i, (o, _) in enumerate(packing.sequences()):
-            use = packing.cache(i)
-            if use is not None and use.refresh:
-                use.cache.store(index, keys[0, o : o + use.keep], values[0, o : o + use.keep])
+        packing.store_caches(index, keys, values)
         sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         for offset, length, start, end in parts:  # query blocks
             m = end - start

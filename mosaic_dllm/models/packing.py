@@ -40,6 +40,14 @@ class Packing:
         use = self.cache(sequence)
         return use if use is not None and not use.refresh else None
 
+    def store_caches(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Every refreshing sequence keeps its positions [0, keep) of the packed (1, T, ...) K and V
+        of `layer` in its block cache."""
+        for i, (offset, _) in enumerate(self.sequences()):
+            use = self.cache(i)
+            if use is not None and use.refresh:
+                use.cache.store(layer, k[0, offset : offset + use.keep], v[0, offset : offset + use.keep])
+
     @cached_property
     def starts(self) -> tuple[int, ...]:
         """Each sequence's first canvas position (0 unless it is a window)."""
