@@ -21,11 +21,10 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig, GenerationConfigError
-from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
-from .parallel import block_cache
+from .parallel import BlockState, block_cache
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
@@ -328,7 +327,7 @@ class DreamState(DenoiseState):
         return self.finish_step(0, before - int((x == mask_id).sum()))
 
 
-class BlockDreamState(DenoiseState):
+class BlockDreamState(BlockState):
     """Fast-dLLM's Dream block sampler (dream/model/generation_utils_block.py), a step at a time.
 
     An approximation of the official sampler, exact to Fast-dLLM. Per block: a step over the whole
@@ -341,34 +340,18 @@ class BlockDreamState(DenoiseState):
     """
 
     def __init__(self, sampler: DreamSampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
-        super().__init__(prompt, cfg, gen, sampler.mask_id, sampler.eos_ids)
+        super().__init__(sampler.spec, prompt, cfg, gen)
         self.sampler = sampler
-        self.steps_per_block = cfg.steps // cfg.num_blocks
         self.timesteps = dream_timesteps(self.steps_per_block, cfg.eps, self.x.device)
-        self.block, self.block_step = 0, 0
-        self.cache = block_cache(sampler.spec, prompt.numel(), cfg)
-        self.window = (0, self.x.shape[1])
         self.positions: Tensor | None = None  # window positions whose logits the step reads
 
-    @property
-    def total_steps(self) -> int:
-        return self.cfg.most_steps if self.cfg.threshold is None else self.cfg.gen_length
-
-    def block_span(self) -> tuple[int, int]:
-        start = self.prompt_length + self.block * self.cfg.block_length
-        return start, start + self.cfg.block_length
-
     def next_step(self) -> StepInput:
-        start, end = self.block_span()
-        length = self.x.shape[1]
+        start, _ = self.block_span()
+        use = self.cache_use()
         if self.block_step == 0:  # the whole canvas; every row sampled when sampling draws randomness
-            self.window = (0, length)
-            use = CacheUse(self.cache, refresh=True, keep=start if self.cfg.cache == "prefix" else length)
             every = self.cfg.temperature > 0
-            self.positions = torch.arange(length) if every else torch.tensor([start])
+            self.positions = torch.arange(self.x.shape[1]) if every else torch.tensor([start])
         else:
-            self.window = (start, length if self.cfg.cache == "prefix" else end)
-            use = CacheUse(self.cache, refresh=False, start=start, length=length)
             masked = self.x[0, self.window[0] : self.window[1]] == self.mask_id
             if self.cfg.threshold is None:
                 masked[self.cfg.block_length :] = False
@@ -427,15 +410,6 @@ class BlockDreamState(DenoiseState):
             proposal = torch.full_like(window, mask_id)
             proposal[self.positions] = x0
             window[chosen] = proposal[chosen]
-        block = self.block
-        self.block_step += 1
-        quota_spent = cfg.threshold is None and self.block_step == self.steps_per_block
-        if quota_spent or not (self.x[0, start:end] == mask_id).any():  # the reference moves on
-            self.block, self.block_step = self.block + 1, 0
-        event = self.finish_step(block, before - int((self.x[0, start:end] == mask_id).sum()))
-        if self.done and self.cache is not None:
-            self.cache.release()
-        return event
-
-    def finished(self) -> bool:
-        return self.block == self.cfg.num_blocks
+        quota_spent = cfg.threshold is None and self.block_step + 1 == self.steps_per_block
+        done = quota_spent or not (self.x[0, start:end] == mask_id).any()  # the reference moves on
+        return self.end_step(done, before - int((self.x[0, start:end] == mask_id).sum()))

@@ -53,22 +53,18 @@ def factor_transfer(confidence: Tensor, mask: Tensor, factor: float) -> Tensor:
     return torch.topk(confidence, k=top)[1]
 
 
-class ParallelLLaDAState(DenoiseState):
-    """One request decoded with Fast-dLLM's settings, a step at a time.
-
-    With a cache, a block's first step runs the whole canvas and refreshes the cache; its other
-    steps run a window: the block and everything after it (`prefix`) or the block alone (`dual`).
-    """
+class BlockState(DenoiseState):
+    """What Fast-dLLM's block samplers share: a block runs until none of its positions is masked
+    (or its steps run out); with a cache, its first step runs the whole canvas and refreshes the
+    cache, its other steps run a window: the block and everything after it (`prefix`) or the
+    block alone (`dual`)."""
 
     def __init__(self, spec: ArchSpec, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
         super().__init__(prompt, cfg, gen, spec.mask_token_id, spec.eos_token_ids)
-        self.vocab = spec.vocab_size
         self.steps_per_block = cfg.steps // cfg.num_blocks
         self.block, self.block_step = 0, 0
-        self.quota: Tensor | None = None
-        self.rows: Tensor | None = None
-        self.window = (0, self.x.shape[1])  # the canvas positions this step runs
         self.cache = block_cache(spec, prompt.numel(), cfg)
+        self.window = (0, self.x.shape[1])  # the canvas positions this step runs
 
     @property
     def total_steps(self) -> int:
@@ -78,20 +74,47 @@ class ParallelLLaDAState(DenoiseState):
         start = self.prompt_length + self.block * self.cfg.block_length
         return start, start + self.cfg.block_length
 
-    def next_step(self) -> StepInput:
+    def cache_use(self) -> CacheUse | None:
+        """How this step uses the cache; sets the window it runs."""
         start, end = self.block_span()
         length = self.x.shape[1]
+        if self.cache is None or self.block_step == 0:
+            self.window = (0, length)
+            if self.cache is None:
+                return None
+            return CacheUse(self.cache, refresh=True, keep=start if self.cfg.cache == "prefix" else length)
+        self.window = (start, length if self.cfg.cache == "prefix" else end)
+        return CacheUse(self.cache, refresh=False, start=start, length=length)
+
+    def end_step(self, block_done: bool, revealed: int) -> StepEvent:
+        """Count the step, move to the next block when this one is done, free the cache at the end."""
+        block = self.block
+        self.block_step += 1
+        if block_done:
+            self.block, self.block_step = self.block + 1, 0
+        event = self.finish_step(block, revealed)
+        if self.done and self.cache is not None:
+            self.cache.release()
+        return event
+
+    def finished(self) -> bool:
+        return self.block == self.cfg.num_blocks
+
+
+class ParallelLLaDAState(BlockState):
+    """One LLaDA / LLaDA-MoE request decoded with Fast-dLLM's settings, a step at a time."""
+
+    def __init__(self, spec: ArchSpec, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        super().__init__(spec, prompt, cfg, gen)
+        self.vocab = spec.vocab_size
+        self.quota: Tensor | None = None
+        self.rows: Tensor | None = None
+
+    def next_step(self) -> StepInput:
+        start, end = self.block_span()
         if self.block_step == 0 and self.cfg.threshold is None and self.cfg.factor is None:
             self.quota = llada_transfer_counts(self.x[:, start:end] == self.mask_id, self.steps_per_block)
-        use = None
-        if self.cache is None:
-            self.window = (0, length)
-        elif self.block_step == 0:  # the block's first step: the whole canvas, stored
-            self.window = (0, length)
-            use = CacheUse(self.cache, refresh=True, keep=start if self.cfg.cache == "prefix" else length)
-        else:
-            self.window = (start, length if self.cfg.cache == "prefix" else end)
-            use = CacheUse(self.cache, refresh=False, start=start, length=length)
+        use = self.cache_use()
         w0, w1 = self.window
         self.rows = (self.x[0, start:end] == self.mask_id).nonzero().flatten() + (start - w0)
         return StepInput(self.x[:, w0:w1], self.rows, use)
@@ -121,17 +144,7 @@ class ParallelLLaDAState(DenoiseState):
         else:
             chosen = torch.topk(confidence, k=int(self.quota[0, self.block_step]))[1]
         window[0, chosen] = x0[0, chosen]
-        block = self.block
-        self.block_step += 1
-        if not (self.x[0, start:end] == self.mask_id).any():
-            self.block, self.block_step = self.block + 1, 0
-        event = self.finish_step(block, chosen.numel())
-        if self.done and self.cache is not None:
-            self.cache.release()
-        return event
-
-    def finished(self) -> bool:
-        return self.block == self.cfg.num_blocks
+        return self.end_step(not (self.x[0, start:end] == self.mask_id).any(), chosen.numel())
 
 
 def block_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> BlockCache | None:
