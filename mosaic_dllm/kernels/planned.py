@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
+from ..models.kv_cache import CacheUse
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
@@ -362,11 +363,7 @@ class PlannedOps:
         group = self._begin("attention", name, q, k, v)
         _, tokens, nh, hd = q.shape
         groups = nh // k.shape[2]
-        windows = [i for i in range(len(packing.lengths)) if packing.window(i)]
-        spliced = None
-        if windows:
-            longest = max(packing.window(i).length for i in windows)
-            spliced = [self.mem.new((1, longest, *k.shape[2:]), k.dtype) for _ in range(2)]
+        spliced = self._window_buffers(packing, k)
         if not self.mem.tracing:
             packing.store_caches(layer, k, v)
         gqa, own = {}, (k, v)  # `own`: the fresh K and V with their kv heads
@@ -386,15 +383,13 @@ class PlannedOps:
             use = packing.window(sequence_of[offset]) if not self.mem.tracing else None
             if use is not None:
                 n = use.length
-                if start == 0:  # the sequence's first query block: splice its keys once
-                    fresh = (t[0, offset : offset + length] for t in own)
-                    use.cache.splice(layer, *fresh, use.start, n, (spliced[0][0, :n], spliced[1][0, :n]))
-                    if repeat:
-                        for src, dst in zip(spliced, spliced_heads, strict=True):
-                            shape = (1, n, src.shape[2], groups, hd)
-                            dst[:, :n].view(shape).copy_(src[:, :n].unsqueeze(3).expand(shape))
-                source = spliced_heads if repeat else spliced
-                keys, values = (t[:, :n].transpose(1, 2) for t in source)
+                fresh = [t[:, offset : offset + length] for t in own]
+                window = self._spliced(use, layer, *fresh, spliced, first_block=start == 0)
+                if repeat and start == 0:
+                    for src, dst in zip(window, spliced_heads, strict=True):
+                        shape = (1, n, src.shape[2], groups, hd)
+                        dst[:, :n].view(shape).copy_(src.unsqueeze(3).expand(shape))
+                keys, values = (t[:, :n].transpose(1, 2) for t in (spliced_heads if repeat else window))
             queries = q[:, offset + start : offset + end]
             result = F.scaled_dot_product_attention(
                 queries.transpose(1, 2), keys, values, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
@@ -427,8 +422,7 @@ class PlannedOps:
         self.mem.workspace(tile_workspace(x, layer["o"]))
         self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
         keys, values = (self.mem.new((1, tokens, nkv, hd), x.dtype) for _ in range(2))
-        windows = [packing.window(i).length for i in range(len(packing.lengths)) if packing.window(i)]
-        spliced = [self.mem.new((1, max(windows), nkv, hd), x.dtype) for _ in range(2)] if windows else None
+        spliced = self._window_buffers(packing, keys)
         q = self.mem.new((block, nh * hd), x.dtype)  # a query block's queries, then its attention output
         sub = REGION_ROWS
         scratch = self._norm_scratch(sub, width)
@@ -440,7 +434,7 @@ class PlannedOps:
         tables = self._table_buffers(sub, rd, None if spec.rope_full_precision else x.dtype)
         repeat = groups > 1 and not NATIVE_GQA
         if repeat:  # torch < 2.5: one sequence's keys and values repeated over the heads at a time
-            self.mem.workspace(2 * max([packing.longest, *windows]) * nh * hd * x.element_size())
+            self.mem.workspace(2 * packing.span * nh * hd * x.element_size())
         positions = self._positions(packing, x.device)
         if self.mem.tracing:
             return x
@@ -479,9 +473,7 @@ class PlannedOps:
             k, v = keys[:, offset : offset + length], values[:, offset : offset + length]
             use = packing.window(sequence_of[offset])
             if use is not None:
-                if start == 0:
-                    use.cache.splice(index, k[0], v[0], use.start, use.length, (spliced[0][0], spliced[1][0]))
-                k, v = spliced[0][:, : use.length], spliced[1][:, : use.length]
+                k, v = self._spliced(use, index, k, v, spliced, first_block=start == 0)
             if repeat:
                 k, v = (t.repeat_interleave(groups, dim=2) for t in (k, v))  # torch < 2.5 only
             for at in pieces(offset + start, offset + end):
@@ -505,6 +497,24 @@ class PlannedOps:
                 self._project(q[row : row + n], layer["o"], bias["o"], projected[:n])
                 rows[at].add_(projected[:n])
         return x
+
+    def _window_buffers(self, packing: Packing, k: Tensor) -> list[Tensor] | None:
+        """Two planned (1, canvas, kv heads, hd) buffers for windows' spliced keys and values,
+        sized for the longest window's canvas and reused sequence after sequence (None: no window)."""
+        canvases = [w.length for i in range(len(packing.lengths)) if (w := packing.window(i))]
+        if not canvases:
+            return None
+        return [self.mem.new((1, max(canvases), *k.shape[2:]), k.dtype) for _ in range(2)]
+
+    @staticmethod
+    def _spliced(
+        use: CacheUse, layer: int, k: Tensor, v: Tensor, spliced: list[Tensor], first_block: bool
+    ) -> tuple[Tensor, Tensor]:
+        """A window's keys and values: its cache's with its own fresh (1, n, ...) K and V in place,
+        written into `spliced` at the sequence's first query block and read by the others."""
+        if first_block:
+            use.cache.splice(layer, k[0], v[0], use.start, use.length, (spliced[0][0], spliced[1][0]))
+        return spliced[0][:, : use.length], spliced[1][:, : use.length]
 
     def _repeat_heads(self, t: Tensor, groups: int) -> Tensor:
         """Token-major (1, T, nkv, hd) -> (1, T, nkv * groups, hd), each kv head repeated in place."""
