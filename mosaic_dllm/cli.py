@@ -91,6 +91,7 @@ def _load(args: argparse.Namespace, model):
         executor=args.executor,
         memory_reserve=args.memory_reserve,
         allow_long_context=getattr(args, "allow_long_context", False),
+        allow_recompute=args.allow_recompute,
         max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
         **options,
     )
@@ -250,6 +251,7 @@ def _plan(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .bench.capacity import first_step_shape
     from .bench.presets import preset
+    from .plan.compute import recompute_cost
     from .plan.offsets import ascii_map
     from .plan.step_plan import PlanCache
 
@@ -283,12 +285,13 @@ def _plan(args: argparse.Namespace) -> int:
         from .plan.search import fit
 
         budget = parse_bytes(args.budget)
-        result = fit(plans, shape, budget)
+        result = fit(plans, shape, budget, _chunk_groups(args))
         plan = result.plan
         search = {"budget_bytes": budget, "plans_tried": result.plans_tried, "search_seconds": round(result.seconds, 6)}
     else:
         plan, search = plans.get(shape), {}
-    summary |= plan.summary() | search
+    cost = recompute_cost(spec, plan.graph.shape)
+    summary |= plan.summary() | search | {"kv_passes_per_layer": cost.passes, "extra_compute": cost.extra_fraction}
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -307,6 +310,13 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"  predicted peak   {mb(plan.predicted_peak_bytes)} of activations (arena + workspace + cache)")
     print(f"  peak at          {summary['peak_op']} ({summary['peak_group']})")
     print(f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers")
+    if cost.passes > 1:
+        print(
+            f"  recompute        K and V computed {cost.passes} times per layer (one per query block): "
+            f"+{cost.extra_fraction:.1%} multiply-adds; logits within a tolerance of the exact ones"
+        )
+    else:
+        print("  attention        exact (bit-identical to eager)")
     print(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
     if search:
         print(
@@ -334,7 +344,7 @@ def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> in
     def fits(n: int) -> bool:
         try:
             many = replace(shape, lengths=shape.lengths * n, cache_bytes=shape.cache_bytes * n)
-            chosen[n] = fit(plans, many, budget, explain=False).plan
+            chosen[n] = fit(plans, many, budget, _chunk_groups(args), explain=False).plan
         except DoesNotFit:
             return False
         return True
@@ -374,6 +384,10 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
         "eager": eager_capacity(spec, dtype, budget, args.alpha),
         "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk),
     }
+    if args.allow_recompute:
+        executors["mosaic-recompute"] = mosaic_capacity(
+            spec, dtype, budget, args.alpha, args.row_chunk, _chunk_groups(args)
+        )
     record = {
         "model": args.preset or str(args.model),
         "dtype": str(dtype).removeprefix("torch."),
@@ -463,13 +477,30 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executors",
         default="eager,mosaic",
-        help="comma-separated: eager, mask-only, planned, chunk-ffn-logits, mosaic (see bench/variants.py)",
+        help="comma-separated: eager, mask-only, planned, chunk-ffn-logits, mosaic, mosaic-recompute "
+        "(see bench/variants.py)",
     )
     _add_row_chunk_flag(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the records to this file")
+
+
+def _add_recompute_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-recompute",
+        action="store_true",
+        help="below the exact memory floor, recompute keys and values per query block (mosaic; more compute, "
+        "logits within a tolerance of the exact ones)",
+    )
+
+
+def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:
+    """The groups `mosaic plan`'s search may split."""
+    from .models.groups import EXACT_GROUPS
+
+    return (*EXACT_GROUPS, "recompute") if args.allow_recompute else EXACT_GROUPS
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
@@ -530,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
     )
+    _add_recompute_flag(p)
     _add_generation_flags(p)
     p.add_argument("--memory-budget", help="activation memory a step may use, e.g. 2GiB (mosaic)")
     p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
@@ -588,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-long-context", action="store_true", help="run requests beyond the checkpoint's context (warned)"
     )
+    _add_recompute_flag(p)
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
@@ -616,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Fast-dLLM block cache the request keeps (its bytes join the plan)",
     )
     p.add_argument("--block-length", type=int, default=32, help="--cache prefix: the block the cache stops before")
+    _add_recompute_flag(p)
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
     p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -24,7 +24,7 @@ from .decoding.common import DenoiseResult, GenerationCancelled, StepCallback, f
 from .memory.budget import DEFAULT_RESERVE, default_budget
 from .memory.sizes import parse_bytes
 from .models import ConfigError
-from .models.groups import Chunks
+from .models.groups import EXACT_GROUPS, Chunks
 from .plan.search import DoesNotFit
 from .plan.step_plan import LRU, StepPlan
 from .plan.trace import RequestShape
@@ -88,6 +88,7 @@ class LLM:
         chunk_groups: tuple[str, ...] | None = None,
         activations: str | None = None,
         allow_long_context: bool = False,
+        allow_recompute: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
@@ -95,9 +96,14 @@ class LLM:
         options (`row_chunk`, forced `chunks`, `chunk_groups` the search may split, `activations`)
         apply to the Mosaic executor; see `runtime.ExecutorOptions`. A request longer than the
         checkpoint's context is refused unless `allow_long_context` (quality may degrade).
+        `allow_recompute`: when no exact plan fits the budget, the search may recompute keys and
+        values per query block instead (more compute, logits within a tolerance of the exact ones).
         `max_batch`: most requests sharing a forward pass (1: one at a time); batched or not, each
         request's tokens are the same."""
         self.allow_long_context = allow_long_context
+        if allow_recompute:
+            allowed = EXACT_GROUPS if chunk_groups is None else chunk_groups
+            chunk_groups = tuple(dict.fromkeys((*allowed, "recompute")))
         given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
         if memory_budget is not None:
             given["memory_budget"] = parse_bytes(memory_budget)

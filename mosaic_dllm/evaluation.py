@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 GENERATION_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
 GENERATION_KEYS += ("alg", "alg_temp", "top_p", "top_k", "seed", "stop_at_eos", "threshold", "factor", "cache")
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
+ENGINE_KEYS += ("allow_recompute",)
 
 
 @register_model("mosaic")
@@ -56,7 +57,8 @@ class MosaicLM(LM):
         **settings,
     ):
         """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
-        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context) and generation settings
+        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute) and
+        generation settings
         (gen_length, steps, block_length, temperature, cfg_scale, remasking, alg, alg_temp, top_p,
         top_k, seed, stop_at_eos; Fast-dLLM's threshold, factor, cache) as in `LLM` and
         `GenerationConfig`; `mc_num` and `mc_batch_size` (the official `batch_size`) for the

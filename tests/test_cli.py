@@ -187,3 +187,31 @@ def test_plan_counts_a_block_cache(capsys):
         assert main([*argv, *batch, "--cache", cache, "--block-length", "512"]) == 0  # prefix: half the canvas
         most[cache] = json.loads(capsys.readouterr().out)["max_batch"]
     assert most["dual"] < most["prefix"] < most["none"]
+
+
+def test_plan_shows_recompute_and_its_extra_compute(capsys):
+    """Below the exact floor `mosaic plan` refuses, naming --allow-recompute; allowed, it shows the
+    recomputing plan, how often K and V are computed and the extra multiply-adds; --max-len lists
+    the longer length recompute reaches."""
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "256MiB"]
+    assert main(argv) == 2
+    assert "--allow-recompute" in capsys.readouterr().err
+    assert main([*argv, "--allow-recompute"]) == 0
+    out = capsys.readouterr().out
+    assert "K and V computed" in out and "multiply-adds" in out
+    assert main([*argv, "--allow-recompute", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kv_passes_per_layer"] > 1 and record["extra_compute"] > 0
+    assert record["predicted_peak_activation_bytes"] <= 256 << 20 and record["chunks"]["recompute"] > 1
+    assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "1GiB"]) == 0
+    assert "exact (bit-identical to eager)" in capsys.readouterr().out
+    lengths = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--budget", "256MiB", "--json"]
+    assert main([*lengths, "--allow-recompute"]) == 0
+    executors = json.loads(capsys.readouterr().out)["executors"]
+    assert executors["mosaic-recompute"]["max_len"] > 1.5 * executors["mosaic"]["max_len"]
+
+
+def test_generate_allows_recompute(capsys):
+    argv = ["generate", "--prompt", "Return the", "--gen-length", "8", "--steps", "4", "--json", "--allow-recompute"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"]

@@ -16,6 +16,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..decoding import sampler_for
+from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes
 from ..plan.search import fit, longest, max_length
@@ -49,15 +50,23 @@ def first_step_shape(
     return StepShape.of(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
 
 
-def mosaic_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float, row_chunk: int) -> dict:
+def mosaic_capacity(
+    spec: ArchSpec,
+    dtype: torch.dtype,
+    budget: int,
+    alpha: float,
+    row_chunk: int,
+    groups: tuple[str, ...] = EXACT_GROUPS,
+) -> dict:
+    """`groups`: what the search may split (with "recompute": below the exact floor)."""
     plans = PlanCache(spec, dtype)
     shape = first_step_shape(spec, dtype, 2, alpha, row_chunk)
     sampler = shape.sampler_row_bytes
     rows_at = lambda n: first_step_shape(spec, dtype, n, alpha, row_chunk, sampler_row_bytes=sampler).chunk  # noqa: E731
-    longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at)
+    longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at, groups)
     out = {"max_len": longest, "sampler_row_bytes": sampler}
     if longest:
-        result = fit(plans, replace(shape.alone(longest), chunk=rows_at(longest)), budget)
+        result = fit(plans, replace(shape.alone(longest), chunk=rows_at(longest)), budget, groups)
         out |= {
             "chunks": result.plan.summary()["chunks"],
             "predicted_peak_activation_bytes": result.plan.predicted_peak_bytes,

@@ -8,7 +8,8 @@ timeline for lengths too long to run. A planned executor's arena is outside aten
 it is added to the timeline as `planned_bytes` (the plan's arena size). The first step's rows are
 known without looking at values (every generated position); the canvas and those rows stay real
 tensors in a prediction, so the LLaDA sampler's noise replay at temperature > 0 reads its rows from
-them (Dream's sampler at temperature > 0 checks its probabilities by value: not predictable yet).
+them. Dream's sampler at temperature > 0 checks Categorical's constraint by value: a prediction
+samples and then also runs the refusal's argmax pass, so it covers whichever path real rows take.
 The reveal bookkeeping that follows (O(L) integers, data-dependent) is not included.
 """
 

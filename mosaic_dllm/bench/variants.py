@@ -4,12 +4,15 @@
     mask-only          + logits only for the rows the sampler reads (same ops, buffers from the allocator)
     planned            + every activation at its offset in one arena (global plan), nothing chunked
     chunk-ffn-logits   + the search may chunk the FFN/MoE and the logits rows (what the Mosaic release can)
-    mosaic             + it may also chunk norms, rotary and attention (query blocks)
+    mosaic             + it may also chunk norms, rotary and attention (query blocks): the exact floor
+    mosaic-recompute   + below that floor, K and V recomputed per query block (opt-in; not bit-exact)
 
 With a budget (max-len), the planned variants search for chunks that fit it.
 """
 
 from __future__ import annotations
+
+from ..models.groups import EXACT_GROUPS
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "eager": ("eager", {}),
@@ -17,6 +20,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "planned": ("mosaic", {"chunk_groups": []}),
     "chunk-ffn-logits": ("mosaic", {"chunk_groups": ["ffn", "logits"]}),
     "mosaic": ("mosaic", {}),
+    "mosaic-recompute": ("mosaic", {"chunk_groups": [*EXACT_GROUPS, "recompute"]}),
 }
 
 

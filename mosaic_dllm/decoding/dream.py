@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributions import Distribution, constraints
 
 from ..config import GenerationConfig, GenerationConfigError
@@ -47,8 +48,9 @@ def top_k_logits(logits: Tensor, top_k: int) -> Tensor:
     return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
 
 
-def categorical_valid(probs: Tensor) -> bool:
-    """Whether torch.distributions.Categorical(probs) would accept these rows (its simplex check).
+def categorical_valid(probs: Tensor) -> bool | None:
+    """Whether torch.distributions.Categorical(probs) would accept these rows (its simplex check);
+    None when values are unknown (a prediction under FakeTensorMode).
 
     Where it would not (coarse bf16 or long fp32 rows can fail), the official code catches the
     error and takes the argmax instead of sampling.
@@ -56,7 +58,10 @@ def categorical_valid(probs: Tensor) -> bool:
     if probs.shape[0] == 0:
         return False  # sampling zero rows fails in the official code too; the argmax of nothing is nothing
     normalized = probs / probs.sum(-1, keepdim=True)
-    return not Distribution._validate_args or bool(constraints.simplex.check(normalized).all())
+    if not Distribution._validate_args:
+        return True
+    valid = constraints.simplex.check(normalized).all()
+    return None if is_fake(valid) else bool(valid)
 
 
 def sample_tokens(
@@ -67,10 +72,11 @@ def sample_tokens(
     gen: torch.Generator | None,
     margin_confidence: bool = False,
     neg_entropy: bool = False,
-) -> tuple[Tensor, Tensor, bool]:
+) -> tuple[Tensor, Tensor, bool | None]:
     """(N, V) logits -> (confidence, x0, sampled); gen=None forces the argmax fallback.
 
-    `sampled` is False when temperature > 0 but Categorical would refuse these rows.
+    `sampled` is False when temperature > 0 but Categorical would refuse these rows; None when it
+    may (a prediction, values unknown: it samples, and the caller also runs the refusal's pass).
     """
     if temperature > 0:
         logits = logits / temperature
@@ -79,7 +85,8 @@ def sample_tokens(
     if top_k is not None:
         logits = top_k_logits(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
-    sampled = temperature > 0 and gen is not None and categorical_valid(probs)
+    valid = categorical_valid(probs) if temperature > 0 and gen is not None else False
+    sampled = valid is not False
     if sampled:  # Categorical(probs).sample() with an explicit generator
         normalized = probs / probs.sum(-1, keepdim=True)
         x0 = torch.multinomial(normalized, 1, True, generator=gen).T.reshape(probs.shape[:-1])
@@ -91,7 +98,7 @@ def sample_tokens(
         confidence = sorted_probs[:, 0] - sorted_probs[:, 1]
     if neg_entropy:
         confidence = torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
-    return confidence, x0, sampled or temperature <= 0
+    return confidence, x0, True if temperature <= 0 else valid
 
 
 def sample_rows(
@@ -101,17 +108,25 @@ def sample_rows(
 
     The official code validates every row before sampling any: if one chunk is refused, the
     generator is rewound and every row takes the argmax, as one refused Categorical would.
+    A prediction (values unknown) runs both paths.
     """
     state = gen.get_state() if temperature > 0 else None
-    confidences, tokens = [], []
+    confidences, tokens, unknown = [], [], False
+
+    def refused() -> tuple[Tensor, Tensor]:
+        gen.set_state(state)
+        pairs = [sample_tokens(lg, temperature, gen=None, **kw)[:2] for _, lg in chunks_fn()]
+        return torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+
     for _, logits in chunks_fn():
         confidence, x0, ok = sample_tokens(logits, temperature, gen=gen, **kw)
-        if not ok:
-            gen.set_state(state)
-            pairs = [sample_tokens(lg, temperature, gen=None, **kw)[:2] for _, lg in chunks_fn()]
-            return torch.cat([c for c, _ in pairs]), torch.cat([t for _, t in pairs])
+        if ok is False:
+            return refused()
+        unknown |= ok is None
         confidences.append(confidence)
         tokens.append(x0)
+    if unknown:  # a prediction: sampled every row, now the refusal's pass, so its peak covers both
+        return refused()
     if not tokens:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(confidences), torch.cat(tokens)

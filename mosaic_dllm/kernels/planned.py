@@ -49,13 +49,29 @@ from .tiles import HEAD_ROW_TILE, fresh_swiglu, swiglu_workspace, tile_workspace
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
 NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def key_pack_bytes(keys: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """What PyTorch's CPU flash attention allocates inside one call to repack K and V for AMX
+    (bf16, or fp16 where AMX has it; measured: +256 MiB for 16,384 keys of 32 x 128 bf16 heads,
+    whatever the query count from 64 up): a copy of the call's K and V. Declared for every such
+    call; calls on fewer than 64 queries or keys, which skip it, are over-counted by a few KiB."""
+    if device.type != "cpu":
+        return 0
+    amx = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
+    if amx is None or not getattr(torch.cpu, amx, lambda: True)():
+        return 0
+    return 2 * keys * kv_heads * head_dim * dtype.itemsize
+
+
 # Rows the attention region normalises, projects and rotates at a time (a wide GEMM's row tile: no
 # padded tiles); only the attention itself needs a whole query block.
 REGION_ROWS = 256
 
 
 class Memory(Protocol):
-    device: torch.device
+    device: torch.device  # where its buffers live (meta when tracing)
+    runs_on: torch.device  # where the step runs: what kernels allocate inside may depend on it
     tracing: bool  # True: meta tensors, nothing computed; data-dependent work is skipped
 
     def op(self, name: str, group: str, *reads: Tensor) -> None:
@@ -81,7 +97,7 @@ class AllocatorMemory:
     tracing = False
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.device = self.runs_on = device
 
     def op(self, name: str, group: str, *reads: Tensor) -> None:
         pass
@@ -375,8 +391,10 @@ class PlannedOps:
             if spliced is not None:
                 spliced_heads = [self.mem.new((1, spliced[0].shape[1], nh, hd), k.dtype) for _ in range(2)]
         block, parts = self._sequence_spans(packing, group)
-        # The fused kernel has no out= form: its output (and log-sum-exp) per query block are workspace.
+        # The fused kernel has no out= form: its output (and log-sum-exp) per query block are
+        # workspace, and so is its packed copy of the keys and values.
         self.mem.workspace(nh * block * (hd * q.element_size() + 4))
+        self.mem.workspace(key_pack_bytes(packing.span, k.shape[2], hd, k.dtype, self.mem.runs_on))
         sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         for offset, length, start, end in parts:
             keys, values = (t[:, offset : offset + length].transpose(1, 2) for t in (k, v))
@@ -399,7 +417,7 @@ class PlannedOps:
         return q.view(1, tokens, nh * hd)
 
     def attention_in_query_blocks(self) -> bool:
-        return self._chunked("attention_region")
+        return self._chunked("attention_region") or self._chunked("attention_recompute")
 
     def attention_region(
         self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
@@ -410,62 +428,29 @@ class PlannedOps:
         sequence's K and V (or its cache's, spliced), output projection and residual add. Norms,
         projections and rotary run `REGION_ROWS` rows at a time (rotary with those rows' own table
         rows); only the attention needs a whole query block (its q). The op-by-op path's
-        arithmetic on the same rows, so the same bits; the floor is the residual stream plus K, V."""
+        arithmetic on the same rows, so the same bits; the floor is the residual stream plus K, V.
+        With the recompute group chunked, `_attention_recompute` runs instead."""
+        if self._chunked("attention_recompute"):
+            return self._attention_recompute(x, spec, layer, index, packing, name=name)
         group = self._begin("attention_region", name, x)
-        _, tokens, width = x.shape
-        nh, nkv, hd, rd = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rotary_dim
-        eps, groups = spec.rms_norm_eps, spec.num_heads // spec.num_kv_heads
-        rows = x.view(-1, width)
+        _, tokens, _ = x.shape
+        nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        groups = nh // nkv
+        repeat = groups > 1 and not NATIVE_GQA
         block, parts = self._sequence_spans(packing, group)
-        bias = {p: layer.get(f"{p}_bias") for p in ("q", "k", "v", "o")}
-        self._gemm_workspace(x, layer["q"], layer["k"], layer["v"])
-        self.mem.workspace(tile_workspace(x, layer["o"]))
         self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
+        self.mem.workspace(key_pack_bytes(packing.span, nh if repeat else nkv, hd, x.dtype, self.mem.runs_on))
+        if repeat:  # torch < 2.5: one sequence's keys and values repeated over the heads at a time
+            self.mem.workspace(2 * packing.span * nh * hd * x.element_size())
         keys, values = (self.mem.new((1, tokens, nkv, hd), x.dtype) for _ in range(2))
         spliced = self._window_buffers(packing, keys)
         q = self.mem.new((block, nh * hd), x.dtype)  # a query block's queries, then its attention output
-        sub = REGION_ROWS
-        scratch = self._norm_scratch(sub, width)
-        h = self.mem.new((sub, width), x.dtype)
-        projected = self.mem.new((sub, width), x.dtype)
-        heads_scratch = self._norm_scratch(sub * nh, hd) if spec.qk_norm else None
-        work = torch.float32 if spec.rope_full_precision else x.dtype
-        first, rotated = (self.mem.new((sub, nh, rd), work) for _ in range(2))
-        tables = self._table_buffers(sub, rd, None if spec.rope_full_precision else x.dtype)
-        repeat = groups > 1 and not NATIVE_GQA
-        if repeat:  # torch < 2.5: one sequence's keys and values repeated over the heads at a time
-            self.mem.workspace(2 * packing.span * nh * hd * x.element_size())
-        positions = self._positions(packing, x.device)
+        sub = _RegionRows(self, x, spec, layer, packing)
         if self.mem.tracing:
             return x
-
-        def normed(at: slice) -> Tensor:
-            n = at.stop - at.start
-            self._norm_rows(rows[at], layer["attn_norm"], eps, scratch, h[:n])
-            return h[:n]
-
-        def heads(weight: str, out: Tensor, at: slice) -> None:
-            """out (n, heads * hd) = rotary(head norm(h @ W.T + b)) at the rows' positions."""
-            n = at.stop - at.start
-            count = out.shape[-1] // hd
-            self._project(h[:n], layer[weight], bias[weight], out)
-            if heads_scratch is not None:
-                flat = out.view(n * count, hd)
-                self._norm_rows(flat, layer[f"{weight}_norm"], eps, heads_scratch, flat)
-            tables[0][:n].copy_(positions[at])
-            cos, sin = self._fill_tables(tables, n, spec.rope_theta)
-            part = out.view(n, count, hd)[..., :rd]
-            self._rotate(part, cos.unsqueeze(1), sin.unsqueeze(1), first[:n, :count], rotated[:n, :count])
-
-        def pieces(first_row: int, last_row: int) -> list[slice]:
-            return [slice(a, min(a + sub, last_row)) for a in range(first_row, last_row, sub)]
-
         for offset, _, start, end in parts:  # K and V of every token
-            for at in pieces(offset + start, offset + end):
-                n = at.stop - at.start
-                normed(at)
-                heads("k", keys[0, at].view(n, nkv * hd), at)
-                self._project(h[:n], layer["v"], bias["v"], values[0, at].view(n, nkv * hd))
+            at = slice(offset + start, offset + end)
+            sub.keys_values(at.start, at.stop, keys[0, at], values[0, at])
         packing.store_caches(index, keys, values)
         sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         for offset, length, start, end in parts:  # query blocks
@@ -476,10 +461,7 @@ class PlannedOps:
                 k, v = self._spliced(use, index, k, v, spliced, first_block=start == 0)
             if repeat:
                 k, v = (t.repeat_interleave(groups, dim=2) for t in (k, v))  # torch < 2.5 only
-            for at in pieces(offset + start, offset + end):
-                normed(at)
-                row = at.start - offset - start
-                heads("q", q[row : row + at.stop - at.start], at)
+            sub.queries(offset + start, offset + end, q)
             gqa = {"enable_gqa": True} if groups > 1 and not repeat else {}
             result = F.scaled_dot_product_attention(
                 q[:m].view(1, m, nh, hd).transpose(1, 2),
@@ -492,10 +474,75 @@ class PlannedOps:
             )
             q[:m].view(1, m, nh, hd).copy_(result.transpose(1, 2))
             del result
-            for at in pieces(offset + start, offset + end):
-                n, row = at.stop - at.start, at.start - offset - start
-                self._project(q[row : row + n], layer["o"], bias["o"], projected[:n])
-                rows[at].add_(projected[:n])
+            sub.project_add(offset + start, offset + end, q)
+        return x
+
+    def _attention_recompute(
+        self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
+    ) -> Tensor:
+        """The attention block below the exact floor: no full-length K or V. Each query block of a
+        sequence streams over the same blocks as key chunks, computing each chunk's K and V again
+        from the residual stream (the exact region's arithmetic, so the same K and V bits), runs the
+        fused kernel on it and merges the chunks' outputs by their log-sum-exps in float32. The
+        residual stream cannot take a block's output before every block has read its keys, so the
+        outputs wait in one full-length buffer and are projected and added at the end: the floor
+        is the residual stream plus that buffer (for MHA, 2/3 of the exact floor; grouped-query
+        models, whose K and V are narrower, gain nothing and the search does not pick it). Only
+        the softmax merge differs from the exact kernel: results within a tolerance, not bits."""
+        if packing.caches:  # the search never picks it with caches: they hold every layer's K and V
+            raise ValueError("recomputing keys and values cannot serve block caches")
+        group = self._begin("attention_recompute", name, x)
+        _, tokens, _ = x.shape
+        nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        groups = nh // nkv
+        kv_heads = nkv if NATIVE_GQA else nh  # torch < 2.5: each key chunk repeated over the heads
+        block, parts = self._sequence_spans(packing, group)
+        item = x.element_size()
+        # Per key chunk, the kernel's output, log-sum-exp and packed keys and values, and the
+        # merge's float32 copy of that output; before torch 2.5 the repeated key chunk.
+        self.mem.workspace(nh * block * (hd * item + 4) + nh * block * hd * 4)
+        self.mem.workspace(key_pack_bytes(block, kv_heads, hd, x.dtype, self.mem.runs_on))
+        if kv_heads != nkv:
+            self.mem.workspace(2 * block * nh * hd * item)
+        outputs = self.mem.new((tokens, nh * hd), x.dtype)  # every query block's attention output
+        keys, values = (self.mem.new((block, nkv, hd), x.dtype) for _ in range(2))
+        q = self.mem.new((block, nh * hd), x.dtype)
+        merged = self.mem.new((nh, block, hd), torch.float32)  # the output so far, normalised
+        total, scale = (self.mem.new((nh, block), torch.float32) for _ in range(2))  # log-sum-exps so far
+        sub = _RegionRows(self, x, spec, layer, packing)
+        if self.mem.tracing:
+            return x
+        blocks: dict[int, list[tuple[int, int]]] = {}
+        for offset, _, start, end in parts:
+            blocks.setdefault(offset, []).append((start, end))
+        for offset, spans in blocks.items():
+            for start, end in spans:  # query blocks
+                m = end - start
+                sub.queries(offset + start, offset + end, q)
+                queries = q[:m].view(1, m, nh, hd).transpose(1, 2)
+                acc, lse, factor = merged[:, :m], total[:, :m], scale[:, :m]
+                for first, (k_start, k_end) in enumerate(spans):  # key chunks, computed again
+                    n = k_end - k_start
+                    k, v = keys[:n], values[:n]
+                    sub.keys_values(offset + k_start, offset + k_end, k, v)
+                    if kv_heads != nkv:
+                        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+                    out, chunk_lse = chunk_attention(queries, k[None].transpose(1, 2), v[None].transpose(1, 2))
+                    out, chunk_lse = out[0], chunk_lse[0]
+                    if first == 0:
+                        acc.copy_(out)
+                        lse.copy_(chunk_lse)
+                        continue
+                    torch.logaddexp(lse, chunk_lse, out=factor)  # the new total
+                    lse.sub_(factor).exp_()  # the old part's weight
+                    acc.mul_(lse[..., None])
+                    chunk_lse.sub_(factor).exp_()  # the chunk's weight
+                    acc.add_(out.float().mul_(chunk_lse[..., None]))
+                    lse.copy_(factor)
+                    del out, chunk_lse
+                rows = outputs[offset + start : offset + end].view(m, nh, hd)
+                rows.copy_(acc.transpose(0, 1))
+        sub.project_add(0, tokens, outputs, from_start=True)
         return x
 
     def _window_buffers(self, packing: Packing, k: Tensor) -> list[Tensor] | None:
@@ -612,3 +659,87 @@ class PlannedOps:
                 yield part, out.view(count, part.numel(), vocab)
 
         return head
+
+
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(output, log-sum-exp per query and head) of queries (1, nh, m, hd) against one chunk of
+    keys and values (1, nkv, n, hd): the fused CPU kernel where there is one, else float32 maths
+    (its scores, (nh, m, n) floats, are the caller's to declare)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return out, lse
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).float() for t in (k, v))
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(scores.sub_(lse[..., None]).exp_(), v).to(q.dtype), lse
+
+
+class _RegionRows:
+    """The attention regions' row work, `REGION_ROWS` rows at a time in planned scratch: the
+    attention norm, K/V or q projections with head norms and rotary (tables built for the rows'
+    own positions), the output projection and residual add. The same arithmetic as the op-by-op
+    path, row by row."""
+
+    def __init__(self, ops: PlannedOps, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], packing: Packing):
+        mem, width, nh = ops.mem, x.shape[-1], spec.num_heads
+        self.ops, self.spec, self.layer, self.rows = ops, spec, layer, x.view(-1, width)
+        self.bias = {p: layer.get(f"{p}_bias") for p in ("q", "k", "v", "o")}
+        ops._gemm_workspace(x, layer["q"], layer["k"], layer["v"])
+        mem.workspace(tile_workspace(x, layer["o"]))
+        sub, rd = REGION_ROWS, spec.rotary_dim
+        self.scratch = ops._norm_scratch(sub, width)
+        self.h = mem.new((sub, width), x.dtype)
+        self.projected = mem.new((sub, width), x.dtype)
+        self.heads_scratch = ops._norm_scratch(sub * nh, spec.head_dim) if spec.qk_norm else None
+        work = torch.float32 if spec.rope_full_precision else x.dtype
+        self.first, self.rotated = (mem.new((sub, nh, rd), work) for _ in range(2))
+        self.tables = ops._table_buffers(sub, rd, None if spec.rope_full_precision else x.dtype)
+        self.positions = ops._positions(packing, x.device)
+
+    def _pieces(self, first: int, last: int) -> list[slice]:
+        return [slice(a, min(a + REGION_ROWS, last)) for a in range(first, last, REGION_ROWS)]
+
+    def _normed(self, at: slice) -> Tensor:
+        n = at.stop - at.start
+        self.ops._norm_rows(self.rows[at], self.layer["attn_norm"], self.spec.rms_norm_eps, self.scratch, self.h[:n])
+        return self.h[:n]
+
+    def _heads(self, weight: str, out: Tensor, at: slice) -> None:
+        """out (n, heads * hd) = rotary(head norm(h @ W.T + b)) at the rows' positions."""
+        spec, n = self.spec, at.stop - at.start
+        hd, rd = spec.head_dim, spec.rotary_dim
+        count = out.shape[-1] // hd
+        self.ops._project(self.h[:n], self.layer[weight], self.bias[weight], out)
+        if self.heads_scratch is not None:
+            flat = out.view(n * count, hd)
+            self.ops._norm_rows(flat, self.layer[f"{weight}_norm"], spec.rms_norm_eps, self.heads_scratch, flat)
+        self.tables[0][:n].copy_(self.positions[at])
+        cos, sin = self.ops._fill_tables(self.tables, n, spec.rope_theta)
+        part = out.view(n, count, hd)[..., :rd]
+        self.ops._rotate(part, cos.unsqueeze(1), sin.unsqueeze(1), self.first[:n, :count], self.rotated[:n, :count])
+
+    def keys_values(self, first: int, last: int, keys: Tensor, values: Tensor) -> None:
+        """K and V of packed rows [first, last) into keys, values ((last - first, nkv, hd) each)."""
+        width = self.spec.num_kv_heads * self.spec.head_dim
+        for at in self._pieces(first, last):
+            rows = slice(at.start - first, at.stop - first)
+            self._normed(at)
+            self._heads("k", keys[rows].view(-1, width), at)
+            h = self.h[: at.stop - at.start]
+            self.ops._project(h, self.layer["v"], self.bias["v"], values[rows].view(-1, width))
+
+    def queries(self, first: int, last: int, q: Tensor) -> None:
+        """q of packed rows [first, last) into q's first rows."""
+        for at in self._pieces(first, last):
+            self._normed(at)
+            self._heads("q", q[at.start - first : at.stop - first], at)
+
+    def project_add(self, first: int, last: int, attended: Tensor, from_start: bool = False) -> None:
+        """The residual stream's rows [first, last) += o(attended rows): attended's first rows, or
+        (from_start) its rows [first, last)."""
+        for at in self._pieces(first, last):
+            n = at.stop - at.start
+            row = at.start if from_start else at.start - first
+            self.ops._project(attended[row : row + n], self.layer["o"], self.bias["o"], self.projected[:n])
+            self.rows[at].add_(self.projected[:n])

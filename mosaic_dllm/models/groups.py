@@ -25,6 +25,9 @@ MIN_CHUNK_TOKENS = 32
 # exactly as the whole call does (tested on searched shapes, tests/kernels/test_attention_blocks.py).
 ATTENTION_BLOCK_ALIGN = 256
 ATTENTION_MIN_QUERIES = 768
+# Recomputing K and V per query block costs a K/V projection of the whole sequence per block:
+# blocks below a wide GEMM's row tile would multiply that cost for little memory.
+RECOMPUTE_MIN_QUERIES = 256
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class OpGroup:
     min_chunk: int = 1  # the search splits no further
     align: int = 1  # chunks start at multiples of this
     min_block: int = 1  # no chunk (a short last one included) is smaller: merged into the one before
+    exact: bool = True  # False: results within a stated tolerance of eager's, used only when allowed
 
 
 GROUPS = (
@@ -50,6 +54,17 @@ GROUPS = (
         align=ATTENTION_BLOCK_ALIGN,
         min_block=ATTENTION_MIN_QUERIES,
     ),
+    # Below the exact floor (opt-in): the attention region keeps no full K and V; each query block
+    # streams over key chunks (the same blocks) whose K and V it computes again from the residual
+    # stream, merging their softmaxes by log-sum-exp. Chunked, it replaces the attention group's region.
+    OpGroup(
+        "recompute",
+        ("attention_recompute",),
+        "queries",
+        RECOMPUTE_MIN_QUERIES,
+        min_block=RECOMPUTE_MIN_QUERIES,
+        exact=False,
+    ),
     OpGroup("ffn", ("mlp", "moe", "norm_mlp_add"), "tokens", MIN_CHUNK_TOKENS),
     OpGroup("residual", ("add",), None),
     OpGroup("logits", ("lm_head",), "rows", 1),
@@ -57,6 +72,8 @@ GROUPS = (
 BY_NAME = {g.name: g for g in GROUPS}
 GROUP_OF_METHOD = {m: g for g in GROUPS for m in g.methods}
 CHUNKABLE_GROUPS = tuple(g.name for g in GROUPS if g.splits is not None)
+# What the search splits by default: groups whose every chunking is bit-identical to eager.
+EXACT_GROUPS = tuple(name for name in CHUNKABLE_GROUPS if BY_NAME[name].exact)
 # Groups chunked into a number of pieces; the logits group is chunked by rows per chunk instead.
 PIECE_GROUPS = tuple(g.name for g in GROUPS if g.splits in ("tokens", "queries"))
 

@@ -24,11 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..memory.sizes import ceil_div, mib
-from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
+from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, EXACT_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
 from .step_plan import PlanCache, StepPlan
 from .trace import StepShape
 
-__all__ = ["CHUNKABLE_GROUPS", "MIN_CHUNK_TOKENS", "DoesNotFit", "fit", "longest", "max_length", "most_chunked"]
+__all__ = [
+    "CHUNKABLE_GROUPS",
+    "EXACT_GROUPS",
+    "MIN_CHUNK_TOKENS",
+    "DoesNotFit",
+    "fit",
+    "longest",
+    "max_length",
+    "most_chunked",
+]
 
 
 class DoesNotFit(ValueError):
@@ -68,10 +77,16 @@ def _split(shape: StepShape, name: str) -> StepShape | None:
     return None
 
 
-def most_chunked(shape: StepShape, groups: tuple[str, ...] = CHUNKABLE_GROUPS) -> StepShape:
+def _usable(shape: StepShape, groups: tuple[str, ...]) -> tuple[str, ...]:
+    """`groups` less recompute for a step with block caches: they keep every layer's K and V
+    anyway, and a window's keys are the cache's."""
+    return tuple(g for g in groups if g != "recompute" or not shape.cache_bytes)
+
+
+def most_chunked(shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS) -> StepShape:
     """Every group in `groups` at its smallest chunk: the floor of what chunking them can reach."""
     chunk, pieces = shape.chunk, {}
-    for name in groups:
+    for name in _usable(shape, groups):
         group = BY_NAME[name]
         if group.splits == "rows":
             chunk = group.min_chunk
@@ -84,13 +99,15 @@ def fit(
     plans: PlanCache,
     shape: StepShape,
     budget: int,
-    groups: tuple[str, ...] = CHUNKABLE_GROUPS,
+    groups: tuple[str, ...] = EXACT_GROUPS,
     explain: bool = True,
 ) -> SearchResult:
     """The first plan along the lazy search that fits `budget`, splitting only `groups`, or
     DoesNotFit (with the longest length that would fit when `explain`; a scheduler asking whether a
-    batch fits skips that search)."""
+    batch fits skips that search). With "recompute" in `groups`, only once no exact split lowers
+    the peak does the attention region switch to recomputing K and V (in its own query blocks)."""
     start = time.perf_counter()
+    groups = _usable(shape, groups)
     plan, tried = plans.get(shape), 1
     while plan.predicted_peak_bytes > budget:
         better = None
@@ -102,6 +119,13 @@ def fit(
                     better = candidate
             if better is not None:
                 break
+        split = plan.graph.shape
+        if better is None and "recompute" in groups and split.chunks.recompute == 1:
+            # the fewest query blocks whose recomputing region peaks lower than the exact floor
+            while better is None and (split := _split(split, "recompute")) is not None:
+                candidate, tried = plans.get(split), tried + 1
+                if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
+                    better = candidate
         if better is None:
             if not explain:
                 raise DoesNotFit(f"{shape.describe()} does not fit the budget of {mib(budget)}", budget, None)
@@ -156,7 +180,7 @@ def max_length(
     shape: StepShape,
     budget: int,
     rows_at: Callable[[int], int],
-    groups: tuple[str, ...] = CHUNKABLE_GROUPS,
+    groups: tuple[str, ...] = EXACT_GROUPS,
     limit: int = 1 << 22,
 ) -> int:
     """The longest sequence whose most-chunked step (chunking `groups`) fits `budget` (0 if none);
@@ -183,4 +207,13 @@ def _does_not_fit(
         f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "
         f"shorten the request or raise the memory budget."
     )
+    with_recompute = (*groups, "recompute")
+    if "recompute" not in groups and _usable(shape, with_recompute) == with_recompute:
+        below = plans.get(most_chunked(shape, with_recompute)).predicted_peak_bytes
+        if below <= budget:
+            message += (
+                f" Recomputing keys and values per query block would fit it ({mib(below)} at its "
+                f"smallest, more compute, results within a tolerance of the exact ones): allow "
+                f"recompute (LLM(allow_recompute=True), --allow-recompute)."
+            )
     return DoesNotFit(message, floor_bytes, longest)

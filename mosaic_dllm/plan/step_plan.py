@@ -144,7 +144,7 @@ class PlanCache:
     def __init__(self, spec: ArchSpec, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 16):
         self.spec, self.dtype, self.alignment = spec, dtype, device_alignment(torch.device(device))
         self._plans: LRU = LRU(capacity)
-        self.tracer = StepTracer(spec, dtype)
+        self.tracer = StepTracer(spec, dtype, device)
         self.plans_made = 0
         self.planning_seconds = 0.0
 

@@ -75,8 +75,8 @@ class Monomial:
 class SymbolicMemory(TraceMemory):
     """A trace memory whose chunk sizes are sentinels, remembered with what they divide."""
 
-    def __init__(self, packing: Packing) -> None:
-        super().__init__()
+    def __init__(self, packing: Packing, runs_on: torch.device | str = "cpu") -> None:
+        super().__init__(runs_on)
         self.packing = packing
         self.chunked: list[tuple[int | None, str]] = []  # (total rows or SEQUENCES, op group) per chunked op
         self.terms: dict[int, list[int]] = {}  # op -> each workspace declared (a sum of monomials)
@@ -121,12 +121,14 @@ def structure(shape: StepShape) -> tuple:
     return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in PIECE_GROUPS))
 
 
-def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape) -> SymbolicStep:
+def symbolic_trace(
+    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, runs_on: torch.device | str = "cpu"
+) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
     chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
     packing = Packing((LENGTH_SENTINEL, TOKENS_SENTINEL - LENGTH_SENTINEL))
     at_sentinels = StepShape(packing.lengths, shape.batch, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
-    memory = SymbolicMemory(packing)
+    memory = SymbolicMemory(packing, runs_on)
     graph = trace_step(spec, dtype, at_sentinels, memory, packing)
     sentinels = (
         TOKENS_SENTINEL,
@@ -150,21 +152,24 @@ class StepTracer:
     """StepGraphs by shape for one model: evaluated from a symbolic trace per structure, checked
     once against a plain trace; a structure that fails the check is traced shape by shape."""
 
-    def __init__(self, spec: ArchSpec, dtype: torch.dtype):
-        self.spec, self.dtype = spec, dtype
+    def __init__(self, spec: ArchSpec, dtype: torch.dtype, runs_on: torch.device | str = "cpu"):
+        self.spec, self.dtype, self.runs_on = spec, dtype, torch.device(runs_on)
         self._steps: dict[tuple, SymbolicStep | None] = {}
+
+    def _trace(self, shape: StepShape) -> StepGraph:
+        return trace_step(self.spec, self.dtype, shape, runs_on=self.runs_on)
 
     def graph(self, shape: StepShape) -> StepGraph:
         if shape.cache_keys:  # a window step (block caches): traced shape by shape
-            return trace_step(self.spec, self.dtype, shape)
+            return self._trace(shape)
         key = structure(shape)
         if key not in self._steps:
-            step = symbolic_trace(self.spec, self.dtype, shape)
-            traced = trace_step(self.spec, self.dtype, shape)
+            step = symbolic_trace(self.spec, self.dtype, shape, self.runs_on)
+            traced = self._trace(shape)
             self._steps[key] = step if step.evaluate(shape) == traced else None
             return traced
         step = self._steps[key]
-        return step.evaluate(shape) if step is not None else trace_step(self.spec, self.dtype, shape)
+        return step.evaluate(shape) if step is not None else self._trace(shape)
 
     def is_symbolic(self, shape: StepShape) -> bool:
         return self._steps.get(structure(shape)) is not None

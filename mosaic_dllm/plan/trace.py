@@ -177,8 +177,8 @@ class TraceMemory:
 
     tracing = True
 
-    def __init__(self) -> None:
-        self.device = torch.device("meta")
+    def __init__(self, runs_on: torch.device | str = "cpu") -> None:
+        self.device, self.runs_on = torch.device("meta"), torch.device(runs_on)
         self.ops: list[str] = []
         self.groups: list[str] = []
         self.buffers: list[TracedBuffer] = []
@@ -226,15 +226,17 @@ def trace_step(
     shape: StepShape,
     memory: TraceMemory | None = None,
     packing: Packing | None = None,
+    runs_on: torch.device | str = "cpu",
 ) -> StepGraph:
     """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows of a request of
     `shape.batch` sequences) on the meta device; `packing` (default: the shape's lengths) lets the
-    symbolic trace pick its sentinel lengths."""
+    symbolic trace pick its sentinel lengths; `runs_on`: the device the step will run on (some
+    kernels allocate by device)."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
-    memory = memory or TraceMemory()
+    memory = memory or TraceMemory(runs_on)
     ops = PlannedOps(memory, shape.chunks)
     packing = packing or shape.trace_packing(spec)
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")

@@ -17,7 +17,7 @@ def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
     if name == "eager" and options is not None and options != ExecutorOptions():
         raise ValueError(
-            "a memory budget, chunks, row chunks or activation options: each needs the mosaic executor "
+            "a memory budget, chunks, row chunks, recompute or activation options: each needs the mosaic executor "
             "(the eager executor runs as the official code)"
         )
 

@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ..models.groups import CHUNKABLE_GROUPS, Chunks
+from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, Chunks
 from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from ..plan.step_plan import StepPlan
@@ -53,7 +53,8 @@ class ExecutorOptions:
     row_chunk: int = DEFAULT_ROW_CHUNK  # LM-head rows per chunk
     memory_budget: int | None = None  # bytes a step may use; None: plan, never search
     chunks: Chunks = field(default_factory=Chunks)  # forced chunk counts; the search only adds
-    chunk_groups: tuple[str, ...] = CHUNKABLE_GROUPS  # groups the search may split
+    # Groups the search may split; "recompute" (not exact: within a stated tolerance) only if listed.
+    chunk_groups: tuple[str, ...] = EXACT_GROUPS
     activations: str = "arena"  # "allocator": the same kernels, buffers from PyTorch (ablation)
     arena: str | None = None  # arena backing: "mmap" | "tensor" (default: by device)
     cache_size: int = 16  # plans and searches kept per executor

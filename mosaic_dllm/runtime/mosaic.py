@@ -50,6 +50,7 @@ class ArenaMemory:
 
     def __init__(self, plan: StepPlan, arena: Arena):
         self.plan, self.arena, self.device = plan, arena, arena.device
+        self.runs_on = arena.device
         self.allocations = 0
         arena.ensure(plan.arena_bytes)
 

@@ -162,3 +162,17 @@ def test_the_harness_runs_at_temperature_one(tiny_checkpoints, executor):
     assert (
         predicted["status"] == "ok" and predicted["predicted_peak_activation_bytes"] > record["peak_activation_bytes"]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("executor,options", [("eager", {}), ("mosaic", {"row_chunk": 7})])
+def test_dream_at_temperature_one_is_predicted_from_above(dtype, executor, options):
+    """Dream samples only if Categorical accepts the rows (checked by value; bf16 rows are usually
+    refused and take the argmax pass). A prediction cannot know: it runs both paths, so it is at
+    least what either costs, and no more than both."""
+    spec = tiny_spec("dream", ids={"mask": 317, "eos": 316})
+    weights = random_weights(spec, dtype)
+    request = StepRequest.first_step(spec, 97, 0.5, GenerationConfig(temperature=1.0))
+    measured = measure(spec, weights, executor, request, options).timeline.peak
+    predicted = predict(spec, dtype, executor, request, options).peak
+    assert measured <= predicted <= 2 * measured
