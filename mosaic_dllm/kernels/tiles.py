@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 ROW_TILE = 64
 # Wide GEMMs run much faster on larger tiles (bf16 K = 4096 on this CPU: 300 GFLOP/s at 64 rows,
@@ -51,9 +52,17 @@ def tiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, tile: 
     if n < tile:
         _on_padded_tile(x, tile, out, lambda rows, result: _mm(rows, weight, bias, result))
         return
-    for start in range(0, n, tile):
-        start = min(start, n - tile)  # the tail: the last full tile
+    for start in _tile_starts(x, n, tile):
         _mm(x[start : start + tile], weight, bias, out[start : start + tile])
+
+
+def _tile_starts(x: Tensor, n: int, tile: int) -> list[int]:
+    """Where each tile of n >= tile rows starts; the tail runs as the last full tile. A prediction
+    (fake tensors: shapes, no values) runs the first only: no tile allocates anything the others
+    do not, and thousands of tiles are thousands of dispatches."""
+    if is_fake(x):
+        return [0]
+    return [min(start, n - tile) for start in range(0, n, tile)]
 
 
 def _on_padded_tile(x: Tensor, size: int, out: Tensor, run) -> None:
@@ -96,8 +105,7 @@ def tiled_swiglu(
         tile = lambda start: slice(0, size)  # noqa: E731
     else:
         tile = lambda start: slice(start, start + size)  # noqa: E731
-    for start in range(0, n, size):
-        start = min(start, n - size)  # the tail: the last full tile, recomputed from x
+    for start in _tile_starts(x, n, size):  # the tail: the last full tile, recomputed from x
         rows, here = slice(start, start + size), tile(start)
         _mm(x[rows], gate, None, g[here])
         torch.nn.functional.silu(g[here], inplace=True)

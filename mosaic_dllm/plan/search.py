@@ -188,17 +188,25 @@ def max_length(
     so the floor decides."""
 
     def fits(length: int) -> bool:
-        probe = most_chunked(replace(shape.alone(length), chunk=min(shape.chunk, rows_at(length))), groups)
-        return plans.get(probe).predicted_peak_bytes <= budget
+        probe = replace(shape.alone(length), chunk=min(shape.chunk, rows_at(length)))
+        return floor(plans, probe, groups).predicted_peak_bytes <= budget
 
     return longest(fits, limit=limit).max_len
+
+
+def floor(plans: PlanCache, shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS) -> StepPlan:
+    """The lowest plan chunking can reach: every group at its smallest chunk, exact or (where
+    allowed and lower) recomputing; grouped-query models' recompute floor is above the exact one."""
+    exact = plans.get(most_chunked(shape, tuple(g for g in groups if g != "recompute")))
+    if "recompute" not in _usable(shape, groups):
+        return exact
+    return min(exact, plans.get(most_chunked(shape, groups)), key=lambda plan: plan.predicted_peak_bytes)
 
 
 def _does_not_fit(
     plans: PlanCache, shape: StepShape, plan: StepPlan, budget: int, groups: tuple[str, ...]
 ) -> DoesNotFit:
-    floor = plans.get(most_chunked(shape, groups))
-    floor_bytes = min(floor.predicted_peak_bytes, plan.predicted_peak_bytes)
+    floor_bytes = min(floor(plans, shape, groups).predicted_peak_bytes, plan.predicted_peak_bytes)
     longest = max_length(plans, shape, budget, rows_at=lambda length: shape.chunk, groups=groups)
     message = (
         f"{shape.describe()} needs at least "
@@ -209,7 +217,7 @@ def _does_not_fit(
     )
     with_recompute = (*groups, "recompute")
     if "recompute" not in groups and _usable(shape, with_recompute) == with_recompute:
-        below = plans.get(most_chunked(shape, with_recompute)).predicted_peak_bytes
+        below = floor(plans, shape, with_recompute).predicted_peak_bytes
         if below <= budget:
             message += (
                 f" Recomputing keys and values per query block would fit it ({mib(below)} at its "
