@@ -215,3 +215,14 @@ def test_generate_allows_recompute(capsys):
     argv = ["generate", "--prompt", "Return the", "--gen-length", "8", "--steps", "4", "--json", "--allow-recompute"]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_allow_recompute_reaches_the_engine(command):
+    from mosaic_dllm.cli import _load, build_parser
+
+    extra = ["--prompt", "x"] if command == "generate" else []
+    for flags, allowed in (([], False), (["--allow-recompute"], True)):
+        args = build_parser().parse_args([command, *extra, *flags])
+        groups = _load(args, None).executor.options.chunk_groups
+        assert ("recompute" in groups) is allowed

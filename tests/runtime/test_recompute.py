@@ -97,6 +97,8 @@ def test_grouped_query_models_gain_nothing_and_keep_exact_plans():
     with pytest.raises(DoesNotFit) as refused:
         fit(plans, shape, int(exact_floor * 0.95), ALLOWED)
     assert "allow_recompute" not in str(refused.value)
+    rows = lambda n: 64  # noqa: E731
+    assert max_length(plans, shape, exact_floor, rows, ALLOWED) == max_length(plans, shape, exact_floor, rows)
 
 
 def test_a_step_with_block_caches_never_recomputes():
