@@ -505,6 +505,7 @@ class PlannedOps:
         self.mem.workspace(key_pack_bytes(block, kv_heads, hd, x.dtype, self.mem.runs_on))
         if kv_heads != nkv:
             self.mem.workspace(2 * block * nh * hd * item)
+        self.mem.workspace(chunk_attention_workspace(nh, block, block, hd, self.mem.runs_on))
         outputs = self.mem.new((tokens, nh * hd), x.dtype)  # every query block's attention output
         keys, values = (self.mem.new((block, nkv, hd), x.dtype) for _ in range(2))
         q = self.mem.new((block, nh * hd), x.dtype)
@@ -666,11 +667,11 @@ class PlannedOps:
         return head
 
 
-def chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def chunk_attention(q: Tensor, k: Tensor, v: Tensor, fused: bool | None = None) -> tuple[Tensor, Tensor]:
     """(output, log-sum-exp per query and head) of queries (1, nh, m, hd) against one chunk of
-    keys and values (1, nkv, n, hd): the fused CPU kernel where there is one, else float32 maths
-    (its scores, (nh, m, n) floats, are the caller's to declare)."""
-    if q.device.type == "cpu":
+    keys and values (1, nkv, n, hd): the fused CPU kernel (`fused`, default on CPU), else float32
+    maths (what it allocates: `chunk_attention_workspace`)."""
+    if q.device.type == "cpu" if fused is None else fused:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
         return out, lse
     groups = q.shape[1] // k.shape[1]
@@ -678,6 +679,15 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     scores = torch.matmul(q.float(), k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(scores.sub_(lse[..., None]).exp_(), v).to(q.dtype), lse
+
+
+def chunk_attention_workspace(heads: int, queries: int, keys: int, head_dim: int, runs_on: torch.device) -> int:
+    """Bytes `chunk_attention`'s float32 path allocates beyond its output: the repeated float32 keys
+    and values, the float32 queries, the scores and their log-sum-exp (none for the fused kernel,
+    whose output and K/V copy the caller declares)."""
+    if runs_on.type == "cpu":
+        return 0
+    return 4 * (2 * keys * heads * head_dim + queries * heads * head_dim + heads * queries * (keys + 1))
 
 
 class _RegionRows:

@@ -12,6 +12,9 @@ the budget allows. If no split lowers the peak (it sits in projections, the resi
 groups already at their smallest chunk), the step cannot fit: `DoesNotFit` names the floor and
 the longest sequence that would fit.
 
+Recompute (the "recompute" group, not exact) is searched only when the caller lists it, and only
+after no exact split lowers the peak: it trades arithmetic for memory.
+
 Which groups exist, what each splits and its smallest chunk come from the groups table
 (`models/groups.py`). `longest` is the one max-length search (the Mosaic paper's sweep, then
 bisection), used here for the floor and by the benchmarks for measured probes.
@@ -34,6 +37,7 @@ __all__ = [
     "MIN_CHUNK_TOKENS",
     "DoesNotFit",
     "fit",
+    "floor",
     "longest",
     "max_length",
     "most_chunked",

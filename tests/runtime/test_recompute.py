@@ -144,3 +144,16 @@ def test_the_engine_recomputes_when_allowed_and_the_budget_needs_it(tiny_checkpo
     assert all(p.predicted_peak_bytes <= budget for p in plans)
     with pytest.raises(ValueError, match="needs the mosaic executor"):
         LLM(path, executor="eager", allow_recompute=True)
+
+
+def test_the_float32_chunk_path_matches_the_fused_kernel():
+    """Devices without the fused CPU kernel merge chunks computed in float32 maths: the same output
+    and log-sum-exp (checked here on CPU by forcing that path)."""
+    from mosaic_dllm.kernels.planned import chunk_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 300, 32, generator=g)
+    k, v = (torch.randn(1, 2, 200, 32, generator=g) for _ in range(2))
+    fused, fallback = chunk_attention(q, k, v), chunk_attention(q, k, v, fused=False)
+    torch.testing.assert_close(fallback[0], fused[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fallback[1], fused[1], rtol=1e-5, atol=1e-5)
