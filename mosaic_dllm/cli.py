@@ -498,9 +498,9 @@ def _add_recompute_flag(p: argparse.ArgumentParser) -> None:
 
 def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:
     """The groups `mosaic plan`'s search may split."""
-    from .models.groups import EXACT_GROUPS
+    from .models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS
 
-    return (*EXACT_GROUPS, "recompute") if args.allow_recompute else EXACT_GROUPS
+    return CHUNKABLE_GROUPS if args.allow_recompute else EXACT_GROUPS
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from mosaic_dllm import LLM, DoesNotFit, GenerationConfig
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.models.groups import EXACT_GROUPS, Chunks
+from mosaic_dllm.models.groups import CHUNKABLE_GROUPS, Chunks
 from mosaic_dllm.plan.compute import recompute_cost
 from mosaic_dllm.plan.search import fit, max_length, most_chunked
 from mosaic_dllm.plan.step_plan import PlanCache
@@ -23,7 +23,7 @@ from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
 
 pytestmark = pytest.mark.filterwarnings("ignore:the prompt .* more than the checkpoint's context")
-ALLOWED = (*EXACT_GROUPS, "recompute")
+ALLOWED = CHUNKABLE_GROUPS  # the exact groups and recompute
 LENGTH = 1000  # four query blocks of 250 at 4 pieces (the smallest block is 256: here 3 of 333)
 
 
