@@ -3,9 +3,9 @@
     python benchmarks/attention_blocks.py [--threads 2]
 
 Compares, bit for bit, `F.scaled_dot_product_attention` on the whole canvas with the same call on
-query blocks: the blocks the attention group uses (models/groups.py: >= 768 queries, starting at
-multiples of 256) and naive equal thirds, over lengths, head layouts, head dims, batch sizes and
-dtypes. Prints the counts; the CI test (tests/kernels/test_attention_blocks.py) runs a subset.
+query blocks: the blocks the attention group uses on this device (the device profile's rule per
+dtype) and naive equal thirds, over lengths, head layouts, head dims, batch sizes and dtypes. Prints
+the counts; the CI test (tests/kernels/test_attention_blocks.py) runs a subset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from mosaic_dllm.models.groups import BY_NAME, group_spans
+from mosaic_dllm.device import profile_for
+from mosaic_dllm.models.groups import group_spans
 
 
 def attention(q, k, v):
@@ -34,7 +35,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     random.seed(0)
-    group = BY_NAME["attention"]
     counts = {"group blocks": [0, 0], "equal thirds": [0, 0]}
     for length in (1536, 1537, 1600, 1793, 2000, 2304, 2500, 3100):
         for heads, kv_heads, head_dim in ((4, 4, 64), (8, 2, 64), (4, 4, 128), (2, 2, 32), (6, 3, 80), (16, 4, 64)):
@@ -44,6 +44,7 @@ def main() -> None:
                 q = torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)
                 k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g).to(dtype) for _ in range(2))
                 whole = attention(q, k, v)
+                group = profile_for("cpu").rules(dtype).group("attention")
                 for pieces in (2, 3, 4):
                     blocks = group_spans(length, pieces, group)
                     counts["group blocks"][0] += 1

@@ -20,6 +20,7 @@ import torch
 
 from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.bench.step import random_weights
+from mosaic_dllm.device import profile_for
 from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
 from mosaic_dllm.memory.sizes import ceil_div
 from mosaic_dllm.models import transformer
@@ -54,19 +55,20 @@ def main() -> None:
     norm_w = layer["attn_norm"]
     qkv = [(layer[p], layer.get(f"{p}_bias")) for p in ("q", "k", "v")]
     packing = Packing((length,))
-    ops0 = PlannedOps(AllocatorMemory(torch.device("cpu")))
+    rules = profile_for("cpu").rules(torch.bfloat16)
+    ops0 = PlannedOps(AllocatorMemory(rules))
     cos, sin = ops0.rotary_tables(length, spec.rotary_dim, spec.rope_theta, None, x.device, name="rotary_tables")
     rows = []
     for pieces in [int(p) for p in args.pieces.split(",")]:
         chunks = Chunks(**dict.fromkeys(PIECE_GROUPS, pieces))
-        ops = PlannedOps(AllocatorMemory(torch.device("cpu")), chunks)
+        ops = PlannedOps(AllocatorMemory(rules), chunks)
         row = {"pieces": pieces, "tokens_per_chunk": ceil_div(length, pieces)}
         row["ffn_s"] = timed(lambda: ops.mlp(x, gate, up, down, name="mlp"), args.repeats)  # noqa: B023
         row["qkv_s"] = timed(
             lambda: ops.norm_linears(x, norm_w, 1e-5, qkv, names=("attn_norm", "q_proj", "k_proj", "v_proj")),  # noqa: B023
             args.repeats,
         )
-        block_ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(attention=pieces))
+        block_ops = PlannedOps(AllocatorMemory(rules), Chunks(attention=pieces))
         row["attention_s"] = timed(
             lambda: transformer.attention_block(block_ops, spec, layer, 0, x.clone(), cos, sin, packing),  # noqa: B023
             args.repeats,

@@ -259,8 +259,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
     dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or checkpoint.DTYPES["bf16"]
+    profile = _device_profile(args)
     if args.max_len:
-        return _plan_max_len(args, spec, dtype)
+        return _plan_max_len(args, spec, dtype, profile)
     if args.length is None:
         raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
     if args.length < 2:
@@ -276,8 +277,12 @@ def _plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--block-length ({args.block_length}) must be shorter than --length ({args.length})")
         shape = replace(shape, cache_bytes=BlockCache(spec, positions).nbytes(dtype))
     sampler = shape.sampler_row_bytes
-    plans = PlanCache(spec, dtype)
-    summary = {"model": args.preset or str(args.model), "dtype": str(dtype).removeprefix("torch.")}
+    plans = PlanCache(spec, dtype, profile=profile)
+    summary = {
+        "model": args.preset or str(args.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": profile.describe(),
+    }
     if args.max_batch:
         return _plan_max_batch(args, summary, shape, plans)
     if args.budget:  # the lazy search's choice for this budget (DoesNotFit names the floor)
@@ -297,6 +302,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     mb = mib
     print(f"{summary['model']} ({spec.num_layers} layers, {summary['dtype']}), batch {shape.batch}, L={args.length}")
+    print(f"  device           {summary['device']}")
     print(
         f"  arena            {mb(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound {mb(plan.lower_bound_bytes)},"
         f" ratio {summary['arena_vs_lower_bound']})"
@@ -364,7 +370,44 @@ def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> in
     return 0
 
 
-def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
+def _device_profile(args: argparse.Namespace):
+    """The device a plan is for: another machine's saved profile (--profile), else this one's --device."""
+    import torch
+
+    from .device import DeviceProfile, profile_for
+
+    if args.profile:
+        return DeviceProfile.load(args.profile)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (plan for one with --profile FILE)")
+    return profile_for(args.device)
+
+
+def _device(args: argparse.Namespace) -> int:
+    """Print (or write as JSON) the device profile: measured now, or read from the cache."""
+    import time
+
+    import torch
+
+    from .device import profile_for, profile_report
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+    start = time.perf_counter()
+    profile = profile_for(args.device)
+    cached = dict(profile.data["seconds"])
+    profile.probe_all()
+    seconds = time.perf_counter() - start
+    probed = {k: v for k, v in profile.data["seconds"].items() if k not in cached}
+    record = profile.data | {"path": str(profile.path), "seconds_now": round(seconds, 4), "probed_now": len(probed)}
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+        return 0
+    print(profile_report(profile, seconds, measured=bool(probed)))
+    return 0
+
+
+def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     from .bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
     from .memory.sizes import parse_bytes
 
@@ -382,11 +425,11 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
             )
     executors = {
         "eager": eager_capacity(spec, dtype, budget, args.alpha),
-        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk),
+        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk, profile=profile),
     }
     if args.allow_recompute:
         executors["mosaic-recompute"] = mosaic_capacity(
-            spec, dtype, budget, args.alpha, args.row_chunk, _chunk_groups(args)
+            spec, dtype, budget, args.alpha, args.row_chunk, _chunk_groups(args), profile
         )
     record = {
         "model": args.preset or str(args.model),
@@ -395,6 +438,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype) -> int:
         "weight_bytes": weights,
         "budget_bytes": budget,
         "alpha": args.alpha,
+        "device": profile.describe(),
         "predicted": True,
         "executors": executors,
     }
@@ -651,9 +695,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-length", type=int, default=32, help="--cache prefix: the block the cache stops before")
     _add_recompute_flag(p)
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
+    p.add_argument("--device", default="cpu", help="plan for this device of this machine, as its profile says")
+    p.add_argument("--profile", help="plan for another machine: its saved profile (`mosaic device --json > FILE`)")
     p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("device", help="the device profile: which call sizes and blocks keep bits, measured")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="one JSON object (a file `mosaic plan --profile` reads)")
+    p.set_defaults(func=_device)
 
     p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (a fresh one, or --overwrite)")

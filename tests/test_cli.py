@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mosaic_dllm.cli import main
+from tests.profiles import INTEL_AMX
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
@@ -193,7 +194,8 @@ def test_plan_shows_recompute_and_its_extra_compute(capsys):
     """Below the exact floor `mosaic plan` refuses, naming --allow-recompute; allowed, it shows the
     recomputing plan, how often K and V are computed and the extra multiply-adds; --max-len lists
     the longer length recompute reaches."""
-    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "256MiB"]
+    amx = ["--profile", str(INTEL_AMX)]  # a device whose kernel copies K and V: recompute pays 1.5x+
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "256MiB", *amx]
     assert main(argv) == 2
     assert "--allow-recompute" in capsys.readouterr().err
     assert main([*argv, "--allow-recompute"]) == 0
@@ -203,12 +205,32 @@ def test_plan_shows_recompute_and_its_extra_compute(capsys):
     record = json.loads(capsys.readouterr().out)
     assert record["kv_passes_per_layer"] > 1 and record["extra_compute"] > 0
     assert record["predicted_peak_activation_bytes"] <= 256 << 20 and record["chunks"]["recompute"] > 1
-    assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "1GiB"]) == 0
+    assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "8192", "--budget", "1GiB", *amx]) == 0
     assert "exact (bit-identical to eager)" in capsys.readouterr().out
-    lengths = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--budget", "256MiB", "--json"]
+    lengths = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--budget", "256MiB", "--json", *amx]
     assert main([*lengths, "--allow-recompute"]) == 0
-    executors = json.loads(capsys.readouterr().out)["executors"]
-    assert executors["mosaic-recompute"]["max_len"] > 1.5 * executors["mosaic"]["max_len"]
+    record = json.loads(capsys.readouterr().out)
+    assert record["executors"]["mosaic-recompute"]["max_len"] > 1.5 * record["executors"]["mosaic"]["max_len"]
+    assert "AMX" in record["device"]
+
+
+def test_device_prints_the_profile_and_plan_reads_a_saved_one(capsys, tmp_path):
+    """`mosaic device --json` measures (or reads) this machine's rules; the file it writes plans
+    for this machine elsewhere: the same plan as planning here."""
+    assert main(["device", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["attention"]) == {"bf16", "fp16", "fp32"} and record["gemm"] and record["fingerprint"]
+    assert main(["device", "--json"]) == 0  # warm: read from the cache, nothing probed
+    assert json.loads(capsys.readouterr().out)["probed_now"] == 0
+    saved = tmp_path / "here.json"
+    saved.write_text(json.dumps(record))
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "4096", "--budget", "200MiB", "--json"]
+    assert main(argv) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--profile", str(saved)]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"] == here["chunks"]
+    assert main([*argv[:-1], "--profile", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a device profile" in capsys.readouterr().err
 
 
 def test_generate_allows_recompute(capsys):

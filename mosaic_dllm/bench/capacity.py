@@ -16,6 +16,7 @@ import torch
 
 from ..config import GenerationConfig
 from ..decoding import sampler_for
+from ..device import DeviceProfile
 from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes
@@ -57,9 +58,11 @@ def mosaic_capacity(
     alpha: float,
     row_chunk: int,
     groups: tuple[str, ...] = EXACT_GROUPS,
+    profile: DeviceProfile | None = None,
 ) -> dict:
-    """`groups`: what the search may split (with "recompute": below the exact floor)."""
-    plans = PlanCache(spec, dtype)
+    """`groups`: what the search may split (with "recompute": below the exact floor); `profile`:
+    the device planned for (default this machine's CPU)."""
+    plans = PlanCache(spec, dtype, profile=profile)
     shape = first_step_shape(spec, dtype, 2, alpha, row_chunk)
     sampler = shape.sampler_row_bytes
     rows_at = lambda n: first_step_shape(spec, dtype, n, alpha, row_chunk, sampler_row_bytes=sampler).chunk  # noqa: E731

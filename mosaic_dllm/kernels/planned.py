@@ -39,30 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from ..device import GemmRule, KernelRules
 from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.kv_cache import CacheUse
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from .eager import route_and_run_experts
-from .tiles import HEAD_ROW_TILE, fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
+from .tiles import fresh_swiglu, swiglu_workspace, tile_workspace, tiled_linear, tiled_mm, tiled_swiglu
 
 # torch >= 2.5 lets the attention kernel read grouped kv heads directly (bit-identical to repeating
 # them on CPU, tested); older builds repeat them into planned buffers as the official code does.
 NATIVE_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-def key_pack_bytes(keys: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
-    """What PyTorch's CPU flash attention allocates inside one call to repack K and V for AMX
-    (bf16, or fp16 where AMX has it; measured: +256 MiB for 16,384 keys of 32 x 128 bf16 heads,
-    whatever the query count from 64 up): a copy of the call's K and V. Declared for every such
-    call; calls on fewer than 64 queries or keys, which skip it, are over-counted by a few KiB."""
-    if device.type != "cpu":
-        return 0
-    amx = {torch.bfloat16: "_is_amx_tile_supported", torch.float16: "_is_amx_fp16_supported"}.get(dtype)
-    if amx is None or not getattr(torch.cpu, amx, lambda: True)():
-        return 0
-    return 2 * keys * kv_heads * head_dim * dtype.itemsize
 
 
 # Rows the attention region normalises, projects and rotates at a time (a wide GEMM's row tile: no
@@ -72,7 +60,7 @@ REGION_ROWS = 256
 
 class Memory(Protocol):
     device: torch.device  # where its buffers live (meta when tracing)
-    runs_on: torch.device  # where the step runs: what kernels allocate inside may depend on it
+    rules: KernelRules  # the device the step runs on, for the step's dtype: call sizes, blocks, workspace
     tracing: bool  # True: meta tensors, nothing computed; data-dependent work is skipped
 
     def op(self, name: str, group: str, *reads: Tensor) -> None:
@@ -84,7 +72,7 @@ class Memory(Protocol):
     def workspace(self, nbytes: int) -> None:
         """The current op's kernel allocates `nbytes` outside the arena, freed when the op ends."""
 
-    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
+    def chunk_size(self, totals: tuple[int, ...], group: OpGroup, pieces: int) -> int:
         """Tracing only: rows in the largest chunk when each of `totals` rows (all tokens, or
         each sequence's queries) is split into `pieces` chunks of op group `group`."""
 
@@ -97,8 +85,8 @@ class AllocatorMemory:
 
     tracing = False
 
-    def __init__(self, device: torch.device):
-        self.device = self.runs_on = device
+    def __init__(self, rules: KernelRules):
+        self.rules, self.device = rules, rules.device
 
     def op(self, name: str, group: str, *reads: Tensor) -> None:
         pass
@@ -114,12 +102,12 @@ class PlannedOps:
     """Implements `models.ops.Ops` on a `Memory`; each method runs in the chunks of its op group."""
 
     def __init__(self, memory: Memory, chunks: Chunks | None = None):
-        self.mem, self.chunks = memory, chunks or Chunks()
+        self.mem, self.chunks, self.rules = memory, chunks or Chunks(), memory.rules
         self._positions_of: tuple[Packing, Tensor] | None = None  # the step's token positions
 
     def _begin(self, method: str, name: str, *reads: Tensor) -> OpGroup:
         """Declare an op of `method`'s group; returns the group."""
-        group = GROUP_OF_METHOD[method]
+        group = self.rules.group(GROUP_OF_METHOD[method].name)
         self.mem.op(name, group.name, *reads)
         return group
 
@@ -131,7 +119,7 @@ class PlannedOps:
         buffer is sized by it), which the tracing memory gives."""
         pieces = getattr(self.chunks, group.name)
         if self.mem.tracing:
-            return [(0, self.mem.chunk_size((total,), group.name, pieces))]
+            return [(0, self.mem.chunk_size((total,), group, pieces))]
         return group_spans(total, pieces, group)
 
     def _sequence_spans(self, packing: Packing, group: OpGroup) -> tuple[int, list[tuple[int, int, int, int]]]:
@@ -139,14 +127,20 @@ class PlannedOps:
         sequence's own chunks for a per-sequence group; a trace runs only the first."""
         pieces = getattr(self.chunks, group.name)
         if self.mem.tracing:
-            size = self.mem.chunk_size(packing.lengths, group.name, pieces)
+            size = self.mem.chunk_size(packing.lengths, group, pieces)
             return size, [(0, packing.lengths[0], 0, size)]
         parts = [(o, n, s, e) for o, n in packing.sequences() for s, e in group_spans(n, pieces, group)]
         return max(e - s for _, _, s, e in parts), parts
 
     def _gemm_workspace(self, x: Tensor, *weights: Tensor) -> None:
         """Declare the padded tile a GEMM on fewer rows than a tile allocates (one at a time)."""
-        self.mem.workspace(max(tile_workspace(x, w) for w in weights))
+        self.mem.workspace(max(tile_workspace(x, w, self._gemm(w)) for w in weights))
+
+    def _gemm(self, weight: Tensor) -> GemmRule:
+        return self.rules.gemm(weight.shape[1], weight.shape[0])
+
+    def _swiglu(self, gate: Tensor) -> GemmRule:
+        return self.rules.swiglu(gate.shape[1], gate.shape[0])
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self._begin("embed", name, ids)
@@ -215,10 +209,9 @@ class PlannedOps:
         out.copy_(xf)
         torch.mul(weight, out, out=out)
 
-    @staticmethod
-    def _project(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
-        """(n, in) rows -> (n, out) rows, as F.linear computes them, in row tiles."""
-        tiled_mm(x, weight, bias, out)
+    def _project(self, x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+        """(n, in) rows -> (n, out) rows, as F.linear computes them, in the calls the device keeps exact."""
+        tiled_mm(x, weight, bias, out, self._gemm(weight))
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float, *, name: str, overwrite: bool = False) -> Tensor:
         group = self._begin("rms_norm", name, x)
@@ -239,10 +232,9 @@ class PlannedOps:
         self._project(x.reshape(-1, x.shape[-1]), weight, bias, out.view(-1, weight.shape[0]))
         return out
 
-    @staticmethod
-    def _swiglu_rows(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, g: Tensor, u: Tensor, out: Tensor) -> None:
+    def _swiglu_rows(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, g: Tensor, u: Tensor, out: Tensor):
         """down(silu(gate(x)) * up(x)) for (n, H) rows `x`, intermediates in `g` and `u` (n rows each)."""
-        tiled_swiglu(x, gate, up, down, out, g, u)
+        tiled_swiglu(x, gate, up, down, out, self._swiglu(gate), g, u)
 
     # Token-local regions. Unchunked, they run op by op like the official code; in token chunks they
     # run as one op whose intermediates are one chunk each (the normalised rows, the projection
@@ -309,7 +301,7 @@ class PlannedOps:
             h = self.rms_norm(x, norm_weight, eps, name=names[0])
             return self.add(x, self.mlp(h, gate, up, down, name=names[1]), name=names[2])
         rows, parts, scratch, h_buf = self._normed_region("norm_mlp_add", x, names)
-        self.mem.workspace(swiglu_workspace(x, gate, down))
+        self.mem.workspace(swiglu_workspace(x, gate, self._swiglu(gate)))
         size = h_buf.shape[0]
         g_buf = self.mem.new((size, gate.shape[0]), x.dtype)
         u_buf = self.mem.new((size, up.shape[0]), x.dtype)
@@ -395,7 +387,7 @@ class PlannedOps:
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are
         # workspace, and so is its packed copy of the keys and values.
         self.mem.workspace(nh * block * (hd * q.element_size() + 4))
-        self.mem.workspace(key_pack_bytes(packing.span, k.shape[2], hd, k.dtype, self.mem.runs_on))
+        self.mem.workspace(self.rules.key_copy_bytes(packing.span, k.shape[2], hd))
         sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         for offset, length, start, end in parts:
             keys, values = (t[:, offset : offset + length].transpose(1, 2) for t in (k, v))
@@ -440,7 +432,7 @@ class PlannedOps:
         repeat = groups > 1 and not NATIVE_GQA
         block, parts = self._sequence_spans(packing, group)
         self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
-        self.mem.workspace(key_pack_bytes(packing.span, nh if repeat else nkv, hd, x.dtype, self.mem.runs_on))
+        self.mem.workspace(self.rules.key_copy_bytes(packing.span, nh if repeat else nkv, hd))
         if repeat:  # torch < 2.5: one sequence's keys and values repeated over the heads at a time
             self.mem.workspace(2 * packing.span * nh * hd * x.element_size())
         keys, values = (self.mem.new((1, tokens, nkv, hd), x.dtype) for _ in range(2))
@@ -502,10 +494,10 @@ class PlannedOps:
         # Per key chunk, the kernel's output, log-sum-exp and packed keys and values, and the
         # merge's float32 copy of that output; before torch 2.5 the repeated key chunk.
         self.mem.workspace(nh * block * (hd * item + 4) + nh * block * hd * 4)
-        self.mem.workspace(key_pack_bytes(block, kv_heads, hd, x.dtype, self.mem.runs_on))
+        self.mem.workspace(self.rules.key_copy_bytes(block, kv_heads, hd))
         if kv_heads != nkv:
             self.mem.workspace(2 * block * nh * hd * item)
-        self.mem.workspace(chunk_attention_workspace(nh, block, block, hd, self.mem.runs_on))
+        self.mem.workspace(chunk_attention_workspace(nh, block, block, hd, self.rules.device))
         outputs = self.mem.new((tokens, nh * hd), x.dtype)  # every query block's attention output
         keys, values = (self.mem.new((block, nkv, hd), x.dtype) for _ in range(2))
         q = self.mem.new((block, nh * hd), x.dtype)
@@ -578,7 +570,7 @@ class PlannedOps:
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
         group = self._begin("mlp", name, x)
-        self.mem.workspace(swiglu_workspace(x, gate, down))
+        self.mem.workspace(swiglu_workspace(x, gate, self._swiglu(gate)))
         flat = x.reshape(-1, x.shape[-1])
         parts = self._spans(flat.shape[0], group)
         size = parts[0][1] - parts[0][0]
@@ -615,7 +607,7 @@ class PlannedOps:
         self.mem.workspace(routing + tokens * (3 * x.shape[-1] + 2 * expert_width) * itemsize)
         self._gemm_workspace(x, router)
         if experts:
-            self.mem.workspace(swiglu_workspace(x, experts[0]["gate"], experts[0]["down"]))
+            self.mem.workspace(swiglu_workspace(x, experts[0]["gate"], self._swiglu(experts[0]["gate"])))
         out = self.mem.new(tuple(x.shape), x.dtype)
         out.zero_()
         if not self.mem.tracing:
@@ -629,8 +621,8 @@ class PlannedOps:
                     top_k,
                     normalize_top_k,
                     flat_out[start:end],
-                    tiled_linear,
-                    fresh_swiglu,
+                    lambda rows, weight: tiled_linear(rows, weight, None, self._gemm(weight)),
+                    lambda rows, gate, up, down: fresh_swiglu(rows, gate, up, down, self._swiglu(gate)),
                 )
         return out
 
@@ -646,7 +638,8 @@ class PlannedOps:
         and the logits live in one planned buffer each (`batch` x `chunk` rows), reused by every
         chunk of every request: consume a chunk's logits before advancing."""
         self._begin("lm_head", name, hidden)
-        self.mem.workspace(tile_workspace(hidden, weight, HEAD_ROW_TILE))
+        rule = self._gemm(weight)  # a request's head reads few rows: the smallest exact call
+        self.mem.workspace(tile_workspace(hidden, weight, rule, few_rows=True))
         width, vocab = hidden.shape[-1], weight.shape[0]
         gathered = self.mem.new((batch * chunk, width), hidden.dtype)
         logits = self.mem.new((batch * chunk, vocab), hidden.dtype)
@@ -661,7 +654,7 @@ class PlannedOps:
                 n = count * part.numel()
                 h, out = gathered[:n], logits[:n]
                 torch.index_select(flat, 0, torch.cat([part + start for start in starts]), out=h)
-                tiled_mm(h, weight, None, out, HEAD_ROW_TILE)
+                tiled_mm(h, weight, None, out, rule, few_rows=True)
                 yield part, out.view(count, part.numel(), vocab)
 
         return head
@@ -701,7 +694,7 @@ class _RegionRows:
         self.ops, self.spec, self.layer, self.rows = ops, spec, layer, x.view(-1, width)
         self.bias = {p: layer.get(f"{p}_bias") for p in ("q", "k", "v", "o")}
         ops._gemm_workspace(x, layer["q"], layer["k"], layer["v"])
-        mem.workspace(tile_workspace(x, layer["o"]))
+        mem.workspace(tile_workspace(x, layer["o"], ops._gemm(layer["o"])))
         sub, rd = REGION_ROWS, spec.rotary_dim
         self.scratch = ops._norm_scratch(sub, width)
         self.h = mem.new((sub, width), x.dtype)

@@ -18,13 +18,10 @@ from ..memory.sizes import ceil_div
 # Below this many tokens per chunk a GEMM's per-call overhead dominates (benchmarks/README.md has
 # the measured cost).
 MIN_CHUNK_TOKENS = 32
-# Query blocks of the fused attention kernel must keep its per-row arithmetic. PyTorch's CPU flash
-# attention splits queries into blocks of 32, 64 or 256 rows by the query count (>= 768: 256) and
-# packs K/V for AMX brgemm or not by the query count too (bf16: >= 64 queries and enough blocks per
-# thread). A call on >= 768 queries starting at a multiple of 256 therefore runs each of its rows
-# exactly as the whole call does (tested on searched shapes, tests/kernels/test_attention_blocks.py).
-ATTENTION_BLOCK_ALIGN = 256
-ATTENTION_MIN_QUERIES = 768
+# Which query blocks keep the fused attention kernel's per-row arithmetic is a fact of the device
+# (PyTorch's CPU flash attention picks its query split and AMX packing by the query count): the
+# attention row below is a placeholder that `device.KernelRules.group` replaces with the blocks the
+# device profile measured; nothing chunks attention without asking it.
 # Recomputing K and V per query block costs a K/V projection of the whole sequence per block:
 # blocks below a wide GEMM's row tile would multiply that cost for little memory.
 RECOMPUTE_MIN_QUERIES = 256
@@ -50,9 +47,7 @@ GROUPS = (
         "attention",
         ("attention", "attention_region"),  # chunked: the whole attention block in query blocks
         "queries",
-        ATTENTION_MIN_QUERIES,
-        align=ATTENTION_BLOCK_ALIGN,
-        min_block=ATTENTION_MIN_QUERIES,
+        MIN_CHUNK_TOKENS,  # the device's blocks: KernelRules.group("attention")
     ),
     # Below the exact floor (opt-in): the attention region keeps no full K and V; each query block
     # streams over key chunks (the same blocks) whose K and V it computes again from the residual

@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from ..device import KernelRules
 from ..memory.sizes import ceil_div, mib
-from ..models.groups import BY_NAME, CHUNKABLE_GROUPS, EXACT_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
+from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
 from .step_plan import PlanCache, StepPlan
 from .trace import StepShape
 
@@ -64,9 +65,9 @@ def _rows(group: OpGroup, shape: StepShape) -> int:
     return shape.longest if group.splits == "queries" else shape.tokens
 
 
-def _split(shape: StepShape, name: str) -> StepShape | None:
+def _split(shape: StepShape, name: str, rules: KernelRules) -> StepShape | None:
     """The shape with group `name` in chunks half as large, or None if it cannot be split further."""
-    group = BY_NAME[name]
+    group = rules.group(name)
     if group.splits == "rows":  # the logits: rows per chunk
         return replace(shape, chunk=shape.chunk // 2) if shape.chunk > group.min_chunk else None
     if group.splits is None:
@@ -87,11 +88,11 @@ def _usable(shape: StepShape, groups: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(g for g in groups if g != "recompute" or not shape.cache_bytes)
 
 
-def most_chunked(shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS) -> StepShape:
-    """Every group in `groups` at its smallest chunk: the floor of what chunking them can reach."""
+def most_chunked(shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS, *, rules: KernelRules) -> StepShape:
+    """Every group in `groups` at its smallest chunk on the device of `rules`."""
     chunk, pieces = shape.chunk, {}
     for name in _usable(shape, groups):
-        group = BY_NAME[name]
+        group = rules.group(name)
         if group.splits == "rows":
             chunk = group.min_chunk
         elif group.splits is not None:
@@ -117,7 +118,7 @@ def fit(
         better = None
         for _, group in plan.group_peaks():  # the peak's group first; others only if splitting it cannot help
             split = plan.graph.shape
-            while better is None and group in groups and (split := _split(split, group)) is not None:
+            while better is None and group in groups and (split := _split(split, group, plans.rules)) is not None:
                 candidate, tried = plans.get(split), tried + 1  # the smallest split that lowers the peak
                 if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
                     better = candidate
@@ -126,7 +127,7 @@ def fit(
         split = plan.graph.shape
         if better is None and "recompute" in groups and split.chunks.recompute == 1:
             # the fewest query blocks whose recomputing region peaks lower than the exact floor
-            while better is None and (split := _split(split, "recompute")) is not None:
+            while better is None and (split := _split(split, "recompute", plans.rules)) is not None:
                 candidate, tried = plans.get(split), tried + 1
                 if candidate.predicted_peak_bytes < plan.predicted_peak_bytes:
                     better = candidate
@@ -187,13 +188,17 @@ def max_length(
     groups: tuple[str, ...] = EXACT_GROUPS,
     limit: int = 1 << 22,
 ) -> int:
-    """The longest sequence whose most-chunked step (chunking `groups`) fits `budget` (0 if none);
-    `rows_at(L)` gives the logits rows of a step at length L. Feasibility only grows with chunking,
-    so the floor decides."""
+    """The longest sequence the search fits into `budget` chunking `groups` (0 if none); `rows_at(L)`
+    gives the logits rows of a step at length L. The search decides, not the most-chunked plan:
+    chunking attention into query blocks can raise a step's peak above a less chunked plan's."""
 
     def fits(length: int) -> bool:
         probe = replace(shape.alone(length), chunk=min(shape.chunk, rows_at(length)))
-        return floor(plans, probe, groups).predicted_peak_bytes <= budget
+        try:
+            fit(plans, probe, budget, groups, explain=False)
+        except DoesNotFit:
+            return False
+        return True
 
     return longest(fits, limit=limit).max_len
 
@@ -201,10 +206,11 @@ def max_length(
 def floor(plans: PlanCache, shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS) -> StepPlan:
     """The lowest plan chunking can reach: every group at its smallest chunk, exact or (where
     allowed and lower) recomputing; grouped-query models' recompute floor is above the exact one."""
-    exact = plans.get(most_chunked(shape, tuple(g for g in groups if g != "recompute")))
+    exact = plans.get(most_chunked(shape, tuple(g for g in groups if g != "recompute"), rules=plans.rules))
     if "recompute" not in _usable(shape, groups):
         return exact
-    return min(exact, plans.get(most_chunked(shape, groups)), key=lambda plan: plan.predicted_peak_bytes)
+    recompute = plans.get(most_chunked(shape, groups, rules=plans.rules))
+    return min(exact, recompute, key=lambda plan: plan.predicted_peak_bytes)
 
 
 def _does_not_fit(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import DeviceProfile, profile_for
 from ..models.spec import ArchSpec
 from .offsets import Buffer, Plan, best_plan, live_profile, validate
 from .symbolic import StepTracer
@@ -97,7 +98,7 @@ def plan_step(
     """Trace (or, with a `tracer`, evaluate) and plan one step; `check` also runs the (quadratic)
     overlap validator."""
     start = time.perf_counter()
-    graph = tracer.graph(shape) if tracer is not None else trace_step(spec, dtype, shape)
+    graph = tracer.graph(shape) if tracer is not None else trace_step(spec, dtype, shape)  # this CPU's rules
     buffers = [Buffer(str(b.index), b.nbytes, b.op, b.last) for b in graph.buffers]
     plan = best_plan(buffers, alignment)
     profile = live_profile(buffers, len(graph.ops), alignment)
@@ -141,10 +142,20 @@ class LRU(OrderedDict):
 class PlanCache:
     """Plans by step shape, least recently used evicted first; counts plans made and time spent."""
 
-    def __init__(self, spec: ArchSpec, dtype: torch.dtype, device: torch.device | str = "cpu", capacity: int = 16):
-        self.spec, self.dtype, self.alignment = spec, dtype, device_alignment(torch.device(device))
+    def __init__(
+        self,
+        spec: ArchSpec,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        capacity: int = 16,
+        profile: DeviceProfile | None = None,
+    ):
+        """Plans for `device` as this machine's profile of it says, or as a saved `profile` says."""
+        profile = profile or profile_for(device)
+        self.spec, self.dtype, self.alignment = spec, dtype, device_alignment(profile.device)
+        self.rules = profile.rules(dtype)
         self._plans: LRU = LRU(capacity)
-        self.tracer = StepTracer(spec, dtype, device)
+        self.tracer = StepTracer(spec, dtype, self.rules)
         self.plans_made = 0
         self.planning_seconds = 0.0
 

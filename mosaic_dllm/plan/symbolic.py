@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..models.groups import BY_NAME, PIECE_GROUPS, Chunks, largest_chunk
+from ..device import KernelRules
+from ..models.groups import PIECE_GROUPS, Chunks, OpGroup, largest_chunk
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
@@ -75,17 +76,17 @@ class Monomial:
 class SymbolicMemory(TraceMemory):
     """A trace memory whose chunk sizes are sentinels, remembered with what they divide."""
 
-    def __init__(self, packing: Packing, runs_on: torch.device | str = "cpu") -> None:
-        super().__init__(runs_on)
+    def __init__(self, packing: Packing, rules: KernelRules) -> None:
+        super().__init__(rules)
         self.packing = packing
-        self.chunked: list[tuple[int | None, str]] = []  # (total rows or SEQUENCES, op group) per chunked op
+        self.chunked: list[tuple[int | None, OpGroup]] = []  # (total rows or SEQUENCES, op group) per chunked op
         self.terms: dict[int, list[int]] = {}  # op -> each workspace declared (a sum of monomials)
 
     def workspace(self, nbytes: int) -> None:
         super().workspace(nbytes)
         self.terms.setdefault(len(self.ops) - 1, []).append(nbytes)
 
-    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
+    def chunk_size(self, totals: tuple[int, ...], group: OpGroup, pieces: int) -> int:
         if len(self.chunked) == len(CHUNK_SENTINELS):
             raise RuntimeError("more chunked ops in one step than symbolic chunk sizes")
         self.chunked.append((SEQUENCES if totals == self.packing.lengths else totals[0], group))
@@ -100,14 +101,14 @@ class SymbolicStep:
     graph: StepGraph  # ops, lifetimes and template, traced at the sentinels
     dims: list[tuple[Monomial, ...]]  # per buffer, per dimension
     workspace: dict[int, list[Monomial]]  # per op, the terms its kernels declared
-    chunk_sizes: list[tuple[Monomial | None, str]]  # chunk i: the first of total / pieces (None: of each sequence)
+    chunk_sizes: list[tuple[Monomial | None, OpGroup]]  # chunk i: the first of total / pieces (None: of each sequence)
 
     def evaluate(self, shape: StepShape) -> StepGraph:
         values = [shape.tokens, shape.longest, shape.chunk, shape.sampler_row_bytes]
         for total, group in self.chunk_sizes:
             totals = shape.lengths if total is SEQUENCES else (total.at(values),)
-            pieces = getattr(shape.chunks, group)
-            values.append(max(largest_chunk(n, pieces, BY_NAME[group]) for n in totals))
+            pieces = getattr(shape.chunks, group.name)
+            values.append(max(largest_chunk(n, pieces, group) for n in totals))
         buffers = [
             TracedBuffer(b.index, b.op, tuple(m.at(values) for m in dims), b.dtype, b.last)
             for b, dims in zip(self.graph.buffers, self.dims, strict=True)
@@ -122,13 +123,13 @@ def structure(shape: StepShape) -> tuple:
 
 
 def symbolic_trace(
-    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, runs_on: torch.device | str = "cpu"
+    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, rules: KernelRules
 ) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
     chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
     packing = Packing((LENGTH_SENTINEL, TOKENS_SENTINEL - LENGTH_SENTINEL))
     at_sentinels = StepShape(packing.lengths, shape.batch, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
-    memory = SymbolicMemory(packing, runs_on)
+    memory = SymbolicMemory(packing, rules)
     graph = trace_step(spec, dtype, at_sentinels, memory, packing)
     sentinels = (
         TOKENS_SENTINEL,
@@ -152,19 +153,19 @@ class StepTracer:
     """StepGraphs by shape for one model: evaluated from a symbolic trace per structure, checked
     once against a plain trace; a structure that fails the check is traced shape by shape."""
 
-    def __init__(self, spec: ArchSpec, dtype: torch.dtype, runs_on: torch.device | str = "cpu"):
-        self.spec, self.dtype, self.runs_on = spec, dtype, torch.device(runs_on)
+    def __init__(self, spec: ArchSpec, dtype: torch.dtype, rules: KernelRules):
+        self.spec, self.dtype, self.rules = spec, dtype, rules
         self._steps: dict[tuple, SymbolicStep | None] = {}
 
     def _trace(self, shape: StepShape) -> StepGraph:
-        return trace_step(self.spec, self.dtype, shape, runs_on=self.runs_on)
+        return trace_step(self.spec, self.dtype, shape, rules=self.rules)
 
     def graph(self, shape: StepShape) -> StepGraph:
         if shape.cache_keys:  # a window step (block caches): traced shape by shape
             return self._trace(shape)
         key = structure(shape)
         if key not in self._steps:
-            step = symbolic_trace(self.spec, self.dtype, shape, self.runs_on)
+            step = symbolic_trace(self.spec, self.dtype, shape, self.rules)
             traced = self._trace(shape)
             self._steps[key] = step if step.evaluate(shape) == traced else None
             return traced

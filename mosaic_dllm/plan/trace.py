@@ -24,9 +24,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..device import KernelRules, profile_for
 from ..kernels.planned import PlannedOps
 from ..models import transformer
-from ..models.groups import BY_NAME, Chunks, largest_chunk
+from ..models.groups import Chunks, OpGroup, largest_chunk
 from ..models.kv_cache import BlockCache, CacheUse
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
@@ -177,8 +178,8 @@ class TraceMemory:
 
     tracing = True
 
-    def __init__(self, runs_on: torch.device | str = "cpu") -> None:
-        self.device, self.runs_on = torch.device("meta"), torch.device(runs_on)
+    def __init__(self, rules: KernelRules) -> None:
+        self.device, self.rules = torch.device("meta"), rules
         self.ops: list[str] = []
         self.groups: list[str] = []
         self.buffers: list[TracedBuffer] = []
@@ -207,8 +208,8 @@ class TraceMemory:
         t = len(self.ops) - 1
         self.workspace_bytes[t] = self.workspace_bytes.get(t, 0) + nbytes
 
-    def chunk_size(self, totals: tuple[int, ...], group: str, pieces: int) -> int:
-        return max(largest_chunk(total, pieces, BY_NAME[group]) for total in totals)
+    def chunk_size(self, totals: tuple[int, ...], group: OpGroup, pieces: int) -> int:
+        return max(largest_chunk(total, pieces, group) for total in totals)
 
 
 def uniform_layers(spec: ArchSpec) -> bool:
@@ -226,17 +227,17 @@ def trace_step(
     shape: StepShape,
     memory: TraceMemory | None = None,
     packing: Packing | None = None,
-    runs_on: torch.device | str = "cpu",
+    rules: KernelRules | None = None,
 ) -> StepGraph:
     """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows of a request of
     `shape.batch` sequences) on the meta device; `packing` (default: the shape's lengths) lets the
-    symbolic trace pick its sentinel lengths; `runs_on`: the device the step will run on (some
-    kernels allocate by device)."""
+    symbolic trace pick its sentinel lengths; `rules`: the device the step will run on (default
+    this machine's CPU; call sizes, attention blocks and kernel workspace depend on it)."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
-    memory = memory or TraceMemory(runs_on)
+    memory = memory or TraceMemory(rules or profile_for("cpu").rules(dtype))
     ops = PlannedOps(memory, shape.chunks)
     packing = packing or shape.trace_packing(spec)
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..device import KernelRules
 from ..kernels.planned import AllocatorMemory, PlannedOps
 from ..memory.arena import Arena
 from ..models import transformer
@@ -48,9 +49,8 @@ class ArenaMemory:
 
     tracing = False
 
-    def __init__(self, plan: StepPlan, arena: Arena):
-        self.plan, self.arena, self.device = plan, arena, arena.device
-        self.runs_on = arena.device
+    def __init__(self, plan: StepPlan, arena: Arena, rules: KernelRules):
+        self.plan, self.arena, self.device, self.rules = plan, arena, arena.device, rules
         self.allocations = 0
         arena.ensure(plan.arena_bytes)
 
@@ -178,11 +178,11 @@ class MosaicExecutor:
     def _forward(self, plan: StepPlan, steps: list[StepInput], requests: list[RequestShape]) -> RowHead:
         """The packed body of a step under its plan; returns its LM head."""
         if self.options.activations == "allocator":
-            memory = AllocatorMemory(steps[0].ids.device)
+            memory = AllocatorMemory(self.plans.rules)
         else:
             if self.last_plan is not None and plan.arena_bytes < self.last_plan.arena_bytes:
                 self.arena.trim(plan.arena_bytes)  # a smaller step follows a larger one
-            memory = ArenaMemory(plan, self.arena)
+            memory = ArenaMemory(plan, self.arena, self.plans.rules)
         self.last_plan = plan
         canvases = [step.ids for step in steps]
         ids = canvases[0].reshape(1, -1) if len(canvases) == 1 else torch.cat([c.reshape(-1) for c in canvases])[None]

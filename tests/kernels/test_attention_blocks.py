@@ -1,18 +1,20 @@
 """Attention by query blocks is the whole fused call, bit for bit, on shapes searched for breakage.
 
-PyTorch's CPU flash-attention kernel picks its query split (32 / 64 / 256 rows) and whether it packs
-K/V for the AMX brgemm path from the number of queries in the call, so a call on a block of queries
-may run other arithmetic than the whole call did (one bf16 ulp in a few outputs, enough to flip a
-top-k tie). Blocks of at least 768 queries starting at multiples of 256 keep every row's arithmetic:
-`models.groups` makes the attention group's chunks so.
+PyTorch's CPU flash-attention kernel picks its query split (32 / 64 / 256 rows) and, on AMX CPUs,
+whether it packs K/V for the brgemm path from the number of queries in the call, so a call on a
+block of queries may run other arithmetic than the whole call did (one bf16 ulp in a few outputs,
+enough to flip a top-k tie). Which blocks keep every row's arithmetic is measured per device and
+dtype (`device.probes.probe_attention`); the attention group's chunks follow the device's rule.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mosaic_dllm.device import profile_for
+from mosaic_dllm.device.probes import ATTENTION_CANDIDATES, blocks_exact
 from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
-from mosaic_dllm.models.groups import ATTENTION_BLOCK_ALIGN, ATTENTION_MIN_QUERIES, BY_NAME, Chunks, group_spans
+from mosaic_dllm.models.groups import Chunks, group_spans
 from mosaic_dllm.models.packing import Packing
 
 # (length, heads, kv heads, head dim): lengths just above the block thresholds and between them,
@@ -44,47 +46,49 @@ def whole(q, k, v):
 def test_query_blocks_equal_the_whole_call(shape, dtype):
     q, k, v = qkv(*shape, dtype, batch=2 if shape[0] == 1600 else 1)
     expected = whole(q, k, v)
+    rules = profile_for("cpu").rules(dtype)
+    group = rules.group("attention")
     for pieces in (2, 3):
-        ops = PlannedOps(AllocatorMemory(torch.device("cpu")), Chunks(attention=pieces))
-        blocks = group_spans(shape[0], pieces, BY_NAME["attention"])
-        assert len(blocks) >= 2 and all(s % ATTENTION_BLOCK_ALIGN == 0 for s, _ in blocks)
+        ops = PlannedOps(AllocatorMemory(rules), Chunks(attention=pieces))
+        blocks = group_spans(shape[0], pieces, group)
+        assert len(blocks) >= 2 and all(s % group.align == 0 for s, _ in blocks)
         packing = Packing.uniform(q.shape[0], shape[0])
         got = ops.attention(token_major(q), token_major(k), token_major(v), packing, 0, name="attention")
         assert torch.equal(got.view(expected.shape), expected), f"{pieces} pieces: {blocks}"
 
 
-def test_naive_query_blocks_can_differ():
-    """Why the blocks are constrained: on a 67-token canvas (4 heads x 64 dims), splitting the
-    queries into 2, 3 or 4 equal blocks changes some bf16 outputs for some inputs."""
-    differs = 0
-    for seed in range(8):
-        q, k, v = qkv(67, 4, 4, 64, torch.bfloat16, seed=seed)
-        expected = whole(q, k, v)
-        for pieces in (2, 3, 4):
-            size = -(-67 // pieces)
-            naive = [whole(q[:, :, s : s + size], k, v) for s in range(0, 67, size)]
-            differs += not torch.equal(torch.cat(naive, dim=1), expected)
-    assert differs
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_profile_chose_the_least_restrictive_exact_blocks(dtype):
+    """Each looser candidate rule than the one the profile chose breaks some row's bits on some
+    shape, so the constraint is needed here; where none does (naive blocks never differ on this
+    device), the profile chose the loosest rule."""
+    rule = profile_for("cpu").rules(dtype).attention
+    cpu = torch.device("cpu")
+    looser = ATTENTION_CANDIDATES[: ATTENTION_CANDIDATES.index((rule.align, rule.min_block))]
+    for align, min_block in looser:  # measured again, not read from the cached profile
+        assert not blocks_exact(align, min_block, dtype, cpu), f"blocks of {min_block} from multiples of {align}"
+    assert blocks_exact(rule.align, rule.min_block, dtype, cpu)
 
 
-def test_blocks_are_never_short():
-    group = BY_NAME["attention"]
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_blocks_are_never_short(dtype):
+    group = profile_for("cpu").rules(dtype).group("attention")
     for length in range(1, 5000, 37):
         for pieces in (1, 2, 3, 8, 64):
             blocks = group_spans(length, pieces, group)
             assert blocks[0][0] == 0 and blocks[-1][1] == length
             assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
-            assert len(blocks) == 1 or all(e - s >= ATTENTION_MIN_QUERIES for s, e in blocks)
+            assert len(blocks) == 1 or all(e - s >= group.min_block for s, e in blocks)
 
 
 def test_the_kernels_copy_of_keys_and_values_is_declared():
-    """The fused kernel's internal K/V repack (bf16 on AMX CPUs) is real memory outside the arena:
-    the planned kernels declare it, and a call's measured growth stays within what they declare."""
-    from mosaic_dllm.kernels.planned import key_pack_bytes
+    """The fused kernel's internal K/V repack (bf16 on AMX CPUs; none measured elsewhere) is real
+    memory outside the arena: the planned kernels declare what the profile measured, and a call's
+    measured growth stays within what they declare."""
     from mosaic_dllm.memory.rss import PeakMemory
 
     queries, keys, heads, head_dim, dtype = 768, 8192, 16, 128, torch.bfloat16
-    declared = key_pack_bytes(keys, heads, head_dim, dtype, torch.device("cpu"))
+    declared = profile_for("cpu").rules(dtype).key_copy_bytes(keys, heads, head_dim)
     q, k, v = qkv(keys, heads, heads, head_dim, dtype)
     q = q[:, :, :queries]
     F.scaled_dot_product_attention(q[:, :, :64], k[:, :, :64], v[:, :, :64])  # kernel set up
@@ -94,4 +98,3 @@ def test_the_kernels_copy_of_keys_and_values_is_declared():
     assert measured.growth_bytes <= declared + output + (4 << 20)
     if declared:  # this CPU packs: the declaration is what it costs, not a guess far above it
         assert measured.growth_bytes >= declared
-    assert key_pack_bytes(keys, heads, head_dim, torch.float32, torch.device("cpu")) == 0

@@ -5,10 +5,11 @@ import torch
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.bench.presets import preset
-from mosaic_dllm.models.groups import ATTENTION_BLOCK_ALIGN, ATTENTION_MIN_QUERIES, BY_NAME, Chunks, group_spans
+from mosaic_dllm.models.groups import Chunks, group_spans
 from mosaic_dllm.plan.search import MIN_CHUNK_TOKENS, DoesNotFit, fit, max_length, most_chunked
 from mosaic_dllm.plan.step_plan import PlanCache
 from mosaic_dllm.plan.trace import StepShape
+from tests.profiles import intel_amx
 
 SPEC = preset("llada-8b", layers=2)
 
@@ -28,7 +29,7 @@ def test_a_tighter_budget_is_met_by_splitting_the_peak_groups(fraction):
     plans = cache()
     shape = StepShape.of(1, 2048, 64)
     unchunked = plans.get(shape).predicted_peak_bytes
-    floor = plans.get(most_chunked(shape)).predicted_peak_bytes
+    floor = plans.get(most_chunked(shape, rules=plans.rules)).predicted_peak_bytes
     budget = int(floor + fraction * (unchunked - floor))
     result = fit(plans, shape, budget)
     plan = result.plan
@@ -42,13 +43,13 @@ def test_a_tighter_budget_is_met_by_splitting_the_peak_groups(fraction):
 def test_below_the_floor_fails_with_the_floor_and_the_longest_length_that_fits():
     plans = cache()
     shape = StepShape.of(1, 4096, 64)
-    floor = plans.get(most_chunked(shape)).predicted_peak_bytes
+    floor = plans.get(most_chunked(shape, rules=plans.rules)).predicted_peak_bytes
     with pytest.raises(DoesNotFit, match="cannot be chunked further") as err:
         fit(plans, shape, budget=floor - 1)
     longest = err.value.max_length
     assert 0 < longest < 4096 and "longest sequence" in str(err.value) and str(longest) in str(err.value)
-    assert plans.get(most_chunked(StepShape.of(1, longest, 64))).predicted_peak_bytes <= floor - 1
-    assert plans.get(most_chunked(StepShape.of(1, longest + 1, 64))).predicted_peak_bytes > floor - 1
+    assert plans.get(most_chunked(StepShape.of(1, longest, 64), rules=plans.rules)).predicted_peak_bytes <= floor - 1
+    assert plans.get(most_chunked(StepShape.of(1, longest + 1, 64), rules=plans.rules)).predicted_peak_bytes > floor - 1
 
 
 def test_max_length_grows_with_the_budget():
@@ -57,15 +58,19 @@ def test_max_length_grows_with_the_budget():
     assert 0 < lengths[0] < lengths[1] < lengths[2]
 
 
-def test_chunks_never_go_below_the_minimum_size():
-    shape = most_chunked(StepShape.of(1, 1000, 64))
+@pytest.mark.parametrize("profile", ["this device", "intel-amx"])
+def test_chunks_never_go_below_the_minimum_size(profile):
+    rules = (cache() if profile == "this device" else PlanCache(SPEC, torch.bfloat16, profile=intel_amx())).rules
+    shape = most_chunked(StepShape.of(1, 1000, 64), rules=rules)
     assert shape.chunk == 1
     assert -(-1000 // shape.chunks.ffn) <= MIN_CHUNK_TOKENS and -(-1000 // shape.chunks.rotary) <= MIN_CHUNK_TOKENS
-    for length in (1000, 4096, 5000):  # attention: only the kernel's exact query blocks
-        pieces = most_chunked(StepShape.of(1, length, 64)).chunks.attention
-        blocks = group_spans(length, pieces, BY_NAME["attention"])
-        assert all(e - s >= ATTENTION_MIN_QUERIES and s % ATTENTION_BLOCK_ALIGN == 0 for s, e in blocks)
-        assert length < 2 * ATTENTION_MIN_QUERIES or min(e - s for s, e in blocks) < 2 * ATTENTION_MIN_QUERIES
+    group = rules.group("attention")  # attention: only the query blocks the device keeps exact
+    assert group.min_block == rules.attention.min_block and group.align == rules.attention.align
+    for length in (1000, 4096, 5000):
+        pieces = most_chunked(StepShape.of(1, length, 64), rules=rules).chunks.attention
+        blocks = group_spans(length, pieces, group)
+        assert all(e - s >= group.min_block and s % group.align == 0 for s, e in blocks)
+        assert length < 2 * group.min_block or min(e - s for s, e in blocks) < 2 * group.min_block
 
 
 def test_engine_refuses_a_request_too_big_for_its_budget_before_any_work(tiny_checkpoints):
@@ -101,7 +106,8 @@ def test_the_floor_is_the_residual_stream_k_and_v(name):
     V (the attention block runs as one region in query blocks: no full-length q, attention output
     or rotary table), plus one query block's q and a few hundred rows of scratch."""
     spec, length = preset(name, layers=2), 65536
-    floor = PlanCache(spec, torch.bfloat16).get(most_chunked(StepShape.of(1, length, 64)))
+    plans = PlanCache(spec, torch.bfloat16)
+    floor = plans.get(most_chunked(StepShape.of(1, length, 64), rules=plans.rules))
     whole = length * (spec.hidden_size + 2 * spec.num_kv_heads * spec.head_dim) * 2
     assert whole <= floor.lower_bound_bytes <= whole * 1.15
     assert floor.arena_bytes <= floor.lower_bound_bytes * 1.01
@@ -110,10 +116,24 @@ def test_the_floor_is_the_residual_stream_k_and_v(name):
 
 
 def test_a_split_that_cannot_shrink_the_chunks_is_refused():
-    """1311 queries make one exact attention block whatever the pieces (a split leaves a tail under
-    768): the search must move on, not ask again forever."""
+    """On a device whose attention blocks need >= 768 queries from multiples of 256, 1311 queries
+    make one exact block whatever the pieces (a split leaves a tail under 768): the search must
+    move on, not ask again forever."""
     from mosaic_dllm.plan.search import _split
 
-    assert _split(StepShape.of(1, 1311, 64), "attention") is None
-    assert _split(StepShape.of(1, 1600, 64), "attention").chunks.attention == 2
-    assert _split(StepShape.of(1, 1600, 64), "norms").chunks.norms == 2
+    rules = intel_amx().rules(torch.bfloat16)
+    assert _split(StepShape.of(1, 1311, 64), "attention", rules) is None
+    assert _split(StepShape.of(1, 1600, 64), "attention", rules).chunks.attention == 2
+    assert _split(StepShape.of(1, 1600, 64), "norms", rules).chunks.norms == 2
+
+
+def test_the_longest_length_reported_is_the_longest_the_search_admits(tiny_checkpoints):
+    """A DoesNotFit's and `--max-len`'s longest length is what the search fits, not the most-chunked
+    plan's (chunking attention into query blocks can raise a step's peak): L fits, L + 1 does not."""
+    plans = LLM(tiny_checkpoints["llada"], dtype="bf16").executor.plans
+    shape = StepShape.of(1, 64, 8)
+    for budget in (200 << 10, 600 << 10, 7_500_000):
+        longest = max_length(plans, shape, budget, rows_at=lambda n: 8)
+        fit(plans, shape.alone(longest), budget, explain=False)
+        with pytest.raises(DoesNotFit):
+            fit(plans, shape.alone(longest + 1), budget, explain=False)

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mosaic_dllm.bench.presets import preset
+from mosaic_dllm.device import profile_for
 from mosaic_dllm.models.groups import Chunks
 from mosaic_dllm.plan import symbolic
 from mosaic_dllm.plan.symbolic import Monomial, StepTracer, structure
@@ -13,7 +14,8 @@ from tests.tiny import tiny_spec
 
 SPECS = {name: preset(name, layers=2) for name in ("llada-8b", "dream-7b", "llada-moe-7b")}
 SPECS |= {f"tiny-{f}": tiny_spec(f, ids={"mask": 317, "eos": 316}) for f in ("llada", "dream", "llada_moe")}
-TRACERS = {name: StepTracer(spec, torch.bfloat16) for name, spec in SPECS.items()}
+RULES = profile_for("cpu").rules(torch.bfloat16)
+TRACERS = {name: StepTracer(spec, torch.bfloat16, RULES) for name, spec in SPECS.items()}
 
 
 def test_factoring_recovers_constant_and_powers():
@@ -50,7 +52,7 @@ def test_a_structure_whose_evaluation_disagrees_is_traced_shape_by_shape(monkeyp
         return step
 
     monkeypatch.setattr(symbolic, "symbolic_trace", wrong)
-    tracer = StepTracer(spec, torch.bfloat16)
+    tracer = StepTracer(spec, torch.bfloat16, RULES)
     shape = StepShape.of(1, 50, 8)
     assert tracer.graph(shape) == trace_step(spec, torch.bfloat16, shape)
     assert not tracer.is_symbolic(shape)

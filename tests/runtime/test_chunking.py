@@ -88,7 +88,7 @@ def test_the_search_splits_only_the_allowed_groups():
     plans = PlanCache(preset("llada-8b", layers=2), torch.bfloat16)
     shape = StepShape.of(1, 2048, 64)
     unchunked = plans.get(shape).predicted_peak_bytes
-    floor = plans.get(most_chunked(shape, groups)).predicted_peak_bytes
+    floor = plans.get(most_chunked(shape, groups, rules=plans.rules)).predicted_peak_bytes
     assert floor < unchunked
     chosen = fit(plans, shape, (floor + unchunked) // 2, groups).plan.graph.shape
     assert chosen.chunks.norms == chosen.chunks.attention == chosen.chunks.projections == 1

@@ -36,13 +36,21 @@ def test_only_declared_kernel_workspace_allocates_outside_the_arena(tiny_checkpo
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_planned_logits_equal_eager_logits_bit_for_bit(tiny_checkpoints, family, dtype):
-    """Every op writes with out= or in place, with the official arithmetic: no tolerance needed."""
+    """Every op writes with out= or in place, with the official arithmetic: no tolerance needed,
+    except where the device profile says so. The official MoE layer calls each expert on however
+    many tokens chose it; batch invariance calls it on sizes the device keeps exact, so where small
+    calls round differently (fp32 on CPUs whose BLAS rounds by row count) the experts' outputs are
+    within rounding of eager's: a stated tolerance, the same as recompute's."""
     llm = LLM(tiny_checkpoints[family], dtype=dtype, executor="mosaic", row_chunk=64)
     ids = torch.randint(0, 300, (1, 41), generator=torch.Generator().manual_seed(2))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     rows = torch.arange(41)
     got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
-    assert torch.equal(got, full)
+    moe, rules = llm.spec.moe, llm.executor.plans.rules
+    if moe is None or rules.swiglu(llm.spec.hidden_size, moe.expert_intermediate_size).every_count:
+        assert torch.equal(got, full)
+    else:
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=5e-5 * full.abs().max().item())
 
 
 def test_a_generation_plans_a_handful_of_times_and_gives_memory_back(tiny_checkpoints):
@@ -56,7 +64,7 @@ def test_a_generation_plans_a_handful_of_times_and_gives_memory_back(tiny_checkp
 def test_a_step_that_disagrees_with_its_plan_is_stopped(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["llada"], executor="mosaic")
     plan = llm.executor.plan_for(1, 20, 4)
-    ops = PlannedOps(ArenaMemory(plan, llm.executor.arena))
+    ops = PlannedOps(ArenaMemory(plan, llm.executor.arena, llm.executor.plans.rules))
     with pytest.raises(PlanMismatchError, match="asks for"):
         ops.embed(torch.zeros(1, 21, dtype=torch.long), llm.checkpoint.weights.embed, name="embed")
 
