@@ -268,12 +268,12 @@ class LLM:
         return self.executor.plan_for(*self.worst_step(prompt_length, self.resolve(cfg, prompt_length)))
 
     def worst_step(self, prompt_length: int, cfg: GenerationConfig) -> RequestShape:
-        """A request's largest step (its first: it reads the most rows and runs the whole canvas, with
-        its block cache alive), resolved settings `cfg`."""
+        """A request's largest step (the whole canvas, the most rows any step reads, its block cache
+        alive), resolved settings `cfg`."""
         return RequestShape(
             self.sampler.guidance_batch(cfg),
             prompt_length + cfg.gen_length,
-            self.sampler.first_step_rows(cfg),
+            self.sampler.most_rows(cfg),
             self.sampler_row_bytes(cfg),
             self.sampler.cache_bytes(cfg, prompt_length, self.executor.dtype),
         )

@@ -447,12 +447,33 @@ def llada_log_likelihood(model, prefix, target, mc_num, batch_size, cfg_scale, m
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fast-dLLM's LLaDA decoding (NVlabs/Fast-dLLM llada/generate.py): threshold / factor parallel
-# decoding, with a prefix or dual block cache. Global RNG, batch of one.
+# Fast-dLLM's LLaDA decoding (NVlabs/Fast-dLLM v1/llada/generate.py, the current upstream): threshold
+# / factor parallel decoding, with a prefix or dual block cache. Global RNG, batch of one.
 
 
-def fast_transfer(logits, temperature, remasking, mask_index, x, quota, threshold=None, factor=None):
-    """get_transfer_index (quota or threshold) and get_transfer_index_dynamic (factor), restated."""
+def fast_transfer(logits, temperature, remasking, mask_index, x, quota, threshold=None):
+    """get_transfer_index (quota or threshold), restated: float64 confidences and uniforms, the
+    threshold vectorised with the most confident forced, the quota from a descending sort."""
+    x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
+    if remasking == "low_confidence":
+        p = F.softmax(logits.to(torch.float64), dim=-1)
+        x0_p = torch.gather(p, dim=-1, index=x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        x0_p = torch.rand(x0.shape, dtype=torch.float64)
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, torch.tensor(torch.finfo(x0_p.dtype).min, dtype=x0_p.dtype))
+    if threshold is not None:
+        transfer = mask_index & (confidence >= threshold)
+        forced = torch.zeros_like(transfer).scatter_(1, torch.argmax(confidence, dim=1, keepdim=True), True)
+        return x0, (transfer | forced) & mask_index
+    _, order = torch.sort(confidence, dim=1, descending=True)
+    first = torch.arange(x0.shape[1]).unsqueeze(0) < quota
+    transfer = torch.zeros(x0.shape, dtype=torch.int8).scatter(1, order, first.to(torch.int8))
+    return x0, transfer.bool() & mask_index
+
+
+def fast_transfer_factor(logits, temperature, remasking, mask_index, x, factor):
+    """get_transfer_index_dynamic, restated (float32 uniforms, topk)."""
     x0 = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
     if remasking == "low_confidence":
         p = F.softmax(logits.to(torch.float64), dim=-1)
@@ -463,24 +484,17 @@ def fast_transfer(logits, temperature, remasking, mask_index, x, quota, threshol
     confidence = torch.where(mask_index, x0_p, -np.inf)
     transfer = torch.zeros_like(x0, dtype=torch.bool)
     masked = int(mask_index[0].sum())
-    if factor is not None:
-        bounds = [1 - factor / (n + 1) for n in range(1, masked + 1)]
-        bounds[0] = -1
-        ranked = torch.sort(confidence[0][mask_index[0]], descending=True)[0]
-        for top in range(masked):
-            if ranked[top] < bounds[top]:
-                break
-        if top in (0, masked - 1):
-            top += 1
-        transfer[0, torch.topk(confidence[0], k=top)[1]] = True
+    if masked == 0:
         return x0, transfer
-    k = masked if threshold is not None else int(quota)
-    _, chosen = torch.topk(confidence[0], k=k)
-    transfer[0, chosen] = True
-    if threshold is not None:
-        for j in range(1, k):
-            if confidence[0, chosen[j]] < threshold:
-                transfer[0, chosen[j]] = False
+    bounds = [1 - factor / (n + 1) for n in range(1, masked + 1)]
+    bounds[0] = -1
+    ranked = torch.sort(confidence[0][mask_index[0]], descending=True)[0]
+    for top in range(masked):
+        if ranked[top] < bounds[top]:
+            break
+    if top in (0, masked - 1):
+        top += 1
+    transfer[0, torch.topk(confidence[0], k=top)[1]] = True
     return x0, transfer
 
 
@@ -499,8 +513,8 @@ def fast_generate(
     cache=None,
 ):
     """Fast-dLLM's `generate` (cache None), `generate_with_prefix_cache` ("prefix") and
-    `generate_with_dual_cache` ("dual"); `forward(ids, past, replace_position, presents)` -> logits.
-    Returns the canvas and the forward passes."""
+    `generate_with_dual_cache` ("dual": at most steps / blocks passes a block); `forward(ids, past,
+    replace_position, presents)` -> logits. Returns the canvas and the forward passes."""
     x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt
     num_blocks = gen_length // block_length
@@ -508,8 +522,10 @@ def fast_generate(
     passes = 0
 
     def transfer(logits, mask_index, canvas, i):
-        q = quota[0, i] if threshold is None and factor is None else None
-        return fast_transfer(logits, temperature, remasking, mask_index, canvas, q, threshold, factor)
+        if factor is not None:
+            return fast_transfer_factor(logits, temperature, remasking, mask_index, canvas, factor)
+        q = quota[:, i] if threshold is None else None
+        return fast_transfer(logits, temperature, remasking, mask_index, canvas, q, threshold)
 
     for b in range(num_blocks):
         start = prompt.shape[1] + b * block_length
@@ -534,30 +550,70 @@ def fast_generate(
         mask_index = x == mask_id
         mask_index[:, end:] = False
         x0, chosen = transfer(logits, mask_index, x, 0)
-        x[chosen] = x0[chosen]
+        x = torch.where(chosen, x0, x)
         if cache == "prefix":
             past = [(k[:, :, :start], v[:, :, :start]) for k, v in presents]
-        else:
-            past = presents
-            replace_position = torch.zeros_like(x, dtype=torch.bool)
-            replace_position[:, start:end] = True
-        i = 1
-        while (x[:, start:end] == mask_id).any():
-            passes += 1
-            if cache == "prefix":
+            i = 1
+            while (x[:, start:end] == mask_id).any():
+                passes += 1
                 mask_index = x[:, start:] == mask_id
                 mask_index[:, block_length:] = False
                 logits = forward(x[:, start:], past, None, None)
                 add_gumbel_noise(logits, temperature)  # drawn and dropped, as the reference does
                 x0, chosen = transfer(logits, mask_index, x[:, start:], i)
                 x[:, start:][chosen] = x0[chosen]
-            else:
-                mask_index = x[:, start:end] == mask_id
-                logits = forward(x[:, start:end], past, replace_position, None)
-                x0, chosen = transfer(logits, mask_index, x[:, start:end], i)
-                x[:, start:end][chosen] = x0[chosen]
-            i += 1
+                i += 1
+            continue
+        replace_position = torch.zeros_like(x, dtype=torch.bool)
+        replace_position[:, start:end] = True
+        for i in range(1, per_block):  # the upstream's fixed loop: masks may remain
+            if not (x[:, start:end] == mask_id).any():
+                break
+            logits = forward(x[:, start:end], presents, replace_position, None)
+            mask_index = x[:, start:end] == mask_id
+            x0, chosen = transfer(logits, mask_index, x[:, start:end], i)
+            x = torch.cat([x[:, :start], torch.where(chosen, x0, x[:, start:end]), x[:, end:]], dim=1)
+            passes += 1
     return x, passes
+
+
+@torch.no_grad()
+def fast_dream_threshold_generate(
+    model, input_ids, max_new_tokens, steps, temperature, top_p, top_k, threshold, mask_id
+):
+    """Fast-dLLM's one-canvas Dream sampler (dream/model/generation_utils.py `_sample`, alg
+    confidence_threshold), batch of one: n = masked / steps a step plus what the step before
+    deferred; the first always, the others at or above the threshold; the last step defers by
+    adding a step."""
+    x = F.pad(input_ids, (0, max_new_tokens), value=mask_id)
+    mask_index = x == mask_id
+    assert mask_index.sum() % steps == 0
+    number = mask_index.sum().item() // steps
+    left = 0
+    i = 0
+    while i < steps:
+        mask_index = x == mask_id
+        logits = model(x)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        confidence, x0 = sample_tokens(logits[mask_index], temperature=temperature, top_p=top_p, top_k=top_k)
+        proposal = torch.zeros_like(x) + mask_id
+        proposal[mask_index] = x0.clone()
+        full = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+        full[mask_index] = confidence
+        count, left = number + left, 0
+        chosen_confidence, chosen = torch.topk(full, count)
+        transfer = torch.zeros_like(x, dtype=torch.bool)
+        transfer[0, chosen[0]] = True
+        for k in range(1, count):
+            if chosen_confidence[0, k] < threshold:
+                if i < steps - 1:
+                    left += 1
+                else:
+                    number, steps, left = 0, steps + 1, left + 1
+                transfer[0, chosen[0, k]] = False
+        x[transfer] = proposal[transfer].clone()
+        i += 1
+    return x, steps
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ def first_step_shape(
     _, cfg = first_step_config(spec, length, alpha, GenerationConfig(cfg_scale=cfg_scale or None))
     if sampler_row_bytes is None:
         sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
-    chunk = chunk_bucket(rows or sampler.first_step_rows(cfg), row_chunk)
+    chunk = chunk_bucket(rows or sampler.most_rows(cfg), row_chunk)
     return StepShape.of(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
 
 

@@ -130,8 +130,8 @@ class Sampler(Protocol):
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         """Sequences per step (2 with classifier-free guidance)."""
 
-    def first_step_rows(self, cfg: GenerationConfig) -> int:
-        """Rows the first step reads: the most of any step."""
+    def most_rows(self, cfg: GenerationConfig) -> int:
+        """The most rows any step reads (the first step's, unless a sampler says otherwise)."""
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         """Measured temporary bytes per logits row of this sampler with settings `cfg`."""

@@ -8,6 +8,9 @@ A step reads the masked positions (origin: the masked positions drawn for this s
 state at p - 1 gives the logits of p (`ArchSpec.logit_shift`). The Mosaic executor computes only
 those rows, chunk by chunk; the eager one every row, from which they are gathered as the official
 code gathers them. The per-row maths is the official one.
+
+Fast-dLLM's samplers (opt-in, approximations of the official one): `ThresholdDreamState` (one
+canvas, alg confidence_threshold, no cache) and `BlockDreamState` (blocks with a prefix or dual cache).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's (its generation_utils.py and _block.py)
+FAST_DLLM_THRESHOLD = 0.9  # Fast-dLLM's diffusion_generate default
 
 
 def top_p_logits(logits: Tensor, top_p: float) -> Tensor:
@@ -190,14 +195,20 @@ class DreamSampler:
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
-        if cfg.parallel:  # Fast-dLLM's block sampler ranks by entropy, or reveals by threshold
-            block_alg = "confidence_threshold" if cfg.threshold is not None else "entropy"
+        if (cfg.alg or d["alg"]) == THRESHOLD_ALG:
+            cfg = cfg.unset(threshold=FAST_DLLM_THRESHOLD)
+        if self.blocks(cfg):  # Fast-dLLM's block sampler: entropy, or by threshold
+            block_alg = THRESHOLD_ALG if cfg.threshold is not None else "entropy"
             if cfg.alg not in (None, block_alg):
                 fail(
                     "Fast-dLLM's Dream block sampler ranks by entropy (alg entropy), or with a threshold by "
-                    f"confidence (alg confidence_threshold); got alg {cfg.alg!r}"
+                    f"confidence (alg {THRESHOLD_ALG}); got alg {cfg.alg!r}"
                 )
             cfg = replace(cfg, alg=block_alg)
+        elif cfg.threshold is not None:  # Fast-dLLM's one-canvas sampler (generation_utils.py)
+            if cfg.alg not in (None, THRESHOLD_ALG):
+                fail(f"a threshold without a cache is Fast-dLLM's alg {THRESHOLD_ALG}; got alg {cfg.alg!r}")
+            cfg = replace(cfg, alg=THRESHOLD_ALG)
         cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
         cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
         cfg.check_common()
@@ -205,16 +216,24 @@ class DreamSampler:
         most = max(cfg.gen_length, DREAM_CONFIG_DEFAULTS["steps"])
         if cfg.steps > most:
             fail(f"steps ({cfg.steps}) must be at most {most} (the larger of gen_length and Dream's default 512)")
-        if cfg.parallel:
+        if self.blocks(cfg):
             self.check_block_sampler(cfg)
         elif cfg.block_length not in (None, cfg.gen_length):
-            fail("Dream's official sampler has no blocks: leave block_length unset (or equal to gen_length)")
+            fail(
+                "Dream's official sampler and Fast-dLLM's threshold sampler without a cache have no blocks: "
+                "leave block_length unset (or equal to gen_length), or set cache prefix or dual"
+            )
+        elif cfg.alg == THRESHOLD_ALG and cfg.gen_length % cfg.steps:
+            fail(
+                f"alg {THRESHOLD_ALG} reveals gen_length / steps a step: steps ({cfg.steps}) must divide "
+                f"gen_length ({cfg.gen_length})"
+            )
         if cfg.cfg_scale:
             fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
         if cfg.remasking not in (None, "low_confidence"):
             fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
-        if cfg.alg not in ALGS and not cfg.parallel:
-            fail(f"alg must be one of {ALGS}, got {cfg.alg!r}")
+        if cfg.alg not in (*ALGS, THRESHOLD_ALG):
+            fail(f"alg must be one of {(*ALGS, THRESHOLD_ALG)}, got {cfg.alg!r}")
         if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {cfg.top_p}")
         if cfg.top_k is not None and cfg.top_k < 1:  # its type is checked with the others
@@ -224,6 +243,11 @@ class DreamSampler:
         if not 0 < cfg.eps < 1:
             fail(f"eps must be in (0, 1), got {cfg.eps}")
         return cfg
+
+    @staticmethod
+    def blocks(cfg: GenerationConfig) -> bool:
+        """Whether Fast-dLLM's block sampler runs (`generation_utils_block.py`: it always keeps a cache)."""
+        return cfg.cache not in (None, "none") or cfg.factor is not None
 
     @staticmethod
     def check_block_sampler(cfg: GenerationConfig) -> None:
@@ -251,7 +275,7 @@ class DreamSampler:
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         return 1
 
-    def first_step_rows(self, cfg: GenerationConfig) -> int:
+    def most_rows(self, cfg: GenerationConfig) -> int:
         return cfg.gen_length
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -269,8 +293,10 @@ class DreamSampler:
         return (positions - 1).clamp(min=0) if self.shift else positions
 
     def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> DreamState | BlockDreamState:
-        if cfg.parallel:
+        if self.blocks(cfg):
             return BlockDreamState(self, prompt, cfg, gen)
+        if cfg.alg == THRESHOLD_ALG:
+            return ThresholdDreamState(self, prompt, cfg, gen)
         return DreamState(self, prompt, cfg, gen)
 
     def first_step(self, state: DreamState) -> StepInput:
@@ -339,6 +365,54 @@ class DreamState(DenoiseState):
                 x_[mask_index] = x0.clone()
                 batch = torch.arange(x.size(0), device=x.device).unsqueeze(1).expand_as(transfer)
                 x[batch, transfer] = x_[batch, transfer]
+        return self.finish_step(0, before - int((x == mask_id).sum()))
+
+
+class ThresholdDreamState(DreamState):
+    """Fast-dLLM's one-canvas threshold sampler (dream/model/generation_utils.py, alg
+    confidence_threshold, no cache), a step at a time.
+
+    An approximation of the official sampler, exact to Fast-dLLM. Each step samples every masked
+    position as the official maskgit_plus does (confidence: the sampled token's probability) and
+    takes the top n + d: n = masked / steps, d the positions deferred by the step before. Of those,
+    the first is revealed always, the others at or above `threshold`; the rest are deferred. On the
+    last step each deferral adds a step (and n becomes 0), so the generation ends with every
+    position revealed, in at most gen_length steps.
+    """
+
+    def __init__(self, sampler: DreamSampler, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator):
+        super().__init__(sampler, prompt, cfg, gen)
+        self.per_step = int((self.x == self.mask_id).sum()) // cfg.steps
+        self.deferred = 0
+        self.steps = cfg.steps  # grows on the last step, once per deferral
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.gen_length
+
+    def finished(self) -> bool:
+        return self.steps_run == self.steps
+
+    def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
+        x, mask_id = self.x, self.mask_id
+        mask_index = x == mask_id
+        before = int(mask_index.sum())
+        confidence, x0 = self.propose(logits)
+        full = torch.full_like(x, -torch.inf, dtype=confidence.dtype)
+        full[mask_index] = confidence
+        count, self.deferred = self.per_step + self.deferred, 0
+        values, chosen = torch.topk(full, count)
+        keep = torch.ones(count, dtype=torch.bool, device=x.device)
+        for k in range(1, count):
+            if values[0, k] < self.cfg.threshold:
+                keep[k] = False
+                self.deferred += 1
+                if self.steps_run == self.steps - 1:
+                    self.per_step, self.steps = 0, self.steps + 1
+        x_ = torch.zeros_like(x) + mask_id
+        x_[mask_index] = x0.clone()
+        revealed = chosen[0, keep]
+        x[0, revealed] = x_[0, revealed]
         return self.finish_step(0, before - int((x == mask_id).sum()))
 
 

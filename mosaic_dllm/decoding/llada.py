@@ -112,8 +112,14 @@ class LLaDASampler:
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         return 2 if cfg.cfg_scale > 0 else 1
 
-    def first_step_rows(self, cfg: GenerationConfig) -> int:
-        return cfg.block_length
+    def most_rows(self, cfg: GenerationConfig) -> int:
+        """A block's masked positions; with the dual cache's cap on steps (threshold or factor),
+        a later block's first step also reads what each earlier block may leave: at least one
+        position is revealed a pass, so at most block_length - steps / blocks each."""
+        leftover = 0
+        if cfg.cache == "dual" and (cfg.threshold is not None or cfg.factor is not None):
+            leftover = (cfg.num_blocks - 1) * max(0, cfg.block_length - cfg.steps // cfg.num_blocks)
+        return cfg.block_length + leftover
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         softmax_dtype = torch.float64 if cfg.parallel else None  # Fast-dLLM's confidences are float64

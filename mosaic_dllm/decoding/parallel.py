@@ -1,19 +1,24 @@
-"""Fast-dLLM's parallel decoding for LLaDA / LLaDA-MoE (NVlabs/Fast-dLLM llada/generate.py), opt-in;
-Dream's block sampler is `dream.BlockDreamState` (it shares the block cache made here).
+"""Fast-dLLM's parallel decoding for LLaDA / LLaDA-MoE (NVlabs/Fast-dLLM `v1/llada/generate.py`, the
+current upstream), opt-in; Dream's block sampler is `dream.BlockDreamState` (it shares the block
+cache made here).
 
 An approximation of the official sampler, exact to Fast-dLLM's code: semi-autoregressive blocks as
-the official sampler, but a block runs until none of its positions is masked, and a step reveals
+the official sampler, but a block runs until none of its positions is masked (with the dual cache:
+at most steps / blocks forward passes, masks may remain), and a step reveals
 
-- threshold: every masked position of the block whose confidence is at least `threshold`, and the
-  most confident one whatever its confidence (`get_transfer_index` with a threshold);
+- threshold: every masked position at or above `threshold`, and the most confident one (the first
+  of equal ones) whatever its confidence (`get_transfer_index` with a threshold);
 - factor: the n most confident, for the largest n whose n-th confidence is at least
   1 - factor / (n + 1) (`get_transfer_index_dynamic`, quirks included: when only the last one
   fails, all are revealed);
-- neither: the official per-step quota (only with a cache: without one it is the official sampler).
+- neither: the official per-step quota, the first of a descending sort (only with a cache: without
+  one it is the official sampler).
 
-Unlike the official sampler, confidences are float64 softmax probabilities, and a uniform draw for
-`random` remasking covers the rows Fast-dLLM's logits have. Ties go as torch.topk orders them over
-a confidence vector of the reference's length, so the candidates are ranked on that same length.
+A step over the whole canvas reads every masked position before the block's end: with the dual
+cache, positions an earlier block left masked compete again. Unlike the official sampler,
+confidences are float64 softmax probabilities, and `random` remasking draws a float64 uniform per
+row of Fast-dLLM's logits (float32 with a factor). Ties go as torch.sort / torch.topk order them
+over a confidence vector of the reference's length, so the candidates are ranked on that length.
 """
 
 from __future__ import annotations
@@ -31,12 +36,17 @@ from .rows import RowChunks, UniformReplay, propose
 from .schedule import llada_transfer_counts
 
 
-def threshold_transfer(confidence: Tensor, masked: int, threshold: float) -> Tensor:
-    """Indices revealed: the top `masked` candidates, the first always, the others at >= threshold."""
-    values, chosen = torch.topk(confidence, k=masked)
-    keep = torch.ones_like(chosen, dtype=torch.bool)
-    keep[1:] = ~(values[1:] < threshold)
-    return chosen[keep]
+def threshold_transfer(confidence: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    """Indices revealed: every masked one at or above `threshold`, and the first most confident."""
+    chosen = mask & (confidence >= threshold)
+    chosen[torch.argmax(confidence)] = True
+    return (chosen & mask).nonzero().flatten()
+
+
+def quota_transfer(confidence: Tensor, mask: Tensor, quota: int) -> Tensor:
+    """Indices revealed: the first `quota` of a descending sort, masked ones only."""
+    chosen = torch.sort(confidence, descending=True)[1][:quota]
+    return chosen[mask[chosen]]
 
 
 def factor_transfer(confidence: Tensor, mask: Tensor, factor: float) -> Tensor:
@@ -55,7 +65,7 @@ def factor_transfer(confidence: Tensor, mask: Tensor, factor: float) -> Tensor:
 
 class BlockState(DenoiseState):
     """What Fast-dLLM's block samplers share: a block runs until none of its positions is masked
-    (or its steps run out); with a cache, its first step runs the whole canvas and refreshes the
+    (or its sampler's cap on steps is reached); with a cache, its first step runs the whole canvas and refreshes the
     cache, its other steps run a window: the block and everything after it (`prefix`) or the
     block alone (`dual`)."""
 
@@ -116,7 +126,7 @@ class ParallelLLaDAState(BlockState):
             self.quota = llada_transfer_counts(self.x[:, start:end] == self.mask_id, self.steps_per_block)
         use = self.cache_use()
         w0, w1 = self.window
-        self.rows = (self.x[0, start:end] == self.mask_id).nonzero().flatten() + (start - w0)
+        self.rows = (self.x[0, w0:end] == self.mask_id).nonzero().flatten()  # masked, up to the block's end
         return StepInput(self.x[:, w0:w1], self.rows, use)
 
     def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
@@ -126,7 +136,10 @@ class ParallelLLaDAState(BlockState):
         if cfg.temperature > 0 and cfg.cache == "prefix" and w0 > 0:  # the reference draws noise it never reads
             UniformReplay(self.gen, w1 - w0, self.vocab, window.device).finish()
         chunks = ((rows, lg[0]) for rows, lg in logits())
-        return propose(chunks, window, self.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows, torch.float64)
+        uniform = torch.float32 if cfg.factor is not None else torch.float64  # get_transfer_index(_dynamic)'s draw
+        return propose(
+            chunks, window, self.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows, torch.float64, uniform
+        )
 
     def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
         cfg = self.cfg
@@ -140,11 +153,12 @@ class ParallelLLaDAState(BlockState):
         if cfg.factor is not None:
             chosen = factor_transfer(confidence, mask[0], cfg.factor)
         elif cfg.threshold is not None:
-            chosen = threshold_transfer(confidence, int(mask.sum()), cfg.threshold)
+            chosen = threshold_transfer(confidence, mask[0], cfg.threshold)
         else:
-            chosen = torch.topk(confidence, k=int(self.quota[0, self.block_step]))[1]
+            chosen = quota_transfer(confidence, mask[0], int(self.quota[0, self.block_step]))
         window[0, chosen] = x0[0, chosen]
-        return self.end_step(not (self.x[0, start:end] == self.mask_id).any(), chosen.numel())
+        capped = cfg.cache == "dual" and self.block_step + 1 == self.steps_per_block  # the upstream's fixed loop
+        return self.end_step(capped or not (self.x[0, start:end] == self.mask_id).any(), chosen.numel())
 
 
 def block_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> BlockCache | None:

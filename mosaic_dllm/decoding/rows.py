@@ -98,11 +98,12 @@ def propose(
     gen: torch.Generator,
     wanted: Tensor | None = None,
     softmax_dtype: torch.dtype | None = None,
+    uniform_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """LLaDA's reduction of a step's row logits: x0 and confidence (1, L) for the positions in
     `chunks`, per row exactly as the official sampler (float64 Gumbel-max at temperature > 0; the
     confidence a softmax in the logits' dtype, or in `softmax_dtype`: Fast-dLLM's float64; or
-    uniform noise); `wanted`: the rows asked for (chunks of exactly those rows, in order, or of
+    uniform noise in `uniform_dtype`); `wanted`: the rows asked for (chunks of exactly those rows, in order, or of
     every row). Positions not in `chunks` keep their token and get confidence -inf.
     """
     length = x.shape[1]
@@ -127,7 +128,7 @@ def propose(
     if noise is not None:
         noise.finish()  # keep the generator where the official full draw leaves it
     if remasking == "random":
-        confidence = torch.rand((1, length), generator=gen, device=x.device)
+        confidence = torch.rand((1, length), generator=gen, device=x.device, dtype=uniform_dtype)
     if confidence is None:  # no position to read this step
         confidence = torch.full((1, length), -torch.inf, device=x.device)
     return x0, confidence

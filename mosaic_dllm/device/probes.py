@@ -60,11 +60,7 @@ def exact_row_counts(run, width: int, dtype: torch.dtype, device: torch.device, 
     """The probe counts whose calls of `run` give every row the whole call's bits."""
     x = _randn((REFERENCE_ROWS + max(OFFSETS), width), dtype, device, _generator(device, seed))
     whole = {offset: run(x[offset : offset + REFERENCE_ROWS]) for offset in OFFSETS}
-    return {
-        n
-        for n in PROBE_COUNTS
-        if all(torch.equal(run(x[o : o + n]), whole[o][:n]) for o in OFFSETS)
-    }
+    return {n for n in PROBE_COUNTS if all(torch.equal(run(x[o : o + n]), whole[o][:n]) for o in OFFSETS)}
 
 
 def probe_gemm(dtype: torch.dtype, in_width: int, out_width: int, device: torch.device) -> GemmRule:
@@ -104,9 +100,7 @@ def blocks_exact(align: int, min_block: int, dtype: torch.dtype, device: torch.d
 def probe_attention(dtype: torch.dtype, device: torch.device) -> AttentionRule:
     """The least restrictive query-block rule that keeps every row's bits on the probe shapes, and
     whether a call copies its keys and values."""
-    align, min_block = next(
-        ((a, m) for a, m in ATTENTION_CANDIDATES if blocks_exact(a, m, dtype, device)), (1, 0)
-    )
+    align, min_block = next(((a, m) for a, m in ATTENTION_CANDIDATES if blocks_exact(a, m, dtype, device)), (1, 0))
     return AttentionRule(align, min_block, _copies_keys_and_values(dtype, device))
 
 

@@ -122,9 +122,7 @@ def structure(shape: StepShape) -> tuple:
     return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in PIECE_GROUPS))
 
 
-def symbolic_trace(
-    spec: ArchSpec, dtype: torch.dtype, shape: StepShape, rules: KernelRules
-) -> SymbolicStep:
+def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, rules: KernelRules) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
     chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
     packing = Packing((LENGTH_SENTINEL, TOKENS_SENTINEL - LENGTH_SENTINEL))

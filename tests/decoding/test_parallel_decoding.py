@@ -11,6 +11,7 @@ import torch
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.config import GenerationConfigError
+from mosaic_dllm.decoding import parallel
 from mosaic_dllm.models.groups import Chunks
 from tests import reference
 
@@ -76,6 +77,36 @@ def test_caches_and_thresholds_change_what_the_test_compares(tiny_checkpoints):
     assert runs[None].token_ids != runs["prefix"].token_ids != runs["dual"].token_ids != runs[None].token_ids
     official = llm.generate(PROMPT, GenerationConfig(**BASE))[0]
     assert llm.generate(PROMPT, GenerationConfig(**BASE, threshold=0.02))[0].forward_passes < official.forward_passes
+
+
+@pytest.mark.parametrize("settings", [dict(factor=3.0), dict(threshold=0.005, temperature=1.0)], ids=str)
+def test_the_dual_cache_stops_a_block_after_its_steps_as_the_upstream_does(tiny_checkpoints, settings):
+    """Fast-dLLM's current dual cache runs a block at most steps / blocks passes: masks a block
+    leaves compete again in the next block's first (whole-canvas) step, and may stay to the end."""
+    capped = GenerationConfig(**(BASE | dict(steps=2, cache="dual") | settings))  # one pass a block
+    expected, passes = fast_reference(LLM(tiny_checkpoints["llada"], dtype=torch.float32), "llada", capped.given())
+    assert passes == 2
+    for options in ({"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3}):
+        llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32, **options)
+        canvases: list[torch.Tensor] = []
+        keep = canvases.append
+        out = llm.generate(PROMPT, capped, callback=lambda e, keep=keep: keep(e.canvas[len(PROMPT) :].clone()))[0]
+        assert (out.token_ids, out.forward_passes) == (expected, passes)
+        first_block_masks = [int((c[:8] == llm.spec.mask_token_id).sum()) for c in canvases]
+        assert first_block_masks[0] > first_block_masks[1]  # the second block's step revealed a leftover
+        assert llm.spec.mask_token_id in out.token_ids  # and some stayed masked
+
+
+def test_ties_are_broken_as_the_upstream_breaks_them():
+    """The threshold forces the first most confident position; the quota takes a descending sort's
+    first: on tied confidences both differ from a top-k over the candidates."""
+    confidence = torch.tensor([0.1, 0.5, 0.5, -torch.inf, 0.5, 0.2], dtype=torch.float64)
+    mask = confidence > -torch.inf
+    assert parallel.threshold_transfer(confidence, mask, 0.9).tolist() == [1]
+    assert parallel.threshold_transfer(confidence, mask, 0.15).tolist() == [1, 2, 4, 5]
+    order = torch.sort(confidence, descending=True)[1]
+    assert parallel.quota_transfer(confidence, mask, 2).tolist() == order[:2].tolist()
+    assert parallel.quota_transfer(confidence, mask, 6).tolist() == order[mask[order]].tolist()
 
 
 @pytest.mark.parametrize("family", ["llada", "llada_moe"])
@@ -181,11 +212,50 @@ def test_dream_tokens_equal_fast_dllm_block_sampler(tiny_checkpoints, settings, 
     assert outs[0].token_ids == outs[1].token_ids == x[0, len(PROMPT) :].tolist()
 
 
+DREAM_THRESHOLD_SETTINGS = [
+    dict(threshold=0.05),
+    dict(threshold=0.3, temperature=0.8, top_p=0.9),
+    dict(alg="confidence_threshold", steps=4),  # Fast-dLLM's default threshold, 0.9: the last step defers
+    dict(threshold=0.02, temperature=1.0, top_k=None),  # the official default top_k, 50
+]
+
+
+@pytest.mark.parametrize("settings", DREAM_THRESHOLD_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_dream_tokens_equal_fast_dllm_threshold_sampler(tiny_checkpoints, settings, dtype):
+    """Fast-dLLM's one-canvas Dream sampler (alg confidence_threshold, no cache): its tokens and its
+    steps, which grow past `steps` when the last step defers."""
+    cfg = GenerationConfig(**(dict(gen_length=16, steps=8, temperature=0.0, seed=11) | settings))
+    outs = [
+        LLM(tiny_checkpoints["dream"], dtype=dtype, **options).generate(PROMPT, cfg)[0]
+        for options in ({"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3})
+    ]
+    s = outs[0].settings
+    assert s["alg"] == "confidence_threshold"
+    config, state = reference.load_state(tiny_checkpoints["dream"], dtype)
+    torch.manual_seed(11)
+    x, steps = reference.fast_dream_threshold_generate(
+        lambda ids: reference.hf_logits(config, state, ids),
+        torch.tensor([PROMPT]),
+        s["gen_length"],
+        s["steps"],
+        s["temperature"],
+        s.get("top_p"),
+        s.get("top_k"),
+        s["threshold"],
+        LLM(tiny_checkpoints["dream"]).spec.mask_token_id,
+    )
+    assert outs[0].token_ids == outs[1].token_ids == x[0, len(PROMPT) :].tolist()
+    assert outs[0].forward_passes == outs[1].forward_passes == steps
+    if "steps" in settings:
+        assert steps > settings["steps"]  # the comparison covers the deferring last step
+
+
 def test_dream_block_requests_batched_under_a_budget_keep_their_tokens_alone(tiny_checkpoints):
     path = tiny_checkpoints["dream"]
     base = dict(gen_length=16, steps=8, temperature=0.0, seed=11)
     configs = [GenerationConfig(**(base | {"block_length": 8} | s)) for s in DREAM_SETTINGS[:6]]
     configs.append(GenerationConfig(**base, alg="maskgit_plus"))  # the official sampler alongside
+    configs.append(GenerationConfig(**base, threshold=0.05))  # and the one-canvas threshold sampler
     alone = LLM(path, dtype=torch.float32, max_batch=1)
     expected = [alone.generate(PROMPT, c)[0].token_ids for c in configs]
     roomy = LLM(path, dtype=torch.float32, max_batch=8)
@@ -206,7 +276,9 @@ def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(threshold=0.9, block_length=8), "always keeps a block cache"),
+        (dict(threshold=0.9, block_length=8), "have no blocks"),
+        (dict(threshold=0.9, steps=3), "must divide gen_length"),
+        (dict(threshold=0.9, alg="maskgit_plus"), "a threshold without a cache"),
         (dict(cache="dual"), "needs blocks"),
         (dict(cache="dual", block_length=5), "divisible by block_length"),
         (dict(cache="dual", block_length=8, factor=1.0), "threshold only"),
@@ -214,7 +286,7 @@ def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints):
         (dict(cache="dual", block_length=8, steps=3), "divisible by the number of blocks"),
     ],
 )
-def test_dream_refuses_what_its_block_sampler_lacks(tiny_checkpoints, settings, message):
+def test_dream_refuses_what_fast_dllm_samplers_lack(tiny_checkpoints, settings, message):
     llm = LLM(tiny_checkpoints["dream"])
     with pytest.raises(GenerationConfigError, match=message):
         llm.generate(PROMPT, GenerationConfig(**(dict(gen_length=16, steps=8) | settings)))
