@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .decoding.dream import DREAM_ALGS
 from .engine import DEFAULT_MAX_BATCH, USER_ERRORS
 from .memory.sizes import gib, mib
 from .runtime import DEFAULT_ROW_CHUNK
@@ -555,10 +556,10 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float)
     g.add_argument("--cfg-scale", type=float, help="LLaDA classifier-free guidance")
     g.add_argument("--remasking", choices=["low_confidence", "random"], help="LLaDA")
-    g.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy"], help="Dream")
+    g.add_argument("--alg", choices=DREAM_ALGS, help="Dream")
     g.add_argument("--alg-temp", type=float, help="Dream")
     g.add_argument("--top-p", type=float, help="Dream")
-    g.add_argument("--top-k", type=int, help="Dream")
+    g.add_argument("--top-k", type=int, help="Dream; 0: no top-k (unset: the model's default, 50 for Dream)")
     g.add_argument(
         "--threshold",
         type=float,

@@ -15,6 +15,9 @@ MAX_LENGTH = 1 << 24
 NUMBERS = ("temperature", "cfg_scale", "alg_temp", "top_p", "eps", "threshold", "factor")
 CACHES = ("none", "prefix", "dual")
 INTEGERS = ("gen_length", "steps", "block_length", "top_k", "seed")
+# The official code's None ("off") where it differs from unset (our None): no top-k, no top-p, ranking
+# positions without sampling. A family without the setting accepts its off value as a no-op.
+OFF = {"top_k": 0, "top_p": 1.0, "alg_temp": 0.0}
 
 
 class GenerationConfigError(ValueError):

@@ -77,7 +77,7 @@ def test_bad_llada_settings(llada, settings, message):
         (dict(block_length=4, gen_length=8), "no blocks"),
         (dict(alg="best"), "alg must be one of"),
         (dict(top_p=1.5), "top_p must be in"),
-        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_k=-1), "top_k must be a positive integer, or 0 for no top-k"),
         (dict(eps=0.0), "eps must be in"),
     ],
 )

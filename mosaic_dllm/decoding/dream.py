@@ -34,6 +34,7 @@ from .schedule import dream_timesteps, dream_transfer_count
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's (its generation_utils.py and _block.py)
+DREAM_ALGS = (*ALGS, THRESHOLD_ALG)
 FAST_DLLM_THRESHOLD = 0.9  # Fast-dLLM's diffusion_generate default
 
 
@@ -87,7 +88,7 @@ def sample_tokens(
         logits = logits / temperature
     if top_p is not None and top_p < 1:
         logits = top_p_logits(logits, top_p)
-    if top_k is not None:
+    if top_k:  # None (the official "off") is top_k 0 here: None means unset until resolved
         logits = top_k_logits(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
     valid = categorical_valid(probs) if temperature > 0 and gen is not None else False
@@ -211,6 +212,7 @@ class DreamSampler:
             cfg = replace(cfg, alg=THRESHOLD_ALG)
         cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
         cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
+        cfg = cfg.unset(top_k=0)  # the official None (no top-k); 0 so that resolving again keeps it
         cfg.check_common()
 
         most = max(cfg.gen_length, DREAM_CONFIG_DEFAULTS["steps"])
@@ -232,12 +234,12 @@ class DreamSampler:
             fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
         if cfg.remasking not in (None, "low_confidence"):
             fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
-        if cfg.alg not in (*ALGS, THRESHOLD_ALG):
-            fail(f"alg must be one of {(*ALGS, THRESHOLD_ALG)}, got {cfg.alg!r}")
+        if cfg.alg not in DREAM_ALGS:
+            fail(f"alg must be one of {DREAM_ALGS}, got {cfg.alg!r}")
         if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
             fail(f"top_p must be in (0, 1], got {cfg.top_p}")
-        if cfg.top_k is not None and cfg.top_k < 1:  # its type is checked with the others
-            fail(f"top_k must be a positive integer, got {cfg.top_k!r}")
+        if cfg.top_k < 0:  # its type is checked with the others
+            fail(f"top_k must be a positive integer, or 0 for no top-k; got {cfg.top_k!r}")
         if cfg.alg_temp is not None and cfg.alg_temp < 0:
             fail(f"alg_temp must be >= 0, got {cfg.alg_temp}")
         if not 0 < cfg.eps < 1:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..config import GenerationConfig, GenerationConfigError
+from ..config import OFF, GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
@@ -104,7 +104,7 @@ class LLaDASampler:
             fail(f"remasking must be one of {REMASKING}, got {cfg.remasking!r}")
         if cfg.parallel and cfg.cfg_scale > 0:
             fail("threshold / factor / cache follow Fast-dLLM, which has no classifier-free guidance: set cfg_scale 0")
-        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) is not None]
+        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) not in (None, OFF.get(k))]
         if dream_only:
             fail(f"{dream_only} apply to Dream only; LLaDA uses remasking / cfg_scale / block_length")
         return cfg

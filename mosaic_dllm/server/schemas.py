@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..config import OFF
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -22,7 +24,7 @@ class Sampling(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate (the generation length)")
     temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1, description="null or 1: no top-p (absent: the model's default)")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -32,9 +34,9 @@ class Sampling(BaseModel):
     steps: int | None = Field(None, ge=1)
     block_length: int | None = Field(None, ge=1)
     remasking: Literal["low_confidence", "random"] | None = None
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
-    alg_temp: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=1)
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"] | None = None
+    alg_temp: float | None = Field(None, ge=0, description="Dream; null or 0: rank positions without sampling")
+    top_k: int | None = Field(None, ge=0, description="Dream; null or 0: no top-k (absent: the model's default)")
     cfg_scale: float | None = Field(None, ge=0)
     stop_at_eos: bool | None = None
     # Fast-dLLM's parallel decoding (LLaDA / LLaDA-MoE): approximations of the official sampler
@@ -51,7 +53,12 @@ class Sampling(BaseModel):
     )
 
     def generation_settings(self) -> dict:
-        """The GenerationConfig overrides this request sets (None: the model's default)."""
+        """The GenerationConfig overrides this request sets (None: the model's default). An explicit
+        JSON null is the official "off" where that differs from the default (`config.OFF`)."""
+        nulls = {k: v for k, v in OFF.items() if k in self.model_fields_set and getattr(self, k) is None}
+        return nulls | {k: v for k, v in self._given().items() if k not in nulls}
+
+    def _given(self) -> dict:
         return {
             "gen_length": self.max_tokens,
             "steps": self.steps,

@@ -46,6 +46,7 @@ def test_unset_settings_resolve_as_the_official_call(dream, model_config, call):
             continue
         resolved = sampler.resolve(our_settings(call), prompt_length)
         ours = {k: getattr(resolved, k) for k in ("temperature", "top_p", "top_k", "eps", "steps", "alg", "alg_temp")}
+        ours["top_k"] = ours["top_k"] or None  # top_k 0 is the official None: no top-k
         assert ours | {"max_new_tokens": resolved.gen_length} == official
 
 
@@ -82,6 +83,37 @@ def test_the_grid_can_tell_top_k_50_from_no_top_k(dream):
         ]
         differs.append(not torch.equal(*runs))
     assert any(differs)
+
+
+def test_top_k_0_is_the_official_none_in_the_api_the_cli_and_http(dream, tiny_checkpoints, capsys):
+    """top_k=None in the official call (no top-k) is top_k=0 here (None is unset: 50); in JSON an
+    explicit null says the same, distinct from an absent field."""
+    from mosaic_dllm.server.schemas import CompletionRequest
+
+    model = lambda ids: reference.hf_logits(*reference.load_state(dream.checkpoint.path, torch.bfloat16), ids)  # noqa: E731
+    call = {"max_new_tokens": 16, "steps": 12, "alg": "entropy", "temperature": 0.0}
+    for prompt in PROMPTS:
+        official = reference.dream_diffusion_generate(
+            model, dream.checkpoint.model_config, torch.tensor([prompt]), dream.spec.mask_token_id, **call, top_k=None
+        )
+        out = dream.generate(prompt, GenerationConfig(gen_length=16, steps=12, alg="entropy", temperature=0.0, top_k=0))
+        assert out[0].token_ids == official[0, len(prompt) :].tolist()
+    resolved = dream.resolve(GenerationConfig(top_k=0), prompt_length=6)
+    assert resolved.top_k == 0 and dream.resolve(resolved, prompt_length=6) == resolved
+
+    args = ["generate", "--model", str(tiny_checkpoints["dream"]), "--prompt", "The quick", "--gen-length", "8"]
+    assert main([*args, "--steps", "4", "--top-k", "0", "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["top_k"] == 0
+
+    def settings(body: dict) -> dict:
+        return CompletionRequest.model_validate({"prompt": "hi"} | body).generation_settings()
+
+    assert settings({"top_k": None})["top_k"] == 0 and settings({})["top_k"] is None
+    assert settings({"top_p": None})["top_p"] == 1.0 and settings({"top_k": 7})["top_k"] == 7
+    llada = LLM(tiny_checkpoints["llada"])  # a family without top-k / top-p takes their off values as no-ops
+    body = {"max_tokens": 4, "steps": 4, "top_k": None, "top_p": 1.0}
+    off = {k: v for k, v in settings(body).items() if v is not None}
+    assert llada.generate([5, 17], GenerationConfig(**off))[0].settings["top_k"] == 0
 
 
 def test_config_json_settings_are_used_and_generation_config_json_is_not(tiny_checkpoints, tmp_path):
