@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .decoding.dream import DREAM_ALGS
+from .config import FAMILY_NAMES, SETTINGS, Setting
 from .engine import DEFAULT_MAX_BATCH, USER_ERRORS
 from .memory.sizes import gib, mib
 from .runtime import DEFAULT_ROW_CHUNK
@@ -21,26 +21,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     model = args.model or default_model_path()
     llm = _load(args, model)
-    settings = {
-        k: getattr(args, k)
-        for k in (
-            "gen_length",
-            "steps",
-            "block_length",
-            "temperature",
-            "cfg_scale",
-            "remasking",
-            "alg",
-            "alg_temp",
-            "top_p",
-            "top_k",
-            "seed",
-            "threshold",
-            "factor",
-            "cache",
-        )
-    }
-    cfg = llm.default_config(**settings, stop_at_eos=args.stop_at_eos or None)
+    cfg = llm.default_config(**{k: getattr(args, k) for k in SETTINGS})
     llm.resolve(cfg)  # fail on bad settings before encoding or printing anything
     prompt_ids = llm.encode(args.prompt, chat=args.chat)
     cfg_resolved = llm.resolve(cfg, len(prompt_ids))
@@ -549,33 +530,18 @@ def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per generation setting (config.SETTINGS), unset unless given."""
     g = p.add_argument_group("generation (unset flags take the checkpoint's generation_config.json, then defaults)")
-    g.add_argument("--gen-length", type=int, help="tokens to generate (default 128)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
-    g.add_argument("--block-length", type=int, help="LLaDA semi-autoregressive block (default: gen-length)")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--cfg-scale", type=float, help="LLaDA classifier-free guidance")
-    g.add_argument("--remasking", choices=["low_confidence", "random"], help="LLaDA")
-    g.add_argument("--alg", choices=DREAM_ALGS, help="Dream")
-    g.add_argument("--alg-temp", type=float, help="Dream")
-    g.add_argument("--top-p", type=float, help="Dream")
-    g.add_argument("--top-k", type=int, help="Dream; 0: no top-k (unset: the model's default, 50 for Dream)")
-    g.add_argument(
-        "--threshold",
-        type=float,
-        help="Fast-dLLM parallel decoding: reveal every masked token of the block at or above this "
-        "confidence, at least one a step. An approximation of the official sampler, exact to Fast-dLLM",
-    )
-    g.add_argument("--factor", type=float, help="Fast-dLLM's factor-based variant of --threshold (LLaDA)")
-    g.add_argument(
-        "--cache",
-        choices=["none", "prefix", "dual"],
-        help="Fast-dLLM block K/V cache: reuse the prompt's and finished blocks' K/V (prefix), also the later "
-        "blocks' (dual), within a block (Dream: required with --block-length). An approximation of the "
-        "official sampler, exact to Fast-dLLM",
-    )
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop-at-eos", action="store_true", help="stop once the text before the first EOS is final")
+    for s in SETTINGS.values():
+        if s.kind is bool:
+            g.add_argument(s.flag, action="store_true", default=None, help=_flag_help(s))
+        else:
+            g.add_argument(s.flag, type=s.kind if not s.choices else str, choices=s.choices or None, help=_flag_help(s))
+
+
+def _flag_help(s: Setting) -> str:
+    readers = "" if len(s.families) == len(FAMILY_NAMES) else f" ({' / '.join(FAMILY_NAMES[f] for f in s.families)})"
+    return f"{s.help}{readers}; {s.describe()}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,23 +1,30 @@
 """Generation settings as a caller gives them: a field left None is unset, and the family's sampler
 fills it the way the family's official entry point would (`Sampler.resolve`, decoding/), then
-checks every setting before any heavy work. Here only what holds for every family."""
+checks every setting before any heavy work.
+
+Each setting is declared once, here, with what every reader needs (`Setting`): its help, the
+families that read it, its accepted values or bounds, and its "off" value. The CLI flags, the
+server's request fields, lm-eval's model args, the page's fields and the generic checks are made
+from these declarations (recipe: docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_args, get_type_hints
 
 # No sequence dimension beyond this (2**24 tokens): larger values are typing accidents or attacks.
 MAX_LENGTH = 1 << 24
+SEED_END = 2**63  # torch.Generator.manual_seed takes [0, 2**63) without wrapping
 
-
-NUMBERS = ("temperature", "cfg_scale", "alg_temp", "top_p", "eps", "threshold", "factor")
+LLADA, DREAM = "llada", "dream"  # the samplers (LLaDA-MoE decodes as LLaDA)
+FAMILY_NAMES = {LLADA: "LLaDA / LLaDA-MoE", DREAM: "Dream"}
+REMASKING = ("low_confidence", "random")
+ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's Dream samplers
+DREAM_ALGS = (*ALGS, THRESHOLD_ALG)
 CACHES = ("none", "prefix", "dual")
-INTEGERS = ("gen_length", "steps", "block_length", "top_k", "seed")
-# The official code's None ("off") where it differs from unset (our None): no top-k, no top-p, ranking
-# positions without sampling. A family without the setting accepts its off value as a no-op.
-OFF = {"top_k": 0, "top_p": 1.0, "alg_temp": 0.0}
 
 
 class GenerationConfigError(ValueError):
@@ -25,31 +32,144 @@ class GenerationConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """What every reader of one generation setting needs; `name` and `kind` come from the field."""
+
+    help: str
+    families: tuple[str, ...] = (LLADA, DREAM)  # the samplers that read it
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # bounds: [low, high], either end open where `*_open`
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    accepted: str = ""  # how an error states the accepted values (default: from the bounds)
+    off: Any = None  # the official "off" where it differs from unset: a JSON null means it
+    neutral: Any = None  # a value a family that does not read it takes as a no-op (default: `off`)
+    api_name: str = ""  # the OpenAI field's name where it differs (max_tokens)
+    name: str = ""
+    kind: type = object
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def field_name(self) -> str:
+        return self.api_name or self.name
+
+    @property
+    def no_op(self) -> Any:
+        return self.off if self.neutral is None else self.neutral
+
+    def describe(self) -> str:
+        """The accepted values, as an error or a help text states them."""
+        if self.accepted:
+            return self.accepted
+        if self.choices:
+            return f"one of {self.choices}"
+        if self.kind is int and self.low == 1:
+            return "a positive integer"
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return "true or false" if self.kind is bool else f"a {self.kind.__name__}"
+
+    def check(self, value: Any) -> None:
+        """Raise GenerationConfigError unless `value` (not None) is of the setting's kind and within
+        its bounds or choices."""
+
+        def fail(what: str) -> None:
+            raise GenerationConfigError(f"{self.name} must be {what}, got {value!r}")
+
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                fail("true or false")
+            return
+        if self.kind is str:
+            if value not in self.choices:
+                fail(f"one of {self.choices}")
+            return
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else int | float):
+            fail("an integer" if self.kind is int else "a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            fail("a finite number")
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if self.kind is int and self.low == 1 and self.high == MAX_LENGTH and not below and value > self.high:
+            fail(f"at most {MAX_LENGTH}")
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            fail(self.describe())
+
+
+def setting(help: str, **meta: Any) -> Any:
+    """A GenerationConfig field (default None: unset) carrying its `Setting`."""
+    default = meta.pop("default", None)
+    return field(default=default, metadata={"setting": Setting(help, **meta)})
+
+
+LENGTH = dict(low=1, high=MAX_LENGTH)
+FAST_DLLM = "Fast-dLLM's parallel decoding (opt-in; an approximation of the official sampler, exact to Fast-dLLM)"
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
-    gen_length: int | None = None  # tokens to generate
-    steps: int | None = None  # denoising steps
-    block_length: int | None = None  # LLaDA / LLaDA-MoE semi-autoregressive block
-    temperature: float | None = None
-    cfg_scale: float | None = None  # LLaDA / LLaDA-MoE classifier-free guidance
-    remasking: str | None = None  # LLaDA / LLaDA-MoE: low_confidence | random
-    alg: str | None = None  # Dream: origin | maskgit_plus | topk_margin | entropy
-    alg_temp: float | None = None  # Dream: sample positions instead of top-k
-    top_p: float | None = None  # Dream
-    top_k: int | None = None  # Dream
-    eps: float | None = None  # Dream: final timestep
-    # Fast-dLLM's parallel decoding (opt-in; approximations of the official sampler, exact to Fast-dLLM):
-    threshold: float | None = None  # reveal every masked position of the block above this confidence
-    factor: float | None = None  # Fast-dLLM's factor-based variant of the threshold
-    cache: str | None = None  # none | prefix | dual: Fast-dLLM's block K/V caches
-    seed: int | None = 0
-    stop_at_eos: bool = False  # finish once the text before the first EOS can no longer change
+    gen_length: int | None = setting("tokens to generate (the generation length)", api_name="max_tokens", **LENGTH)
+    steps: int | None = setting("denoising steps", **LENGTH)
+    block_length: int | None = setting("semi-autoregressive block (LLaDA; Dream with a block cache)", **LENGTH)
+    temperature: float | None = setting("sampling temperature (0: greedy)", low=0)
+    cfg_scale: float | None = setting(
+        "classifier-free guidance scale (Dream's official sampler has no classifier-free guidance)",
+        families=(LLADA,),
+        low=0,
+        neutral=0.0,
+    )
+    remasking: str | None = setting(
+        "which masked positions a step reveals", families=(LLADA,), choices=REMASKING, neutral="low_confidence"
+    )
+    alg: str | None = setting("how a step ranks masked positions", families=(DREAM,), choices=DREAM_ALGS)
+    alg_temp: float | None = setting(
+        "sample positions at this temperature instead of taking the top ones (0: off)",
+        families=(DREAM,),
+        low=0,
+        off=0.0,
+    )
+    top_p: float | None = setting("nucleus sampling (1: off)", families=(DREAM,), low=0, low_open=True, high=1, off=1.0)
+    top_k: int | None = setting(
+        "keep the k most likely tokens (0: off)",
+        families=(DREAM,),
+        low=0,
+        accepted="a positive integer, or 0 for no top-k",
+        off=0,
+    )
+    eps: float | None = setting("the final timestep", families=(DREAM,), low=0, low_open=True, high=1, high_open=True)
+    threshold: float | None = setting(
+        f"reveal every masked position of the block at or above this confidence, at least one a step. {FAST_DLLM}",
+        low=0,
+        low_open=True,
+        high=1,
+    )
+    factor: float | None = setting(
+        f"the factor-based variant of threshold (Fast-dLLM's Dream samplers have threshold only). {FAST_DLLM}",
+        families=(LLADA,),
+        low=0,
+        low_open=True,
+    )
+    cache: str | None = setting(
+        "block K/V cache: the prompt's and finished blocks' K/V (prefix), also the later blocks' (dual). " + FAST_DLLM,
+        choices=CACHES,
+        neutral="none",
+    )
+    seed: int | None = setting("random seed", default=0, low=0, high=SEED_END, high_open=True, accepted="in [0, 2**63)")
+    stop_at_eos: bool = setting(
+        "finish once the text before the first EOS can no longer change", default=False, neutral=False
+    )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GenerationConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - set(SETTINGS))
         if unknown:
-            raise GenerationConfigError(f"unknown generation settings {unknown}; accepted: {sorted(known)}")
+            raise GenerationConfigError(f"unknown generation settings {unknown}; accepted: {sorted(SETTINGS)}")
         return cls(**values)
 
     @property
@@ -72,41 +192,43 @@ class GenerationConfig:
 
     def given(self) -> dict[str, Any]:
         """The settings the caller set."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
 
-    def check_common(self, *positive: str) -> None:
-        """Settings every sampler needs: `positive` (and gen_length, steps) positive integers, a
-        temperature >= 0, every number finite and of its type, a seed a generator accepts;
-        raises GenerationConfigError."""
-        for name in NUMBERS:
+    def check_common(self, family: str) -> None:
+        """What every sampler needs: every setting of its kind and within its bounds or choices,
+        gen_length and steps set, threshold and factor not both, and no setting the `family`'s
+        sampler does not read (other than its no-op value); raises GenerationConfigError."""
+        for name, s in SETTINGS.items():
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-                raise GenerationConfigError(f"{name} must be a number, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise GenerationConfigError(f"{name} must be a finite number, got {value!r}")
-        for name in INTEGERS:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise GenerationConfigError(f"{name} must be an integer, got {value!r}")
-        if not isinstance(self.stop_at_eos, bool):
-            raise GenerationConfigError(f"stop_at_eos must be true or false, got {self.stop_at_eos!r}")
-        for name in ("gen_length", "steps", *positive):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise GenerationConfigError(f"{name} must be a positive integer, got {value!r}")
-            if value > MAX_LENGTH:
-                raise GenerationConfigError(f"{name} must be at most {MAX_LENGTH}, got {value}")
-        if self.temperature < 0:
-            raise GenerationConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if self.threshold is not None and not 0 < self.threshold <= 1:
-            raise GenerationConfigError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.factor is not None and self.factor <= 0:
-            raise GenerationConfigError(f"factor must be > 0, got {self.factor}")
+            if value is not None:
+                s.check(value)
+        for name in ("gen_length", "steps"):
+            if getattr(self, name) is None:
+                raise GenerationConfigError(f"{name} must be {SETTINGS[name].describe()}, got None")
         if self.threshold is not None and self.factor is not None:
             raise GenerationConfigError(
                 "set threshold or factor, not both (factor is Fast-dLLM's variant of threshold)"
             )
-        if self.cache is not None and self.cache not in CACHES:
-            raise GenerationConfigError(f"cache must be one of {CACHES}, got {self.cache!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise GenerationConfigError(f"seed must be in [0, 2**63), got {self.seed}")
+        foreign = [
+            n for n, s in SETTINGS.items() if family not in s.families and getattr(self, n) not in (None, s.no_op)
+        ]
+        if foreign:
+            readers = " / ".join(FAMILY_NAMES[f] for f in sorted({f for n in foreign for f in SETTINGS[n].families}))
+            helps = "; ".join(f"{n}: {SETTINGS[n].help}" for n in foreign)
+            raise GenerationConfigError(
+                f"{foreign} apply to {readers} only, not to a {FAMILY_NAMES[family]} model ({helps})"
+            )
+
+
+def _settings() -> dict[str, Setting]:
+    hints = get_type_hints(GenerationConfig)
+    out = {}
+    for f in fields(GenerationConfig):
+        kind = next(t for t in (*get_args(hints[f.name]), hints[f.name]) if t is not type(None))
+        out[f.name] = replace(f.metadata["setting"], name=f.name, kind=kind)
+    return out
+
+
+SETTINGS: dict[str, Setting] = _settings()
+# The official code's None ("off") where it differs from unset: a JSON null means this value.
+OFF = {name: s.off for name, s in SETTINGS.items() if s.off is not None}

@@ -33,13 +33,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from .config import GenerationConfig
+from .config import SETTINGS, GenerationConfig
 from .decoding.likelihood import log_likelihood
 from .engine import LLM
 
 log = logging.getLogger(__name__)
-GENERATION_KEYS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
-GENERATION_KEYS += ("alg", "alg_temp", "top_p", "top_k", "seed", "stop_at_eos", "threshold", "factor", "cache")
+GENERATION_KEYS = tuple(SETTINGS)
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
 ENGINE_KEYS += ("allow_recompute",)
 
@@ -57,12 +56,10 @@ class MosaicLM(LM):
         **settings,
     ):
         """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
-        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute) and
-        generation settings
-        (gen_length, steps, block_length, temperature, cfg_scale, remasking, alg, alg_temp, top_p,
-        top_k, seed, stop_at_eos; Fast-dLLM's threshold, factor, cache) as in `LLM` and
-        `GenerationConfig`; `mc_num` and `mc_batch_size` (the official `batch_size`) for the
-        likelihood; `likelihood_seed` seeds its generator.
+        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute)
+        and generation settings (config.SETTINGS) as in `LLM` and `GenerationConfig`; `mc_num` and
+        `mc_batch_size` (the official `batch_size`) for the likelihood; `likelihood_seed` seeds its
+        generator.
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""
         super().__init__()
         unknown = set(settings) - set(GENERATION_KEYS) - set(ENGINE_KEYS)

@@ -121,6 +121,7 @@ class DenoiseState:
 
 
 class Sampler(Protocol):
+    family: str  # config.LLADA or config.DREAM: which settings it reads (config.SETTINGS)
     bench_settings: dict  # defaults of a benchmark step: temperature 0, rows fixed by the canvas
 
     def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:

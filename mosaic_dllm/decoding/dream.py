@@ -24,7 +24,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.distributions import Distribution, constraints
 
-from ..config import GenerationConfig, GenerationConfigError
+from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
@@ -32,9 +32,6 @@ from .parallel import BlockState, block_cache
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
-THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's (its generation_utils.py and _block.py)
-DREAM_ALGS = (*ALGS, THRESHOLD_ALG)
 FAST_DLLM_THRESHOLD = 0.9  # Fast-dLLM's diffusion_generate default
 
 
@@ -176,6 +173,7 @@ class DreamSampler:
     length of 20 tokens (capped by the context) when neither the call nor the config gives one.
     """
 
+    family = DREAM
     bench_settings: dict = {"alg": "maskgit_plus", "temperature": 0.0}  # origin reads a random subset of rows
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
@@ -213,7 +211,7 @@ class DreamSampler:
         cfg = cfg.unset(gen_length=gen_length, **{k: d[k] for k in ("steps", "temperature", "top_p", "top_k")})
         cfg = cfg.unset(alg=d["alg"], alg_temp=d["alg_temp"], eps=d["eps"])
         cfg = cfg.unset(top_k=0)  # the official None (no top-k); 0 so that resolving again keeps it
-        cfg.check_common()
+        cfg.check_common(DREAM)
 
         most = max(cfg.gen_length, DREAM_CONFIG_DEFAULTS["steps"])
         if cfg.steps > most:
@@ -230,40 +228,22 @@ class DreamSampler:
                 f"alg {THRESHOLD_ALG} reveals gen_length / steps a step: steps ({cfg.steps}) must divide "
                 f"gen_length ({cfg.gen_length})"
             )
-        if cfg.cfg_scale:
-            fail("cfg_scale applies to LLaDA / LLaDA-MoE; Dream's official sampler has no classifier-free guidance")
-        if cfg.remasking not in (None, "low_confidence"):
-            fail("remasking applies to LLaDA / LLaDA-MoE; Dream uses alg " + str(ALGS))
-        if cfg.alg not in DREAM_ALGS:
-            fail(f"alg must be one of {DREAM_ALGS}, got {cfg.alg!r}")
-        if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-            fail(f"top_p must be in (0, 1], got {cfg.top_p}")
-        if cfg.top_k < 0:  # its type is checked with the others
-            fail(f"top_k must be a positive integer, or 0 for no top-k; got {cfg.top_k!r}")
-        if cfg.alg_temp is not None and cfg.alg_temp < 0:
-            fail(f"alg_temp must be >= 0, got {cfg.alg_temp}")
-        if not 0 < cfg.eps < 1:
-            fail(f"eps must be in (0, 1), got {cfg.eps}")
         return cfg
 
     @staticmethod
     def blocks(cfg: GenerationConfig) -> bool:
         """Whether Fast-dLLM's block sampler runs (`generation_utils_block.py`: it always keeps a cache)."""
-        return cfg.cache not in (None, "none") or cfg.factor is not None
+        return cfg.cache not in (None, "none")
 
     @staticmethod
     def check_block_sampler(cfg: GenerationConfig) -> None:
         """Fast-dLLM's Dream sampler (`generation_utils_block.py`): blocks, always a cache."""
-        if cfg.factor is not None:
-            raise GenerationConfigError("factor is Fast-dLLM's LLaDA rule; its Dream block sampler has threshold only")
         if cfg.cache not in ("prefix", "dual"):
             raise GenerationConfigError(
                 "Fast-dLLM's Dream block sampler always keeps a block cache: set cache to prefix or dual"
             )
         if cfg.block_length is None:
             raise GenerationConfigError("a Dream block cache needs blocks: set block_length (Fast-dLLM uses 32)")
-        if isinstance(cfg.block_length, bool) or not isinstance(cfg.block_length, int) or cfg.block_length < 1:
-            raise GenerationConfigError(f"block_length must be a positive integer, got {cfg.block_length!r}")
         if cfg.gen_length % cfg.block_length:
             raise GenerationConfigError(
                 f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})"

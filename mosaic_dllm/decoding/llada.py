@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..config import OFF, GenerationConfig, GenerationConfigError
+from ..config import LLADA, GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput
 from .cost import measure_row_bytes
@@ -25,9 +25,7 @@ from .parallel import ParallelLLaDAState, block_cache
 from .rows import RowChunks, propose
 from .schedule import llada_transfer_counts
 
-REMASKING = ("low_confidence", "random")
 LLADA_SETTINGS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
-DREAM_ONLY = ("alg", "alg_temp", "top_p", "top_k", "eps")
 
 
 def cfg_combine(cfg_scale: float):
@@ -60,6 +58,7 @@ class LLaDASampler:
     steps = gen_length, one block, temperature 0, no guidance, low_confidence remasking.
     """
 
+    family = LLADA
     bench_settings: dict = {"temperature": 0.0}
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
@@ -84,7 +83,7 @@ class LLaDASampler:
             cfg = cfg.unset(steps=cfg.gen_length)
         cfg = cfg.unset(**{k: stored[k] for k in ("temperature", "cfg_scale", "remasking") if k in stored})
         cfg = cfg.unset(temperature=0.0, cfg_scale=0.0, remasking="low_confidence")
-        cfg.check_common("block_length")
+        cfg.check_common(LLADA)
 
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
@@ -98,15 +97,8 @@ class LLaDASampler:
                 f"steps ({cfg.steps}) must be divisible by the number of blocks "
                 f"(gen_length / block_length = {cfg.num_blocks})"
             )
-        if cfg.cfg_scale < 0:
-            fail(f"cfg_scale must be >= 0, got {cfg.cfg_scale}")
-        if cfg.remasking not in REMASKING:
-            fail(f"remasking must be one of {REMASKING}, got {cfg.remasking!r}")
         if cfg.parallel and cfg.cfg_scale > 0:
             fail("threshold / factor / cache follow Fast-dLLM, which has no classifier-free guidance: set cfg_scale 0")
-        dream_only = [k for k in DREAM_ONLY if getattr(cfg, k) not in (None, OFF.get(k))]
-        if dream_only:
-            fail(f"{dream_only} apply to Dream only; LLaDA uses remasking / cfg_scale / block_length")
         return cfg
 
     def guidance_batch(self, cfg: GenerationConfig) -> int:

@@ -34,7 +34,7 @@ from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
 from ..memory.rss import current_rss_bytes
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
-from .schemas import ChatCompletionRequest, CompletionRequest, Sampling
+from .schemas import ChatCompletionRequest, CompletionRequest, Sampling, page_settings
 from .worker import GenerationWorker, Job, QueueFull, ServerShuttingDown
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,10 @@ class Service:
         }
 
     async def page(self) -> HTMLResponse:
-        """The live page: one self-contained file, no request to any other host."""
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+        """The live page: one self-contained file, no request to any other host; its settings
+        fields are those this model's sampler reads."""
+        fields = json.dumps(page_settings(self.llm.sampler.family)).replace("</", "<\\/")
+        return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("/*SETTINGS*/[]", fields))
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from ..config import OFF
+from ..config import FAMILY_NAMES, SETTINGS, Setting
 
 
 class StreamOptions(BaseModel):
@@ -16,66 +16,61 @@ class StreamOptions(BaseModel):
     denoising: bool = Field(False, description="also send one event per denoising step with the current canvas")
 
 
-class Sampling(BaseModel):
-    """Fields both endpoints share: OpenAI's, then the diffusion settings (mosaic's GenerationConfig)."""
+class OpenAIFields(BaseModel):
+    """OpenAI's own fields both endpoints share (temperature, top_p, seed and max_tokens are settings)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate (the generation length)")
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1, description="null or 1: no top-p (absent: the model's default)")
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
     user: str | None = None
-    # diffusion settings
-    steps: int | None = Field(None, ge=1)
-    block_length: int | None = Field(None, ge=1)
-    remasking: Literal["low_confidence", "random"] | None = None
-    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"] | None = None
-    alg_temp: float | None = Field(None, ge=0, description="Dream; null or 0: rank positions without sampling")
-    top_k: int | None = Field(None, ge=0, description="Dream; null or 0: no top-k (absent: the model's default)")
-    cfg_scale: float | None = Field(None, ge=0)
-    stop_at_eos: bool | None = None
-    # Fast-dLLM's parallel decoding (LLaDA / LLaDA-MoE): approximations of the official sampler
-    threshold: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="reveal every masked token of the block at or above this confidence (at least one a step); "
-        "Fast-dLLM's decoding, an approximation of the official sampler",
-    )
-    factor: float | None = Field(None, gt=0, description="Fast-dLLM's factor-based variant of threshold")
-    cache: Literal["none", "prefix", "dual"] | None = Field(
-        None, description="Fast-dLLM's block K/V cache; an approximation of the official sampler"
-    )
 
     def generation_settings(self) -> dict:
         """The GenerationConfig overrides this request sets (None: the model's default). An explicit
-        JSON null is the official "off" where that differs from the default (`config.OFF`)."""
-        nulls = {k: v for k, v in OFF.items() if k in self.model_fields_set and getattr(self, k) is None}
-        return nulls | {k: v for k, v in self._given().items() if k not in nulls}
+        JSON null is the official "off" where that differs from the default (`Setting.off`)."""
+        out = {}
+        for name, s in SETTINGS.items():
+            value = getattr(self, s.field_name)
+            if value is None and s.off is not None and s.field_name in self.model_fields_set:
+                value = s.off
+            out[name] = value
+        return out
 
-    def _given(self) -> dict:
-        return {
-            "gen_length": self.max_tokens,
-            "steps": self.steps,
-            "block_length": self.block_length,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "remasking": self.remasking,
-            "alg": self.alg,
-            "alg_temp": self.alg_temp,
-            "cfg_scale": self.cfg_scale,
-            "seed": self.seed,
-            "stop_at_eos": self.stop_at_eos,
-            "threshold": self.threshold,
-            "factor": self.factor,
-            "cache": self.cache,
+
+def _field(s: Setting) -> tuple[Any, Any]:
+    """A request field for a generation setting: its type, bounds and description from config.SETTINGS."""
+    kind = Literal[s.choices] if s.choices else s.kind
+    number = int if s.kind is int else float
+    bounds = {}
+    if s.low is not None:
+        bounds["gt" if s.low_open else "ge"] = number(s.low)
+    if s.high is not None:
+        bounds["lt" if s.high_open else "le"] = number(s.high)
+    readers = "" if len(s.families) == len(FAMILY_NAMES) else f" ({' / '.join(FAMILY_NAMES[f] for f in s.families)})"
+    off = "" if s.off is None else f"; null: {s.off!r} (off); absent: the model's default"
+    return kind | None, Field(None, description=f"{s.help}{readers}; {s.describe()}{off}", **bounds)
+
+
+def page_settings(family: str) -> list[dict]:
+    """The settings a `family`'s sampler reads, as the live page builds its fields from them."""
+    return [
+        {
+            "name": s.field_name,
+            "kind": s.kind.__name__,
+            "choices": list(s.choices) or None,
+            "low": s.low,
+            "high": s.high,
+            "help": f"{s.help}; {s.describe()}",
         }
+        for s in SETTINGS.values()
+        if family in s.families
+    ]
+
+
+# OpenAI's fields, then one per generation setting (mosaic's GenerationConfig), in its order.
+Sampling = create_model("Sampling", __base__=OpenAIFields, **{s.field_name: _field(s) for s in SETTINGS.values()})
 
 
 class CompletionRequest(Sampling):
