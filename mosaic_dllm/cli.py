@@ -252,9 +252,10 @@ def _plan(args: argparse.Namespace) -> int:
     if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from dataclasses import replace
 
+        from .decoding.parallel import cache_positions
         from .models.kv_cache import BlockCache
 
-        positions = args.length - args.block_length if args.cache == "prefix" else args.length
+        positions = cache_positions(args.length, args.block_length, args.cache)
         if positions < 1:
             raise ValueError(f"--block-length ({args.block_length}) must be shorter than --length ({args.length})")
         shape = replace(shape, cache_bytes=BlockCache(spec, positions).nbytes(dtype))
@@ -524,9 +525,9 @@ def _add_recompute_flag(p: argparse.ArgumentParser) -> None:
 
 def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:
     """The groups `mosaic plan`'s search may split."""
-    from .models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS
+    from .models.groups import EXACT_GROUPS, searchable_groups
 
-    return CHUNKABLE_GROUPS if args.allow_recompute else EXACT_GROUPS
+    return searchable_groups(args.allow_recompute, None if args.allow_recompute else EXACT_GROUPS)
 
 
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:

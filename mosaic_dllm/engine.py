@@ -24,7 +24,7 @@ from .decoding.common import DenoiseResult, GenerationCancelled, StepCallback, f
 from .memory.budget import DEFAULT_RESERVE, default_budget
 from .memory.sizes import parse_bytes
 from .models import ConfigError
-from .models.groups import CHUNKABLE_GROUPS, Chunks
+from .models.groups import Chunks, searchable_groups
 from .plan.search import DoesNotFit
 from .plan.step_plan import LRU, StepPlan
 from .plan.trace import RequestShape
@@ -101,8 +101,7 @@ class LLM:
         `max_batch`: most requests sharing a forward pass (1: one at a time); batched or not, each
         request's tokens are the same."""
         self.allow_long_context = allow_long_context
-        if allow_recompute:  # every chunkable group: the exact ones and recompute
-            chunk_groups = CHUNKABLE_GROUPS if chunk_groups is None else (*dict.fromkeys((*chunk_groups, "recompute")),)
+        chunk_groups = searchable_groups(allow_recompute, chunk_groups)
         given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
         if memory_budget is not None:
             given["memory_budget"] = parse_bytes(memory_budget)

@@ -12,7 +12,7 @@ With a budget (max-len), the planned variants search for chunks that fit it.
 
 from __future__ import annotations
 
-from ..models.groups import CHUNKABLE_GROUPS
+from ..models.groups import searchable_groups
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "eager": ("eager", {}),
@@ -20,7 +20,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "planned": ("mosaic", {"chunk_groups": []}),
     "chunk-ffn-logits": ("mosaic", {"chunk_groups": ["ffn", "logits"]}),
     "mosaic": ("mosaic", {}),
-    "mosaic-recompute": ("mosaic", {"chunk_groups": list(CHUNKABLE_GROUPS)}),  # every group, recompute too
+    "mosaic-recompute": ("mosaic", {"chunk_groups": list(searchable_groups(True))}),  # every group, recompute too
 }
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, GenerationConfigError
 from ..runtime.executor import StepInput
 from .rows import RowChunks
 
@@ -70,6 +70,19 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
     if not revealed_eos.numel():
         return False
     return not bool((gen[: int(revealed_eos[0])] == mask_id).any())
+
+
+def check_blocks(cfg: GenerationConfig) -> None:
+    """Semi-autoregressive blocks that tile the generation, the steps shared equally among them."""
+    if cfg.gen_length % cfg.block_length:
+        raise GenerationConfigError(
+            f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})"
+        )
+    if cfg.steps % cfg.num_blocks:
+        raise GenerationConfigError(
+            f"steps ({cfg.steps}) must be divisible by the number of blocks "
+            f"(gen_length / block_length = {cfg.num_blocks})"
+        )
 
 
 class SamplerState(Protocol):

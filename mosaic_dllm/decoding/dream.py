@@ -26,9 +26,9 @@ from torch.distributions import Distribution, constraints
 
 from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
-from .common import DenoiseState, StepEvent, StepInput
+from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
-from .parallel import BlockState, block_cache
+from .parallel import BlockState, block_cache, ranked_threshold
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
@@ -238,21 +238,9 @@ class DreamSampler:
     @staticmethod
     def check_block_sampler(cfg: GenerationConfig) -> None:
         """Fast-dLLM's Dream sampler (`generation_utils_block.py`): blocks, always a cache."""
-        if cfg.cache not in ("prefix", "dual"):
-            raise GenerationConfigError(
-                "Fast-dLLM's Dream block sampler always keeps a block cache: set cache to prefix or dual"
-            )
         if cfg.block_length is None:
             raise GenerationConfigError("a Dream block cache needs blocks: set block_length (Fast-dLLM uses 32)")
-        if cfg.gen_length % cfg.block_length:
-            raise GenerationConfigError(
-                f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})"
-            )
-        if cfg.steps % cfg.num_blocks:
-            raise GenerationConfigError(
-                f"steps ({cfg.steps}) must be divisible by the number of blocks "
-                f"(gen_length / block_length = {cfg.num_blocks})"
-            )
+        check_blocks(cfg)
 
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         return 1
@@ -466,8 +454,7 @@ class BlockDreamState(BlockState):
             full[self.positions] = confidence
             full[cfg.block_length :] = -torch.inf
             if cfg.threshold is not None:
-                values, chosen = torch.topk(full, before)
-                chosen = chosen[torch.cat([values.new_ones(1, dtype=torch.bool), ~(values[1:] < cfg.threshold)])]
+                chosen = ranked_threshold(full, before, cfg.threshold)
             else:
                 mask = torch.zeros_like(window, dtype=torch.bool)
                 mask[self.positions] = True

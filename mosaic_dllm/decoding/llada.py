@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import LLADA, GenerationConfig, GenerationConfigError
 from ..models.spec import ArchSpec
-from .common import DenoiseState, StepEvent, StepInput
+from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
 from .parallel import ParallelLLaDAState, block_cache
 from .rows import RowChunks, propose
@@ -90,13 +90,7 @@ class LLaDASampler:
 
         if cfg.steps > cfg.gen_length:
             fail(f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): more steps would reveal nothing")
-        if cfg.gen_length % cfg.block_length:
-            fail(f"gen_length ({cfg.gen_length}) must be divisible by block_length ({cfg.block_length})")
-        if cfg.steps % cfg.num_blocks:
-            fail(
-                f"steps ({cfg.steps}) must be divisible by the number of blocks "
-                f"(gen_length / block_length = {cfg.num_blocks})"
-            )
+        check_blocks(cfg)
         if cfg.parallel and cfg.cfg_scale > 0:
             fail("threshold / factor / cache follow Fast-dLLM, which has no classifier-free guidance: set cfg_scale 0")
         return cfg

@@ -161,9 +161,23 @@ class ParallelLLaDAState(BlockState):
         return self.end_step(capped or not (self.x[0, start:end] == self.mask_id).any(), chosen.numel())
 
 
+def cache_positions(length: int, block_length: int, cache: str) -> int:
+    """Positions a block cache holds at its largest: the prefix before the last block, or the
+    whole canvas (dual)."""
+    return length - block_length if cache == "prefix" else length
+
+
 def block_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> BlockCache | None:
-    """The request's cache at its largest: the prefix before the last block, or the whole canvas."""
+    """The request's cache at its largest (`cache_positions`), or None without one."""
     if cfg.cache in (None, "none"):
         return None
-    length = prompt_length + cfg.gen_length
-    return BlockCache(spec, length - cfg.block_length if cfg.cache == "prefix" else length)
+    return BlockCache(spec, cache_positions(prompt_length + cfg.gen_length, cfg.block_length, cfg.cache))
+
+
+def ranked_threshold(confidence: Tensor, count: int, threshold: float) -> Tensor:
+    """Indices revealed by the threshold rule Fast-dLLM's Dream samplers (and its mid-2025 LLaDA
+    loops) write: the top `count` by torch.topk, the first always, the others at >= threshold."""
+    values, chosen = torch.topk(confidence, count)
+    keep = torch.ones_like(chosen, dtype=torch.bool)
+    keep[1:] = ~(values[1:] < threshold)
+    return chosen[keep]

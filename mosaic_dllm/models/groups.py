@@ -69,6 +69,16 @@ GROUP_OF_METHOD = {m: g for g in GROUPS for m in g.methods}
 CHUNKABLE_GROUPS = tuple(g.name for g in GROUPS if g.splits is not None)
 # What the search splits by default: groups whose every chunking is bit-identical to eager.
 EXACT_GROUPS = tuple(name for name in CHUNKABLE_GROUPS if BY_NAME[name].exact)
+
+
+def searchable_groups(allow_recompute: bool, groups: tuple[str, ...] | None = None) -> tuple[str, ...] | None:
+    """The groups a search may split: `groups` (None: the executor's default, the exact ones), plus
+    recompute when allowed (every chunkable group when none are named)."""
+    if not allow_recompute:
+        return groups
+    return CHUNKABLE_GROUPS if groups is None else (*dict.fromkeys((*groups, "recompute")),)
+
+
 # Groups chunked into a number of pieces; the logits group is chunked by rows per chunk instead.
 PIECE_GROUPS = tuple(g.name for g in GROUPS if g.splits in ("tokens", "queries"))
 
