@@ -174,7 +174,7 @@ class StepGraph:
 
 
 class TraceMemory:
-    """`kernels.planned.Memory` that records instead of placing: meta tensors, lifetimes, workspace."""
+    """`kernels.memory.Memory` that records instead of placing: meta tensors, lifetimes, workspace."""
 
     tracing = True
 

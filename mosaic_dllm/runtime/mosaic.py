@@ -25,7 +25,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..device import KernelRules
-from ..kernels.planned import AllocatorMemory, PlannedOps
+from ..kernels.memory import AllocatorMemory
+from ..kernels.planned import PlannedOps
 from ..memory.arena import Arena
 from ..models import transformer
 from ..models.kv_cache import CacheUse
@@ -44,7 +45,7 @@ class PlanMismatchError(AssertionError):
 
 
 class ArenaMemory:
-    """The `kernels.planned.Memory` that hands out a step plan's buffers, allocation by allocation,
+    """The `kernels.memory.Memory` that hands out a step plan's buffers, allocation by allocation,
     as views of the arena at their planned offsets, and checks each request against the plan."""
 
     tracing = False

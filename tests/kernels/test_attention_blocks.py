@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from mosaic_dllm.device import profile_for
 from mosaic_dllm.device.probes import ATTENTION_CANDIDATES, blocks_exact
-from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
+from mosaic_dllm.kernels.memory import AllocatorMemory
+from mosaic_dllm.kernels.planned import PlannedOps
 from mosaic_dllm.models.groups import Chunks, group_spans
 from mosaic_dllm.models.packing import Packing
 

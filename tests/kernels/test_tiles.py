@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_dllm.device import GemmRule, profile_for
-from mosaic_dllm.kernels.planned import AllocatorMemory, PlannedOps
+from mosaic_dllm.kernels.memory import AllocatorMemory
+from mosaic_dllm.kernels.planned import PlannedOps
 from mosaic_dllm.kernels.tiles import tiled_linear, tiled_swiglu
 from mosaic_dllm.models.packing import Packing
 

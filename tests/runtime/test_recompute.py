@@ -158,7 +158,7 @@ def test_the_engine_recomputes_when_allowed_and_the_budget_needs_it(tiny_checkpo
 def test_the_float32_chunk_path_matches_the_fused_kernel():
     """Devices without the fused CPU kernel merge chunks computed in float32 maths: the same output
     and log-sum-exp (checked here on CPU by forcing that path)."""
-    from mosaic_dllm.kernels.planned import chunk_attention
+    from mosaic_dllm.kernels.attention import chunk_attention
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, 300, 32, generator=g)
