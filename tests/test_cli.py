@@ -241,7 +241,8 @@ def test_generate_allows_recompute(capsys):
 
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_allow_recompute_reaches_the_engine(command):
-    from mosaic_dllm.cli import _load, build_parser
+    from mosaic_dllm.cli import build_parser
+    from mosaic_dllm.cli.commands import load_engine as _load
 
     extra = ["--prompt", "x"] if command == "generate" else []
     for flags, allowed in (([], False), (["--allow-recompute"], True)):

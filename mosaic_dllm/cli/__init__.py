@@ -1,0 +1,215 @@
+"""`mosaic` command line: arguments to configs to the engine, nothing else (commands in
+`commands.py` and `planning.py`; the flags of every generation setting from config.SETTINGS)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import FAMILY_NAMES, SETTINGS, Setting
+from ..engine import DEFAULT_MAX_BATCH, USER_ERRORS
+from ..runtime import DEFAULT_ROW_CHUNK
+from . import commands, planning
+
+
+def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--row-chunk", type=int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
+
+
+def _add_bench_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
+    p.add_argument("--model", help="a checkpoint directory instead of a preset")
+    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of the total length")
+    p.add_argument(
+        "--executors",
+        default="eager,mosaic",
+        help="comma-separated: eager, mask-only, planned, chunk-ffn-logits, mosaic, mosaic-recompute "
+        "(see bench/variants.py)",
+    )
+    _add_row_chunk_flag(p)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the records to this file")
+
+
+def _add_recompute_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-recompute",
+        action="store_true",
+        help="below the exact memory floor, recompute keys and values per query block (mosaic; more compute, "
+        "logits within a tolerance of the exact ones)",
+    )
+
+
+def _add_generation_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per generation setting (config.SETTINGS), unset unless given."""
+    g = p.add_argument_group("generation (unset flags take the checkpoint's generation_config.json, then defaults)")
+    for s in SETTINGS.values():
+        if s.kind is bool:
+            g.add_argument(s.flag, action="store_true", default=None, help=_flag_help(s))
+        else:
+            g.add_argument(s.flag, type=s.kind if not s.choices else str, choices=s.choices or None, help=_flag_help(s))
+
+
+def _flag_help(s: Setting) -> str:
+    readers = "" if len(s.families) == len(FAMILY_NAMES) else f" ({' / '.join(FAMILY_NAMES[f] for f in s.families)})"
+    return f"{s.help}{readers}; {s.describe()}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosaic", description="Memory-efficient diffusion LLM inference")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text. Without --model: the embedded default model (a 64-token context; "
+        "defaults 32 tokens, 32 steps, blocks of 8; with only --gen-length, steps = the length).",
+    )
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--executor",
+        default="mosaic",
+        choices=["mosaic", "eager"],
+        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
+    )
+    _add_row_chunk_flag(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary on stderr")
+    p.add_argument(
+        "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
+    )
+    _add_recompute_flag(p)
+    _add_generation_flags(p)
+    p.add_argument("--memory-budget", help="activation memory a step may use, e.g. 2GiB (mosaic)")
+    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
+    p.set_defaults(func=commands.generate)
+
+    p = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=commands.info)
+
+    p = sub.add_parser(
+        "eval",
+        help="lm-evaluation-harness with the `mosaic` model (e.g. --model mosaic --tasks gsm8k)",
+        add_help=False,
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's own arguments")
+    p.set_defaults(func=commands.evaluate)
+
+    bench = sub.add_parser("bench", help="measure memory and latency of one denoising step").add_subparsers(
+        dest="bench", required=True
+    )
+    p = bench.add_parser("memory", help="peak, PAR, RSS growth and latency per executor and length")
+    _add_bench_flags(p)
+    p.add_argument("--lengths", default="512,1024,2048", help="total sequence lengths L")
+    p.add_argument("--plot", help="write a PNG with the timelines and peak vs L")
+    p.add_argument("--budget", help="planned executors fit each step into this budget, e.g. 2GiB (default: none)")
+    p.set_defaults(func=planning.bench_memory)
+    p = bench.add_parser("max-len", help="longest sequence whose step fits an activation budget")
+    _add_bench_flags(p)
+    p.add_argument("--budget", default="4GiB", help="activation memory budget, e.g. 2GiB")
+    p.add_argument("--start", type=int, default=512)
+    p.add_argument("--step", type=int, default=512)
+    p.add_argument("--limit", type=int, default=262144, help="longest length to try")
+    p.add_argument("--precision", type=int, default=64, help="binary search stops at this gap")
+    p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
+    p.set_defaults(func=planning.bench_max_len)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--executor", default="mosaic", choices=["mosaic", "eager"])
+    _add_row_chunk_flag(p)
+    p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
+    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help="most requests per forward pass, as the memory plan admits (1: one at a time; tokens are the same)",
+    )
+    p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
+    p.add_argument(
+        "--allow-long-context", action="store_true", help="run requests beyond the checkpoint's context (warned)"
+    )
+    _add_recompute_flag(p)
+    p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
+    p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
+    p.set_defaults(func=commands.serve)
+
+    p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")
+    p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b")
+    p.add_argument("--model", help="a checkpoint directory (only config.json is read)")
+    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--length", type=int, help="total sequence length L (prompt + generation)")
+    p.add_argument("--max-len", action="store_true", help="longest L that fits, eager vs mosaic")
+    p.add_argument(
+        "--max-batch", action="store_true", help="with --length and --budget: most such requests one step runs together"
+    )
+    p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
+    p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
+    p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
+    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")
+    p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
+    _add_row_chunk_flag(p)
+    p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
+    p.add_argument(
+        "--cache",
+        choices=["none", "prefix", "dual"],
+        default="none",
+        help="Fast-dLLM block cache the request keeps (its bytes join the plan)",
+    )
+    p.add_argument("--block-length", type=int, default=32, help="--cache prefix: the block the cache stops before")
+    _add_recompute_flag(p)
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the config's, else bf16)")
+    p.add_argument("--device", default="cpu", help="plan for this device of this machine, as its profile says")
+    p.add_argument("--profile", help="plan for another machine: its saved profile (`mosaic device --json > FILE`)")
+    p.add_argument("--ascii", action="store_true", help="also draw the plan (ops x arena offsets)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=planning.plan)
+
+    p = sub.add_parser("device", help="the device profile: which call sizes and blocks keep bits, measured")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="one JSON object (a file `mosaic plan --profile` reads)")
+    p.set_defaults(func=commands.device)
+
+    p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (a fresh one, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--run-dir", default="runs/default_model", help="resumable training state")
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # every later argument is lm_eval's, options included
+        argv = ["eval", "--", *argv[1:]]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

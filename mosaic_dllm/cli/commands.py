@@ -1,0 +1,212 @@
+"""`mosaic generate | serve | info | train | device | eval`: arguments to the engine, nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import SETTINGS
+from ..engine import DEFAULT_MAX_BATCH
+from ..memory.sizes import mib
+
+
+def generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..engine import default_model_path
+
+    model = args.model or default_model_path()
+    llm = load_engine(args, model)
+    cfg = llm.default_config(**{k: getattr(args, k) for k in SETTINGS})
+    llm.resolve(cfg)  # fail on bad settings before encoding or printing anything
+    prompt_ids = llm.encode(args.prompt, chat=args.chat)
+    cfg_resolved = llm.resolve(cfg, len(prompt_ids))
+    if args.model is None:
+        print(
+            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
+            f"by `mosaic train` on stdlib docstring summaries: short, docstring-like sentences]",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=cfg_resolved.most_steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
+
+    def on_step(event) -> None:
+        bar.update(1)
+        bar.set_postfix(block=event.block, masked=int((event.canvas == event.mask_token_id).sum()))
+
+    out = llm.generate(prompt_ids, cfg_resolved, callback=on_step)[0]
+    bar.close()
+    if args.json:
+        record = {
+            "model": str(model),
+            "family": llm.spec.family,
+            "executor": args.executor,
+            **vars(out),
+        }
+        print(json.dumps(record))
+    else:
+        print(out.text)
+    if not args.json and not args.no_progress:
+        tokens = len(out.token_ids)
+        print(
+            f"[{out.forward_passes} forward passes for {tokens} generated tokens "
+            f"({out.forward_passes / tokens:.3g} per token), {out.seconds:.2f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def load_engine(args: argparse.Namespace, model):
+    """The engine for `generate` and `serve`: executor options only where the executor takes them."""
+    from ..engine import LLM
+
+    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
+    if args.memory_budget:
+        options["memory_budget"] = args.memory_budget
+    return LLM(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        executor=args.executor,
+        memory_reserve=args.memory_reserve,
+        allow_long_context=getattr(args, "allow_long_context", False),
+        allow_recompute=args.allow_recompute,
+        max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
+        **options,
+    )
+
+
+def info(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_spec, shard_files, tensor_summary
+
+    spec, tokenizer, _, _ = read_spec(args.path)
+    count, nbytes, dtypes = tensor_summary(shard_files(Path(args.path)))
+    info = {
+        "family": spec.family,
+        "layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "heads": spec.num_heads,
+        "kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "ffn": spec.intermediate_size if spec.moe is None else None,
+        "moe": None if spec.moe is None else vars(spec.moe) | {"moe_layers": sum(spec.moe.moe_layers)},
+        "vocab_size": spec.vocab_size,
+        "tokenizer_vocab": tokenizer.vocab_size if tokenizer else None,
+        "rope_theta": spec.rope_theta,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "mask_token_id": spec.mask_token_id,
+        "eos_token_ids": list(spec.eos_token_ids),
+        "pad_token_id": spec.pad_token_id,
+        "parameters": count,
+        "weight_bytes": nbytes,
+        "stored_dtypes": dtypes,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from ..train.default_model import train_default_model
+    from ..train.trainer import TrainConfig
+
+    for flag in ("steps", "batch_size", "seq_len", "vocab_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty; choose a fresh --out or pass --overwrite")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    figures = train_default_model(Path(args.out), Path(args.run_dir), cfg, vocab_size=args.vocab_size)
+    print(
+        f"validation CE {figures['validation_masked_token_ce_nats']:.3f} nats/masked token "
+        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}); checkpoint in {args.out}"
+    )
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from ..engine import default_model_path
+    from ..memory.sizes import parse_bytes
+    from ..scheduler import Scheduler
+    from ..server import create_app
+    from ..server.run import serve as run_server
+
+    max_body = parse_bytes(args.max_body)  # bad flags fail before anything loads
+    Scheduler.check_max_batch(args.max_batch)
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if max_body < 1024:
+        raise ValueError(f"--max-body must be at least 1KiB, got {args.max_body}")
+    _check_port_free(args.host, args.port)  # before minutes of loading
+    model = args.model or default_model_path()
+    llm = load_engine(args, model)
+    app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue, max_body_bytes=max_body)
+    budget = llm.executor.memory_budget
+    limits = f"batch {args.max_batch}, queue {args.max_queue}"
+    print(
+        f"mosaic serve: {Path(model).name} ({llm.spec.family}, {llm.executor.name} executor, memory budget "
+        f"{mib(budget) if budget else 'none'}, {limits}) on http://{args.host}:{args.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    run_server(
+        app,
+        args.host,
+        args.port,
+        log_level="debug" if args.verbose else "info",
+        header_timeout=args.header_timeout,
+        max_connections=args.max_connections,
+    )
+    return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def device(args: argparse.Namespace) -> int:
+    """Print (or write as JSON) the device profile: measured now, or read from the cache."""
+    import time
+
+    import torch
+
+    from ..device import profile_for, profile_report
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here")
+    start = time.perf_counter()
+    profile = profile_for(args.device)
+    cached = dict(profile.data["seconds"])
+    profile.probe_all()
+    seconds = time.perf_counter() - start
+    probed = {k: v for k, v in profile.data["seconds"].items() if k not in cached}
+    record = profile.data | {"path": str(profile.path), "seconds_now": round(seconds, 4), "probed_now": len(probed)}
+    if args.json:
+        print(json.dumps(record, sort_keys=True))
+        return 0
+    print(profile_report(profile, seconds, measured=bool(probed)))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    try:
+        from ..evaluation import main as evaluate
+    except ImportError as exc:
+        raise ValueError(f"mosaic eval needs lm-eval: pip install 'mosaic-dllm[eval]' ({exc})") from None
+    rest = args.lm_eval_args
+    return evaluate(rest[1:] if rest[:1] == ["--"] else rest)

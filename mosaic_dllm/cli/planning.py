@@ -1,0 +1,276 @@
+"""`mosaic plan` and `mosaic bench`: plans and measurements from arguments; reports come from plan/ and bench/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..memory.sizes import gib, mib
+
+
+def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[dict, list[str], dict[str, dict]]:
+    from ..bench.variants import variant_options
+
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("give exactly one of --preset NAME or --model PATH")
+    executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    options = variant_options(executors, args.row_chunk, budget)
+    generation = {"temperature": args.temperature}  # unset settings: the sampler's benchmark settings
+    job = {
+        "preset": args.preset,
+        "model": args.model,
+        "layers": args.layers,
+        "alpha": args.alpha,
+        "dtype": args.dtype,
+        "device": args.device,
+        "generation": generation,
+    }
+    return job, executors, options
+
+
+def bench_memory(args: argparse.Namespace) -> int:
+    from ..bench.runner import memory_records, memory_table
+    from ..memory.sizes import parse_bytes
+
+    job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths takes comma-separated integers, got {args.lengths!r}") from None
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"--lengths must be integers >= 2, got {args.lengths!r}")
+    records = memory_records(job, lengths, executors, options, lambda m: print(m, file=sys.stderr))
+    failed = _failed_probes(records)
+    timelines = {r["executor"]: r.pop("timeline") for r in records if r.get("timeline")}
+    for r in records:
+        r.pop("timeline", None)
+    print(memory_table(records))
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if args.plot:
+        from ..bench.plot import plot_memory
+
+        name = args.preset or Path(args.model).name
+        plot_memory(
+            records, timelines, args.plot, f"{name}, {args.layers or 'all'} layers, {args.dtype}, alpha {args.alpha}"
+        )
+    return _report_failures(failed)
+
+
+def _failed_probes(records: list[dict]) -> list[str]:
+    """Probes that failed for another reason than "does not fit" (that one is a result)."""
+    return [
+        f"{r['executor']} at L={r['length']}: {r['status']}"
+        for r in records
+        if r["status"] != "ok" and not r["status"].startswith("does not fit")
+    ]
+
+
+def _report_failures(failed: list[str]) -> int:
+    for line in failed:
+        print(f"error: probe failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def bench_max_len(args: argparse.Namespace) -> int:
+    from ..bench.runner import max_len_records
+    from ..memory.sizes import parse_bytes
+
+    budget = parse_bytes(args.budget)
+    job, executors, options = _bench_base(args, budget)
+    records = max_len_records(
+        job,
+        executors,
+        options,
+        budget,
+        args.start,
+        args.step,
+        args.limit,
+        args.precision,
+        args.measure_up_to,
+        lambda m: print(m, file=sys.stderr),
+    )
+    print(f"activation budget {mib(budget)}")
+    for r in records:
+        errors = [p["prediction_error"] for p in r["probes"] if "prediction_error" in p]
+        worst = f", prediction error at measured lengths <= {max(map(abs, errors)):.2%}" if errors else ""
+        print(
+            f"{r['executor']:<8} L_max={r['max_len']:>7} ({r['max_len_is']}; measured up to "
+            f"{r['measured_up_to']}){worst}  ratio vs eager: {r.get('ratio_vs_eager', '-')}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    probes = [p | {"executor": r["executor"]} for r in records for p in r["probes"]]
+    return _report_failures(_failed_probes(probes))
+
+
+def plan(args: argparse.Namespace) -> int:
+    """Plan one first denoising step from the config alone: no weights are read, nothing heavy runs."""
+    from .. import checkpoint
+    from ..bench.capacity import first_step_shape
+    from ..bench.presets import preset
+    from ..plan.compute import recompute_cost
+    from ..plan.offsets import ascii_map
+    from ..plan.report import plan_report
+    from ..plan.step_plan import PlanCache
+
+    if bool(args.preset) == bool(args.model):
+        raise ValueError("give exactly one of --preset NAME or --model PATH")
+    spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
+    dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or checkpoint.DTYPES["bf16"]
+    profile = _device_profile(args)
+    if args.max_len:
+        return _plan_max_len(args, spec, dtype, profile)
+    if args.length is None:
+        raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
+    if args.length < 2:
+        raise ValueError(f"--length must be at least 2, got {args.length}")
+    shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
+    if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
+        from dataclasses import replace
+
+        from ..decoding.parallel import cache_positions
+        from ..models.kv_cache import BlockCache
+
+        positions = cache_positions(args.length, args.block_length, args.cache)
+        if positions < 1:
+            raise ValueError(f"--block-length ({args.block_length}) must be shorter than --length ({args.length})")
+        shape = replace(shape, cache_bytes=BlockCache(spec, positions).nbytes(dtype))
+    plans = PlanCache(spec, dtype, profile=profile)
+    summary = {
+        "model": args.preset or str(args.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": profile.describe(),
+    }
+    if args.max_batch:
+        return _plan_max_batch(args, summary, shape, plans)
+    if args.budget:  # the lazy search's choice for this budget (DoesNotFit names the floor)
+        from ..memory.sizes import parse_bytes
+        from ..plan.search import fit
+
+        budget = parse_bytes(args.budget)
+        result = fit(plans, shape, budget, _chunk_groups(args))
+        plan = result.plan
+        search = {"budget_bytes": budget, "plans_tried": result.plans_tried, "search_seconds": round(result.seconds, 6)}
+    else:
+        plan, search = plans.get(shape), {}
+    cost = recompute_cost(spec, plan.graph.shape)
+    summary |= plan.summary() | search | {"kv_passes_per_layer": cost.passes, "extra_compute": cost.extra_fraction}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(plan_report(summary, spec.num_layers, args.length, shape, plan, cost, search, args.cache))
+    if args.ascii:
+        print(ascii_map(plan.buffers, plan.plan))
+    return 0
+
+
+def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> int:
+    """The most requests like this one (their first, largest step) one batched step can run within
+    the budget: what the scheduler's admission would let in together."""
+    from dataclasses import replace
+
+    from ..memory.sizes import parse_bytes
+    from ..plan.search import DoesNotFit, fit, longest
+
+    if not args.budget:
+        raise ValueError("--max-batch needs --budget (the activation memory a step may use)")
+    budget = parse_bytes(args.budget)
+    chosen = {}
+
+    def fits(n: int) -> bool:
+        try:
+            many = replace(shape, lengths=shape.lengths * n, cache_bytes=shape.cache_bytes * n)
+            chosen[n] = fit(plans, many, budget, _chunk_groups(args), explain=False).plan
+        except DoesNotFit:
+            return False
+        return True
+
+    most = longest(fits, start=1, limit=1 << 16).max_len
+    record = summary | {"length": args.length, "budget_bytes": budget, "max_batch": most}
+    if most:
+        plan = chosen[most]
+        record |= {"predicted_peak_activation_bytes": plan.predicted_peak_bytes, "chunks": plan.summary()["chunks"]}
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    head = f"{record['model']} ({record['dtype']}), L={args.length}, budget {mib(budget)}"
+    print(f"{head}: at most {most} requests per step")
+    if most:
+        print(f"  predicted peak {mib(record['predicted_peak_activation_bytes'])}, chunks {record['chunks']}")
+    return 0
+
+
+def _device_profile(args: argparse.Namespace):
+    """The device a plan is for: another machine's saved profile (--profile), else this one's --device."""
+    import torch
+
+    from ..device import DeviceProfile, profile_for
+
+    if args.profile:
+        return DeviceProfile.load(args.profile)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device here (plan for one with --profile FILE)")
+    return profile_for(args.device)
+
+
+def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
+    from ..bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
+    from ..memory.sizes import parse_bytes
+
+    if bool(args.budget) == bool(args.device_memory):
+        raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
+    weights = weight_bytes(spec, dtype)
+    if args.budget:
+        budget = parse_bytes(args.budget)
+    else:
+        budget = parse_bytes(args.device_memory) - weights - parse_bytes(args.memory_reserve)
+        if budget <= 0:
+            raise ValueError(
+                f"the weights alone ({gib(weights)}) and the reserve do not leave activation memory "
+                f"in {args.device_memory}"
+            )
+    executors = {
+        "eager": eager_capacity(spec, dtype, budget, args.alpha),
+        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk, profile=profile),
+    }
+    if args.allow_recompute:
+        executors["mosaic-recompute"] = mosaic_capacity(
+            spec, dtype, budget, args.alpha, args.row_chunk, _chunk_groups(args), profile
+        )
+    record = {
+        "model": args.preset or str(args.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "layers": spec.num_layers,
+        "weight_bytes": weights,
+        "budget_bytes": budget,
+        "alpha": args.alpha,
+        "device": profile.describe(),
+        "predicted": True,
+        "executors": executors,
+    }
+    eager_len = executors["eager"]["max_len"]
+    if eager_len:
+        record["mosaic_vs_eager"] = round(executors["mosaic"]["max_len"] / eager_len, 2)
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(
+        f"{record['model']} ({spec.num_layers} layers, {record['dtype']}), activation budget "
+        f"{gib(budget)} (predicted from shapes, no weights loaded)"
+    )
+    for name, r in executors.items():
+        extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
+        print(f"  {name:<7} max length {r['max_len'] if r['max_len'] is not None else 'n/a'}{extra}")
+    if "mosaic_vs_eager" in record:
+        print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
+    return 0
+
+
+def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:
+    """The groups `mosaic plan`'s search may split."""
+    from ..models.groups import EXACT_GROUPS, searchable_groups
+
+    return searchable_groups(args.allow_recompute, None if args.allow_recompute else EXACT_GROUPS)

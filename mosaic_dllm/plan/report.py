@@ -1,0 +1,53 @@
+"""`mosaic plan`'s text report of one step plan: what the arena holds, what lives outside it, where
+the peak is, how the step is chunked and what recompute costs."""
+
+from __future__ import annotations
+
+from ..memory.sizes import mib
+from .compute import Recompute
+from .step_plan import StepPlan
+from .trace import StepShape
+
+
+def plan_report(
+    summary: dict,
+    layers: int,
+    length: int,
+    shape: StepShape,
+    plan: StepPlan,
+    cost: Recompute,
+    search: dict,
+    cache: str,
+) -> str:
+    """The report's lines for `plan` (of step `shape` at total length `length`); `summary` is the
+    plan's summary with the model, dtype and device; `search` the budget search's figures, if any."""
+    lines = [
+        f"{summary['model']} ({layers} layers, {summary['dtype']}), batch {shape.batch}, L={length}",
+        f"  device           {summary['device']}",
+        f"  arena            {mib(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound "
+        f"{mib(plan.lower_bound_bytes)}, ratio {summary['arena_vs_lower_bound']})",
+        f"  workspace        {mib(plan.workspace_bytes)} at most outside the arena at once (attention kernel "
+        f"output, MoE routing and experts, the sampler's {shape.sampler_row_bytes} bytes per logits row at "
+        "temperature 0)",
+    ]
+    if shape.cache_bytes:
+        lines.append(f"  block cache      {mib(shape.cache_bytes)} ({cache}), alive across steps outside the arena")
+    lines += [
+        f"  predicted peak   {mib(plan.predicted_peak_bytes)} of activations (arena + workspace + cache)",
+        f"  peak at          {summary['peak_op']} ({summary['peak_group']})",
+        f"  chunks           {summary['chunks']}; {summary['planned_layers']}; {summary['buffers']} buffers",
+    ]
+    if cost.passes > 1:
+        lines.append(
+            f"  recompute        K and V computed {cost.passes} times per layer (one per query block): "
+            f"+{cost.extra_fraction:.1%} multiply-adds; logits within a tolerance of the exact ones"
+        )
+    else:
+        lines.append("  attention        exact (bit-identical to eager)")
+    lines.append(f"  planned in       {plan.planning_seconds * 1000:.1f} ms")
+    if search:
+        lines.append(
+            f"  search           fits {mib(search['budget_bytes'])}: {search['plans_tried']} plans tried in "
+            f"{search['search_seconds'] * 1000:.1f} ms"
+        )
+    return "\n".join(lines)
