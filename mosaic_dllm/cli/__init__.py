@@ -17,6 +17,28 @@ def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-chunk", type=int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine's options, for the commands that load a model (generate, serve)."""
+    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--executor",
+        default="mosaic",
+        choices=["mosaic", "eager"],
+        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
+    )
+    _add_row_chunk_flag(p)
+    p.add_argument(
+        "--memory-budget", help="activation memory a step may use, e.g. 2GiB (default: free memory minus the reserve)"
+    )
+    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
+    p.add_argument(
+        "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
+    )
+    _add_recompute_flag(p)
+
+
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
@@ -70,27 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text. Without --model: the embedded default model (a 64-token context; "
         "defaults 32 tokens, 32 steps, blocks of 8; with only --gen-length, steps = the length).",
     )
-    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    _add_engine_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--executor",
-        default="mosaic",
-        choices=["mosaic", "eager"],
-        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
-    )
-    _add_row_chunk_flag(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no summary on stderr")
-    p.add_argument(
-        "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
-    )
-    _add_recompute_flag(p)
     _add_generation_flags(p)
-    p.add_argument("--memory-budget", help="activation memory a step may use, e.g. 2GiB (mosaic)")
-    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived from free memory")
     p.set_defaults(func=commands.generate)
 
     p = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
@@ -126,16 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=planning.bench_max_len)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
+    _add_engine_flags(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default=None, help="auto (as stored), bf16, fp16 or fp32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--executor", default="mosaic", choices=["mosaic", "eager"])
-    _add_row_chunk_flag(p)
-    p.add_argument("--memory-budget", help="activation memory, e.g. 8GiB (default: free memory minus the reserve)")
-    p.add_argument("--memory-reserve", default="1GiB", help="kept free when the budget is derived")
     p.add_argument(
         "--max-batch",
         type=int,
@@ -143,10 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="most requests per forward pass, as the memory plan admits (1: one at a time; tokens are the same)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
-    p.add_argument(
-        "--allow-long-context", action="store_true", help="run requests beyond the checkpoint's context (warned)"
-    )
-    _add_recompute_flag(p)
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")

@@ -70,7 +70,7 @@ def load_engine(args: argparse.Namespace, model):
         device=args.device,
         executor=args.executor,
         memory_reserve=args.memory_reserve,
-        allow_long_context=getattr(args, "allow_long_context", False),
+        allow_long_context=args.allow_long_context,
         allow_recompute=args.allow_recompute,
         max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
         **options,
