@@ -17,15 +17,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.processes import REPO, mosaic_serve
+
 DEFAULT_MODEL = REPO / "mosaic_dllm" / "assets" / "default_model"
 OK, CLEAR, CRASH, SILENT, REFUSED = "ok", "clear error", "traceback / 500", "silently accepted", "valid refused"
 
@@ -176,34 +174,6 @@ def run_http(case: Case, url: str) -> str:
     return classify(case.bad, False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving(*flags: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "mosaic_dllm.cli", "serve", "--port", str(port), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            httpx.get(url + "/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mosaic serve did not start") from None
-            time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def sweep(cli_cases=CLI_CASES, http_cases=HTTP_CASES, show=print) -> dict[str, Counter]:
     counts = {"cli": Counter(), "http": Counter()}
     with socket.socket() as taken:
@@ -214,7 +184,7 @@ def sweep(cli_cases=CLI_CASES, http_cases=HTTP_CASES, show=print) -> dict[str, C
             counts["cli"][outcome] += 1
             show(f"cli   {outcome:<18} {case.name}")
     if http_cases:
-        with serving() as url:
+        with mosaic_serve(None) as (url, _):
             for case in http_cases:
                 outcome = run_http(case, url)
                 counts["http"][outcome] += 1

@@ -15,6 +15,7 @@ import torch
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.decoding.common import GenerationCancelled
 from mosaic_dllm.models.groups import Chunks
+from tests.helpers import joined
 
 PROMPTS = {
     "short": [5, 6, 7],
@@ -176,7 +177,7 @@ def test_max_batch_is_checked_before_loading(tmp_path):
 
 
 def logits_of(read) -> torch.Tensor:
-    return torch.cat([lg.clone() for _, lg in read()], dim=1)
+    return joined(read())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -12,6 +12,7 @@ from mosaic_dllm.models.groups import Chunks
 from mosaic_dllm.plan.step_plan import plan_step
 from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor, ExecutorOptions, MosaicExecutor
+from tests.helpers import joined
 from tests.tiny import tiny_spec
 
 
@@ -44,5 +45,5 @@ def test_random_models_plan_validly_and_run_exactly(case):
     full = EagerExecutor(spec, weights).logits(ids)
     executor = MosaicExecutor(spec, weights, ExecutorOptions(row_chunk=row_chunk, chunks=chunks))
     rows = torch.arange(length)
-    got = torch.cat([lg.clone() for _, lg in executor.row_logits(ids, rows)], dim=1)
+    got = joined(executor.row_logits(ids, rows))
     assert torch.equal(got, full)

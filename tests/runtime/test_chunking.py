@@ -11,6 +11,7 @@ from mosaic_dllm.plan.search import fit, most_chunked
 from mosaic_dllm.plan.step_plan import PlanCache
 from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
+from tests.helpers import joined
 
 FORCED = [
     Chunks(norms=3),
@@ -34,7 +35,7 @@ def test_chunked_logits_equal_eager_bf16_bit_for_bit(tiny_checkpoints, family, c
     ids = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(3))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     rows = torch.arange(37)
-    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
+    got = joined(llm.executor.row_logits(ids, rows))
     assert torch.equal(got, full)
 
 
@@ -47,7 +48,7 @@ def test_attention_in_query_blocks_equals_eager_bit_for_bit(tiny_checkpoints, fa
     ids = torch.randint(0, 300, (1, 1600), generator=torch.Generator().manual_seed(5))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     rows = torch.arange(0, 1600, 7)
-    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
+    got = joined(llm.executor.row_logits(ids, rows))
     assert torch.equal(got, full[:, rows])
 
 
@@ -59,7 +60,7 @@ def test_chunked_logits_fp32_within_tolerance(tiny_checkpoints, family):
     llm = LLM(tiny_checkpoints[family], dtype=torch.float32, executor="mosaic", row_chunk=4, chunks=FORCED[-1])
     ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(4))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
-    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, torch.arange(37))], dim=1)
+    got = joined(llm.executor.row_logits(ids, torch.arange(37)))
     torch.testing.assert_close(got, full, rtol=1e-5, atol=2e-5 * full.abs().max().item())
 
 
@@ -125,7 +126,7 @@ def test_the_attention_region_keeps_packed_requests_and_block_caches_exact(tiny_
     g = torch.Generator().manual_seed(6)
     steps = [(torch.randint(0, 300, (1, n), generator=g), torch.arange(0, n, 13)) for n in (1600, 900)]
     with llm.executor.batch_logits(steps) as reads:
-        packed = [torch.cat([lg.clone() for _, lg in read()], dim=1) for read in reads]
+        packed = [joined(read()) for read in reads]
     assert llm.executor.last_plan.graph.shape.chunks.attention == 2
     for (ids, rows), got in zip(steps, packed, strict=True):
         assert torch.equal(got, eager.logits(ids)[:, rows])

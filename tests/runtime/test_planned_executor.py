@@ -8,6 +8,7 @@ from mosaic_dllm.kernels.planned import PlannedOps
 from mosaic_dllm.memory.accounting import LiveTensorTracker
 from mosaic_dllm.runtime import EagerExecutor
 from mosaic_dllm.runtime.mosaic import ArenaMemory, PlanMismatchError
+from tests.helpers import joined
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -45,7 +46,7 @@ def test_planned_logits_equal_eager_logits_bit_for_bit(tiny_checkpoints, family,
     ids = torch.randint(0, 300, (1, 41), generator=torch.Generator().manual_seed(2))
     full = EagerExecutor(llm.spec, llm.checkpoint.weights).logits(ids)
     rows = torch.arange(41)
-    got = torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1)
+    got = joined(llm.executor.row_logits(ids, rows))
     moe, rules = llm.spec.moe, llm.executor.plans.rules
     if moe is None or rules.swiglu(llm.spec.hidden_size, moe.expert_intermediate_size).every_count:
         assert torch.equal(got, full)

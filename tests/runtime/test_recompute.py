@@ -21,6 +21,7 @@ from mosaic_dllm.plan.search import fit, max_length, most_chunked
 from mosaic_dllm.plan.step_plan import PlanCache
 from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
+from tests.helpers import joined
 from tests.profiles import intel_amx
 
 pytestmark = pytest.mark.filterwarnings("ignore:the prompt .* more than the checkpoint's context")
@@ -30,7 +31,7 @@ LENGTH = 1000  # four query blocks of 250 at 4 pieces (the smallest block is 256
 
 def _logits(llm, ids):
     rows = torch.arange(ids.shape[1])
-    return torch.cat([lg.clone() for _, lg in llm.executor.row_logits(ids, rows)], dim=1).float()
+    return joined(llm.executor.row_logits(ids, rows)).float()
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])

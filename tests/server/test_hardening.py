@@ -5,45 +5,14 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mosaic_serve(checkpoint, *flags, log=None):
-    port = free_port()
-    args = [sys.executable, "-m", "mosaic_dllm.cli", "serve", "--model", str(checkpoint), "--port", str(port), *flags]
-    proc = subprocess.Popen(args, stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, "server did not start"
-        time.sleep(0.1)
-    try:
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
+from tests.processes import mosaic_serve
 
 LONG = {"prompt": "Return the", "max_tokens": 1024, "steps": 1024}
 

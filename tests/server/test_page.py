@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from mosaic_dllm.engine import default_model_path
-
-from .test_hardening import mosaic_serve
+from tests.processes import mosaic_serve
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
