@@ -1,6 +1,6 @@
 """Independent restatements of the official code, for tests only.
 
-Written from the official modeling files and samplers (REFERENCE.md sections 3 and 4), reading
+Written from the official modeling files and samplers (docs/reference.md), reading
 config.json keys and official parameter names directly, and using the global RNG as the official
 code does. Nothing here imports the engine's model or decoding code.
 """
@@ -188,7 +188,7 @@ def hf_logits(config: dict, sd: dict, ids: torch.Tensor, past=None, replace_posi
 
 
 # ----------------------------------------------------------------------------------------------------
-# Official LLaDA generate(), current ML-GSAI/LLaDA (REFERENCE.md section 3), global RNG.
+# Official LLaDA generate(), current ML-GSAI/LLaDA (docs/reference.md section 1), global RNG.
 
 
 def add_gumbel_noise(logits, temperature):

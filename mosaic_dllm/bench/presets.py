@@ -1,4 +1,4 @@
-"""Real model dimensions (REFERENCE.md section 4) for benchmarks with random weights.
+"""Real model dimensions (docs/reference.md section 2) for benchmarks with random weights.
 
 `--layers N` keeps N layers: activation peaks are per layer, so a few layers show the full
 model's activation peak at a fraction of its weights.
