@@ -1,6 +1,8 @@
 """Every category of bad input gets one clear error, on a real `mosaic serve` and the CLI; valid
 input in the same sweep runs. (`python -m tests.fault_sweep` runs every CLI case too.)"""
 
+import pytest
+
 from tests.fault_sweep import CLEAR, CLI_CASES, CRASH, HTTP_CASES, OK, REFUSED, SILENT, sweep, table
 
 # CLI cases that fail before a model loads (each CLI case is a process: the full list runs in the sweep)
@@ -16,6 +18,7 @@ FAST_CLI = {
 }
 
 
+@pytest.mark.slow
 def test_no_traceback_no_500_nothing_silently_accepted():
     counts = sweep([c for c in CLI_CASES if c.name in FAST_CLI], HTTP_CASES, show=lambda line: None)
     print(table(counts))

@@ -94,6 +94,7 @@ MEMORY_KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_worker_record_schema(tiny_checkpoints):
     job = {
         "model": str(tiny_checkpoints["llada"]),
@@ -141,6 +142,7 @@ def test_unknown_variant_is_refused():
         variant_options(["fast"], 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor", ["eager", "mosaic"])
 def test_the_harness_runs_at_temperature_one(tiny_checkpoints, executor):
     """Measured and predicted at temperature 1 (the official sampler's heaviest path): the same peak."""

@@ -22,6 +22,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_simple_evaluate_runs_both_kinds_of_task():
     from lm_eval.tasks import TaskManager
 
@@ -42,6 +43,7 @@ def test_simple_evaluate_runs_both_kinds_of_task():
     assert all(len(pair) == 2 and all(r[0][1] is False for r in pair) for pair in scores)
 
 
+@pytest.mark.slow
 def test_mosaic_eval_is_lm_evals_command_line(tmp_path, capsys):
     from mosaic_dllm.cli import main
 

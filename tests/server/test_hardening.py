@@ -17,6 +17,7 @@ from tests.processes import mosaic_serve
 LONG = {"prompt": "Return the", "max_tokens": 1024, "steps": 1024}
 
 
+@pytest.mark.slow
 def test_a_burst_gets_exactly_the_queue_bound(long_context_checkpoint):
     flags = ("--max-batch", "4", "--max-queue", "2", "--memory-budget", "256MiB")
     with mosaic_serve(long_context_checkpoint, *flags) as (url, _):
@@ -102,6 +103,7 @@ def test_a_long_text_is_refused_before_tokenizing(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
+@pytest.mark.slow
 def test_half_open_connections_do_not_stop_service(tiny_checkpoints, tmp_path):
     log_path = tmp_path / "serve.log"
     with (

@@ -68,6 +68,7 @@ def screenshot(driver, tmp_path: Path, name: str) -> None:
         shutil.copy(tmp_path / name, Path(keep) / name)
 
 
+@pytest.mark.slow
 def test_the_page_denoises_stops_and_explains_refusals(browser, tmp_path):
     flags = ("--allow-long-context", "--memory-budget", "64MiB")
     with mosaic_serve(default_model_path(), *flags) as (url, _):
