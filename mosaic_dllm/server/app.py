@@ -29,12 +29,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import SETTINGS
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
 from ..memory.rss import current_rss_bytes
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
-from .schemas import ChatCompletionRequest, CompletionRequest, Sampling, page_settings
+from .schemas import ChatCompletionRequest, CompletionRequest, Sampling, Unsupported, page_settings
 from .worker import GenerationWorker, Job, QueueFull, ServerShuttingDown
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,10 @@ DECODING = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, reason: str, **extra):
+    def __init__(self, status: int, message: str, code: str, reason: str, param: str | None = None, **extra):
         super().__init__(message)
         self.status, self.message, self.code, self.reason, self.extra = status, message, code, reason, extra
+        self.param = param
 
 
 class Service:
@@ -73,17 +75,19 @@ class Service:
 
     # -- errors --------------------------------------------------------------------------------
     async def invalid_body(self, request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors())
+        places = [".".join(str(p) for p in e["loc"][1:]) for e in exc.errors()]
+        problems = "; ".join(f"{place or 'body'}: {e['msg']}" for place, e in zip(places, exc.errors(), strict=True))
         self.metrics.rejections.labels("invalid_request").inc()
         self.metrics.requests.labels(request.url.path, "422").inc()
-        return JSONResponse(error_body(f"invalid request: {problems}", "invalid_request"), status_code=422)
+        body = error_body(f"invalid request: {problems}", "invalid_request", param=places[0] if places else None)
+        return JSONResponse(body, status_code=422)
 
     async def api_error(self, request: Request, exc: APIError) -> JSONResponse:
         self.metrics.rejections.labels(exc.reason).inc()
         self.metrics.requests.labels(request.url.path, str(exc.status)).inc()
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 429 else None
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        body = error_body(exc.message, exc.code, kind, **exc.extra)
+        body = error_body(exc.message, exc.code, kind, exc.param, **exc.extra)
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     async def http_error(self, request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -145,16 +149,30 @@ class Service:
 
     # -- generation routes ---------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request):
+        settings, stops = self.openai_fields(body)
         if isinstance(body.prompt, str):
             self.check_text_length(len(body.prompt))
-        job = await self.admit(body, await self.encode(self.llm.encode, body.prompt))
-        return await self.respond(request, body, job, chat=False)
+        job = await self.admit(body, settings, await self.encode(self.llm.encode, body.prompt))
+        return await self.respond(request, body, job, chat=False, stops=stops)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self.check_text_length(sum(len(m.content) for m in body.messages))
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        job = await self.admit(body, await self.encode(self.llm.encode_chat, messages))
-        return await self.respond(request, body, job, chat=True)
+        settings, stops = self.openai_fields(body)
+        messages = [m.for_template() for m in body.messages]
+        self.check_text_length(sum(len(m["content"]) for m in messages))
+        job = await self.admit(body, settings, await self.encode(self.llm.encode_chat, messages))
+        return await self.respond(request, body, job, chat=True, stops=stops)
+
+    @staticmethod
+    def openai_fields(body: Sampling) -> tuple[dict, list[str]]:
+        """The request's generation settings and stop strings, or APIError naming an OpenAI field
+        set to a value this server cannot honour."""
+        try:
+            problem = body.unsupported()
+            if problem is not None:
+                raise problem
+            return body.generation_settings(), body.stops()
+        except Unsupported as exc:
+            raise APIError(400, str(exc), "unsupported_parameter", "unsupported", exc.param) from None
 
     def check_text_length(self, chars: int) -> None:
         """Refuse, before tokenizing, a text too long to fit the context in any tokenization."""
@@ -174,7 +192,7 @@ class Service:
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_prompt", "invalid_prompt") from None
 
-    async def admit(self, body: Sampling, prompt_ids: list[int]) -> Job:
+    async def admit(self, body: Sampling, settings: dict, prompt_ids: list[int]) -> Job:
         """Settings checked, context checked, memory planned and a queue slot taken, or APIError."""
         if body.model not in (None, self.model_id):
             raise APIError(
@@ -182,12 +200,13 @@ class Service:
                 f"model {body.model!r} is not served here; this server serves {self.model_id!r}",
                 "model_not_found",
                 "unknown_model",
+                "model",
             )
         llm = self.llm
         try:
-            config = llm.resolve(llm.default_config(**body.generation_settings()), len(prompt_ids))
+            config = llm.resolve(llm.default_config(**settings), len(prompt_ids))
         except USER_ERRORS as exc:
-            raise APIError(400, str(exc), "invalid_settings", "invalid_settings") from None
+            raise APIError(400, str(exc), "invalid_settings", "invalid_settings", setting_param(exc)) from None
         try:
             llm.check_context(len(prompt_ids), config)  # the engine's rule (refused unless long contexts are allowed)
         except USER_ERRORS as exc:
@@ -203,8 +222,8 @@ class Service:
         except ServerShuttingDown as exc:
             raise APIError(503, str(exc), "server_shutting_down", "shutting_down") from None
 
-    async def respond(self, request: Request, body: Sampling, job: Job, chat: bool):
-        shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", self.model_id, chat)
+    async def respond(self, request: Request, body: Sampling, job: Job, chat: bool, stops: list[str]):
+        shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", self.model_id, chat, stops)
         if body.stream:
             options = body.stream_options
             denoising, usage = (options.denoising, options.include_usage) if options else (False, False)
@@ -283,6 +302,12 @@ class Service:
             job.cancelled.set()
             if not task.done():
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def setting_param(exc: Exception) -> str | None:
+    """The request field a settings error names (its first word, when that is a setting)."""
+    first = str(exc).split(" ", 1)[0].strip("[]'\",")
+    return SETTINGS[first].field_name if first in SETTINGS else None
 
 
 def sse(payload: dict) -> str:

@@ -11,15 +11,23 @@ from ..engine import GenerationOutput
 MASK_MARKER = "\u2591"  # light shade: one per masked position in denoising events
 
 
-def error_body(message: str, code: str, kind: str = "invalid_request_error", **extra) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code} | extra}
+def error_body(message: str, code: str, kind: str = "invalid_request_error", param: str | None = None, **extra) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code} | extra}
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first occurrence of any stop string, and whether one occurred (OpenAI's
+    `stop`: the stop string itself is not returned)."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
 
 
 class Shape:
     """OpenAI response and chunk objects for one request."""
 
-    def __init__(self, rid: str, model: str, chat: bool):
+    def __init__(self, rid: str, model: str, chat: bool, stops: list[str] | None = None):
         self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+        self.stops = stops or []
 
     def _base(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -30,24 +38,27 @@ class Shape:
         n_prompt, n_gen = len(out.prompt_token_ids), out.completion_tokens
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
-    @staticmethod
-    def finish_reason(out: GenerationOutput) -> str:
-        return "stop" if out.finish_reason == "eos" else "length"
+    def answer(self, out: GenerationOutput) -> tuple[str, str]:
+        """(text, finish_reason): cut at the first stop string; "stop" at a stop string or an EOS."""
+        text, stopped = cut_at_stop(out.text, self.stops)
+        return text, "stop" if stopped or out.finish_reason == "eos" else "length"
 
     def response(self, out: GenerationOutput) -> dict:
+        text, finish = self.answer(out)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None}
-        choice["finish_reason"] = self.finish_reason(out)
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = finish
         return self._base(False) | {"choices": [choice], "usage": self.usage(out), "settings": out.settings}
 
     def final_chunk(self, out: GenerationOutput) -> dict:
+        text, finish = self.answer(out)
         if self.chat:
-            choice = {"index": 0, "delta": {"role": "assistant", "content": out.text}}
+            choice = {"index": 0, "delta": {"role": "assistant", "content": text}}
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None}
-        choice["finish_reason"] = self.finish_reason(out)
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = finish
         return self._base(True) | {"choices": [choice], "settings": out.settings}
 
     def usage_chunk(self, out: GenerationOutput) -> dict:

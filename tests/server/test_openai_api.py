@@ -185,3 +185,39 @@ def test_openai_client_sees_errors_as_exceptions(server):
         client(url).completions.create(
             model="tiny-llada", prompt="hi", max_tokens=8, extra_body={"steps": 3, "block_length": 4}
         )
+
+
+def test_the_fields_real_clients_send_work_through_the_openai_client(server):
+    """Values that change nothing are accepted for every family (top_p 1, penalties 0, logprobs
+    null); stop strings cut the answer; max_completion_tokens, the developer role and content-part
+    arrays work; a value that would change the answer is refused with the field named."""
+    url, _ = server
+    c = client(url)
+    neutral = dict(top_p=1, frequency_penalty=0, presence_penalty=0, logprobs=None, seed=3)
+    whole = c.completions.create(model="tiny-llada", prompt="hi", max_tokens=16, extra_body={"steps": 16}, **neutral)
+    text = whole.choices[0].text
+    stop = text[len(text) // 2 :][:3]
+    assert stop.strip(), text
+    cut = c.completions.create(
+        model="tiny-llada", prompt="hi", max_tokens=16, stop=[stop], extra_body={"steps": 16}, **neutral
+    )
+    assert cut.choices[0].text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]},
+    ]
+    chat = c.chat.completions.create(
+        model="tiny-llada", messages=messages, max_completion_tokens=8, extra_body={"steps": 8}, **neutral
+    )
+    assert chat.usage.completion_tokens == 8
+
+    for field, value in [("frequency_penalty", 0.5), ("logprobs", 2), ("best_of", 3)]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.completions.create(model="tiny-llada", prompt="hi", max_tokens=8, **{field: value})
+        assert refused.value.body["param"] == field
+    with pytest.raises(openai.BadRequestError) as refused:
+        c.completions.create(model="tiny-llada", prompt="hi", max_tokens=8, extra_body={"steps": 3, "block_length": 4})
+    assert refused.value.body["param"] == "steps"
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "stream_options": {}}, timeout=30)
+    assert response.status_code == 422 and "stream" in response.json()["error"]["message"]
