@@ -39,6 +39,32 @@ DEFAULT_MAX_BATCH = 16
 Prompt = str | list[int]
 
 
+def prompt_batch(prompts) -> list:
+    """The prompts of a `generate` call as a list of prompts, each a text or a list of token ids;
+    TypeError for anything else (bytes, floats, chat messages, ...). Out-of-range ids are the
+    encoder's to refuse (PromptError)."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, list | tuple):
+        kind = type(prompts).__name__
+        raise TypeError(f"prompts must be a text, a list of token ids, or a list of those; got {kind}")
+    if not prompts:
+        raise PromptError("the prompt is empty (no prompt or token ids given)")
+    for prompt in prompts:
+        if isinstance(prompt, dict):
+            raise TypeError("chat messages are not prompts: pass the user's text with chat=True")
+        if isinstance(prompt, float):
+            raise TypeError(f"token ids must be ints; got {prompt!r} (a float)")
+        if isinstance(prompt, str):
+            continue
+        ids = prompt if isinstance(prompt, list | tuple) else [None]
+        odd = next((i for i in ids if not isinstance(i, int)), False)
+        if odd is not False:
+            got = type(prompt).__name__ + (f" holding a {type(odd).__name__}" if ids is prompt else "")
+            raise TypeError(f"each prompt must be a text or a list of int token ids; got a {got}")
+    return list(prompts)
+
+
 class PromptError(ValueError):
     """A prompt that cannot be generated from (empty, bad ids, text without a tokenizer)."""
 
@@ -106,7 +132,7 @@ class LLM:
         if memory_budget is not None:
             given["memory_budget"] = parse_bytes(memory_budget)
         options = ExecutorOptions(**{k: v for k, v in given.items() if v is not None})
-        reserve = parse_bytes(memory_reserve)
+        reserve = parse_bytes(memory_reserve, "memory_reserve", 0)
         check_executor(executor, options)  # before the weights are loaded
         Scheduler.check_max_batch(max_batch)
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
@@ -211,12 +237,18 @@ class LLM:
 
     def _submit(self, prompts, config, chat: bool, callback: StepCallback | None) -> list[Request]:
         """Check every prompt and setting (before any work), then queue the requests."""
-        batch = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
-        if not batch:
-            raise PromptError("the prompt is empty (no prompt or token ids given)")
-        configs = config if isinstance(config, list) else [config or GenerationConfig()] * len(batch)
+        batch = prompt_batch(prompts)
+        configs = (
+            config if isinstance(config, list) else [GenerationConfig() if config is None else config] * len(batch)
+        )
         if len(configs) != len(batch):
             raise ValueError(f"{len(configs)} configs for {len(batch)} prompts: give one, or one per prompt")
+        for cfg in configs:
+            if not isinstance(cfg, GenerationConfig):
+                raise TypeError(
+                    f"config must be a GenerationConfig (or a list of them, one per prompt), got "
+                    f"{type(cfg).__name__}; GenerationConfig.from_dict(...) makes one from a dict"
+                )
         for cfg in configs:
             self.resolve(cfg)  # bad settings fail before the prompts are encoded
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work

@@ -1,5 +1,6 @@
 """The `mosaic` command line, run in-process."""
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -127,10 +128,24 @@ def test_plan_from_a_checkpoint_config_and_as_text(tiny_checkpoints, capsys):
         (["plan", "--preset", "llada-8b", "--length", "1"], "at least 2"),
         (["plan", "--preset", "llada-8b", "--length", "64", "--alpha", "1.5"], "alpha"),
         (["plan", "--preset", "nope", "--length", "64"], "unknown preset"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--rows", "0"], "--rows must be in 1..64"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--rows", "65"], "--rows must be in 1..64"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--cache", "prefix", "--block-length", "0"], "block"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--budget", "0"], "--budget must be at least 1"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--budget", "1e999GiB"], "cannot read"),
+        (["plan", "--preset", "llada-8b", "--length", "64", "--budget", "1e30"], "not a memory size"),
+        (["plan", "--preset", "llada-8b", "--layers", "0", "--length", "64"], "positive integer"),
+        (["bench", "max-len", "--preset", "llada-8b", "--budget", "0"], "--budget must be at least 1"),
+        (["serve", "--max-connections", "0"], "--max-connections must be in"),
+        (["serve", "--header-timeout", "-1"], "--header-timeout must be in"),
+        (["serve", "--header-timeout", "nan"], "--header-timeout must be in"),
+        (["serve", "--max-body", "1e999GiB"], "cannot read"),
     ],
 )
 def test_plan_bad_input(argv, message, capsys):
-    assert main(argv) == 2
+    """Every number is checked before any work: zero, negative, overflowing, past what it counts."""
+    with contextlib.suppress(SystemExit):  # argparse's own refusals exit 2 too
+        assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 

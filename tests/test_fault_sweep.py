@@ -15,6 +15,12 @@ FAST_CLI = {
     "train over the shipped model",
     "bench lengths abc",
     "serve with a 10-byte body limit",
+    "plan budget 1e999GiB",
+    "plan rows past the length",
+    "plan zero layers",
+    "bench max-len budget 0",
+    "serve with 0 connections",
+    "serve with a negative header timeout",
 }
 
 

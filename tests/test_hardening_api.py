@@ -117,3 +117,27 @@ def test_bench_exits_non_zero_naming_a_failed_probe(tiny_checkpoints, capsys):
     args = ["bench", "memory", "--model", str(tiny_checkpoints["llada"]), "--lengths", "32", "--executors", "mosaic"]
     assert main([*args, "--dtype", "fp8"]) == 1
     assert "error: probe failed: mosaic at L=32: failed: exit code 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "prompts,config,error,message",
+    [
+        ("hi", "temperature=0", TypeError, "config must be a GenerationConfig"),
+        ("hi", {"temperature": 0.0}, TypeError, "GenerationConfig.from_dict"),
+        (b"hi", None, TypeError, "got bytes"),
+        ([0.5, 1.5], None, TypeError, "token ids must be ints"),
+        ([[1, 2.5]], None, TypeError, "list of int token ids; got a list holding a float"),
+        ([{"role": "user", "content": "hi"}], None, TypeError, "chat=True"),
+        (7, None, TypeError, "got int"),
+        ([b"hi"], None, TypeError, "got a bytes"),
+    ],
+)
+def test_wrong_types_name_the_argument(llada, prompts, config, error, message):
+    with pytest.raises(error, match=message):
+        llada.generate(prompts, config)
+
+
+@pytest.mark.parametrize("reserve", [-1, "1e999GiB", 10**30])
+def test_a_negative_or_absurd_reserve_is_refused(tiny_checkpoints, reserve):
+    with pytest.raises(ValueError, match="memory_reserve|cannot read|not a memory size"):
+        LLM(tiny_checkpoints["llada"], memory_reserve=reserve)

@@ -13,8 +13,19 @@ from ..runtime import DEFAULT_ROW_CHUNK
 from . import commands, planning
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the flag is named in argparse's error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--row-chunk", type=int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
+    p.add_argument("--row-chunk", type=_positive_int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -42,7 +53,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
-    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--layers", type=_positive_int, help="keep only this many layers (presets)")
     p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of the total length")
     p.add_argument(
         "--executors",
@@ -125,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("max-len", help="longest sequence whose step fits an activation budget")
     _add_bench_flags(p)
     p.add_argument("--budget", default="4GiB", help="activation memory budget, e.g. 2GiB")
-    p.add_argument("--start", type=int, default=512)
-    p.add_argument("--step", type=int, default=512)
-    p.add_argument("--limit", type=int, default=262144, help="longest length to try")
-    p.add_argument("--precision", type=int, default=64, help="binary search stops at this gap")
+    p.add_argument("--start", type=_positive_int, default=512)
+    p.add_argument("--step", type=_positive_int, default=512)
+    p.add_argument("--limit", type=_positive_int, default=262144, help="longest length to try")
+    p.add_argument("--precision", type=_positive_int, default=64, help="binary search stops at this gap")
     p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
     p.set_defaults(func=planning.bench_max_len)
 
@@ -152,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b")
     p.add_argument("--model", help="a checkpoint directory (only config.json is read)")
-    p.add_argument("--layers", type=int, help="keep only this many layers (presets)")
+    p.add_argument("--layers", type=_positive_int, help="keep only this many layers (presets)")
     p.add_argument("--length", type=int, help="total sequence length L (prompt + generation)")
     p.add_argument("--max-len", action="store_true", help="longest L that fits, eager vs mosaic")
     p.add_argument(

@@ -137,12 +137,14 @@ def serve(args: argparse.Namespace) -> int:
     from ..server import create_app
     from ..server.run import serve as run_server
 
-    max_body = parse_bytes(args.max_body)  # bad flags fail before anything loads
+    max_body = parse_bytes(args.max_body, "--max-body", 1024)  # bad flags fail before anything loads
     Scheduler.check_max_batch(args.max_batch)
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if max_body < 1024:
-        raise ValueError(f"--max-body must be at least 1KiB, got {args.max_body}")
+    if not 1 <= args.max_connections <= 1 << 20:
+        raise ValueError(f"--max-connections must be in 1..{1 << 20}, got {args.max_connections}")
+    if not 0.1 <= args.header_timeout <= 3600:  # also refuses nan and inf
+        raise ValueError(f"--header-timeout must be in 0.1..3600 seconds, got {args.header_timeout}")
     _check_port_free(args.host, args.port)  # before minutes of loading
     model = args.model or default_model_path()
     llm = load_engine(args, model)

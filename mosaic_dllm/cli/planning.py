@@ -34,7 +34,7 @@ def bench_memory(args: argparse.Namespace) -> int:
     from ..bench.runner import memory_records, memory_table
     from ..memory.sizes import parse_bytes
 
-    job, executors, options = _bench_base(args, parse_bytes(args.budget) if args.budget else None)
+    job, executors, options = _bench_base(args, parse_bytes(args.budget, "--budget", 1) if args.budget else None)
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
     except ValueError:
@@ -78,7 +78,7 @@ def bench_max_len(args: argparse.Namespace) -> int:
     from ..bench.runner import max_len_records
     from ..memory.sizes import parse_bytes
 
-    budget = parse_bytes(args.budget)
+    budget = parse_bytes(args.budget, "--budget", 1)
     job, executors, options = _bench_base(args, budget)
     records = max_len_records(
         job,
@@ -127,6 +127,10 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
     if args.length < 2:
         raise ValueError(f"--length must be at least 2, got {args.length}")
+    if args.rows is not None and not 1 <= args.rows <= args.length:
+        raise ValueError(f"--rows must be in 1..{args.length} (the positions of --length), got {args.rows}")
+    if args.cache != "none" and args.block_length < 1:
+        raise ValueError(f"--block-length must be a positive integer, got {args.block_length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
     if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from dataclasses import replace
@@ -150,7 +154,7 @@ def plan(args: argparse.Namespace) -> int:
         from ..memory.sizes import parse_bytes
         from ..plan.search import fit
 
-        budget = parse_bytes(args.budget)
+        budget = parse_bytes(args.budget, "--budget", 1)
         result = fit(plans, shape, budget, _chunk_groups(args))
         plan = result.plan
         search = {"budget_bytes": budget, "plans_tried": result.plans_tried, "search_seconds": round(result.seconds, 6)}
@@ -177,7 +181,7 @@ def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> in
 
     if not args.budget:
         raise ValueError("--max-batch needs --budget (the activation memory a step may use)")
-    budget = parse_bytes(args.budget)
+    budget = parse_bytes(args.budget, "--budget", 1)
     chosen = {}
 
     def fits(n: int) -> bool:
@@ -224,9 +228,13 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
     weights = weight_bytes(spec, dtype)
     if args.budget:
-        budget = parse_bytes(args.budget)
+        budget = parse_bytes(args.budget, "--budget", 1)
     else:
-        budget = parse_bytes(args.device_memory) - weights - parse_bytes(args.memory_reserve)
+        budget = (
+            parse_bytes(args.device_memory, "--device-memory", 1)
+            - weights
+            - parse_bytes(args.memory_reserve, "--memory-reserve", 0)
+        )
         if budget <= 0:
             raise ValueError(
                 f"the weights alone ({gib(weights)}) and the reserve do not leave activation memory "
