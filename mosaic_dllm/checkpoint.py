@@ -1,4 +1,6 @@
-"""Load a local Hugging Face checkpoint directory: config, safetensors shards, tokenizer, generation config.
+"""Load a Hugging Face checkpoint: a local directory, or a hub id (`org/name`) found in the local
+Hugging Face cache (downloaded there when a network is allowed): config, safetensors shards,
+tokenizer, generation config.
 
 Everything that can be checked without reading tensor data (config, file list, tensor names and
 shapes in the safetensors headers) is checked before any weight is loaded. Pickle files are never read.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,6 +61,7 @@ class Checkpoint:
     tokenizer: Tokenizer | None
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json
     model_config: dict[str, Any] = field(default_factory=dict)  # config.json as stored
+    name: str = ""  # what the user called it: the hub id, or the directory's name
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,6 +84,45 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a checkpoint needs from the hub: configs, tokenizer files and safetensors; never code or pickles.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+def locate(model: str | Path) -> Path:
+    """A checkpoint's directory: `model` itself when it exists on disk, else, for a hub id, its
+    snapshot in the Hugging Face cache (`HF_HUB_CACHE`, `HF_HOME`; `HF_HUB_OFFLINE` honoured),
+    fetched there first when it is missing and the network is allowed (only `HUB_FILES`)."""
+    path = Path(model)
+    if path.exists() or not HUB_ID.fullmatch(str(model)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(home) / "hub") if home else None)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    for local_only in (True,) if offline else (True, False):
+        try:
+            found = snapshot_download(
+                str(model), cache_dir=cache, local_files_only=local_only, allow_patterns=HUB_FILES
+            )
+            return Path(found)
+        except (LocalEntryNotFoundError, HFValidationError):
+            continue
+        except Exception as exc:  # network, authentication, a repository that does not exist
+            log.info("could not download %s: %s", model, exc)
+            break
+    where = cache or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+    raise CheckpointError(
+        f"{model} is neither a directory nor a model in {where}"
+        + (" (offline: HF_HUB_OFFLINE is set)" if offline else " and could not be downloaded")
+        + f"; on a machine with network access run `hf download {model} --include "
+        + " ".join(f"'{p}'" for p in HUB_FILES)
+        + "` (or pass the checkpoint's directory)"
+    )
+
+
 class Description(NamedTuple):
     spec: ArchSpec
     tokenizer: Tokenizer | None
@@ -88,7 +132,9 @@ class Description(NamedTuple):
 
 def read_spec(path: str | Path) -> Description:
     """The architecture, tokenizer and configs, without touching the weights."""
-    path = Path(path)
+    path = locate(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: give the checkpoint's directory (the one holding config.json)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist (expected config.json and *.safetensors)")
     if not (path / "config.json").exists():
@@ -111,7 +157,11 @@ def shard_files(path: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'")
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        names = list(dict.fromkeys(weight_map.values()))
+        outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+        if outside:  # a shard is a file of this directory: never read anything elsewhere
+            raise CheckpointError(f"{index} names shards outside the checkpoint directory: {outside[:3]}")
+        files = [path / name for name in names]
         missing = [str(f.name) for f in files if not f.exists()]
         if missing:
             raise CheckpointError(f"{index} names shards that are missing: {', '.join(missing)}")
@@ -190,7 +240,8 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
-    path = Path(path)
+    given, path = str(path), locate(path)
+    called = given if given != str(path) and HUB_ID.fullmatch(given) else path.name
     device = parse_device(device)
     spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
@@ -211,7 +262,7 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
     state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
     weights = from_state_dict(spec, state)
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, target)
-    return Checkpoint(path, spec, weights, tokenizer, generation, config)
+    return Checkpoint(path, spec, weights, tokenizer, generation, config, called)
 
 
 def save(

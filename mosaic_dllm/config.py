@@ -220,6 +220,19 @@ class GenerationConfig:
             )
 
 
+def check_stored(values: dict[str, Any], source: str, aliases: dict[str, str] | None = None) -> None:
+    """Settings a checkpoint file stores (`source`: config.json, generation_config.json) checked as
+    a caller's would be, before any request: GenerationConfigError naming the file and the key.
+    `aliases`: stored names of settings (max_new_tokens for gen_length)."""
+    names = {n: n for n in SETTINGS} | (aliases or {})
+    for key, value in values.items():
+        if key in names and value is not None:
+            try:
+                SETTINGS[names[key]].check(value)
+            except GenerationConfigError as exc:
+                raise GenerationConfigError(f"{source}: {exc}".replace(f"{names[key]} must", f"'{key}' must")) from None
+
+
 def _settings() -> dict[str, Setting]:
     hints = get_type_hints(GenerationConfig)
     out = {}

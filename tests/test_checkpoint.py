@@ -105,6 +105,12 @@ def test_unknown_family_and_bad_config_values(copy_of):
         ({"num_hidden_layers": "2"}, "must be an integer"),
         ({"rope_scaling": {"type": "yarn"}}, "not supported"),
         ({"num_key_value_heads": 3}, "multiple"),
+        ({"rms_norm_eps": -1e-6}, "'rms_norm_eps' must be positive"),
+        ({"rms_norm_eps": "1e-6"}, "'rms_norm_eps' must be a finite number"),
+        ({"max_position_embeddings": 4096.5}, "'max_position_embeddings' must be an integer"),
+        ({"rope_theta": 1e999}, "'rope_theta' must be a finite number"),
+        ({"eos_token_id": "151643"}, "token id must be an integer"),
+        ({"mask_token_id": [1, 2]}, "one id each"),
     ]:
         (path / "config.json").write_text(json.dumps(config | bad))
         with pytest.raises(ConfigError, match=message):
@@ -140,3 +146,43 @@ def test_unexpected_tensor_listed(copy_of):
 def test_bad_dtype_name():
     with pytest.raises(ValueError, match="unknown dtype 'int4'; accepted: auto"):
         checkpoint.parse_dtype("int4")
+
+
+def test_a_checkpoint_is_read_only_from_its_own_directory(copy_of, tmp_path):
+    """An index naming a shard elsewhere is refused before anything is read; a file given as the
+    checkpoint is named as a file."""
+    path = copy_of("dream")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"")
+    for name in ("../elsewhere.safetensors", str(outside), "sub/model.safetensors"):
+        first = next(iter(index["weight_map"]))
+        bad = index | {"weight_map": index["weight_map"] | {first: name}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+            checkpoint.load(path)
+    with pytest.raises(CheckpointError, match="is a file: give the checkpoint's directory"):
+        checkpoint.load(path / "config.json")
+
+
+@pytest.mark.parametrize(
+    "family,file,values,message",
+    [
+        ("llada", "generation_config.json", {"steps": "many"}, "generation_config.json: 'steps' must be"),
+        ("llada", "generation_config.json", {"temperature": -1}, "'temperature' must be >= 0"),
+        ("llada", "generation_config.json", {"max_new_tokens": 2.5}, "'max_new_tokens' must be an integer"),
+        ("dream", "config.json", {"eps": -0.1}, "config.json: 'eps' must be in"),
+        ("dream", "config.json", {"alg": "best"}, "'alg' must be one of"),
+        ("dream", "config.json", {"top_k": "50"}, "'top_k' must be an integer"),
+    ],
+)
+def test_stored_generation_settings_are_checked_at_load(copy_of, family, file, values, message):
+    """A checkpoint's own defaults are refused when it loads (a server never starts with them and
+    then answers every request with an error)."""
+    from mosaic_dllm import LLM, GenerationConfigError
+
+    path = copy_of(family)
+    stored = json.loads((path / file).read_text()) if (path / file).exists() else {}
+    (path / file).write_text(json.dumps(stored | values))
+    with pytest.raises(GenerationConfigError, match=message):
+        LLM(path)

@@ -78,10 +78,10 @@ def load_engine(args: argparse.Namespace, model):
 
 
 def info(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_spec, shard_files, tensor_summary
+    from ..checkpoint import locate, read_spec, shard_files, tensor_summary
 
     spec, tokenizer, _, _ = read_spec(args.path)
-    count, nbytes, dtypes = tensor_summary(shard_files(Path(args.path)))
+    count, nbytes, dtypes = tensor_summary(shard_files(locate(args.path)))
     info = {
         "family": spec.family,
         "layers": spec.num_layers,

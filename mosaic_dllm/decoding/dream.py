@@ -24,7 +24,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.distributions import Distribution, constraints
 
-from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError
+from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
@@ -180,6 +180,8 @@ class DreamSampler:
         self.spec = spec
         self.mask_id, self.eos_ids, self.shift = spec.mask_token_id, spec.eos_token_ids, spec.logit_shift
         self.context = spec.max_position_embeddings
+        stored = {k: (model_config or {}).get(k) for k in (*LEGACY_CONFIG_DEFAULTS, *DREAM_CONFIG_DEFAULTS)}
+        check_stored(stored, "config.json", {"max_new_tokens": "gen_length", "max_length": "gen_length"})
         self.defaults = official_defaults(model_config or {})
 
     def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:

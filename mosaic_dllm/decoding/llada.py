@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..config import LLADA, GenerationConfig, GenerationConfigError
+from ..config import LLADA, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
@@ -26,6 +26,7 @@ from .rows import RowChunks, propose
 from .schedule import llada_transfer_counts
 
 LLADA_SETTINGS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
+ALIASES = {"max_new_tokens": "gen_length"}  # the name generation_config.json uses
 
 
 def cfg_combine(cfg_scale: float):
@@ -65,6 +66,7 @@ class LLaDASampler:
         self.spec = spec
         self.mask_id, self.eos_ids, self.vocab = spec.mask_token_id, spec.eos_token_ids, spec.vocab_size
         stored = dict(generation_config or {})
+        check_stored({k: stored.get(k) for k in (*LLADA_SETTINGS, "max_new_tokens")}, "generation_config.json", ALIASES)
         if "max_new_tokens" in stored:
             stored.setdefault("gen_length", stored["max_new_tokens"])
         self.defaults = {k: stored[k] for k in LLADA_SETTINGS if stored.get(k) is not None}

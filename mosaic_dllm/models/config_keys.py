@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,25 +21,44 @@ class SpecialIds:
 def required(config: dict[str, Any], key: str, family: str, kind: type = int) -> Any:
     if key not in config or config[key] is None:
         raise ConfigError(f"{family} config.json lacks the required key '{key}'")
-    value = config[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{family} config.json: '{key}' must be an integer, got {value!r}")
-    if kind is float and not isinstance(value, (int, float)):
-        raise ConfigError(f"{family} config.json: '{key}' must be a number, got {value!r}")
-    return kind(value)
+    return checked(config[key], key, kind, positive=True, where=f"{family} config.json")
 
 
 def optional(config: dict[str, Any], key: str, default: Any) -> Any:
+    """config[key], or `default` when absent or null; a value of another kind than the default's
+    (a bool, an integer >= 0 (> 0 where the default is), a finite number > 0) is refused."""
     value = config.get(key)
-    return default if value is None else value
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config.json: '{key}' must be true or false, got {value!r}")
+        return value
+    kind = int if isinstance(default, int) else float
+    return checked(value, key, kind, positive=kind is float or default > 0, where="config.json")
+
+
+def checked(value: Any, key: str, kind: type, positive: bool, where: str) -> Any:
+    """`value` as `kind` (int: an integer, no bool, no float; float: a finite number), > 0 when
+    `positive`, else >= 0; ConfigError naming `key` otherwise."""
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)):
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{where}: '{key}' must be {'positive' if positive else '>= 0'}, got {value!r}")
+    return kind(value)
 
 
 def as_id_tuple(value: Any) -> tuple[int, ...]:
+    """A token id or a list of them (integers >= 0) as a tuple; ConfigError for anything else."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = [value] if not isinstance(value, list | tuple) else list(value)
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ConfigError(f"a token id must be an integer >= 0, got {token!r} (in {value!r})")
+    return tuple(ids)
 
 
 def resolve_special_ids(
@@ -59,7 +79,10 @@ def resolve_special_ids(
     pad = config.get("pad_token_id")
     if pad is None:
         pad = hints.pad_token_id
-    return int(mask), tuple(dict.fromkeys(eos + hints.eos_token_ids)), pad
+    masks, pads = as_id_tuple(mask), as_id_tuple(pad)
+    if len(masks) != 1 or len(pads) > 1:
+        raise ConfigError(f"{family} checkpoint: mask_token_id and pad_token_id must be one id each")
+    return masks[0], tuple(dict.fromkeys(eos + hints.eos_token_ids)), pads[0] if pads else None
 
 
 def reject_unsupported(config: dict[str, Any], family: str, expectations: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ class Service:
 
     def __init__(self, llm: LLM, model_name: str | None, max_queue: int):
         self.llm, self.max_queue = llm, max_queue
-        self.model_id = model_name or Path(llm.checkpoint.path).name
+        self.model_id = model_name or llm.checkpoint.name
         self.metrics = Metrics()
         if llm.executor.memory_budget:
             self.metrics.budget_bytes.set(llm.executor.memory_budget)
