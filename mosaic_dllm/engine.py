@@ -116,6 +116,7 @@ class LLM:
         allow_long_context: bool = False,
         allow_recompute: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
+        allow_special_tokens: bool = False,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
@@ -125,8 +126,11 @@ class LLM:
         `allow_recompute`: when no exact plan fits the budget, the search may recompute keys and
         values per query block instead (more compute, logits within a tolerance of the exact ones).
         `max_batch`: most requests sharing a forward pass (1: one at a time); batched or not, each
-        request's tokens are the same."""
+        request's tokens are the same. Prompt text holding a special token's text (the mask token,
+        EOS, chat markers) is refused unless `allow_special_tokens` (then it is that token: a mask
+        token in the prompt is a position to fill); token-id prompts are taken as given."""
         self.allow_long_context = allow_long_context
+        self.allow_special_tokens = allow_special_tokens
         chunk_groups = searchable_groups(allow_recompute, chunk_groups)
         given = {"row_chunk": row_chunk, "chunks": chunks, "chunk_groups": chunk_groups, "activations": activations}
         if memory_budget is not None:
@@ -169,6 +173,7 @@ class LLM:
                 raise PromptError(f"the prompt is not valid Unicode text (at character {exc.start})") from None
             if self.tokenizer is None:
                 raise PromptError(f"{self.checkpoint.path} has no tokenizer files; pass token ids instead of text")
+            self.check_special_text(prompt)
             if chat:
                 return self.encode_chat([{"role": "user", "content": prompt}])
             ids = self.tokenizer.encode(prompt)
@@ -183,6 +188,17 @@ class LLM:
             raise PromptError(f"prompt token ids outside the vocabulary [0, {self.spec.vocab_size}): {bad[:10]}")
         return ids
 
+    def check_special_text(self, text: str) -> None:
+        """User text may not carry a special token's text unless the engine allows it: infilling
+        is a choice, injection (an EOS or chat marker smuggled into a message) is not."""
+        found = None if self.allow_special_tokens else self.tokenizer.special_token_in(text)
+        if found is not None:
+            raise PromptError(
+                f"the prompt's text contains the special token {found!r}; pass allow_special_tokens=True "
+                "(CLI and server: --allow-special-tokens) to let text carry special tokens (e.g. mask tokens "
+                "to fill), or give token ids"
+            )
+
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
             return " ".join(map(str, ids))
@@ -194,6 +210,8 @@ class LLM:
             raise PromptError(f"{self.checkpoint.path} has no tokenizer files: chat needs its template")
         if not messages or not any(m.get("content", "").strip() for m in messages):
             raise PromptError("the conversation is empty")
+        for message in messages:
+            self.check_special_text(message.get("content", ""))
         return self.encode(self.tokenizer.encode(self.tokenizer.apply_chat_template(messages)))
 
     def generate(

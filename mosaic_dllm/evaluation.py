@@ -40,7 +40,7 @@ from .engine import LLM
 log = logging.getLogger(__name__)
 GENERATION_KEYS = tuple(SETTINGS)
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
-ENGINE_KEYS += ("allow_recompute",)
+ENGINE_KEYS += ("allow_recompute", "allow_special_tokens")
 
 
 @register_model("mosaic")
@@ -56,8 +56,8 @@ class MosaicLM(LM):
         **settings,
     ):
         """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
-        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute)
-        and generation settings (config.SETTINGS) as in `LLM` and `GenerationConfig`; `mc_num` and
+        (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute,
+        allow_special_tokens) and generation settings (config.SETTINGS) as in `LLM` and `GenerationConfig`; `mc_num` and
         `mc_batch_size` (the official `batch_size`) for the likelihood; `likelihood_seed` seeds its
         generator.
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""

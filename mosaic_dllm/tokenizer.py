@@ -66,6 +66,16 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     @cached_property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The text of every special token (added tokens marked special), longest first."""
+        texts = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special and t.content}
+        return tuple(sorted(texts, key=len, reverse=True))
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special token whose text occurs in `text` (None: none does)."""
+        return next((t for t in self.special_tokens if t in text), None)
+
+    @cached_property
     def longest_token_chars(self) -> int:
         """Characters of the longest token: a text of n characters is at least n / this many tokens."""
         return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)

@@ -47,6 +47,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-long-context", action="store_true", help="run past the checkpoint's context (quality may degrade)"
     )
+    p.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help="let prompt text carry special tokens (e.g. mask tokens to fill); refused by default",
+    )
     _add_recompute_flag(p)
 
 

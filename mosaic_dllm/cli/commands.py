@@ -71,6 +71,7 @@ def load_engine(args: argparse.Namespace, model):
         executor=args.executor,
         memory_reserve=args.memory_reserve,
         allow_long_context=args.allow_long_context,
+        allow_special_tokens=args.allow_special_tokens,
         allow_recompute=args.allow_recompute,
         max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
         **options,
