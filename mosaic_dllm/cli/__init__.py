@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its whole body")
     p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
     p.set_defaults(func=commands.serve)
 

@@ -144,12 +144,19 @@ def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     if not 1 <= args.max_connections <= 1 << 20:
         raise ValueError(f"--max-connections must be in 1..{1 << 20}, got {args.max_connections}")
-    if not 0.1 <= args.header_timeout <= 3600:  # also refuses nan and inf
-        raise ValueError(f"--header-timeout must be in 0.1..3600 seconds, got {args.header_timeout}")
+    for flag in ("header_timeout", "body_timeout"):
+        if not 0.1 <= getattr(args, flag) <= 3600:  # also refuses nan and inf
+            raise ValueError(f"--{flag.replace('_', '-')} must be in 0.1..3600 seconds, got {getattr(args, flag)}")
     _check_port_free(args.host, args.port)  # before minutes of loading
     model = args.model or default_model_path()
     llm = load_engine(args, model)
-    app = create_app(llm, model_name=args.served_model_name, max_queue=args.max_queue, max_body_bytes=max_body)
+    app = create_app(
+        llm,
+        model_name=args.served_model_name,
+        max_queue=args.max_queue,
+        max_body_bytes=max_body,
+        body_seconds=args.body_timeout,
+    )
     budget = llm.executor.memory_budget
     limits = f"batch {args.max_batch}, queue {args.max_queue}"
     print(

@@ -314,28 +314,60 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 before it is read whole (by its
-    Content-Length, or as it streams in)."""
+class BodyTimeout(Exception):
+    """The request body did not arrive in time."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+
+class BodyLimit:
+    """ASGI middleware for request bodies: one over `max_bytes` gets 413 (by its Content-Length, or
+    as it streams in), one not whole within `seconds` of the request head gets 408. A refused body
+    is read and dropped (up to DRAIN_BYTES, within the deadline) before the answer, so the client
+    reads the answer instead of a connection reset."""
+
+    DRAIN_BYTES = 64 << 20
+
+    def __init__(self, app, max_bytes: int, seconds: float):
+        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        body_done = scope.get("method") in ("GET", "HEAD", "OPTIONS")
+
+        async def timed_receive():
+            """The next message; the deadline applies until the body is whole, not after (later
+            reads are the app's disconnect checks)."""
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.001))
+            except TimeoutError:
+                raise BodyTimeout from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self.refuse(send)
+            await self.drain(timed_receive)
+            return await self.refuse(send, 413, f"request body larger than {self.max_bytes} bytes", "request_too_large")
         received, refused = 0, False
 
         async def limited_receive():
             nonlocal received, refused
-            message = await receive()
+            try:
+                message = await timed_receive()
+            except BodyTimeout:
+                refused = True
+                await self.refuse(send, 408, f"request body not received within {self.seconds:g} s", "body_timeout")
+                return {"type": "http.disconnect"}
             received += len(message.get("body", b""))
             if received > self.max_bytes and not refused:  # answer now; the app sees a disconnect
                 refused = True
-                await self.refuse(send)
+                await self.drain(timed_receive)
+                await self.refuse(send, 413, f"request body larger than {self.max_bytes} bytes", "request_too_large")
                 return {"type": "http.disconnect"}
             return message
 
@@ -349,14 +381,34 @@ class BodyLimit:
             if not refused:
                 raise
 
-    async def refuse(self, send) -> None:
-        body = json.dumps(error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")).encode()
+    async def drain(self, timed_receive) -> None:
+        """Read the rest of a refused body, dropping it (bounded in bytes and by the deadline)."""
+        drained = 0
+        try:
+            while drained < self.DRAIN_BYTES:
+                message = await timed_receive()
+                drained += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+        except BodyTimeout:
+            return
+
+    @staticmethod
+    async def refuse(send, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(message, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max_body_bytes: int = 2 << 20) -> FastAPI:
+def create_app(
+    llm: LLM,
+    model_name: str | None = None,
+    max_queue: int = 16,
+    max_body_bytes: int = 2 << 20,
+    body_seconds: float = 30.0,
+) -> FastAPI:
     service = Service(llm, model_name, max_queue)
 
     @asynccontextmanager
@@ -364,7 +416,7 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max
         yield
         service.worker.shutdown()  # queued and running requests are cancelled at their next step
 
-    app = FastAPI(title="mosaic-dllm", lifespan=lifespan)
+    app = FastAPI(title="mosaic-dllm", lifespan=lifespan, redirect_slashes=False)  # no Location from a Host header
     app.state.service, app.state.worker, app.state.metrics, app.state.llm = (
         service,
         service.worker,
@@ -382,5 +434,5 @@ def create_app(llm: LLM, model_name: str | None = None, max_queue: int = 16, max
     app.add_api_route("/v1/models", service.models, methods=["GET"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, seconds=body_seconds)
     return app

@@ -87,7 +87,19 @@ class GenerationWorker:
 
     @property
     def waiting(self) -> int:
-        return len(self._jobs) - self.running
+        """Admitted jobs that have not joined the batch yet (read from the jobs themselves, never
+        below zero while the scheduler catches up with a cancellation)."""
+        return sum(1 for job in list(self._jobs) if not job.request.started)
+
+    def check_room(self) -> None:
+        """QueueFull when every batch and queue slot is taken: checked before a request is planned
+        (so a busy server answers at once) and again when it takes its slot."""
+        if len(self._jobs) >= self.scheduler.max_batch + self.max_queue:
+            running = len(self._jobs) - self.waiting
+            raise QueueFull(
+                f"{running} requests running (batch {self.scheduler.max_batch}) and {self.waiting} waiting "
+                f"(queue {self.max_queue})"
+            )
 
     async def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
         """Check and plan the request's largest step (in a thread: planning never stalls the event
@@ -98,11 +110,11 @@ class GenerationWorker:
         """
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
+        self.check_room()
         request = await asyncio.get_running_loop().run_in_executor(None, self.llm.request, prompt_ids, config)
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
-        if len(self._jobs) >= self.scheduler.max_batch + self.max_queue:
-            raise QueueFull(f"{self.waiting} requests are waiting (queue size {self.max_queue})")
+        self.check_room()
         plan = self.llm.executor.plan_for(*request.worst)
         if plan is None:  # the eager executor plans nothing
             job = Job(prompt_ids, request.config, request)

@@ -1,12 +1,16 @@
 """The server against the official `openai` client and raw HTTP: shapes, streaming, every bad input."""
 
 import json
+import socket
+import time
 
 import httpx
 import openai
 import pytest
 
-from .conftest import get_json
+from mosaic_dllm import LLM
+
+from .conftest import get_json, serving
 
 
 def client(url: str) -> openai.OpenAI:
@@ -221,3 +225,34 @@ def test_the_fields_real_clients_send_work_through_the_openai_client(server):
     assert refused.value.body["param"] == "steps"
     response = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "stream_options": {}}, timeout=30)
     assert response.status_code == 422 and "stream" in response.json()["error"]["message"]
+
+
+def raw_exchange(url: str, head: bytes, body: bytes, wait: float) -> bytes:
+    """Send a request head and (part of) a body on a raw socket; what comes back within `wait` s."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return b"".join(chunks)
+
+
+def test_bodies_get_a_deadline_and_oversized_ones_a_readable_413(tiny_checkpoints):
+    """A client that sends part of a body then stops gets 408 at the body deadline; one over the
+    body limit gets its 413 after the server drops the body (no connection reset); a trailing
+    slash is a 404, never a redirect built from the Host header."""
+    with serving(LLM(tiny_checkpoints["llada"]), max_body_bytes=4096, body_seconds=1.0) as (url, _):
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: evil.example\r\nContent-Type: application/json\r\n"
+        started = time.time()
+        partial = raw_exchange(url, head + b"Content-Length: 100\r\n\r\n", b'{"prompt": "h', wait=5)
+        assert partial.startswith(b"HTTP/1.1 408") and b"body_timeout" in partial
+        assert time.time() - started < 4
+        big = json.dumps({"prompt": "x" * 20000}).encode()
+        answer = raw_exchange(url, head + f"Content-Length: {len(big)}\r\n\r\n".encode(), big, wait=5)
+        assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+        slash = httpx.post(f"{url}/v1/completions/", json={"prompt": "hi"}, headers={"Host": "evil.example"})
+        assert slash.status_code == 404 and "location" not in slash.headers
