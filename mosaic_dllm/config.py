@@ -117,11 +117,13 @@ class GenerationConfig:
     gen_length: int | None = setting("tokens to generate (the generation length)", api_name="max_tokens", **LENGTH)
     steps: int | None = setting("denoising steps", **LENGTH)
     block_length: int | None = setting("semi-autoregressive block (LLaDA; Dream with a block cache)", **LENGTH)
-    temperature: float | None = setting("sampling temperature (0: greedy)", low=0)
+    # LLaDA's float64 Gumbel noise, (-log u) ** temperature, underflows to 0 for some draws past ~20
+    temperature: float | None = setting("sampling temperature (0: greedy)", low=0, high=10)
     cfg_scale: float | None = setting(
         "classifier-free guidance scale (Dream's official sampler has no classifier-free guidance)",
         families=(LLADA,),
         low=0,
+        high=100,
         neutral=0.0,
     )
     remasking: str | None = setting(
@@ -132,6 +134,7 @@ class GenerationConfig:
         "sample positions at this temperature instead of taking the top ones (0: off)",
         families=(DREAM,),
         low=0,
+        high=100,
         off=0.0,
     )
     top_p: float | None = setting("nucleus sampling (1: off)", families=(DREAM,), low=0, low_open=True, high=1, off=1.0)

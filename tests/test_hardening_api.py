@@ -32,6 +32,8 @@ def llada(tiny_checkpoints):
         (dict(gen_length=8, steps=10**9), "steps must be at most"),
         (dict(gen_length=8, steps=16), "steps \\(16\\) must be at most gen_length \\(8\\)"),
         (dict(stop_at_eos="yes"), "stop_at_eos must be true or false"),
+        (dict(temperature=1e308), "temperature must be in \\[0, 10\\]"),
+        (dict(cfg_scale=1e308), "cfg_scale must be in \\[0, 100\\]"),
     ],
 )
 def test_values_at_the_edges_of_their_types(llada, settings, message):
