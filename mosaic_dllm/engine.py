@@ -90,7 +90,7 @@ class GenerationOutput:
     forward_passes: int  # forward calls of the network (a CFG step is one call on a batch of two)
     steps: int  # denoising steps run
     seconds: float
-    finish_reason: str  # "eos" (an EOS ends the answer) or "length"
+    finish_reason: str  # "stop" (an EOS ends the answer) or "length", as OpenAI names them
     completion_tokens: int  # tokens of the answer, its EOS included (not the padding after it)
     settings: dict  # every generation setting as resolved for this request (GenerationConfig fields)
 
@@ -350,7 +350,7 @@ class LLM:
             forward_passes=result.forward_passes,
             steps=result.steps_run,
             seconds=seconds,
-            finish_reason="eos" if eos is not None else "length",
+            finish_reason="stop" if eos is not None else "length",
             completion_tokens=len(answer) + (eos is not None),
             settings=cfg.given(),
         )

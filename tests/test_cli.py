@@ -83,7 +83,7 @@ def test_generate_with_threshold_and_dual_cache_prints_its_forward_passes(thresh
         (["--threshold", "1.5"], "threshold must be in (0, 1]"),
         (["--cache", "dual", "--cfg-scale", "1"], "no classifier-free guidance"),
         (["--gen-length", "10", "--block-length", "4"], "must be divisible by block_length"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--temperature", "-1"], "temperature must be in [0, 10]"),
         (["--prompt", ""], "the prompt is empty"),
     ],
 )

@@ -106,7 +106,7 @@ def test_usage_and_preview_stop_at_the_answer():
     from mosaic_dllm.engine import GenerationOutput
     from mosaic_dllm.server.openai_shapes import MASK_MARKER, Shape
 
-    out = GenerationOutput("abc", [1, 2, 3, 9, 4, 5], [7, 7], 4, 4, 0.1, "eos", 4, {})
+    out = GenerationOutput("abc", [1, 2, 3, 9, 4, 5], [7, 7], 4, 4, 0.1, "stop", 4, {})
     assert Shape("id", "m", chat=False).usage(out)["completion_tokens"] == 4
     canvas = torch.tensor([7, 7, 1, 8, 2, 9, 3, 8])  # prompt 7 7; mask 8; EOS 9 revealed at answer position 3
     event = StepEvent(2, 4, 0, canvas, 2, 8, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..config import FAMILY_NAMES, SETTINGS, Setting
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.generate)
 
     p = sub.add_parser("info", help="summarise a checkpoint without loading its weights")
-    p.add_argument("path")
+    p.add_argument("path", nargs="?", help="a checkpoint directory or hub id (default: the embedded default model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=commands.info)
 
@@ -227,3 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`mosaic plan --json | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -80,9 +80,11 @@ def load_engine(args: argparse.Namespace, model):
 
 def info(args: argparse.Namespace) -> int:
     from ..checkpoint import locate, read_spec, shard_files, tensor_summary
+    from ..engine import default_model_path
 
-    spec, tokenizer, _, _ = read_spec(args.path)
-    count, nbytes, dtypes = tensor_summary(shard_files(locate(args.path)))
+    path = args.path or default_model_path()
+    spec, tokenizer, _, _ = read_spec(path)
+    count, nbytes, dtypes = tensor_summary(shard_files(locate(path)))
     info = {
         "family": spec.family,
         "layers": spec.num_layers,

@@ -147,12 +147,15 @@ def validate(
                 )
 
 
+SYMBOLS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
 def ascii_map(buffers: Sequence[Buffer], plan: Plan, width: int = 64) -> str:
     """Time (rows) x offset (columns): which buffer holds each slice of the arena at each op."""
     if not buffers or not plan.arena_bytes:
         return "(empty plan)"
     scale = plan.arena_bytes / width
-    symbols = {b.name: chr(ord("a") + i % 26) for i, b in enumerate(buffers)}
+    symbols = {b.name: SYMBOLS[i % len(SYMBOLS)] for i, b in enumerate(buffers)}  # unique up to 62 buffers
     rows = []
     for t in range(min(b.first for b in buffers), max(b.last for b in buffers) + 1):
         row = ["."] * width
@@ -163,4 +166,6 @@ def ascii_map(buffers: Sequence[Buffer], plan: Plan, width: int = 64) -> str:
                 row[lo:hi] = symbols[b.name] * (hi - lo)
         rows.append(f"{t:>4} |{''.join(row)}|")
     legend = ", ".join(f"{s}={n}" for n, s in symbols.items())
+    if len(symbols) > len(SYMBOLS):
+        legend += f" (more than {len(SYMBOLS)} buffers: symbols repeat, in this order)"
     return "\n".join(rows + [f"arena {plan.arena_bytes} bytes ({plan.algorithm}); {legend}"])

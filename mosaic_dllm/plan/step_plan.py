@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..device import DeviceProfile, profile_for
+from ..models.groups import BY_NAME
 from ..models.spec import ArchSpec
 from .offsets import Buffer, Plan, best_plan, live_profile, validate
 from .symbolic import StepTracer
@@ -80,7 +81,9 @@ class StepPlan:
             "workspace_bytes": self.workspace_bytes,
             "cache_bytes": g.shape.cache_bytes,
             "predicted_peak_activation_bytes": self.predicted_peak_bytes,
-            "chunks": {"logits_rows": g.shape.chunk} | g.shape.chunks.as_dict(),
+            # an inexact group (recompute) is shown only when it runs
+            "chunks": {"logits_rows": g.shape.chunk}
+            | {k: n for k, n in g.shape.chunks.as_dict().items() if n > 1 or BY_NAME[k].exact},
             "buffers": len(self.buffers),
             "planned_layers": f"{g.repeats} x 1 layer template" if g.repeats > 1 else "every layer",
             "planning_seconds": round(self.planning_seconds, 6),

@@ -41,7 +41,7 @@ class Shape:
     def answer(self, out: GenerationOutput) -> tuple[str, str]:
         """(text, finish_reason): cut at the first stop string; "stop" at a stop string or an EOS."""
         text, stopped = cut_at_stop(out.text, self.stops)
-        return text, "stop" if stopped or out.finish_reason == "eos" else "length"
+        return text, "stop" if stopped else out.finish_reason
 
     def response(self, out: GenerationOutput) -> dict:
         text, finish = self.answer(out)

@@ -8,6 +8,7 @@ MOSAIC_SCREENSHOT_DIR to keep the screenshots (the README's comes from here).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -85,6 +86,11 @@ def test_the_page_denoises_stops_and_explains_refusals(browser, tmp_path):
         masked = seen["masked"]
         assert len(masked) == seen["steps"] == settings["steps"]  # one redraw per step
         assert all(a > b for a, b in zip(masked, masked[1:], strict=False)), masked
+        said = [int(re.search(r"(\d+) of \d+ positions masked", text)[1]) for text in seen["statuses"]]
+        assert said == masked  # the status counts the grey cells, after an EOS too
+        inputs = browser.find_elements("css selector", "#settings input, #settings select")
+        fields = {e.get_attribute("id") for e in inputs}
+        assert {"threshold", "cache", "remasking"} <= fields and not {"alg", "top_k"} & fields  # a LLaDA model's
         api = httpx.post(f"{url}/v1/completions", json={"prompt": "Return the number of", **settings}, timeout=60)
         assert seen["text"] == api.json()["choices"][0]["text"]
         assert browser.find_element("id", "text").text.strip() == seen["text"].strip()  # shown as answered
