@@ -39,6 +39,7 @@ from .engine import LLM
 
 log = logging.getLogger(__name__)
 GENERATION_KEYS = tuple(SETTINGS)
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
 ENGINE_KEYS += ("allow_recompute", "allow_special_tokens")
 
@@ -67,8 +68,13 @@ class MosaicLM(LM):
             raise ValueError(f"unknown mosaic model_args {sorted(unknown)}; known: {GENERATION_KEYS + ENGINE_KEYS}")
         engine = {k: settings[k] for k in ENGINE_KEYS if settings.get(k) is not None}
         device = str(engine.get("device", "cpu"))
-        if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default is cuda:0
-            log.warning("mosaic: device %s is not available here; running on cpu", device)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes its default, cuda:0, when --device is not given: no warning for that one
+            log.log(
+                logging.INFO if device == LM_EVAL_DEFAULT_DEVICE else logging.WARNING,
+                "mosaic: device %s is not available here; running on cpu",
+                device,
+            )
             engine["device"] = "cpu"
         self.llm = LLM(pretrained, **engine)
         self.settings = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
