@@ -257,6 +257,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         "alpha": args.alpha,
         "device": profile.describe(),
         "predicted": True,
+        "context": spec.max_position_embeddings,
         "executors": executors,
     }
     eager_len = executors["eager"]["max_len"]
@@ -274,6 +275,12 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         print(f"  {name:<7} max length {r['max_len'] if r['max_len'] is not None else 'n/a'}{extra}")
     if "mosaic_vs_eager" in record:
         print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
+    longest = max((r["max_len"] or 0) for r in executors.values())
+    if longest > spec.max_position_embeddings:
+        print(
+            f"  the model's context is {spec.max_position_embeddings} tokens: longer requests are refused unless "
+            "allowed (--allow-long-context; quality may degrade)"
+        )
     return 0
 
 

@@ -49,7 +49,7 @@ class OpenAIFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request (send several requests for more)")
+    n: int = Field(1, ge=1, description="1 only: one choice per request (send several requests with other seeds)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -68,6 +68,8 @@ class OpenAIFields(BaseModel):
     def unsupported(self) -> Unsupported | None:
         """The first OpenAI field set to a value that would change the answer, which this server
         cannot honour (None: every field is honoured or neutral)."""
+        if self.n != 1:
+            return Unsupported("n", f"n {self.n}: one choice per request; send {self.n} requests with different seeds")
         for name, neutral in NEUTRAL.items():
             value = getattr(self, name, None)
             if value is not None and not any(value == v and type(value) is type(v) for v in neutral):

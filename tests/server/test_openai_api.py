@@ -146,7 +146,7 @@ def test_denoising_events_show_the_canvas_filling_in(server):
         ({"prompt": "hi", "max_tokens": "many"}, 422, "max_tokens"),
         ({"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
         ({"prompt": "hi", "temperature": -1}, 422, "temperature"),
-        ({"prompt": "hi", "n": 2}, 422, "n"),
+        ({"prompt": "hi", "n": 2}, 400, "one choice per request"),
         ({"max_tokens": 8}, 422, "prompt"),
         ({"prompt": "   "}, 422, "empty"),
         ({"prompt": [], "max_tokens": 8}, 422, "empty"),
