@@ -264,3 +264,12 @@ def test_allow_recompute_reaches_the_engine(command):
         args = build_parser().parse_args([command, *extra, *flags])
         groups = _load(args, None).executor.options.chunk_groups
         assert ("recompute" in groups) is allowed
+
+
+def test_plan_max_len_says_when_the_search_hit_its_limit_and_the_context(capsys):
+    from mosaic_dllm.engine import default_model_path
+
+    assert main(["plan", "--model", str(default_model_path()), "--max-len", "--budget", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "at least 4194304 (nothing failed up to the search's limit)" in out and "mosaic / eager" not in out
+    assert "the model's context is 64 tokens" in out

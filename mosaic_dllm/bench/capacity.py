@@ -20,7 +20,7 @@ from ..device import DeviceProfile
 from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes
-from ..plan.search import fit, longest, max_length
+from ..plan.search import LENGTH_LIMIT, fit, longest, max_length
 from ..plan.step_plan import PlanCache
 from ..plan.trace import StepShape, chunk_bucket
 from .step import StepRequest, first_step_config, predict
@@ -51,6 +51,9 @@ def first_step_shape(
     return StepShape.of(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
 
 
+EAGER_LENGTH_LIMIT = 1 << 20  # predicting eager past this takes minutes; reaching it means "at least"
+
+
 def mosaic_capacity(
     spec: ArchSpec,
     dtype: torch.dtype,
@@ -67,7 +70,7 @@ def mosaic_capacity(
     sampler = shape.sampler_row_bytes
     rows_at = lambda n: first_step_shape(spec, dtype, n, alpha, row_chunk, sampler_row_bytes=sampler).chunk  # noqa: E731
     longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at, groups)
-    out = {"max_len": longest, "sampler_row_bytes": sampler}
+    out = {"max_len": longest, "sampler_row_bytes": sampler, "at_search_limit": longest == LENGTH_LIMIT}
     if longest:
         result = fit(plans, replace(shape.alone(longest), chunk=rows_at(longest)), budget, groups)
         out |= {
@@ -79,7 +82,9 @@ def mosaic_capacity(
     return out
 
 
-def eager_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float, limit: int = 1 << 20) -> dict:
+def eager_capacity(
+    spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float, limit: int = EAGER_LENGTH_LIMIT
+) -> dict:
     if spec.moe is not None:
         return {"max_len": None, "note": "MoE routing depends on values: the eager step cannot be predicted"}
     one_layer = replace(spec, num_layers=1)
@@ -89,4 +94,5 @@ def eager_capacity(spec: ArchSpec, dtype: torch.dtype, budget: int, alpha: float
         request = StepRequest.first_step(one_layer, length, alpha, cfg)
         return predict(one_layer, dtype, "eager", request).peak <= budget
 
-    return {"max_len": longest(fits, limit=limit, precision=16).max_len}
+    found = longest(fits, limit=limit, precision=16).max_len
+    return {"max_len": found, "at_search_limit": found == limit}

@@ -261,7 +261,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         "executors": executors,
     }
     eager_len = executors["eager"]["max_len"]
-    if eager_len:
+    if eager_len and not any(r.get("at_search_limit") for r in executors.values()):
         record["mosaic_vs_eager"] = round(executors["mosaic"]["max_len"] / eager_len, 2)
     if args.json:
         print(json.dumps(record))
@@ -272,7 +272,10 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     )
     for name, r in executors.items():
         extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
-        print(f"  {name:<7} max length {r['max_len'] if r['max_len'] is not None else 'n/a'}{extra}")
+        length = "n/a" if r["max_len"] is None else f"{r['max_len']}"
+        if r.get("at_search_limit"):
+            length = f"at least {length} (nothing failed up to the search's limit)"
+        print(f"  {name:<7} max length {length}{extra}")
     if "mosaic_vs_eager" in record:
         print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
     longest = max((r["max_len"] or 0) for r in executors.values())

@@ -139,6 +139,9 @@ def fit(
     return SearchResult(plan, tried, time.perf_counter() - start)
 
 
+LENGTH_LIMIT = 1 << 22  # the longest length a search tries: reaching it means "at least this long"
+
+
 @dataclass
 class LengthSearch:
     max_len: int  # 0 when even `start` does not fit
@@ -186,7 +189,7 @@ def max_length(
     budget: int,
     rows_at: Callable[[int], int],
     groups: tuple[str, ...] = EXACT_GROUPS,
-    limit: int = 1 << 22,
+    limit: int = LENGTH_LIMIT,
 ) -> int:
     """The longest sequence the search fits into `budget` chunking `groups` (0 if none); `rows_at(L)`
     gives the logits rows of a step at length L. The search decides, not the most-chunked plan:
