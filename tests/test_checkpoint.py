@@ -169,7 +169,7 @@ def test_a_checkpoint_is_read_only_from_its_own_directory(copy_of, tmp_path):
     "family,file,values,message",
     [
         ("llada", "generation_config.json", {"steps": "many"}, "generation_config.json: 'steps' must be"),
-        ("llada", "generation_config.json", {"temperature": -1}, "'temperature' must be >= 0"),
+        ("llada", "generation_config.json", {"temperature": -1}, "'temperature' must be in \\[0, 10\\]"),
         ("llada", "generation_config.json", {"max_new_tokens": 2.5}, "'max_new_tokens' must be an integer"),
         ("dream", "config.json", {"eps": -0.1}, "config.json: 'eps' must be in"),
         ("dream", "config.json", {"alg": "best"}, "'alg' must be one of"),
