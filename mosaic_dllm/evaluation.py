@@ -13,14 +13,14 @@ it for `lm_eval.simple_evaluate(model="mosaic", ...)`. Needs the `eval` extra (`
   sampler's defaults for a call that names only the length). The answer is cut at the first stop
   sequence; special tokens are dropped. Chat templates come from the checkpoint's tokenizer
   (`--apply_chat_template`).
-- `loglikelihood`: LLaDA's official Monte Carlo estimate (`decoding/likelihood.py`: `mc_num`
-  samples, `mc_batch_size` per pass (the official `batch_size`), `cfg_scale`), one generator
-  seeded with `likelihood_seed` for the whole run as the official script seeds the global one;
-  the context/continuation split as the official harness
-  (trailing spaces of the context move to the continuation). `isgreedy` is always False, the
-  official harness's recommended setting (its greedy check is for LAMBADA-style metrics).
-  Dream: refused with a message (not implemented here yet). `loglikelihood_rolling`: refused, as
-  the official harness.
+- `loglikelihood`: each family's official Monte Carlo estimate (`decoding/likelihood.py`): LLaDA's
+  (`mc_num` samples, `mc_batch_size` per pass (the official `batch_size`), `cfg_scale`) and
+  Dream's (HKUNLP/Dream `eval/eval.py`: `log_type` ftb / btf / union, `sampling_eps`,
+  `add_bos_token`, `max_length`; no guidance: its upstream branch is broken), one generator
+  seeded with `likelihood_seed` for the whole run as the official scripts seed the global one;
+  the context/continuation split as each official harness (`Sampler.encode_pair`). `isgreedy`
+  is always False, as both official harnesses. `loglikelihood_rolling`: refused, as the official
+  harnesses.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from .config import SETTINGS, GenerationConfig
-from .decoding.likelihood import log_likelihood
+from .decoding.likelihood import LikelihoodOptions
 from .engine import LLM
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,20 @@ class MosaicLM(LM):
         mc_num: int = 128,
         mc_batch_size: int = 32,
         likelihood_seed: int = 1234,
+        log_type: str = "ftb",
+        sampling_eps: float = 1e-3,
+        add_bos_token: bool = False,
+        max_length: int = 2048,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
         **settings,
     ):
         """`pretrained`: a checkpoint directory (default: the embedded model). Engine options
         (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute,
-        allow_special_tokens) and generation settings (config.SETTINGS) as in `LLM` and `GenerationConfig`; `mc_num` and
-        `mc_batch_size` (the official `batch_size`) for the likelihood; `likelihood_seed` seeds its
-        generator.
+        allow_special_tokens) and generation settings (config.SETTINGS) as in `LLM` and
+        `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
+        `batch_size`), `likelihood_seed` (its generator), and Dream's `log_type`, `sampling_eps`,
+        `add_bos_token`, `max_length` (its eval.py's arguments; its script sets add_bos_token=true).
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""
         super().__init__()
         unknown = set(settings) - set(GENERATION_KEYS) - set(ENGINE_KEYS)
@@ -78,7 +83,16 @@ class MosaicLM(LM):
             engine["device"] = "cpu"
         self.llm = LLM(pretrained, **engine)
         self.settings = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
-        self.mc_num, self.mc_batch_size = int(mc_num), int(mc_batch_size)
+        self.likelihood = LikelihoodOptions(
+            int(mc_num),
+            int(mc_batch_size),
+            float(self.settings.get("cfg_scale", 0.0)),
+            str(log_type),
+            float(sampling_eps),
+            bool(add_bos_token),
+            int(max_length),
+        )
+        self.likelihood.check()
         self.gen = torch.Generator(device=self.llm.device).manual_seed(int(likelihood_seed))
         self.name = str(pretrained or "default_model")
 
@@ -93,9 +107,8 @@ class MosaicLM(LM):
         """The request's settings: the model args', with gen_length from the task when unset."""
         settings = dict(self.settings)
         settings.setdefault("gen_length", int(gen_kwargs.get("max_gen_toks", 256)))
-        if self.llm.spec.family != "dream":
-            settings.setdefault("steps", settings["gen_length"])
-            settings.setdefault("block_length", settings["gen_length"])
+        for key, value in self.llm.sampler.eval_defaults(settings["gen_length"]).items():
+            settings.setdefault(key, value)
         return GenerationConfig.from_dict(settings)
 
     def generate_until(self, requests) -> list[str]:
@@ -116,34 +129,14 @@ class MosaicLM(LM):
             answers[i] = text
         return answers
 
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """As the official harness: trailing spaces of the context start the continuation; the
-        continuation's ids are the whole text's beyond the context's."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            continuation, context = context[-spaces:] + continuation, context[:-spaces]
-        whole = self.llm.tokenizer.encode(context + continuation)
-        prefix = self.llm.tokenizer.encode(context) if context else []
-        return prefix, whole[len(prefix) :]
-
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        if self.llm.spec.family == "dream":
-            raise NotImplementedError("mosaic: Dream's likelihood is not implemented yet; use generation tasks")
-        cfg_scale = float(self.settings.get("cfg_scale", 0.0))
-        out = []
+        """Each request's Monte Carlo estimate as its family's official evaluation computes it
+        (tokenisation included: `Sampler.encode_pair`, `Sampler.log_likelihood`)."""
+        sampler, out = self.llm.sampler, []
         for request in tqdm(requests, desc="mosaic likelihood"):
-            prefix, target = (torch.tensor(ids, dtype=torch.long) for ids in self._encode_pair(*request.args))
-            value = log_likelihood(
-                self.llm.executor,
-                prefix,
-                target,
-                self.llm.spec.mask_token_id,
-                self.gen,
-                self.mc_num,
-                self.mc_batch_size,
-                cfg_scale,
-            )
-            out.append((value, False))
+            pair = sampler.encode_pair(self.llm.tokenizer, *request.args, self.likelihood)
+            prefix, target = (torch.tensor(ids, dtype=torch.long) for ids in pair)
+            out.append((sampler.log_likelihood(self.llm.executor, prefix, target, self.gen, self.likelihood), False))
         return out
 
     def loglikelihood_rolling(self, requests):

@@ -65,6 +65,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    @property
+    def bos_text(self) -> str | None:
+        """The BOS token's text (tokenizer_config.json's bos_token), if it has one."""
+        return _token_text(self.config.get("bos_token"))
+
     @cached_property
     def special_tokens(self) -> tuple[str, ...]:
         """The text of every special token (added tokens marked special), longest first."""

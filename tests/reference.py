@@ -446,6 +446,58 @@ def llada_log_likelihood(model, prefix, target, mc_num, batch_size, cfg_scale, m
     return -sum(acc) / len(acc)
 
 
+def dream_log_likelihood(model, prefix, target, mc_num, batch_size, log_type, sampling_eps, mask_id):
+    """HKUNLP/Dream eval/eval.py `_eval_target_nll_mc` (and `loglikelihood`'s union division),
+    restated; `model(ids) -> (B, L, V)` unshifted logits; the global RNG seeded by the caller."""
+    seq = torch.cat([prefix, target])[None, :].repeat((batch_size, 1))
+    acc = []
+    for _ in range(max(mc_num // batch_size, 1)):
+        b, length = seq.shape
+        u0 = torch.rand(1, dtype=torch.float32)
+        t = (u0 + torch.arange(b).float() / b) % 1
+        p_mask = ((1 - sampling_eps) * t + sampling_eps)[:, None].repeat(1, length)
+        mask_indices = torch.rand((b, length)) < p_mask
+        mask_indices[:, 0] = False
+        mask_indices[:, -1] = False
+        noisy = torch.where(mask_indices, mask_id, seq)
+        perturbed = seq.clone()
+        if log_type == "ftb":
+            perturbed[:, -len(target) :] = noisy[:, -len(target) :]
+        elif log_type == "btf":
+            perturbed[:, : len(prefix)] = noisy[:, : len(prefix)]
+        else:
+            perturbed = noisy
+        mask_indices = perturbed == mask_id
+        logits = model(perturbed)
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        loss = F.cross_entropy(logits[mask_indices], seq[mask_indices], reduction="none") / p_mask[mask_indices]
+        acc.append((loss.sum() / batch_size).item())
+    value = -sum(acc) / len(acc)
+    return value / (len(target) + len(prefix)) if log_type == "union" else value
+
+
+def dream_encode_pair(encode, bos_text, eos_id, context, continuation, add_bos_token, max_length):
+    """HKUNLP/Dream eval/eval.py `_encode_pair`, restated (`encode(text) -> ids`)."""
+    if add_bos_token:
+        context = bos_text + context
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(context + continuation) + [eos_id]
+    context_enc = encode(context)
+    continuation_enc = whole[len(context_enc) :]
+    cutoff = max(len(whole) - max_length, 0)
+    if cutoff > 0:
+        remain = len(context_enc) - cutoff
+        if remain > 0:
+            context_enc = context_enc[-remain:]
+        else:
+            context_enc = []
+            continuation_enc = whole[-max_length:]
+    return context_enc, continuation_enc
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fast-dLLM's LLaDA decoding (NVlabs/Fast-dLLM v1/llada/generate.py, the current upstream): threshold
 # / factor parallel decoding, with a prefix or dual block cache. Global RNG, batch of one.

@@ -26,8 +26,11 @@ from torch.distributions import Distribution, constraints
 
 from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
+from ..runtime import Executor
+from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
+from .likelihood import LikelihoodOptions, dream_log_likelihood
 from .parallel import BlockState, block_cache, ranked_threshold
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
@@ -255,6 +258,37 @@ class DreamSampler:
             sample_tokens(logits[0], cfg.temperature, cfg.top_p, cfg.top_k, gen, **ranking(cfg))
 
         return measure_row_bytes(reduce, 1, vocab, dtype, device)
+
+    def eval_defaults(self, gen_length: int) -> dict:
+        """Nothing beyond the generation length: the rest resolves as the official call."""
+        return {}
+
+    def encode_pair(
+        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
+    ) -> tuple[list[int], list[int]]:
+        """As Dream's evaluation (`eval/eval.py` `_encode_pair`): BOS text before the context when
+        `add_bos_token`, trailing spaces moved to the continuation, EOS after the whole, the context
+        cut on the left when the whole passes `max_length`."""
+        if options.add_bos_token:
+            if tokenizer.bos_text is None:
+                raise ValueError("add_bos_token: this tokenizer has no BOS token")
+            context = tokenizer.bos_text + context
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation, context = context[-spaces:] + continuation, context[:-spaces]
+        whole = tokenizer.encode(context + continuation) + [self.eos_ids[0]]
+        prefix = tokenizer.encode(context)
+        target = whole[len(prefix) :]
+        cutoff = max(len(whole) - options.max_length, 0)
+        if cutoff:
+            keep = len(prefix) - cutoff
+            prefix, target = (prefix[-keep:], target) if keep > 0 else ([], whole[-options.max_length :])
+        return prefix, target
+
+    def log_likelihood(
+        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
+    ) -> float:
+        return dream_log_likelihood(executor, prefix, target, self.mask_id, gen, options)
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
         cache = block_cache(self.spec, prompt_length, cfg)

@@ -19,26 +19,17 @@ from torch import Tensor
 
 from ..config import LLADA, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
+from ..runtime import Executor
+from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
+from .likelihood import LikelihoodOptions, log_likelihood
 from .parallel import ParallelLLaDAState, block_cache
-from .rows import RowChunks, propose
+from .rows import RowChunks, cfg_combine, propose
 from .schedule import llada_transfer_counts
 
 LLADA_SETTINGS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
 ALIASES = {"max_new_tokens": "gen_length"}  # the name generation_config.json uses
-
-
-def cfg_combine(cfg_scale: float):
-    """(B, ..., V) -> (..., V): the conditional row alone, or un + (cfg + 1) * (cond - un)."""
-    if cfg_scale <= 0:
-        return lambda logits: logits[0]
-
-    def combine(logits: Tensor) -> Tensor:
-        cond, un = logits[0], logits[1]
-        return un + (cfg_scale + 1) * (cond - un)
-
-    return combine
 
 
 def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Tensor:
@@ -118,6 +109,30 @@ class LLaDASampler:
             propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen, None, softmax_dtype)
 
         return measure_row_bytes(reduce, self.guidance_batch(cfg), vocab, dtype, device)
+
+    def eval_defaults(self, gen_length: int) -> dict:
+        """What LLaDA's harness passes with a generation length (`eval_llada.py`): one block, a
+        step a token."""
+        return {"steps": gen_length, "block_length": gen_length}
+
+    def encode_pair(
+        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
+    ) -> tuple[list[int], list[int]]:
+        """As LLaDA's harness: trailing spaces of the context start the continuation; the
+        continuation's ids are the whole text's beyond the context's."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            continuation, context = context[-spaces:] + continuation, context[:-spaces]
+        whole = tokenizer.encode(context + continuation)
+        prefix = tokenizer.encode(context) if context else []
+        return prefix, whole[len(prefix) :]
+
+    def log_likelihood(
+        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
+    ) -> float:
+        return log_likelihood(
+            executor, prefix, target, self.mask_id, gen, options.mc_num, options.batch_size, options.cfg_scale
+        )
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
         cache = block_cache(self.spec, prompt_length, cfg)

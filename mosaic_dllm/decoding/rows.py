@@ -35,6 +35,18 @@ def select_rows(chunks: RowChunks, wanted: Tensor, length: int) -> Iterator[tupl
             done += rows.numel()
 
 
+def cfg_combine(cfg_scale: float):
+    """(B, ..., V) -> (..., V): the conditional row alone, or un + (cfg + 1) * (cond - un)."""
+    if cfg_scale <= 0:
+        return lambda logits: logits[0]
+
+    def combine(logits: Tensor) -> Tensor:
+        cond, un = logits[0], logits[1]
+        return un + (cfg_scale + 1) * (cond - un)
+
+    return combine
+
+
 class UniformReplay:
     """The official float64 uniform draw over (L, V), replayed row by row.
 

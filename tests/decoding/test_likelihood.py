@@ -32,3 +32,60 @@ def test_bad_sample_counts_are_refused(tiny_checkpoints):
         log_likelihood(llm.executor, torch.tensor([5]), torch.tensor([6]), 0, torch.Generator(), 10, 4)
     with pytest.raises(ValueError, match="target is empty"):
         log_likelihood(llm.executor, torch.tensor([5]), torch.tensor([], dtype=torch.long), 0, torch.Generator())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("log_type", ["ftb", "btf", "union"])
+def test_dreams_estimate_is_its_evaluations_value_for_the_same_seed(tiny_checkpoints, dtype, log_type):
+    """HKUNLP/Dream eval/eval.py `_eval_target_nll_mc`, restated: per-position masking at each
+    copy's level, never the first or last position, shifted logits; equal number for number with
+    the official full forward and with packed, mask-only rows."""
+    from mosaic_dllm.decoding.likelihood import LikelihoodOptions, dream_log_likelihood
+    from tests.reference import dream_log_likelihood as official_estimate
+
+    llm = LLM(tiny_checkpoints["dream"], dtype=dtype, row_chunk=8)
+    prefix, target = torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([20, 21, 22, 23, 24, 25, 26, 11])
+    eager = EagerExecutor(llm.spec, llm.checkpoint.weights)
+    options = LikelihoodOptions(mc_num=8, batch_size=4, log_type=log_type, sampling_eps=1e-3)
+    torch.manual_seed(3)
+    official = official_estimate(eager.logits, prefix, target, 8, 4, log_type, 1e-3, llm.spec.mask_token_id)
+    for executor in (llm.executor, eager):
+        got = dream_log_likelihood(
+            executor, prefix, target, llm.spec.mask_token_id, torch.Generator().manual_seed(3), options
+        )
+        assert got == official
+    other = dream_log_likelihood(
+        llm.executor, prefix, target, llm.spec.mask_token_id, torch.Generator().manual_seed(4), options
+    )
+    assert other != official  # the comparison can fail: another seed, another estimate
+
+
+def test_dreams_context_and_continuation_are_tokenised_as_its_evaluation(tiny_checkpoints, tmp_path):
+    """BOS text before the context (add_bos_token), trailing spaces moved, EOS after the whole, the
+    context cut on the left past max_length; guidance is refused."""
+    import json
+    import shutil
+
+    from mosaic_dllm.decoding.likelihood import LikelihoodOptions
+    from tests.reference import dream_encode_pair
+
+    path = tmp_path / "dream"
+    shutil.copytree(tiny_checkpoints["dream"], path)
+    config = json.loads((path / "tokenizer_config.json").read_text()) | {"bos_token": "<|im_start|>"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = LLM(path)
+    tok, eos = llm.tokenizer, llm.spec.eos_token_ids[0]
+    for context, continuation, bos, most in [
+        ("Return the number of ", "items", True, 2048),
+        ("Open the file", " and read it", False, 2048),
+        ("Return the number of items in the list", " now", True, 6),
+        ("Return", " the number of items in the list, then the count", True, 5),
+    ]:
+        options = LikelihoodOptions(add_bos_token=bos, max_length=most)
+        ours = llm.sampler.encode_pair(tok, context, continuation, options)
+        official = dream_encode_pair(tok.encode, "<|im_start|>", eos, context, continuation, bos, most)
+        assert (list(ours[0]), list(ours[1])) == (list(official[0]), list(official[1]))
+    with pytest.raises(ValueError, match="no working guidance"):
+        llm.sampler.log_likelihood(
+            llm.executor, torch.tensor([5]), torch.tensor([6, 7]), torch.Generator(), LikelihoodOptions(cfg_scale=1.0)
+        )
