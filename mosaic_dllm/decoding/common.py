@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from ..config import GenerationConfig, GenerationConfigError
-from ..runtime.executor import StepInput
+from ..runtime.executor import Executor, StepInput
+from ..tokenizer import Tokenizer
+from .likelihood import LikelihoodOptions
 from .rows import RowChunks
 
 
@@ -158,3 +160,16 @@ class Sampler(Protocol):
 
     def first_step(self, state: SamplerState) -> StepInput:
         """The first step's input, computed without data-dependent ops (predictable on fake tensors)."""
+
+    def eval_defaults(self, gen_length: int) -> dict:
+        """Settings the family's official evaluation harness passes with a generation length."""
+
+    def encode_pair(
+        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
+    ) -> tuple[list[int], list[int]]:
+        """(prefix, target) ids of a likelihood request, as the family's official harness splits them."""
+
+    def log_likelihood(
+        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
+    ) -> float:
+        """The family's official Monte Carlo estimate of log p(target | prefix)."""
