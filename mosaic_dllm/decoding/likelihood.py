@@ -104,7 +104,7 @@ def log_likelihood(
                 ids = torch.cat([ids, unconditional])
             steps.append(StepInput(ids, (copy == mask_id).nonzero().flatten()))
         losses = []
-        with executor.batch_logits(steps) as reads:
+        with executor.batch_logits(steps, as_one_batch=True) as reads:
             for i, ((_, rows, _), read) in enumerate(zip(steps, reads, strict=True)):
                 for part, logits in select_rows(read(), rows, length):
                     targets = seq[i, rows[part]]
@@ -164,7 +164,7 @@ def dream_log_likelihood(
             continue
         steps = [StepInput(perturbed[i].unsqueeze(0), (positions[i] - 1).clamp(min=0)) for i in copies]
         losses = [torch.zeros(0, dtype=torch.float32, device=seq.device)]
-        with executor.batch_logits(steps) as reads:
+        with executor.batch_logits(steps, as_one_batch=True) as reads:
             for i, (_, rows, _), read in zip(copies, steps, reads, strict=True):
                 for part, logits in select_rows(read(), rows, length):
                     targets = seq[i, positions[i][part]]

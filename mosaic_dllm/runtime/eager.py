@@ -45,10 +45,20 @@ class EagerExecutor:
         return None
 
     @contextmanager
-    def batch_logits(self, steps: Sequence[StepInput], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
-        """One official forward per request, run when its logits are read."""
+    def batch_logits(
+        self, steps: Sequence[StepInput], sampler_row_bytes: int = 0, as_one_batch: bool = False
+    ) -> Iterator[list[StepLogits]]:
+        """One official forward per request, run when its logits are read; `as_one_batch`: one
+        forward over every request's sequences, laid out as an official evaluation batches its
+        copies (every request's first sequence, then every request's second: the guidance half)."""
         steps = [StepInput(*step) for step in steps]  # plain (ids, rows) tuples too
-        yield [lambda s=step: self.row_logits(s.ids, s.rows, cache=s.cache) for step in steps]
+        if not (as_one_batch and steps and _stackable(steps)):
+            yield [lambda s=step: self.row_logits(s.ids, s.rows, cache=s.cache) for step in steps]
+            return
+        n, per = len(steps), steps[0].ids.shape[0]
+        logits = self.logits(torch.cat([s.ids[j : j + 1] for j in range(per) for s in steps]))
+        rows = torch.arange(logits.shape[1], device=logits.device)
+        yield [lambda i=i: iter([(rows, logits[i::n])]) for i in range(n)]
 
     @torch.inference_mode()
     def row_logits(
@@ -65,3 +75,8 @@ class EagerExecutor:
 
     def release(self) -> None:
         """Nothing to give back: every activation was a fresh tensor, freed when the step ended."""
+
+
+def _stackable(steps: Sequence[StepInput]) -> bool:
+    """Whether the steps' canvases can run as one batch: the same shape, no block caches."""
+    return all(s.cache is None and s.ids.shape == steps[0].ids.shape for s in steps)

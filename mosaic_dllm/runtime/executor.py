@@ -101,11 +101,12 @@ class Executor(Protocol):
         longest-length search) when it cannot fit."""
 
     def batch_logits(
-        self, steps: Sequence[StepInput], sampler_row_bytes: int = 0
+        self, steps: Sequence[StepInput], sampler_row_bytes: int = 0, as_one_batch: bool = False
     ) -> AbstractContextManager[list[StepLogits]]:
         """Run one step of several requests; inside the context, the i-th callable yields request
         i's (hidden rows, (B, C, V) logits) chunks covering at least its rows. Consume each chunk
-        before advancing, and every request's chunks before leaving the context."""
+        before advancing, and every request's chunks before leaving the context. `as_one_batch`:
+        the requests are one official batch (an evaluation's Monte Carlo copies)."""
 
     def row_logits(
         self, ids: Tensor, rows: Tensor, sampler_row_bytes: int = 0, cache: CacheUse | None = None

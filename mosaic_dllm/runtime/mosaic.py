@@ -155,9 +155,12 @@ class MosaicExecutor:
         return single_step(self, StepInput(ids, rows, cache), sampler_row_bytes)
 
     @contextmanager
-    def batch_logits(self, steps: Sequence[StepInput], sampler_row_bytes: int = 0) -> Iterator[list[StepLogits]]:
+    def batch_logits(
+        self, steps: Sequence[StepInput], sampler_row_bytes: int = 0, as_one_batch: bool = False
+    ) -> Iterator[list[StepLogits]]:
         """One packed forward pass for every request's canvas; request i's callable runs the LM head
-        over its rows (again if called again, while the context is open)."""
+        over its rows (again if called again, while the context is open). Packed or not, a row's
+        bits are the same, so `as_one_batch` changes nothing here."""
         steps = [StepInput(*step) for step in steps]  # plain (ids, rows) tuples too
         reading = [i for i, step in enumerate(steps) if step.rows.numel()]
         logits: list[StepLogits] = [lambda: iter(()) for _ in steps]

@@ -89,3 +89,22 @@ def test_dreams_context_and_continuation_are_tokenised_as_its_evaluation(tiny_ch
         llm.sampler.log_likelihood(
             llm.executor, torch.tensor([5]), torch.tensor([6, 7]), torch.Generator(), LikelihoodOptions(cfg_scale=1.0)
         )
+
+
+def test_the_eager_executor_runs_the_copies_as_the_official_batch(tiny_checkpoints, monkeypatch):
+    """The official estimator runs a Monte Carlo batch as one forward, the guidance copies after
+    the conditional ones: the eager executor (the oracle) does the same, so a BLAS that rounds by
+    row count cannot move it off the official value."""
+    llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32)
+    eager = EagerExecutor(llm.spec, llm.checkpoint.weights)
+    batches = []
+    forward = eager.logits
+    monkeypatch.setattr(eager, "logits", lambda ids: batches.append(ids.clone()) or forward(ids))
+    prefix, target = torch.tensor([5, 6, 7, 8, 9]), torch.tensor([20, 21, 22, 23, 24, 25, 26])
+    mask = llm.spec.mask_token_id
+    torch.manual_seed(7)
+    official = llada_log_likelihood(forward, prefix, target, 8, 4, 1.5, mask)
+    assert log_likelihood(eager, prefix, target, mask, torch.Generator().manual_seed(7), 8, 4, 1.5) == official
+    assert [tuple(b.shape) for b in batches] == [(8, 12), (8, 12)]  # 2 runs of 4 copies and their guidance
+    for ids in batches:
+        assert not (ids[:4, :5] == mask).any() and (ids[4:, :5] == mask).all()  # conditional first, then guidance
