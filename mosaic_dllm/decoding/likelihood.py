@@ -158,14 +158,11 @@ def dream_log_likelihood(
         else:
             perturbed = noisy
         positions = [(row == mask_id).nonzero().flatten() for row in perturbed]
-        copies = [i for i in range(b) if positions[i].numel()]  # a copy with nothing masked adds nothing
-        if not copies:
-            estimates.append(0.0)
-            continue
-        steps = [StepInput(perturbed[i].unsqueeze(0), (positions[i] - 1).clamp(min=0)) for i in copies]
+        hidden = [(pos - 1).clamp(min=0) for pos in positions]  # the shift: position p reads row p - 1
+        steps = [StepInput(row.unsqueeze(0), rows) for row, rows in zip(perturbed, hidden, strict=True)]
         losses = [torch.zeros(0, dtype=torch.float32, device=seq.device)]
         with executor.batch_logits(steps, as_one_batch=True) as reads:
-            for i, (_, rows, _), read in zip(copies, steps, reads, strict=True):
+            for i, ((_, rows, _), read) in enumerate(zip(steps, reads, strict=True)):
                 for part, logits in select_rows(read(), rows, length):
                     targets = seq[i, positions[i][part]]
                     loss = F.cross_entropy(logits[0], targets, reduction="none")
