@@ -39,6 +39,53 @@ from .engine import LLM
 
 log = logging.getLogger(__name__)
 GENERATION_KEYS = tuple(SETTINGS)
+LIKELIHOOD_KEYS = ("mc_num", "mc_batch_size", "log_type", "sampling_eps", "add_bos_token", "max_length")
+_LLADA_GEN = {"gen_length": 1024, "steps": 1024, "block_length": 1024}
+_LLADA_ONE_SAMPLE = {"cfg_scale": 0.0, "mc_num": 1, "mc_batch_size": 1}
+_DREAM_GEN = {"alg": "entropy", "alg_temp": 0.0, "top_p": 0.95, "top_k": 0, "add_bos_token": True}
+# What the official scripts pass, per task (a task's subtasks, e.g. mmlu_*, take its settings):
+# LLaDA-8B-Base: ML-GSAI/LLaDA eval_llada_lm_eval.sh (likelihood: cfg per task, mc_num 128, batch 8);
+# Dream-v0-Base-7B: HKUNLP/Dream eval/eval_dream_mc.sh and eval_dream_gen.sh (steps = the length);
+# Fast-dLLM: GSM8K at gen 256, blocks of 32, threshold 0.9 with the dual cache (its README).
+PRESETS: dict[str, dict[str, dict]] = {
+    "llada-base": {
+        "*": {"mc_num": 128, "mc_batch_size": 8},
+        "gpqa_main_n_shot": {"cfg_scale": 0.5},
+        "truthfulqa_mc2": {"cfg_scale": 2.0},
+        "arc_challenge": {"cfg_scale": 0.5},
+        "hellaswag": {"cfg_scale": 0.5},
+        "winogrande": {"cfg_scale": 0.0},
+        "piqa": {"cfg_scale": 0.5},
+        "mmlu": _LLADA_ONE_SAMPLE,
+        "cmmlu": _LLADA_ONE_SAMPLE,
+        "ceval-valid": _LLADA_ONE_SAMPLE,
+        **dict.fromkeys(("bbh", "gsm8k", "minerva_math", "humaneval", "mbpp"), _LLADA_GEN),
+    },
+    "dream-base": {
+        "*": {"mc_num": 128, "mc_batch_size": 32, "log_type": "ftb", "add_bos_token": True},
+        "gsm8k_cot": _DREAM_GEN | {"gen_length": 256, "steps": 256, "temperature": 0.0},
+        "mbpp": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.2},
+        "minerva_math": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.0},
+        "bbh": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.0},
+        "humaneval": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.2},
+    },
+    "fast-dllm": {
+        "gsm8k": {"gen_length": 256, "steps": 256, "block_length": 32, "threshold": 0.9, "cache": "dual"},
+    },
+}
+
+
+def preset_settings(preset: str | None, task: str | None) -> dict:
+    """The settings `preset`'s official script passes for `task` (its own entry, else its parent
+    task's: mmlu for mmlu_anatomy), over the preset's defaults ("*")."""
+    if preset is None:
+        return {}
+    table = PRESETS[preset]
+    name = task or ""
+    own = next((v for k, v in table.items() if k != "*" and (name == k or name.startswith(k + "_"))), {})
+    return table.get("*", {}) | own
+
+
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
 ENGINE_KEYS += ("allow_recompute", "allow_special_tokens")
@@ -49,13 +96,14 @@ class MosaicLM(LM):
     def __init__(
         self,
         pretrained: str | None = None,
-        mc_num: int = 128,
-        mc_batch_size: int = 32,
+        mc_num: int | None = None,
+        mc_batch_size: int | None = None,
         likelihood_seed: int = 1234,
-        log_type: str = "ftb",
-        sampling_eps: float = 1e-3,
-        add_bos_token: bool = False,
-        max_length: int = 2048,
+        log_type: str | None = None,
+        sampling_eps: float | None = None,
+        add_bos_token: bool | None = None,
+        max_length: int | None = None,
+        preset: str | None = None,
         batch_size: int | str | None = None,
         max_batch_size: int | None = None,
         **settings,
@@ -66,12 +114,22 @@ class MosaicLM(LM):
         `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
         `batch_size`), `likelihood_seed` (its generator), and Dream's `log_type`, `sampling_eps`,
         `add_bos_token`, `max_length` (its eval.py's arguments; its script sets add_bos_token=true).
+        `preset`: llada-base, dream-base or fast-dllm: per task, what the official script passes
+        (`PRESETS`), under the model args given here. Contexts are the harness's own text, so
+        they may carry special tokens (chat templates) unless allow_special_tokens=false.
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""
         super().__init__()
         unknown = set(settings) - set(GENERATION_KEYS) - set(ENGINE_KEYS)
         if unknown:
             raise ValueError(f"unknown mosaic model_args {sorted(unknown)}; known: {GENERATION_KEYS + ENGINE_KEYS}")
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+        self.preset = preset
+        self.given = {"mc_num": mc_num, "mc_batch_size": mc_batch_size, "log_type": log_type}
+        self.given |= {"sampling_eps": sampling_eps, "add_bos_token": add_bos_token, "max_length": max_length}
+        self.given = {k: v for k, v in self.given.items() if v is not None}
         engine = {k: settings[k] for k in ENGINE_KEYS if settings.get(k) is not None}
+        engine.setdefault("allow_special_tokens", True)
         device = str(engine.get("device", "cpu"))
         if device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes its default, cuda:0, when --device is not given: no warning for that one
@@ -83,16 +141,12 @@ class MosaicLM(LM):
             engine["device"] = "cpu"
         self.llm = LLM(pretrained, **engine)
         self.settings = {k: settings[k] for k in GENERATION_KEYS if settings.get(k) is not None}
-        self.likelihood = LikelihoodOptions(
-            int(mc_num),
-            int(mc_batch_size),
-            float(self.settings.get("cfg_scale", 0.0)),
-            str(log_type),
-            float(sampling_eps),
-            bool(add_bos_token),
-            int(max_length),
-        )
-        self.likelihood.check()
+        for task in (None, *(PRESETS[preset] if preset else ())):
+            self.options_for(task).check()  # bad values fail now, not at the first request
+        if preset is not None:  # say what the preset passes, as the official scripts would
+            for task, values in PRESETS[preset].items():
+                given = {k: v for k, v in values.items() if k not in self.settings and k not in self.given}
+                print(f"mosaic preset {preset}: {'other tasks' if task == '*' else task}: {given}", file=sys.stderr)
         self.gen = torch.Generator(device=self.llm.device).manual_seed(int(likelihood_seed))
         self.name = str(pretrained or "default_model")
 
@@ -103,9 +157,22 @@ class MosaicLM(LM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.llm.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
 
-    def config_for(self, gen_kwargs: dict) -> GenerationConfig:
-        """The request's settings: the model args', with gen_length from the task when unset."""
-        settings = dict(self.settings)
+    def options_for(self, task: str | None) -> LikelihoodOptions:
+        """A likelihood request's options: the model args over the preset's for `task`, over the
+        official defaults (LikelihoodOptions')."""
+        preset = preset_settings(self.preset, task)
+        values = {k: preset[k] for k in (*LIKELIHOOD_KEYS, "cfg_scale") if k in preset} | self.given
+        if "cfg_scale" in self.settings:
+            values["cfg_scale"] = self.settings["cfg_scale"]
+        if "mc_batch_size" in values:
+            values["batch_size"] = values.pop("mc_batch_size")
+        return LikelihoodOptions(**values)
+
+    def config_for(self, gen_kwargs: dict, task: str | None = None) -> GenerationConfig:
+        """The request's settings: the model args', over the preset's for `task`, with gen_length
+        from the task when unset."""
+        preset = preset_settings(self.preset, task)
+        settings = {k: v for k, v in preset.items() if k in GENERATION_KEYS} | self.settings
         settings.setdefault("gen_length", int(gen_kwargs.get("max_gen_toks", 256)))
         for key, value in self.llm.sampler.eval_defaults(settings["gen_length"]).items():
             settings.setdefault(key, value)
@@ -115,10 +182,13 @@ class MosaicLM(LM):
         prompts, configs, stops = [], [], []
         for request in requests:
             context, gen_kwargs = request.args
+            task = getattr(request, "task_name", None)
             until = gen_kwargs.get("until") or []
             stops.append([until] if isinstance(until, str) else list(until))
+            if self.options_for(task).add_bos_token and self.llm.tokenizer.bos_text:
+                context = self.llm.tokenizer.bos_text + context  # as Dream's evaluation prompts
             prompts.append(self.llm.encode(context))
-            configs.append(self.config_for(gen_kwargs))
+            configs.append(self.config_for(gen_kwargs, task))
         answers: list[str] = [""] * len(prompts)
         done = self.llm.stream(prompts, configs)  # batched; the bar moves as each request finishes
         for i, out in tqdm(done, total=len(prompts), desc="mosaic generate"):
@@ -134,9 +204,10 @@ class MosaicLM(LM):
         (tokenisation included: `Sampler.encode_pair`, `Sampler.log_likelihood`)."""
         sampler, out = self.llm.sampler, []
         for request in tqdm(requests, desc="mosaic likelihood"):
-            pair = sampler.encode_pair(self.llm.tokenizer, *request.args, self.likelihood)
+            options = self.options_for(getattr(request, "task_name", None))
+            pair = sampler.encode_pair(self.llm.tokenizer, *request.args, options)
             prefix, target = (torch.tensor(ids, dtype=torch.long) for ids in pair)
-            out.append((sampler.log_likelihood(self.llm.executor, prefix, target, self.gen, self.likelihood), False))
+            out.append((sampler.log_likelihood(self.llm.executor, prefix, target, self.gen, options), False))
         return out
 
     def loglikelihood_rolling(self, requests):

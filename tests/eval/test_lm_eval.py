@@ -74,3 +74,23 @@ def test_a_dream_checkpoint_runs_a_multiple_choice_task_with_dreams_estimator(ti
     assert 0.0 <= results["results"]["mosaic_tiny_mc"]["acc,none"] <= 1.0
     scores = [r[0][0] for s in results["samples"]["mosaic_tiny_mc"] for r in s["resps"]]
     assert len(scores) == 8 and all(score < 0 for score in scores)  # log-likelihoods of the choices
+
+
+def test_presets_fill_what_the_official_scripts_pass_per_task(tiny_checkpoints, capsys):
+    """LLaDA-8B-Base's eval_llada_lm_eval.sh: guidance per task, one sample for MMLU (its subtasks
+    too), 1024-token generation; the model args given win; Dream's scripts: BOS, entropy, top-p."""
+    from mosaic_dllm.evaluation import MosaicLM, preset_settings
+
+    assert preset_settings("llada-base", "mmlu_anatomy") == {"mc_num": 1, "mc_batch_size": 1, "cfg_scale": 0.0}
+    assert preset_settings("llada-base", "truthfulqa_mc2") == {"mc_num": 128, "mc_batch_size": 8, "cfg_scale": 2.0}
+    model = MosaicLM(str(tiny_checkpoints["llada"]), preset="llada-base", mc_num=16)
+    assert "truthfulqa_mc2: {'cfg_scale': 2.0}" in capsys.readouterr().err
+    piqa = model.options_for("piqa")
+    assert (piqa.mc_num, piqa.batch_size, piqa.cfg_scale) == (16, 8, 0.5)
+    gsm8k = model.config_for({"max_gen_toks": 16}, "gsm8k")
+    assert (gsm8k.gen_length, gsm8k.steps, gsm8k.block_length) == (1024, 1024, 1024)
+    assert model.config_for({"max_gen_toks": 16}, "other").gen_length == 16
+    dream = MosaicLM(str(tiny_checkpoints["dream"]), preset="dream-base")
+    assert dream.options_for("arc_easy").add_bos_token and dream.config_for({}, "gsm8k_cot").alg == "entropy"
+    with pytest.raises(ValueError, match="unknown preset"):
+        MosaicLM(str(tiny_checkpoints["llada"]), preset="gpt")
