@@ -19,8 +19,8 @@ it for `lm_eval.simple_evaluate(model="mosaic", ...)`. Needs the `eval` extra (`
   `add_bos_token`, `max_length`; no guidance: its upstream branch is broken), one generator
   seeded with `likelihood_seed` for the whole run as the official scripts seed the global one;
   the context/continuation split as each official harness (`Sampler.encode_pair`). `isgreedy`
-  is always False, as both official harnesses. `loglikelihood_rolling`: refused, as the official
-  harnesses.
+  is always False, as both official harnesses. `loglikelihood_rolling` (perplexity): the text in
+  lm-eval's rolling windows of the context, each window's estimate given the text before it, summed.
 """
 
 from __future__ import annotations
@@ -210,10 +210,27 @@ class MosaicLM(LM):
             out.append((sampler.log_likelihood(self.llm.executor, prefix, target, self.gen, options), False))
         return out
 
-    def loglikelihood_rolling(self, requests):
-        raise NotImplementedError(
-            "mosaic: rolling log-likelihood (perplexity tasks) is not implemented, as in LLaDA's harness"
-        )
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Perplexity tasks: the text's tokens in windows of the model's context (at most
+        `max_length`), as lm-eval's rolling windows (each window's prefix is the text before it,
+        disjoint; the first one's is EOS), each window's Monte Carlo estimate given its prefix,
+        summed: a lower bound on log p(text) (the estimators bound each window). Dream's window
+        target gets EOS appended, as its likelihood appends it (its estimator never masks the
+        last position, so every text token can be)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        sampler, eos, out = self.llm.sampler, self.llm.spec.eos_token_ids[0], []
+        for request in tqdm(requests, desc="mosaic rolling likelihood"):
+            options = self.options_for(getattr(request, "task_name", None))
+            # a window with its prefix token (and Dream's EOS) stays within the context
+            width = min(self.llm.spec.max_position_embeddings, options.max_length) - 1 - len(sampler.window_target([]))
+            tokens = self.llm.tokenizer.encode(request.args[0])
+            total = 0.0
+            for prefix, target in map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1)):
+                ids = (torch.tensor(part, dtype=torch.long) for part in (prefix, sampler.window_target(target)))
+                total += sampler.log_likelihood(self.llm.executor, *ids, self.gen, options)
+            out.append(total)
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -173,3 +173,6 @@ class Sampler(Protocol):
         self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
     ) -> float:
         """The family's official Monte Carlo estimate of log p(target | prefix)."""
+
+    def window_target(self, target: list[int]) -> list[int]:
+        """A rolling (perplexity) window's target as the family's estimator scores it."""

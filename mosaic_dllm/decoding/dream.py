@@ -285,6 +285,11 @@ class DreamSampler:
             prefix, target = (prefix[-keep:], target) if keep > 0 else ([], whole[-options.max_length :])
         return prefix, target
 
+    def window_target(self, target: list[int]) -> list[int]:
+        """A rolling window's target with EOS appended, as Dream's likelihood appends it (its last
+        position is never masked)."""
+        return [*target, self.eos_ids[0]]
+
     def log_likelihood(
         self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
     ) -> float:

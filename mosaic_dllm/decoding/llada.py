@@ -127,6 +127,10 @@ class LLaDASampler:
         prefix = tokenizer.encode(context) if context else []
         return prefix, whole[len(prefix) :]
 
+    def window_target(self, target: list[int]) -> list[int]:
+        """A rolling window's target as the estimator takes it: as is."""
+        return target
+
     def log_likelihood(
         self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
     ) -> float:

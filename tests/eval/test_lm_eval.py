@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -94,3 +95,35 @@ def test_presets_fill_what_the_official_scripts_pass_per_task(tiny_checkpoints, 
     assert dream.options_for("arc_easy").add_bos_token and dream.config_for({}, "gsm8k_cot").alg == "entropy"
     with pytest.raises(ValueError, match="unknown preset"):
         MosaicLM(str(tiny_checkpoints["llada"]), preset="gpt")
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_rolling_likelihood_is_the_sum_over_its_windows(tiny_checkpoints, family):
+    """Perplexity: the text in windows of max_length tokens, each scored given the text before it,
+    summed; equal to that sum computed directly with the same draws."""
+    from types import SimpleNamespace
+
+    from mosaic_dllm.decoding.likelihood import LikelihoodOptions
+
+    text = "Return the number of items in the list. Open the file and read every line of it."
+    model = MosaicLM_for(tiny_checkpoints[family])
+    got = model.loglikelihood_rolling([SimpleNamespace(args=(text,), task_name="wikitext")])[0]
+    llm, gen = model.llm, torch.Generator().manual_seed(1234)
+    tokens, eos = llm.tokenizer.encode(text), llm.spec.eos_token_ids[0]
+    assert len(tokens) > 24  # at least three windows of 12
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    options, total, seen = LikelihoodOptions(mc_num=4, batch_size=2, max_length=12), 0.0, []
+    width = 11 if family == "llada" else 10  # the prefix token (and Dream's EOS) inside 12
+    for prefix, target in map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1)):
+        scored = target if family == "llada" else [*target, eos]
+        assert len(prefix) + len(scored) <= 12
+        total += llm.sampler.log_likelihood(llm.executor, torch.tensor(prefix), torch.tensor(scored), gen, options)
+        seen.extend(target)
+    assert seen == tokens and got == total
+
+
+def MosaicLM_for(path):  # noqa: N802
+    from mosaic_dllm.evaluation import MosaicLM
+
+    return MosaicLM(str(path), mc_num=4, mc_batch_size=2, max_length=12)
