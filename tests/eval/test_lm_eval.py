@@ -59,8 +59,8 @@ def test_mosaic_eval_is_lm_evals_command_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_dream_checkpoint_runs_a_multiple_choice_task_with_dreams_estimator(tiny_checkpoints):
-    """lm-eval's multiple-choice requests on a tiny Dream checkpoint go through Dream's own
-    estimator (ftb, as its evaluation script), offline."""
+    """lm-eval's multiple-choice and perplexity requests on a tiny Dream checkpoint go through
+    Dream's own estimator (ftb, as its evaluation script), offline."""
     from lm_eval.tasks import TaskManager
 
     import mosaic_dllm.evaluation  # noqa: F401  (registers the model)
@@ -68,13 +68,14 @@ def test_a_dream_checkpoint_runs_a_multiple_choice_task_with_dreams_estimator(ti
     results = lm_eval.simple_evaluate(
         model="mosaic",
         model_args=f"pretrained={tiny_checkpoints['dream']},mc_num=4,mc_batch_size=2,log_type=ftb",
-        tasks=["mosaic_tiny_mc"],
+        tasks=["mosaic_tiny_mc", "mosaic_tiny_ppl"],
         task_manager=TaskManager(include_path=str(TASKS)),
         log_samples=True,
     )
     assert 0.0 <= results["results"]["mosaic_tiny_mc"]["acc,none"] <= 1.0
     scores = [r[0][0] for s in results["samples"]["mosaic_tiny_mc"] for r in s["resps"]]
     assert len(scores) == 8 and all(score < 0 for score in scores)  # log-likelihoods of the choices
+    assert results["results"]["mosaic_tiny_ppl"]["word_perplexity,none"] > 1  # and a perplexity task
 
 
 def test_presets_fill_what_the_official_scripts_pass_per_task(tiny_checkpoints, capsys):
