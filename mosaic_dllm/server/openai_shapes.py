@@ -43,23 +43,21 @@ class Shape:
         text, stopped = cut_at_stop(out.text, self.stops)
         return text, "stop" if stopped else out.finish_reason
 
-    def response(self, out: GenerationOutput) -> dict:
+    def choice(self, out: GenerationOutput, chunk: bool) -> dict:
+        """The one choice: a chat message (a delta in a chunk) or a completion's text."""
         text, finish = self.answer(out)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+            choice = {"index": 0, "delta" if chunk else "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = finish
-        return self._base(False) | {"choices": [choice], "usage": self.usage(out), "settings": out.settings}
+        return choice | {"finish_reason": finish}
+
+    def response(self, out: GenerationOutput) -> dict:
+        body = {"choices": [self.choice(out, chunk=False)], "usage": self.usage(out), "settings": out.settings}
+        return self._base(False) | body
 
     def final_chunk(self, out: GenerationOutput) -> dict:
-        text, finish = self.answer(out)
-        if self.chat:
-            choice = {"index": 0, "delta": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = finish
-        return self._base(True) | {"choices": [choice], "settings": out.settings}
+        return self._base(True) | {"choices": [self.choice(out, chunk=True)], "settings": out.settings}
 
     def usage_chunk(self, out: GenerationOutput) -> dict:
         return self._base(True) | {"choices": [], "usage": self.usage(out)}
