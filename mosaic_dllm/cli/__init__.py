@@ -8,21 +8,31 @@ import logging
 import os
 import sys
 
-from ..config import FAMILY_NAMES, SETTINGS, Setting
+from ..config import FAMILY_NAMES, MAX_LENGTH, SETTINGS, Setting
 from ..engine import DEFAULT_MAX_BATCH, USER_ERRORS
 from ..runtime import DEFAULT_ROW_CHUNK
 from . import commands, planning
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (the flag is named in argparse's error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _ranged(kind: type, low: float, high: float):
+    """argparse type: a `kind` in [low, high], so every numeric flag's range is declared with the
+    flag (argparse names the flag in its error; nan and inf are outside any range)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {kind(low)}..{kind(high)}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _ranged(int, 1, MAX_LENGTH)  # counts of layers, rows, tokens
+_fraction = _ranged(float, 0.0, 0.999)
+_seconds = _ranged(float, 0.1, 3600)
 
 
 def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
@@ -60,7 +70,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="llada-8b, dream-7b or llada-moe-7b (random weights, real dimensions)")
     p.add_argument("--model", help="a checkpoint directory instead of a preset")
     p.add_argument("--layers", type=_positive_int, help="keep only this many layers (presets)")
-    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of the total length")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of the total length")
     p.add_argument(
         "--executors",
         default="eager,mosaic",
@@ -153,18 +163,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_ranged(int, 0, 65535), default=8000)
     p.add_argument(
         "--max-batch",
         type=int,
         default=DEFAULT_MAX_BATCH,
         help="most requests per forward pass, as the memory plan admits (1: one at a time; tokens are the same)",
     )
-    p.add_argument("--max-queue", type=int, default=64, help="admitted requests that may wait beyond the batch")
+    p.add_argument(
+        "--max-queue",
+        type=_ranged(int, 0, 1 << 20),
+        default=64,
+        help="admitted requests that may wait beyond the batch",
+    )
     p.add_argument("--max-body", default="2MiB", help="largest request body (larger ones get 413)")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a new connection has to send a request")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request has to send its whole body")
-    p.add_argument("--max-connections", type=int, default=512, help="connections served at once (more get 503)")
+    p.add_argument(
+        "--header-timeout", type=_seconds, default=10.0, help="seconds a new connection has to send a request"
+    )
+    p.add_argument("--body-timeout", type=_seconds, default=30.0, help="seconds a request has to send its whole body")
+    p.add_argument(
+        "--max-connections",
+        type=_ranged(int, 1, 1 << 20),
+        default=512,
+        help="connections served at once (more get 503)",
+    )
     p.set_defaults(func=commands.serve)
 
     p = sub.add_parser("plan", help="print the memory plan of a denoising step (no weights loaded)")
@@ -179,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
     p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
-    p.add_argument("--alpha", type=float, default=0.5, help="prompt fraction of L (the rest is masked)")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of L (the rest is masked)")
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
     _add_row_chunk_flag(p)
     p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
