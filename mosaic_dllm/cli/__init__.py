@@ -30,6 +30,12 @@ def _ranged(kind: type, low: float, high: float):
     return parse
 
 
+def _setting_range(name: str):
+    """argparse type for a flag that stands for generation setting `name`: its declared range."""
+    s = SETTINGS[name]
+    return _ranged(s.kind, s.low, s.high if s.high is not None else float("inf"))
+
+
 _positive_int = _ranged(int, 1, MAX_LENGTH)  # counts of layers, rows, tokens
 _fraction = _ranged(float, 0.0, 0.999)
 _seconds = _ranged(float, 0.1, 3600)
@@ -78,7 +84,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
         "(see bench/variants.py)",
     )
     _add_row_chunk_flag(p)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=_setting_range("temperature"), default=0.0)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the records to this file")
@@ -156,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=_positive_int, default=512)
     p.add_argument("--limit", type=_positive_int, default=262144, help="longest length to try")
     p.add_argument("--precision", type=_positive_int, default=64, help="binary search stops at this gap")
-    p.add_argument("--measure-up-to", type=int, default=4096, help="longer lengths are predicted, not run")
+    p.add_argument(
+        "--measure-up-to", type=_ranged(int, 0, MAX_LENGTH), default=4096, help="longer lengths are predicted, not run"
+    )
     p.set_defaults(func=planning.bench_max_len)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
@@ -204,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of L (the rest is masked)")
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")
     _add_row_chunk_flag(p)
-    p.add_argument("--cfg-scale", type=float, default=0.0, help="LLaDA guidance doubles the batch")
+    p.add_argument(
+        "--cfg-scale", type=_setting_range("cfg_scale"), default=0.0, help="LLaDA guidance doubles the batch"
+    )
     p.add_argument(
         "--cache",
         choices=["none", "prefix", "dual"],
