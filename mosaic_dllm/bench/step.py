@@ -25,6 +25,7 @@ from ..config import GenerationConfig
 from ..decoding import sampler_for
 from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
+from ..memory.prediction import predicting
 from ..memory.rss import PeakMemory
 from ..models.spec import ArchSpec
 from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
@@ -154,7 +155,7 @@ def predict(
         raise NotImplementedError("MoE steps route tokens by value: their memory can be measured, not predicted")
     sampler_bytes = sampler_for(spec).row_bytes(request.config, spec.vocab_size, dtype, torch.device("cpu"))
     started = [start_first_step(spec, request, torch.device("cpu"), torch.Generator().manual_seed(0)) for _ in range(2)]
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the rows stay real: the sampler reads them
+    with predicting(), FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the rows stay real: the sampler reads them
         state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
         executor = make_executor(executor_name, spec, from_state_dict(spec, state), executor_options(options))
         started = [_fake_canvas(mode, s) for s in started]  # as measured: the canvas is an input, not a step buffer

@@ -21,10 +21,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 from torch.distributions import Distribution, constraints
 
 from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigError, check_stored
+from ..memory.prediction import is_predicting
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def categorical_valid(probs: Tensor) -> bool | None:
     if not Distribution._validate_args:
         return True
     valid = constraints.simplex.check(normalized).all()
-    return None if is_fake(valid) else bool(valid)
+    return None if is_predicting() else bool(valid)
 
 
 def sample_tokens(

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
+from ..memory.prediction import is_predicting
 from ..models.kv_cache import CacheUse
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
@@ -156,7 +156,7 @@ class AttentionOps:
         blocks: dict[int, list[tuple[int, int]]] = {}
         for offset, _, start, end in parts:
             blocks.setdefault(offset, []).append((start, end))
-        predicting = is_fake(x)
+        predicting = is_predicting()
         for offset, spans in blocks.items():
             # A prediction (fake tensors, no values) runs the largest query block against the two
             # largest key chunks: every other iteration allocates the same, and the loop is quadratic.

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from ..device import GemmRule
+from ..memory.prediction import is_predicting
 
 
 def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
@@ -30,7 +30,7 @@ def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
     allocates anything the others do not, and thousands of calls are thousands of dispatches."""
     if size is None or n <= size:
         return [(0, n)]
-    starts = [0] if is_fake(x) else [min(start, n - size) for start in range(0, n, size)]
+    starts = [0] if is_predicting() else [min(start, n - size) for start in range(0, n, size)]
     return [(s, s + size) for s in starts]
 
 

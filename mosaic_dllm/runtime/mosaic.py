@@ -22,12 +22,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
 
 from ..device import KernelRules
 from ..kernels.memory import AllocatorMemory
 from ..kernels.planned import PlannedOps
 from ..memory.arena import Arena
+from ..memory.prediction import is_predicting
 from ..models import transformer
 from ..models.kv_cache import CacheUse
 from ..models.ops import RowHead
@@ -96,7 +96,7 @@ class MosaicExecutor:
         self._planning = threading.Lock()
         device = weights.embed.device
         backing = self.options.arena
-        if backing is None and isinstance(weights.embed, FakeTensor):  # predicting: nothing may be mapped
+        if backing is None and is_predicting():  # fake tensors: nothing may be mapped
             backing = "tensor"
         self.arena = Arena(device, backing=backing)
         self.plans = PlanCache(spec, self.dtype, device, self.options.cache_size)
