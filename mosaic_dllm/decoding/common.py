@@ -137,7 +137,6 @@ class DenoiseState:
 
 class Sampler(Protocol):
     family: str  # config.LLADA or config.DREAM: which settings it reads (config.SETTINGS)
-    bench_settings: dict  # defaults of a benchmark step: temperature 0, rows fixed by the canvas
 
     def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
         """Unset settings filled as the family's official code fills them (the prompt's length may

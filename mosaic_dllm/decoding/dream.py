@@ -177,7 +177,6 @@ class DreamSampler:
     """
 
     family = DREAM
-    bench_settings: dict = {"alg": "maskgit_plus", "temperature": 0.0}  # origin reads a random subset of rows
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
         self.spec = spec

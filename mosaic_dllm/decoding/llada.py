@@ -51,7 +51,6 @@ class LLaDASampler:
     """
 
     family = LLADA
-    bench_settings: dict = {"temperature": 0.0}
 
     def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
         self.spec = spec
