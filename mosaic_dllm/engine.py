@@ -82,6 +82,19 @@ USER_ERRORS = (
 )
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a front end (the server, the page) shows of an engine, without reaching into it."""
+
+    family: str  # the checkpoint's family (llada, llada_moe, dream)
+    sampler: str  # which settings it reads (config.LLADA or config.DREAM)
+    executor: str
+    memory_budget: int | None  # bytes a step may use (None: unplanned)
+    max_batch: int
+    context: int  # the checkpoint's positions
+    eos_token_ids: tuple[int, ...]
+
+
 @dataclass
 class GenerationOutput:
     text: str  # generated text up to the first EOS (the answer)
@@ -158,6 +171,27 @@ class LLM:
         """`config` with every unset setting filled as the family's official code would fill it (some
         defaults depend on the prompt's length), every setting checked (GenerationConfigError)."""
         return self.sampler.resolve(config, prompt_length)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            self.spec.family,
+            self.sampler.family,
+            self.executor.name,
+            self.executor.memory_budget,
+            self.scheduler.max_batch,
+            self.spec.max_position_embeddings,
+            self.spec.eos_token_ids,
+        )
+
+    @property
+    def committed_bytes(self) -> int:
+        """Arena bytes committed now (0 when unplanned)."""
+        return self.executor.committed_bytes
+
+    def plan_of(self, request: Request) -> StepPlan | None:
+        """The plan of a request's largest step (None for an unplanned executor)."""
+        return self.executor.plan_for(*request.worst)
 
     @property
     def device(self) -> torch.device:

@@ -110,3 +110,12 @@ def test_text_without_tokenizer_is_refused(tiny_checkpoints, tmp_path):
     with pytest.raises(PromptError, match="no tokenizer files"):
         llm.generate("hello", SMALL)
     assert len(llm.generate([1, 2, 3], SMALL)[0].token_ids) == 8
+
+
+def test_the_engine_describes_itself_to_front_ends(llada):
+    """What the server and the page show comes from `LLM.info`, not from the engine's parts."""
+    info = llada.info
+    assert (info.family, info.sampler, info.executor) == ("llada", "llada", "mosaic")
+    assert info.memory_budget and info.max_batch >= 1 and info.context == llada.spec.max_position_embeddings
+    request = llada.request([5, 6, 7], llada.resolve(GenerationConfig(gen_length=8, steps=8), 3))
+    assert llada.plan_of(request).predicted_peak_bytes <= info.memory_budget

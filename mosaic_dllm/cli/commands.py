@@ -40,7 +40,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.json:
         record = {
             "model": str(model),
-            "family": llm.spec.family,
+            "family": llm.info.family,
             "executor": args.executor,
             **vars(out),
         }
@@ -152,10 +152,10 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=max_body,
         body_seconds=args.body_timeout,
     )
-    budget = llm.executor.memory_budget
+    budget = llm.info.memory_budget
     limits = f"batch {args.max_batch}, queue {args.max_queue}"
     print(
-        f"mosaic serve: {Path(model).name} ({llm.spec.family}, {llm.executor.name} executor, memory budget "
+        f"mosaic serve: {Path(model).name} ({llm.info.family}, {llm.info.executor} executor, memory budget "
         f"{mib(budget) if budget else 'none'}, {limits}) on http://{args.host}:{args.port}",
         file=sys.stderr,
         flush=True,

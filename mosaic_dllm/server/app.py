@@ -69,8 +69,8 @@ class Service:
         self.llm, self.max_queue = llm, max_queue
         self.model_id = model_name or llm.checkpoint.name
         self.metrics = Metrics()
-        if llm.executor.memory_budget:
-            self.metrics.budget_bytes.set(llm.executor.memory_budget)
+        if llm.info.memory_budget:
+            self.metrics.budget_bytes.set(llm.info.memory_budget)
         self.worker = GenerationWorker(llm, max_queue, self.metrics)
 
     # -- errors --------------------------------------------------------------------------------
@@ -103,17 +103,17 @@ class Service:
 
     # -- informational routes ------------------------------------------------------------------
     async def health(self) -> dict:
-        budget = self.llm.executor.memory_budget
+        budget = self.llm.info.memory_budget
         return {
             "status": "ok",
             "model": self.model_id,
-            "family": self.llm.spec.family,
-            "executor": self.llm.executor.name,
+            "family": self.llm.info.family,
+            "executor": self.llm.info.executor,
             "admission": "by memory plan" if budget else "unplanned (eager executor: no budget)",
             "memory_budget_bytes": budget,
-            "arena_committed_bytes": self.llm.executor.committed_bytes,
+            "arena_committed_bytes": self.llm.committed_bytes,
             "running": self.worker.running,
-            "max_batch": self.llm.scheduler.max_batch,
+            "max_batch": self.llm.info.max_batch,
             "waiting": self.worker.waiting,
             "max_queue": self.max_queue,
         }
@@ -129,15 +129,15 @@ class Service:
             "batch_sequences": batch.sequences,
             "batch_tokens": batch.tokens,
             "planned_bytes": batch.planned_bytes,
-            "memory_budget_bytes": self.llm.executor.memory_budget,
-            "arena_committed_bytes": self.llm.executor.committed_bytes,
+            "memory_budget_bytes": self.llm.info.memory_budget,
+            "arena_committed_bytes": self.llm.committed_bytes,
             "rss_bytes": current_rss_bytes(),
         }
 
     async def page(self) -> HTMLResponse:
         """The live page: one self-contained file, no request to any other host; its settings
         fields are those this model's sampler reads."""
-        fields = json.dumps(page_settings(self.llm.sampler.family)).replace("</", "<\\/")
+        fields = json.dumps(page_settings(self.llm.info.sampler)).replace("</", "<\\/")
         return HTMLResponse(PAGE.read_text(encoding="utf-8").replace("/*SETTINGS*/[]", fields))
 
     async def prometheus(self) -> Response:
@@ -176,7 +176,7 @@ class Service:
 
     def check_text_length(self, chars: int) -> None:
         """Refuse, before tokenizing, a text too long to fit the context in any tokenization."""
-        tokenizer, context = self.llm.tokenizer, self.llm.spec.max_position_embeddings
+        tokenizer, context = self.llm.tokenizer, self.llm.info.context
         if tokenizer is not None and chars > context * tokenizer.longest_token_chars:
             raise APIError(
                 400,
@@ -281,9 +281,9 @@ class Service:
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    chunk = shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.spec.eos_token_ids)
+                    chunk = shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.info.eos_token_ids)
                     if chunk["denoising"]["step"] == 1:  # the first step: how the request got in
-                        chunk["denoising"]["admission"] = job.admission(self.llm.executor.memory_budget)
+                        chunk["denoising"]["admission"] = job.admission(self.llm.info.memory_budget)
                     yield sse(chunk)
                 else:
                     getter.cancel()

@@ -54,7 +54,7 @@ class Metrics:
         self.batch_sequences.set(stats.sequences)
         self.batch_tokens.set(stats.tokens)
         self.planned_bytes.set(stats.planned_bytes)
-        self.arena_bytes.set(llm.executor.committed_bytes)
+        self.arena_bytes.set(llm.committed_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,7 +115,7 @@ class GenerationWorker:
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
         self.check_room()
-        plan = self.llm.executor.plan_for(*request.worst)
+        plan = self.llm.plan_of(request)
         if plan is None:  # the eager executor plans nothing
             job = Job(prompt_ids, request.config, request)
         else:
