@@ -18,6 +18,13 @@ from ..plan.search import DoesNotFit
 from .presets import preset
 from .step import StepRequest, measure, predict, random_weights
 
+DOES_NOT_FIT = "does not fit"  # a probe's status when no plan fits the budget: a result, not a failure
+
+
+def failed(record: dict) -> bool:
+    """Whether a probe failed (crashed, timed out): anything but "ok" and "does not fit"."""
+    return record["status"] != "ok" and not record["status"].startswith(DOES_NOT_FIT)
+
 
 def load_model(job: dict) -> tuple:
     dtype = checkpoint.parse_dtype(job["dtype"]) or torch.bfloat16
@@ -48,7 +55,7 @@ def run(job: dict) -> dict:
         record["predicted_peak_activation_bytes"] = None
         record["prediction_note"] = str(exc)
     except DoesNotFit as exc:  # the budget search found no chunking that fits: nothing to run
-        return record | {"measured": False, "status": f"does not fit: {exc}"}
+        return record | {"measured": False, "status": f"{DOES_NOT_FIT}: {exc}"}
     if not job.get("measure", True):
         return record | {"measured": False, "status": "ok"}
     weights = weights if isinstance(weights, Weights) else random_weights(spec, dtype, job.get("device", "cpu"))

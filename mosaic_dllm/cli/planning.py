@@ -61,11 +61,9 @@ def bench_memory(args: argparse.Namespace) -> int:
 
 def _failed_probes(records: list[dict]) -> list[str]:
     """Probes that failed for another reason than "does not fit" (that one is a result)."""
-    return [
-        f"{r['executor']} at L={r['length']}: {r['status']}"
-        for r in records
-        if r["status"] != "ok" and not r["status"].startswith("does not fit")
-    ]
+    from ..bench.worker import failed
+
+    return [f"{r['executor']} at L={r['length']}: {r['status']}" for r in records if failed(r)]
 
 
 def _report_failures(failed: list[str]) -> int:
