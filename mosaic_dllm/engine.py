@@ -26,8 +26,8 @@ from .memory.sizes import parse_bytes
 from .models import ConfigError
 from .models.groups import Chunks, searchable_groups
 from .plan.search import DoesNotFit
+from .plan.shapes import RequestShape
 from .plan.step_plan import LRU, StepPlan
-from .plan.trace import RequestShape
 from .runtime import ExecutorOptions, check_executor, make_executor
 from .scheduler import Request, Scheduler
 from .tokenizer import TokenizerError

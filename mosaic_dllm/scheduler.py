@@ -31,7 +31,7 @@ import torch
 from .config import GenerationConfig
 from .decoding.common import DenoiseResult, GenerationCancelled, SamplerState, StepCallback, StepEvent
 from .plan.search import DoesNotFit
-from .plan.trace import RequestShape
+from .plan.shapes import RequestShape
 from .runtime import Executor
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes
 from ..plan.search import LENGTH_LIMIT, fit, longest, max_length
+from ..plan.shapes import StepShape, chunk_bucket
 from ..plan.step_plan import PlanCache
-from ..plan.trace import StepShape, chunk_bucket
 from .step import StepRequest, first_step_config, predict
 
 

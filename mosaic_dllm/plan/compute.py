@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..models.groups import BY_NAME, group_spans
 from ..models.spec import ArchSpec
-from .trace import StepShape
+from .shapes import StepShape
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ..memory.sizes import mib
 from .compute import Recompute
+from .shapes import StepShape
 from .step_plan import StepPlan
-from .trace import StepShape
 
 
 def plan_report(

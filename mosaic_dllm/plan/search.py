@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from ..device import KernelRules
 from ..memory.sizes import ceil_div, mib
 from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
+from .shapes import StepShape
 from .step_plan import PlanCache, StepPlan
-from .trace import StepShape
 
 __all__ = [
     "CHUNKABLE_GROUPS",

@@ -20,8 +20,9 @@ from ..device import DeviceProfile, profile_for
 from ..models.groups import BY_NAME
 from ..models.spec import ArchSpec
 from .offsets import Buffer, Plan, best_plan, live_profile, validate
+from .shapes import StepShape
 from .symbolic import StepTracer
-from .trace import StepGraph, StepShape, trace_step
+from .trace import StepGraph, trace_step
 
 
 def device_alignment(device: torch.device) -> int:

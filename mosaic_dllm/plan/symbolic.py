@@ -26,7 +26,8 @@ from ..device import KernelRules
 from ..models.groups import PIECE_GROUPS, Chunks, OpGroup, largest_chunk
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
-from .trace import StepGraph, StepShape, TracedBuffer, TraceMemory, trace_step
+from .shapes import StepShape
+from .trace import StepGraph, TracedBuffer, TraceMemory, trace_step
 
 
 def _primes_from(start: int, count: int) -> tuple[int, ...]:

@@ -18,8 +18,8 @@ from ..models import transformer
 from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
+from ..plan.shapes import RequestShape
 from ..plan.step_plan import StepPlan
-from ..plan.trace import RequestShape
 from .executor import RowChunks, StepInput, StepLogits
 
 

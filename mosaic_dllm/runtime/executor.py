@@ -23,8 +23,8 @@ from torch import Tensor
 from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, Chunks
 from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
+from ..plan.shapes import RequestShape
 from ..plan.step_plan import StepPlan
-from ..plan.trace import RequestShape
 
 DEFAULT_ROW_CHUNK = 64
 RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V))

@@ -35,8 +35,8 @@ from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from ..plan.search import DoesNotFit, SearchResult, fit
+from ..plan.shapes import RequestShape, StepShape
 from ..plan.step_plan import LRU, PlanCache, StepPlan
-from ..plan.trace import RequestShape, StepShape
 from .executor import ExecutorOptions, RowChunks, StepInput, StepLogits, single_step
 
 

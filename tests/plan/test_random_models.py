@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from mosaic_dllm.bench.step import random_weights
 from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.plan.shapes import StepShape
 from mosaic_dllm.plan.step_plan import plan_step
-from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor, ExecutorOptions, MosaicExecutor
 from tests.helpers import joined
 from tests.tiny import tiny_spec

@@ -7,8 +7,8 @@ from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import Chunks, group_spans
 from mosaic_dllm.plan.search import MIN_CHUNK_TOKENS, DoesNotFit, fit, max_length, most_chunked
+from mosaic_dllm.plan.shapes import StepShape
 from mosaic_dllm.plan.step_plan import PlanCache
-from mosaic_dllm.plan.trace import StepShape
 from tests.profiles import intel_amx
 
 SPEC = preset("llada-8b", layers=2)

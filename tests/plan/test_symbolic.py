@@ -8,8 +8,9 @@ from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.device import profile_for
 from mosaic_dllm.models.groups import Chunks
 from mosaic_dllm.plan import symbolic
+from mosaic_dllm.plan.shapes import StepShape
 from mosaic_dllm.plan.symbolic import Monomial, StepTracer, structure
-from mosaic_dllm.plan.trace import StepShape, trace_step
+from mosaic_dllm.plan.trace import trace_step
 from tests.tiny import tiny_spec
 
 SPECS = {name: preset(name, layers=2) for name in ("llada-8b", "dream-7b", "llada-moe-7b")}

@@ -7,8 +7,9 @@ import torch
 
 from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import BY_NAME
+from mosaic_dllm.plan.shapes import StepShape, chunk_bucket
 from mosaic_dllm.plan.step_plan import plan_step
-from mosaic_dllm.plan.trace import StepShape, chunk_bucket, trace_step
+from mosaic_dllm.plan.trace import trace_step
 from tests.tiny import tiny_spec
 
 IDS = {"mask": 317, "eos": 316}

@@ -8,8 +8,8 @@ from mosaic_dllm import LLM, DoesNotFit, GenerationConfig
 from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import Chunks, spans
 from mosaic_dllm.plan.search import fit, most_chunked
+from mosaic_dllm.plan.shapes import StepShape
 from mosaic_dllm.plan.step_plan import PlanCache
-from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
 from tests.helpers import joined
 

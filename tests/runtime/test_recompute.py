@@ -18,8 +18,8 @@ from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import CHUNKABLE_GROUPS, Chunks
 from mosaic_dllm.plan.compute import recompute_cost
 from mosaic_dllm.plan.search import fit, max_length, most_chunked
+from mosaic_dllm.plan.shapes import StepShape
 from mosaic_dllm.plan.step_plan import PlanCache
-from mosaic_dllm.plan.trace import StepShape
 from mosaic_dllm.runtime import EagerExecutor
 from tests.helpers import joined
 from tests.profiles import intel_amx
