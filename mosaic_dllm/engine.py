@@ -191,7 +191,7 @@ class LLM:
 
     def plan_of(self, request: Request) -> StepPlan | None:
         """The plan of a request's largest step (None for an unplanned executor)."""
-        return self.executor.plan_for(*request.worst)
+        return self.executor.plan_for(request.worst)
 
     @property
     def device(self) -> torch.device:
@@ -348,7 +348,7 @@ class LLM:
         """Plan the request's largest step (the first) before any work; raises `DoesNotFit` (with the
         longest length that would fit) when the memory budget cannot hold it. Returns that step's
         plan (None for an unplanned executor)."""
-        return self.executor.plan_for(*self.worst_step(prompt_length, self.resolve(cfg, prompt_length)))
+        return self.executor.plan_for(self.worst_step(prompt_length, self.resolve(cfg, prompt_length)))
 
     def worst_step(self, prompt_length: int, cfg: GenerationConfig) -> RequestShape:
         """A request's largest step (the whole canvas, the most rows any step reads, its block cache

@@ -37,7 +37,7 @@ class EagerExecutor:
     def dtype(self) -> torch.dtype:
         return self.weights.embed.dtype
 
-    def plan_for(self, *request: int) -> None:
+    def plan_for(self, request: RequestShape) -> None:
         """Unplanned: activations come from the allocator as the official code makes them."""
         return None
 

@@ -90,9 +90,7 @@ class Executor(Protocol):
     @property
     def last_plan(self) -> StepPlan | None: ...
 
-    def plan_for(
-        self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0, cache_bytes: int = 0, keys: int = 0
-    ) -> StepPlan | None:
+    def plan_for(self, request: RequestShape) -> StepPlan | None:
         """The memory plan of one request's step (None for an unplanned executor); may raise
         DoesNotFit, naming the longest length that fits."""
 

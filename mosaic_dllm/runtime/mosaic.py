@@ -114,15 +114,12 @@ class MosaicExecutor:
     def committed_bytes(self) -> int:
         return self.arena.touched_bytes
 
-    def plan_for(
-        self, batch: int, length: int, rows: int, sampler_row_bytes: int = 0, cache_bytes: int = 0, keys: int = 0
-    ) -> StepPlan:
-        """The plan of one request's step over a (batch, length) canvas sampling `rows` rows (may
-        raise DoesNotFit naming the longest length that fits); the rest as `RequestShape`.
+    def plan_for(self, request: RequestShape) -> StepPlan:
+        """The plan of one request's step (may raise DoesNotFit naming the longest length that fits).
 
         Thread-safe: a server plans the next request while the current one runs.
         """
-        return self._plan([RequestShape(batch, length, rows, sampler_row_bytes, cache_bytes, keys)], explain=True)
+        return self._plan([request], explain=True)
 
     def plan_batch(self, requests: Sequence[RequestShape]) -> StepPlan:
         """The plan of a step running `requests` together (DoesNotFit without the length search)."""

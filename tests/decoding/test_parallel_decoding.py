@@ -145,7 +145,7 @@ def test_a_request_that_fits_only_without_its_cache_is_refused_before_any_work(t
     path = tiny_checkpoints["llada"]
     llm = LLM(path, dtype=torch.float32)
     cfg = GenerationConfig(gen_length=64, steps=64, block_length=8)
-    plain = llm.executor.plan_for(*llm.request(PROMPT, cfg).worst).predicted_peak_bytes
+    plain = llm.executor.plan_for(llm.request(PROMPT, cfg).worst).predicted_peak_bytes
     dual = llm.request(PROMPT, GenerationConfig(**(cfg.given() | {"cache": "dual"}))).worst
     assert dual.cache_bytes > 0
     tight = LLM(path, dtype=torch.float32, memory_budget=plain + dual.cache_bytes // 2, chunk_groups=())

@@ -8,7 +8,7 @@ from mosaic_dllm import LLM, DoesNotFit, GenerationConfig
 from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.models.groups import Chunks, spans
 from mosaic_dllm.plan.search import fit, most_chunked
-from mosaic_dllm.plan.shapes import StepShape
+from mosaic_dllm.plan.shapes import RequestShape, StepShape
 from mosaic_dllm.plan.step_plan import PlanCache
 from mosaic_dllm.runtime import EagerExecutor
 from tests.helpers import joined
@@ -101,15 +101,19 @@ def test_the_search_splits_only_the_allowed_groups():
 def test_the_executor_honours_its_chunk_groups(tiny_checkpoints):
     """In the tiny model FFN and logits cannot lower the peak: restricted to them the search fails
     where the unrestricted one fits."""
-    roomy = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16).executor.plan_for(1, 200, 64).predicted_peak_bytes
+    roomy = (
+        LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16)
+        .executor.plan_for(RequestShape(1, 200, 64))
+        .predicted_peak_bytes
+    )
     budget = int(roomy * 0.9)
     restricted = LLM(
         tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=budget, chunk_groups=("ffn", "logits")
     )
     with pytest.raises(DoesNotFit, match="cannot be chunked further"):
-        restricted.executor.plan_for(1, 200, 64)
+        restricted.executor.plan_for(RequestShape(1, 200, 64))
     free = LLM(tiny_checkpoints["llada"], dtype=torch.bfloat16, memory_budget=budget)
-    assert free.executor.plan_for(1, 200, 64).predicted_peak_bytes <= budget
+    assert free.executor.plan_for(RequestShape(1, 200, 64)).predicted_peak_bytes <= budget
     with pytest.raises(ValueError, match="unknown chunk groups"):
         LLM(tiny_checkpoints["llada"], chunk_groups=("everything",))
 

@@ -6,6 +6,7 @@ import torch
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.kernels.planned import PlannedOps
 from mosaic_dllm.memory.accounting import LiveTensorTracker
+from mosaic_dllm.plan.shapes import RequestShape
 from mosaic_dllm.runtime import EagerExecutor
 from mosaic_dllm.runtime.mosaic import ArenaMemory, PlanMismatchError
 from tests.helpers import joined
@@ -64,7 +65,7 @@ def test_a_generation_plans_a_handful_of_times_and_gives_memory_back(tiny_checkp
 
 def test_a_step_that_disagrees_with_its_plan_is_stopped(tiny_checkpoints):
     llm = LLM(tiny_checkpoints["llada"], executor="mosaic")
-    plan = llm.executor.plan_for(1, 20, 4)
+    plan = llm.executor.plan_for(RequestShape(1, 20, 4))
     ops = PlannedOps(ArenaMemory(plan, llm.executor.arena, llm.executor.plans.rules))
     with pytest.raises(PlanMismatchError, match="asks for"):
         ops.embed(torch.zeros(1, 21, dtype=torch.long), llm.checkpoint.weights.embed, name="embed")
