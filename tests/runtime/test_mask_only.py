@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mosaic_dllm import LLM, GenerationConfig
-from mosaic_dllm.decoding import dream
+from mosaic_dllm.decoding import dream_sampling
 from mosaic_dllm.decoding.rows import UniformReplay
 from mosaic_dllm.memory.accounting import LiveTensorTracker
 from mosaic_dllm.runtime import EagerExecutor, MosaicExecutor
@@ -43,10 +43,10 @@ def test_refused_chunk_rewinds_and_takes_the_argmax(monkeypatch):
     logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(1))
     chunks = lambda: iter([(None, logits[:3]), (None, logits[3:])])  # noqa: E731
     calls = []
-    monkeypatch.setattr(dream, "categorical_valid", lambda p: calls.append(1) or len(calls) != 2)
+    monkeypatch.setattr(dream_sampling, "categorical_valid", lambda p: calls.append(1) or len(calls) != 2)
     g = torch.Generator().manual_seed(2)
     start = g.get_state()
-    confidence, x0 = dream.sample_rows(chunks, g, temperature=1.0, top_p=None, top_k=None)
+    confidence, x0 = dream_sampling.sample_rows(chunks, g, temperature=1.0, top_p=None, top_k=None)
     assert torch.equal(x0, logits.argmax(-1))
     assert torch.equal(g.get_state(), start)
 
