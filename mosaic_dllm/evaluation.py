@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from itertools import groupby
 
 import torch
 from lm_eval.api.model import LM
@@ -87,6 +88,7 @@ def preset_settings(preset: str | None, task: str | None) -> dict:
 
 
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"
+REQUESTS_PER_PASS = 16  # likelihood requests whose Monte Carlo copies may share forward passes
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
 ENGINE_KEYS += ("allow_recompute", "allow_special_tokens")
 
@@ -201,13 +203,20 @@ class MosaicLM(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """Each request's Monte Carlo estimate as its family's official evaluation computes it
-        (tokenisation included: `Sampler.encode_pair`, `Sampler.log_likelihood`)."""
+        (tokenisation included: `Sampler.encode_pair`), `REQUESTS_PER_PASS` requests at a time
+        sharing forward passes (each its value alone: `Sampler.log_likelihoods`)."""
         sampler, out = self.llm.sampler, []
-        for request in tqdm(requests, desc="mosaic likelihood"):
-            options = self.options_for(getattr(request, "task_name", None))
-            pair = sampler.encode_pair(self.llm.tokenizer, *request.args, options)
-            prefix, target = (torch.tensor(ids, dtype=torch.long) for ids in pair)
-            out.append((sampler.log_likelihood(self.llm.executor, prefix, target, self.gen, options), False))
+        with tqdm(total=len(requests), desc="mosaic likelihood") as bar:
+            for first in range(0, len(requests), REQUESTS_PER_PASS):
+                chunk = requests[first : first + REQUESTS_PER_PASS]
+                values: list[float] = []
+                for task, members in groupby(chunk, key=lambda r: getattr(r, "task_name", None)):
+                    options = self.options_for(task)  # consecutive requests of one task: one set of options
+                    pairs = [sampler.encode_pair(self.llm.tokenizer, *r.args, options) for r in members]
+                    tensors = [tuple(torch.tensor(ids, dtype=torch.long) for ids in pair) for pair in pairs]
+                    values += sampler.log_likelihoods(self.llm.executor, tensors, self.gen, options)
+                out += [(value, False) for value in values]
+                bar.update(len(chunk))
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:

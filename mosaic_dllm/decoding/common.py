@@ -173,5 +173,10 @@ class Sampler(Protocol):
     ) -> float:
         """The family's official Monte Carlo estimate of log p(target | prefix)."""
 
+    def log_likelihoods(
+        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+    ) -> list[float]:
+        """Several requests' estimates, each the value it has alone, their copies sharing passes."""
+
     def window_target(self, target: list[int]) -> list[int]:
         """A rolling (perplexity) window's target as the family's estimator scores it."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
 from .dream_sampling import sample_rows, sample_tokens
-from .likelihood import LikelihoodOptions, dream_log_likelihood
+from .likelihood import LikelihoodOptions, batched_estimates, dream_log_likelihood, dream_runs
 from .parallel import BlockState, block_cache, ranked_threshold
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
@@ -187,6 +188,13 @@ class DreamSampler:
         """A rolling window's target with EOS appended, as Dream's likelihood appends it (its last
         position is never masked)."""
         return [*target, self.eos_ids[0]]
+
+    def log_likelihoods(
+        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+    ) -> list[float]:
+        """Dream's evaluation's estimates of several requests, each its value alone, passes shared."""
+        draw = partial(dream_runs, mask_id=self.mask_id)
+        return batched_estimates(executor, pairs, draw, gen, options, by_length=options.log_type == "union")
 
     def log_likelihood(
         self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions

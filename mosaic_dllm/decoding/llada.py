@@ -13,6 +13,7 @@ way and never revealed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -23,7 +24,7 @@ from ..runtime import Executor
 from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
-from .likelihood import LikelihoodOptions, log_likelihood
+from .likelihood import LikelihoodOptions, batched_estimates, llada_runs, log_likelihood
 from .parallel import ParallelLLaDAState, block_cache
 from .rows import RowChunks, cfg_combine, propose
 from .schedule import llada_transfer_counts
@@ -129,6 +130,12 @@ class LLaDASampler:
     def window_target(self, target: list[int]) -> list[int]:
         """A rolling window's target as the estimator takes it: as is."""
         return target
+
+    def log_likelihoods(
+        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+    ) -> list[float]:
+        """LLaDA's official estimates of several requests, each its value alone, passes shared."""
+        return batched_estimates(executor, pairs, partial(llada_runs, mask_id=self.mask_id), gen, options)
 
     def log_likelihood(
         self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions

@@ -108,3 +108,30 @@ def test_the_eager_executor_runs_the_copies_as_the_official_batch(tiny_checkpoin
     assert [tuple(b.shape) for b in batches] == [(8, 12), (8, 12)]  # 2 runs of 4 copies and their guidance
     for ids in batches:
         assert not (ids[:4, :5] == mask).any() and (ids[4:, :5] == mask).all()  # conditional first, then guidance
+
+
+@pytest.mark.parametrize("family,settings", [("llada", dict(cfg_scale=0.5)), ("dream", dict(log_type="union"))])
+def test_requests_sharing_passes_keep_the_values_they_have_alone(tiny_checkpoints, family, settings, monkeypatch):
+    """Several requests' Monte Carlo copies packed into shared passes: each estimate equals the one
+    it gets alone (the draws come first, in request order; a row's bits do not depend on its
+    pass), and the passes are fewer than the runs."""
+    from mosaic_dllm.decoding.likelihood import LikelihoodOptions
+
+    llm = LLM(tiny_checkpoints[family], dtype=torch.float32, row_chunk=8)
+    pairs = [
+        (torch.tensor([5, 6, 7]), torch.tensor([20, 21, 22, 23])),
+        (torch.tensor([8, 9, 10, 11, 12]), torch.tensor([30, 31])),
+        (torch.tensor([13]), torch.tensor([40, 41, 42, 43, 44, 45])),
+    ]
+    alone = LikelihoodOptions(mc_num=8, batch_size=4, copies_per_pass=0, **settings)
+    gen = torch.Generator().manual_seed(5)
+    expected = [llm.sampler.log_likelihoods(llm.executor, [pair], gen, alone)[0] for pair in pairs]
+    passes = []
+    batch_logits = llm.executor.batch_logits
+    monkeypatch.setattr(
+        llm.executor, "batch_logits", lambda steps, **kw: passes.append(len(steps)) or batch_logits(steps, **kw)
+    )
+    shared = LikelihoodOptions(mc_num=8, batch_size=4, copies_per_pass=64, **settings)
+    got = llm.sampler.log_likelihoods(llm.executor, pairs, torch.Generator().manual_seed(5), shared)
+    assert got == expected
+    assert len(passes) < 6 and sum(passes) == 24  # 3 requests x 2 runs x 4 copies, in fewer passes
