@@ -1,10 +1,13 @@
 """Likelihood requests one at a time vs sharing forward passes, on the embedded default model.
 
     python benchmarks/likelihood_batching.py --requests 48 --json benchmarks/results/likelihood_batching_default.json
+    python benchmarks/likelihood_batching.py --requests 48 --spread --json benchmarks/results/likelihood_spread_default.json
 
 Requests: lines of the standard library's `textwrap.py` (each line's first half the context, the
 rest the continuation), LLaDA's official estimator with its default settings (128 samples, 32 per
 pass). Both ways are run in one process, one after the other; the values must be equal.
+`--spread`: instead, how much the estimate moves between seeds at mc_num 8, 32 and 128 (the
+standard deviation over 5 seeds, averaged over the requests), so users can choose mc_num.
 """
 
 from __future__ import annotations
@@ -36,14 +39,37 @@ def requests(llm: LLM, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
+def spread(llm: LLM, pairs: list[tuple[torch.Tensor, torch.Tensor]], seeds: int = 5) -> dict:
+    """The mean over requests of the estimate's standard deviation across seeds, per mc_num."""
+    record = {"requests": len(pairs), "seeds": seeds}
+    for mc_num in (8, 32, 128):
+        options = LikelihoodOptions(mc_num=mc_num, batch_size=min(mc_num, 32))
+        runs = torch.tensor(
+            [
+                llm.sampler.log_likelihoods(llm.executor, pairs, torch.Generator().manual_seed(s), options)
+                for s in range(seeds)
+            ]
+        )
+        std, mean = runs.std(dim=0).mean().item(), runs.mean().item()
+        record[f"mc_num={mc_num}"] = {"mean_estimate": round(mean, 3), "mean_std_over_seeds": round(std, 3)}
+        print(f"mc_num {mc_num:>4}: mean log-likelihood {mean:.3f}, std over seeds {std:.3f} (mean over requests)")
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--copies-per-pass", type=int, default=128)
+    parser.add_argument("--spread", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     llm = LLM()
     pairs = requests(llm, args.requests)
+    if args.spread:
+        record = spread(llm, pairs)
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        return
     record = {"requests": len(pairs), "mc_num": 128, "batch_size": 32, "threads": torch.get_num_threads()}
     values = {}
     for name, per_pass in (("one at a time", 0), ("shared passes", args.copies_per_pass)):
