@@ -1,7 +1,8 @@
 """Likelihood requests one at a time vs sharing forward passes, on the embedded default model.
 
-    python benchmarks/likelihood_batching.py --requests 48 --json benchmarks/results/likelihood_batching_default.json
-    python benchmarks/likelihood_batching.py --requests 48 --spread --json benchmarks/results/likelihood_spread_default.json
+    B="python benchmarks/likelihood_batching.py --requests 48"
+    $B --json benchmarks/results/likelihood_batching_default.json
+    $B --spread --json benchmarks/results/likelihood_spread_default.json
 
 Requests: lines of the standard library's `textwrap.py` (each line's first half the context, the
 rest the continuation), LLaDA's official estimator with its default settings (128 samples, 32 per
