@@ -234,11 +234,9 @@ class MosaicLM(LM):
             # a window with its prefix token (and Dream's EOS) stays within the context
             width = min(self.llm.spec.max_position_embeddings, options.max_length) - 1 - len(sampler.window_target([]))
             tokens = self.llm.tokenizer.encode(request.args[0])
-            total = 0.0
-            for prefix, target in map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1)):
-                ids = (torch.tensor(part, dtype=torch.long) for part in (prefix, sampler.window_target(target)))
-                total += sampler.log_likelihood(self.llm.executor, *ids, self.gen, options)
-            out.append(total)
+            windows = map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1))
+            pairs = [(torch.tensor(p), torch.tensor(sampler.window_target(t))) for p, t in windows]
+            out.append(sum(sampler.log_likelihoods(self.llm.executor, pairs, self.gen, options)))
         return out
 
 

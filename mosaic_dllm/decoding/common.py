@@ -168,11 +168,6 @@ class Sampler(Protocol):
     ) -> tuple[list[int], list[int]]:
         """(prefix, target) ids of a likelihood request, as the family's official harness splits them."""
 
-    def log_likelihood(
-        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
-    ) -> float:
-        """The family's official Monte Carlo estimate of log p(target | prefix)."""
-
     def log_likelihoods(
         self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
     ) -> list[float]:

@@ -30,7 +30,7 @@ from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
 from .dream_sampling import sample_rows, sample_tokens
-from .likelihood import LikelihoodOptions, batched_estimates, dream_log_likelihood, dream_runs
+from .likelihood import LikelihoodOptions, batched_estimates, dream_runs
 from .parallel import BlockState, block_cache, ranked_threshold
 from .rows import Chunks, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
@@ -195,11 +195,6 @@ class DreamSampler:
         """Dream's evaluation's estimates of several requests, each its value alone, passes shared."""
         draw = partial(dream_runs, mask_id=self.mask_id)
         return batched_estimates(executor, pairs, draw, gen, options, by_length=options.log_type == "union")
-
-    def log_likelihood(
-        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
-    ) -> float:
-        return dream_log_likelihood(executor, prefix, target, self.mask_id, gen, options)
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
         cache = block_cache(self.spec, prompt_length, cfg)

@@ -159,17 +159,21 @@ def dream_runs(
 
 @torch.inference_mode()
 def score_runs(executor: Executor, runs: list[Run], copies_per_pass: int = 0) -> list[float]:
-    """Each run's loss. The eager executor runs each run as the official code does (one forward of
-    its copies); a planned one packs the copies of consecutive runs (of several requests too) into
-    one pass, up to `copies_per_pass` (0: one run a pass) and while the pass's plan fits the
-    budget. A row's bits do not depend on what shares its pass, so each run's loss is its own."""
+    """Each run's loss. A batch-invariant executor packs the copies of consecutive runs (of several
+    requests too) into one pass, up to `copies_per_pass` (0: one run a pass) and while the pass's
+    plan fits the budget: a row's bits do not depend on what shares its pass, so each run's loss is
+    its own. Any other executor (eager) runs each run as the official code does: one forward of
+    its copies."""
     groups: list[list[Run]] = []
+    copies = 0  # in the last group
     for run in runs:
-        joined = groups[-1] + [run] if groups and executor.name != "eager" else None
-        if joined and sum(len(r.steps) for r in joined) <= copies_per_pass and _fits(executor, joined):
-            groups[-1] = joined
+        more = copies + len(run.steps)
+        if groups and executor.batch_invariant and more <= copies_per_pass and _fits(executor, [*groups[-1], run]):
+            groups[-1].append(run)
+            copies = more
         else:
             groups.append([run])
+            copies = len(run.steps)
     losses = []
     for group in groups:
         steps = [step for run in group for step in run.steps]

@@ -24,7 +24,7 @@ from ..runtime import Executor
 from ..tokenizer import Tokenizer
 from .common import DenoiseState, StepEvent, StepInput, check_blocks
 from .cost import measure_row_bytes
-from .likelihood import LikelihoodOptions, batched_estimates, llada_runs, log_likelihood
+from .likelihood import LikelihoodOptions, batched_estimates, llada_runs
 from .parallel import ParallelLLaDAState, block_cache
 from .rows import RowChunks, cfg_combine, propose
 from .schedule import llada_transfer_counts
@@ -136,13 +136,6 @@ class LLaDASampler:
     ) -> list[float]:
         """LLaDA's official estimates of several requests, each its value alone, passes shared."""
         return batched_estimates(executor, pairs, partial(llada_runs, mask_id=self.mask_id), gen, options)
-
-    def log_likelihood(
-        self, executor: Executor, prefix: Tensor, target: Tensor, gen: torch.Generator, options: LikelihoodOptions
-    ) -> float:
-        return log_likelihood(
-            executor, prefix, target, self.mask_id, gen, options.mc_num, options.batch_size, options.cfg_scale
-        )
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
         cache = block_cache(self.spec, prompt_length, cfg)

@@ -25,6 +25,7 @@ from .executor import RowChunks, StepInput, StepLogits
 
 class EagerExecutor:
     name = "eager"
+    batch_invariant = False  # the official arithmetic: a GEMM's rows may round by the call's size
     memory_budget = None
     arena_bytes = 0
     committed_bytes = 0

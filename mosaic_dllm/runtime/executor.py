@@ -73,6 +73,7 @@ class ExecutorOptions:
 
 class Executor(Protocol):
     name: str
+    batch_invariant: bool  # a row's bits do not depend on what shares its forward pass
     spec: ArchSpec
     memory_budget: int | None  # None: unplanned or unbounded
 

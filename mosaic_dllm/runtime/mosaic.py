@@ -84,6 +84,7 @@ class ArenaMemory:
 
 class MosaicExecutor:
     name = "mosaic"
+    batch_invariant = True  # call sizes fixed by the device profile, never by the batch
 
     def __init__(self, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None):
         """`options.chunks` forces chunk counts (the search, with a budget, starts from them and only

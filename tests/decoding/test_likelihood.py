@@ -86,9 +86,8 @@ def test_dreams_context_and_continuation_are_tokenised_as_its_evaluation(tiny_ch
         official = dream_encode_pair(tok.encode, "<|im_start|>", eos, context, continuation, bos, most)
         assert (list(ours[0]), list(ours[1])) == (list(official[0]), list(official[1]))
     with pytest.raises(ValueError, match="no working guidance"):
-        llm.sampler.log_likelihood(
-            llm.executor, torch.tensor([5]), torch.tensor([6, 7]), torch.Generator(), LikelihoodOptions(cfg_scale=1.0)
-        )
+        pair = (torch.tensor([5]), torch.tensor([6, 7]))
+        llm.sampler.log_likelihoods(llm.executor, [pair], torch.Generator(), LikelihoodOptions(cfg_scale=1.0))
 
 
 def test_the_eager_executor_runs_the_copies_as_the_official_batch(tiny_checkpoints, monkeypatch):

@@ -119,7 +119,8 @@ def test_rolling_likelihood_is_the_sum_over_its_windows(tiny_checkpoints, family
     for prefix, target in map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1)):
         scored = target if family == "llada" else [*target, eos]
         assert len(prefix) + len(scored) <= 12
-        total += llm.sampler.log_likelihood(llm.executor, torch.tensor(prefix), torch.tensor(scored), gen, options)
+        pair = (torch.tensor(prefix), torch.tensor(scored))
+        total += llm.sampler.log_likelihoods(llm.executor, [pair], gen, options)[0]
         seen.extend(target)
     assert seen == tokens and got == total
 
