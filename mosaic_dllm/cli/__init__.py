@@ -31,9 +31,19 @@ def _ranged(kind: type, low: float, high: float):
 
 
 def _setting_range(name: str):
-    """argparse type for a flag that stands for generation setting `name`: its declared range."""
-    s = SETTINGS[name]
-    return _ranged(s.kind, s.low, s.high if s.high is not None else float("inf"))
+    """argparse type for a flag that stands for generation setting `name`: checked by the
+    setting's own rule (`Setting.check`)."""
+    setting = SETTINGS[name]
+
+    def parse(text: str):
+        try:
+            value = setting.kind(text)
+            setting.check(value)
+        except ValueError as exc:  # GenerationConfigError is one
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return parse
 
 
 _positive_int = _ranged(int, 1, MAX_LENGTH)  # counts of layers, rows, tokens
