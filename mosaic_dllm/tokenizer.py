@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,14 @@ class Tokenizer:
         texts = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special and t.content}
         return tuple(sorted(texts, key=len, reverse=True))
 
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        return re.compile("|".join(map(re.escape, self.special_tokens))) if self.special_tokens else None
+
     def special_token_in(self, text: str) -> str | None:
-        """The first special token whose text occurs in `text` (None: none does)."""
-        return next((t for t in self.special_tokens if t in text), None)
+        """The first special token found in `text`, in one pass over it (None: none occurs)."""
+        found = self._special_pattern.search(text) if self._special_pattern else None
+        return found.group(0) if found else None
 
     @cached_property
     def longest_token_chars(self) -> int:
