@@ -75,12 +75,12 @@ class Setting:
             return f"{'>' if self.low_open else '>='} {self.low:g}"
         return "true or false" if self.kind is bool else f"a {self.kind.__name__}"
 
-    def check(self, value: Any) -> None:
+    def check(self, value: Any, label: str = "") -> None:
         """Raise GenerationConfigError unless `value` (not None) is of the setting's kind and within
-        its bounds or choices."""
+        its bounds or choices; the error names it `label` (default: the setting's name)."""
 
         def fail(what: str) -> None:
-            raise GenerationConfigError(f"{self.name} must be {what}, got {value!r}")
+            raise GenerationConfigError(f"{label or self.name} must be {what}, got {value!r}")
 
         if self.kind is bool:
             if not isinstance(value, bool):
@@ -230,10 +230,7 @@ def check_stored(values: dict[str, Any], source: str, aliases: dict[str, str] | 
     names = {n: n for n in SETTINGS} | (aliases or {})
     for key, value in values.items():
         if key in names and value is not None:
-            try:
-                SETTINGS[names[key]].check(value)
-            except GenerationConfigError as exc:
-                raise GenerationConfigError(f"{source}: {exc}".replace(f"{names[key]} must", f"'{key}' must")) from None
+            SETTINGS[names[key]].check(value, label=f"{source}: '{key}'")
 
 
 def _settings() -> dict[str, Setting]:
