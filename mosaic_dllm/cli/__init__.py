@@ -245,16 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object (a file `mosaic plan --profile` reads)")
     p.set_defaults(func=commands.device)
 
-    p = sub.add_parser("train", help="train the small default LLaDA model on stdlib docstrings (CPU)")
+    p = sub.add_parser("train", help="train the default model's recipe (LLaDA on stdlib Python source, CPU)")
     p.add_argument("--out", required=True, help="checkpoint directory to write (a fresh one, or --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    p.add_argument("--run-dir", default="runs/default_model", help="resumable training state")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default="runs/default_model", help="resumable training state (resumes if present)")
+    p.add_argument("--quick", action="store_true", help="the seconds-long recipe (a tiny model on a few files)")
+    p.add_argument("--steps", type=_positive_int, help="override the recipe's optimiser steps")
+    p.add_argument("--seed", type=_ranged(int, 0, 2**63 - 1), help="override the recipe's seed")
     p.set_defaults(func=commands.train)
     return parser
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import SETTINGS
@@ -115,20 +116,19 @@ def info(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from ..train.default_model import train_default_model
-    from ..train.trainer import TrainConfig
+    from ..train.default_model import RECIPES, train_default_model
 
-    for flag in ("steps", "batch_size", "seq_len", "vocab_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out} exists and is not empty; choose a fresh --out or pass --overwrite")
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
-    figures = train_default_model(Path(args.out), Path(args.run_dir), cfg, vocab_size=args.vocab_size)
+    recipe = RECIPES["quick" if args.quick else "default"]
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    recipe = replace(recipe, train=replace(recipe.train, **overrides))
+    figures = train_default_model(out, Path(args.run_dir), recipe)
     print(
-        f"validation CE {figures['validation_masked_token_ce_nats']:.3f} nats/masked token "
-        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}); checkpoint in {args.out}"
+        f"held-out CE {figures['held_out_masked_token_ce_nats']:.3f} nats/masked token "
+        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}), {figures['train_seconds']:.0f} s of "
+        f"training; checkpoint in {out}, loss curve in {out / 'loss_curve.png'}"
     )
     return 0
 

@@ -1,80 +1,89 @@
-"""An offline English corpus: the summary sentences of the running Python's standard-library docstrings.
+"""An offline code corpus: the running Python's standard-library source files, held out by file.
 
-Provenance: CPython's `Lib/` sources, as installed with the interpreter (PSF License Agreement,
-https://docs.python.org/3/license.html), present on every machine that can run this package, so
-the corpus needs no download. A docstring's first sentence is short, formulaic English ("Return
-the number of items in the queue."): a style a 3-layer model can learn to write within an hour of
-CPU time, where whole docstrings or source files only get it to word salad.
+Provenance: CPython's `Lib/` sources as installed with the interpreter that trains (PSF License
+Agreement, https://docs.python.org/3/license.html), present on every machine that can run this
+package, so the corpus needs no download. Tests, IDLE, lib2to3, turtledemo and site-packages are
+left out, and so are generated tables and data. Whole files are kept (comments, docstrings, indentation): the model should see code as it
+is written, in contexts of a thousand tokens and more. Every `held_out_every`-th file in sorted order
+is kept out of training for validation and for the model card's held-out likelihood.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import re
+import platform
 import sysconfig
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 LICENSE = "Python Software Foundation License (CPython standard library sources)"
-SOURCE = "first sentences of the CPython standard library's docstrings"
-SKIPPED_PARTS = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__")
+# Tests and demos, plus generated tables and data (the `encodings` charmaps, pydoc's topic text):
+# not code as people write it.
+SKIPPED_PARTS = (
+    "site-packages",
+    "test",
+    "tests",
+    "idlelib",
+    "lib2to3",
+    "turtledemo",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+)
 
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def summary(doc: str) -> str | None:
-    """The first sentence of a docstring's first paragraph, if it is plain prose."""
-    paragraph = re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0]
-    text = re.sub(r"\s+", " ", paragraph).strip()
-    sentence = re.match(r"(.+?[.!?])(\s|$)", text)
-    text = sentence.group(1) if sentence else text
-    if not 15 <= len(text) <= 200 or ">>>" in text or not text[0].isupper():
-        return None
-    letters = sum(c.isalpha() or c == " " for c in text)
-    return text if letters / len(text) > 0.85 else None
+@dataclass(frozen=True)
+class Corpus:
+    """The files of one split, in sorted order, as paths relative to `root`."""
+
+    root: Path
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+    def texts(self, names: tuple[str, ...]) -> list[str]:
+        return [(self.root / name).read_text(encoding="utf-8") for name in names]
+
+    def describe(self) -> dict:
+        """What the model card records: the source, its licence, and a digest of the exact files."""
+        digest = hashlib.sha256()
+        for name in self.train + self.held_out:
+            digest.update(name.encode() + b"\0" + (self.root / name).read_bytes())
+        return {
+            "source": f"CPython {platform.python_version()} standard library source files ({self.root})",
+            "license": LICENSE,
+            "train_files": len(self.train),
+            "held_out_files": list(self.held_out),
+            "train_bytes": sum((self.root / n).stat().st_size for n in self.train),
+            "held_out_bytes": sum((self.root / n).stat().st_size for n in self.held_out),
+            "sha256": digest.hexdigest(),
+        }
 
 
-def docstrings(root: Path | None = None) -> Iterator[str]:
-    """Docstrings of modules, classes and functions in a deterministic order (sorted paths, source order)."""
-    root = root or stdlib_dir()
+def source_files(root: Path) -> list[str]:
+    """Readable UTF-8 .py files under `root`, sorted, without the skipped parts."""
+    names = []
     for path in sorted(root.rglob("*.py")):
-        if any(part in SKIPPED_PARTS for part in path.relative_to(root).parts):
+        rel = path.relative_to(root)
+        if any(part in SKIPPED_PARTS for part in rel.parts):
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
+            path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
             continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                if doc := ast.get_docstring(node):
-                    yield doc
+        names.append(rel.as_posix())
+    return names
 
 
-def build(max_bytes: int | None = None) -> list[str]:
-    """Unique summary sentences up to `max_bytes` of text."""
-    seen: set[str] = set()
-    out: list[str] = []
-    size = 0
-    for doc in docstrings():
-        text = summary(doc)
-        if text is None:
-            continue
-        key = hashlib.sha1(text.encode()).hexdigest()
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(text)
-        size += len(text) + 1
-        if max_bytes is not None and size >= max_bytes:
-            break
-    return out
-
-
-def split(texts: list[str], validation_every: int = 20) -> tuple[list[str], list[str]]:
-    """Every `validation_every`-th document is held out for validation."""
-    val = texts[::validation_every]
-    train = [t for i, t in enumerate(texts) if i % validation_every]
-    return train, val
+def build(root: Path | None = None, held_out_every: int = 20, max_files: int | None = None) -> Corpus:
+    """The corpus split by file; `max_files` keeps the first files of the sorted list (quick runs)."""
+    root = root or stdlib_dir()
+    names = source_files(root)[:max_files]
+    held_out = tuple(n for i, n in enumerate(names) if i % held_out_every == held_out_every // 2)
+    train = tuple(n for n in names if n not in set(held_out))
+    if not train or not held_out:
+        raise ValueError(f"{root} has too few Python files for a training and a held-out split")
+    return Corpus(root, train, held_out)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .. import checkpoint
 from ..kernels.eager import EagerOps
 from ..models import transformer
+from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from ..models.weights import from_state_dict, random_state_dict
 
@@ -62,8 +63,11 @@ def masked_diffusion_loss(
     p_mask = (1 - MASK_EPS) * t + MASK_EPS
     masked = torch.rand(b, length, generator=gen) < p_mask
     noisy = torch.where(masked, torch.full_like(batch, spec.mask_token_id), batch)
-    _, logits = next(transformer.logits(EagerOps(), spec, from_state_dict(spec, params), noisy))
-    ce = F.cross_entropy(logits[masked].float(), batch[masked], reduction="none")
+    weights = from_state_dict(spec, params)
+    hidden = transformer.hidden_states(EagerOps(), spec, weights, noisy.reshape(1, -1), Packing((length,) * b))
+    # The LM head over the masked rows only: the loss reads nothing else (the engine's mask-only logits).
+    logits = F.linear(hidden.reshape(b, length, -1)[masked], weights.lm_head)
+    ce = F.cross_entropy(logits.float(), batch[masked], reduction="none")
     weighted = (ce / p_mask.expand(b, length)[masked]).sum() / (b * length)
     return weighted, ce.detach().sum(), int(masked.sum())
 
@@ -122,6 +126,7 @@ class Trainer:
             betas=(0.9, 0.95),
         )
         self.step = 0
+        self.seconds = 0.0  # training time over every run that led to this state
         self.history: list[dict[str, float]] = []
 
     def lr_at(self, step: int) -> float:
@@ -131,6 +136,7 @@ class Trainer:
         return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
     def train(self, on_step: Callable[[int, float], None] | None = None) -> None:
+        resumed_at, before = time.perf_counter(), self.seconds
         while self.step < self.cfg.steps:
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
@@ -142,13 +148,14 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
             self.opt.step()
             self.step += 1
+            self.seconds = before + time.perf_counter() - resumed_at
             loss = float(loss.detach())
             if on_step:
                 on_step(self.step, loss)
             if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
                     val = evaluate(self.spec, self.params, self.val_tokens, self.cfg.seq_len)
-                self.history.append({"step": self.step, "train_loss": loss, "val_ce": val, "time": time.time()})
+                self.history.append({"step": self.step, "train_loss": loss, "val_ce": val, "seconds": self.seconds})
                 log.info("step %d: train loss %.3f, validation CE %.3f", self.step, loss, val)
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
                 self.save_state()
@@ -165,7 +172,7 @@ class Trainer:
         tensors["rng"] = self.gen.get_state()
         save_file(tensors, str(self.run_dir / "state.safetensors.tmp"))
         (self.run_dir / "state.safetensors.tmp").replace(self.run_dir / "state.safetensors")
-        meta = {"step": self.step, "config": asdict(self.cfg), "history": self.history}
+        meta = {"step": self.step, "seconds": self.seconds, "config": asdict(self.cfg), "history": self.history}
         (self.run_dir / "state.json").write_text(json.dumps(meta, indent=2))
 
     def load_state(self) -> bool:
@@ -183,7 +190,7 @@ class Trainer:
                         "exp_avg_sq": tensors[f"exp_avg_sq/{k}"].clone(),
                     }
         self.gen.set_state(tensors["rng"])
-        self.step, self.history = meta["step"], meta["history"]
+        self.step, self.seconds, self.history = meta["step"], meta["seconds"], meta["history"]
         return True
 
     def export(self, path: Path, dtype: torch.dtype = torch.bfloat16) -> None:

@@ -1,5 +1,7 @@
 """Masked-diffusion training: the loss falls, runs resume exactly, exports load as LLaDA checkpoints."""
 
+import json
+
 import torch
 
 from mosaic_dllm import LLM, GenerationConfig
@@ -60,11 +62,35 @@ def test_export_is_a_loadable_llada_checkpoint(tmp_path):
     assert len(llm.generate("Return the", GenerationConfig(gen_length=8, steps=4))[0].token_ids) == 8
 
 
-def test_corpus_is_deterministic_prose():
-    texts = corpus.build(max_bytes=20_000)
-    assert texts == corpus.build(max_bytes=20_000) and len(texts) > 100
-    assert all(t[0].isupper() and "\n" not in t for t in texts)
-    assert corpus.summary("Return the size.  More text.\n\nDetails.") == "Return the size."
-    assert corpus.summary(">>> x = 1") is None
-    train, val = corpus.split(texts)
-    assert len(val) >= 1 and not set(train) & set(val)
+def test_corpus_is_whole_stdlib_files_held_out_by_file():
+    source = corpus.build(max_files=40)
+    assert source == corpus.build(max_files=40)
+    assert len(source.held_out) == 2 and not set(source.train) & set(source.held_out)
+    assert all(name.endswith(".py") and "encodings/" not in name for name in source.train)
+    text = source.texts(source.held_out[:1])[0]
+    assert "\n    " in text and "def " in text  # whole files: indentation and code, not extracts
+    described = source.describe()
+    assert described["held_out_files"] == list(source.held_out) and len(described["sha256"]) == 64
+
+
+def test_the_code_tokenizer_gives_indentation_and_names_their_own_tokens():
+    text = "def area(self, width):\n        return self.height * width\n"
+    tok = train_bpe([text * 30, "import os\n" * 30], "llada", 400, code=True)
+    tokens = tok.encode(text).tokens
+    assert "\u010a\u0120\u0120\u0120\u0120\u0120\u0120\u0120\u0120" in tokens  # newline + 8 spaces: one token
+    assert "\u0120self" in tokens and tok.decode(tok.encode(text).ids) == text
+
+
+def test_mosaic_train_quick_writes_a_checkpoint_that_generates_and_resumes(tmp_path, capsys):
+    from mosaic_dllm.cli import main
+
+    out, run = tmp_path / "model", tmp_path / "run"
+    assert main(["train", "--quick", "--steps", "10", "--out", str(out), "--run-dir", str(run)]) == 0
+    assert main(["train", "--quick", "--out", str(out), "--run-dir", str(run), "--overwrite"]) == 0
+    assert "held-out CE" in capsys.readouterr().out
+    figures = json.loads((out / "training.json").read_text())
+    assert [h["step"] for h in figures["history"]] == [10, 20]  # the second run resumed at step 10
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert figures["corpus"]["held_out_files"] and figures["held_out_masked_token_ce_nats"] > 0
+    llm = LLM(out)
+    assert llm.generate("def ", GenerationConfig(gen_length=8, steps=8, block_length=8))[0].token_ids
