@@ -3,9 +3,10 @@
 Provenance: CPython's `Lib/` sources as installed with the interpreter that trains (PSF License
 Agreement, https://docs.python.org/3/license.html), present on every machine that can run this
 package, so the corpus needs no download. Tests, IDLE, lib2to3, turtledemo and site-packages are
-left out, and so are generated tables and data. Whole files are kept (comments, docstrings, indentation): the model should see code as it
-is written, in contexts of a thousand tokens and more. Every `held_out_every`-th file in sorted order
-is kept out of training for validation and for the model card's held-out likelihood.
+left out, and so are generated tables and data. Whole files are kept (comments, docstrings,
+indentation): the model should see code as it is written, in contexts of a thousand tokens and
+more. Every `held_out_every`-th file in sorted order is kept out of training for validation and for
+the model card's held-out likelihood.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class Recipe:
 RECIPES = {
     "default": Recipe(
         Shape(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512),
-        TrainConfig(steps=3600, batch_size=8, seq_len=1024, lr=3e-3, warmup=100, eval_every=300, save_every=100),
+        TrainConfig(steps=4800, batch_size=8, seq_len=1024, lr=3e-3, warmup=100, eval_every=400, save_every=100),
         vocab_size=4096,
     ),
     "quick": Recipe(
