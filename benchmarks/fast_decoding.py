@@ -3,8 +3,8 @@ forward passes per generated token, seconds per generated token (or per forward 
 activation memory per step, measured (live tensors under the tracker, plus the step's arena) next
 to the plan's prediction (which counts the block cache).
 
-(a) The embedded default model (its 64-token context; its confidences are trained, so the forward
-    passes per token mean something): every prompt generated whole, one request at a time.
+(a) The embedded default model (trained on Python source, so its confidences mean something): 8
+    function heads, each generated whole, one request at a time.
 
     python benchmarks/fast_decoding.py --thresholds 0.9 0.1 --out benchmarks/results/fast_decoding_default.json
 
@@ -34,15 +34,15 @@ def size(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 10 << 20 else mib(n)
 
 
-PROMPTS = [
-    "Return the number of",
-    "Open the file and",
-    "Create a new thread",
-    "Convert a string to",
-    "Raise an exception if the",
-    "Return a list of all the",
-    "Write the data to the",
-    "Compute the hash of the",
+PROMPTS = [  # function heads, as the default model's users write them (it was trained on Python source)
+    "def is_prime(n):\n",
+    'def read_lines(path):\n    """Return the lines of the file at path."""\n',
+    "class Stack:\n    def __init__(self):\n",
+    "    def __repr__(self):\n",
+    "def main():\n    parser = argparse.ArgumentParser()\n",
+    "import os\nimport sys\n\n\ndef ",
+    "    def close(self):\n",
+    "def _check_arg(name, value):\n    if not isinstance(value, str):\n",
 ]
 
 
@@ -61,22 +61,14 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
     request = llm.request(prompt, cfg)
     llm.scheduler.submit(request)
     steps: list[dict] = []
-    plans, arenas = [], []  # each step's plan and arena, taken before an idle scheduler releases them
-
-    def record(_: float) -> None:
-        plans.append(llm.executor.last_plan)
-        arenas.append(llm.executor.arena_bytes)
-
-    llm.scheduler.on_step = record
     tracker = LiveTensorTracker() if track else None
     if tracker is not None:
         tracker.__enter__()
     try:
         while not request.result.done() and (most is None or len(steps) < most):
             begin, first = time.perf_counter(), len(tracker.timeline.records) if tracker else 0
-            llm.scheduler.step()
+            plan = llm.scheduler.step().plan
             seconds = time.perf_counter() - begin
-            plan = plans[-1]
             row = {
                 "seconds": seconds,
                 "kind": "window" if plan.graph.shape.cache_keys else "whole canvas",
@@ -86,7 +78,7 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
             }
             if tracker is not None:
                 live = max((r.live_bytes for r in tracker.timeline.records[first:]), default=0)
-                row["measured_peak_bytes"] = live + arenas[-1]
+                row["measured_peak_bytes"] = live + plan.arena_bytes
             steps.append(row)
     finally:
         if tracker is not None:

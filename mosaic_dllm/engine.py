@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from .plan.search import DoesNotFit
 from .plan.shapes import RequestShape
 from .plan.step_plan import LRU, StepPlan
 from .runtime import ExecutorOptions, check_executor, make_executor
-from .scheduler import Request, Scheduler
+from .scheduler import Request, Scheduler, StepRecord
 from .tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ def prompt_batch(prompts) -> list:
 
 class PromptError(ValueError):
     """A prompt that cannot be generated from (empty, bad ids, text without a tokenizer)."""
+
+
+class ContextTooLong(PromptError):
+    """Prompt plus answer exceed the checkpoint's context, and long contexts are not allowed."""
 
 
 # What a caller did wrong (as opposed to an engine fault): the CLI prints these as one line, the
@@ -130,6 +134,7 @@ class LLM:
         allow_recompute: bool = False,
         max_batch: int = DEFAULT_MAX_BATCH,
         allow_special_tokens: bool = False,
+        on_step: Callable[[StepRecord], None] | None = None,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
@@ -141,7 +146,8 @@ class LLM:
         `max_batch`: most requests sharing a forward pass (1: one at a time); batched or not, each
         request's tokens are the same. Prompt text holding a special token's text (the mask token,
         EOS, chat markers) is refused unless `allow_special_tokens` (then it is that token: a mask
-        token in the prompt is a position to fill); token-id prompts are taken as given."""
+        token in the prompt is a position to fill); token-id prompts are taken as given. `on_step`
+        sees every batched step as it ran (`scheduler.StepRecord`: time, requests, plan)."""
         self.allow_long_context = allow_long_context
         self.allow_special_tokens = allow_special_tokens
         chunk_groups = searchable_groups(allow_recompute, chunk_groups)
@@ -160,7 +166,7 @@ class LLM:
             budget = default_budget(self.checkpoint.weights.embed.device, reserve)
             options = replace(options, memory_budget=budget)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
-        self.scheduler = Scheduler(self.executor, max_batch)
+        self.scheduler = Scheduler(self.executor, max_batch, on_step)
         self._sampler_costs = LRU(64)  # by settings: bytes per logits row
 
     def default_config(self, **overrides) -> GenerationConfig:
@@ -189,9 +195,11 @@ class LLM:
         """Arena bytes committed now (0 when unplanned)."""
         return self.executor.committed_bytes
 
-    def plan_of(self, request: Request) -> StepPlan | None:
-        """The plan of a request's largest step (None for an unplanned executor)."""
-        return self.executor.plan_for(request.worst)
+    def plan(self, request: Request) -> StepPlan | None:
+        """Plan a request's largest step against the memory budget and keep the plan on it (None
+        for an unplanned executor); raises `DoesNotFit` with the longest length that would fit."""
+        request.plan = self.executor.plan_for(request.worst)
+        return request.plan
 
     @property
     def device(self) -> torch.device:
@@ -304,19 +312,28 @@ class LLM:
         for cfg in configs:
             self.resolve(cfg)  # bad settings fail before the prompts are encoded
         encoded = [self.encode(p, chat) for p in batch]  # every prompt checked before any work
-        requests = [self.request(ids, cfg, callback) for ids, cfg in zip(encoded, configs, strict=True)]
-        for request in requests:
-            self.check_context(request.prompt.numel(), request.config, stacklevel=4)  # warn at the user's line
+        requests = []
+        for ids, cfg in zip(encoded, configs, strict=True):  # a loop, not a comprehension: one frame to the user
+            requests.append(self.request(ids, cfg, callback, stacklevel=4))
         for request in requests:
             self.scheduler.submit(request)
         return requests
 
-    def request(self, prompt_ids: list[int], config: GenerationConfig, callback: StepCallback | None = None) -> Request:
-        """A request ready for the scheduler: settings resolved and memory checked (raises the user
-        error, or DoesNotFit with the longest length that fits); the caller checks the context
-        (`check_context`, which warns at the caller's line when long contexts are allowed)."""
+    def request(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        callback: StepCallback | None = None,
+        *,
+        planned: bool = True,
+        stacklevel: int = 2,
+    ) -> Request:
+        """One request, resolved once, that admission, planning and the scheduler share: its
+        settings resolved (GenerationConfigError), its context checked (`check_context`; a warning
+        `stacklevel` frames up from here when long contexts are allowed), and, when `planned`, its
+        largest step planned (`plan`: DoesNotFit with the longest length that fits)."""
         cfg = self.resolve(config, len(prompt_ids))
-        self.check_memory(len(prompt_ids), cfg)
+        self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
 
         def start():
@@ -324,7 +341,10 @@ class LLM:
             gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
             return self.sampler.start(prompt, cfg, gen)
 
-        return Request(prompt, cfg, start, self.worst_step(len(prompt_ids), cfg), callback)
+        request = Request(prompt, cfg, start, self.worst_step(len(prompt_ids), cfg), callback=callback)
+        if planned:
+            self.plan(request)
+        return request
 
     def output(self, request: Request) -> GenerationOutput:
         """The finished request's output (raises its error if it failed or was cancelled)."""
@@ -341,7 +361,9 @@ class LLM:
             f"than the checkpoint's context of {context}"
         )
         if not self.allow_long_context:
-            raise PromptError(f"{message}; pass allow_long_context=True (CLI: --allow-long-context) to run it anyway")
+            raise ContextTooLong(
+                f"{message}; pass allow_long_context=True (CLI: --allow-long-context) to run it anyway"
+            )
         warnings.warn(f"{message}; quality may degrade", stacklevel=stacklevel)
 
     def check_memory(self, prompt_length: int, cfg: GenerationConfig) -> StepPlan | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from itertools import groupby
 
 import torch
@@ -151,6 +152,15 @@ class MosaicLM(LM):
                 print(f"mosaic preset {preset}: {'other tasks' if task == '*' else task}: {given}", file=sys.stderr)
         self.gen = torch.Generator(device=self.llm.device).manual_seed(int(likelihood_seed))
         self.name = str(pretrained or "default_model")
+        self.used: dict[str, dict] = {}  # per task, the settings its requests ran with (`get_model_info`)
+
+    def get_model_info(self) -> dict:
+        """What lm-eval writes into its results' config: the preset, and per task the likelihood
+        options and generation settings its requests actually ran with."""
+        return {"mosaic": {"model": self.name, "preset": self.preset, "settings_by_task": self.used}}
+
+    def _ran(self, task: str | None, kind: str, values: dict) -> None:
+        self.used.setdefault(task or "(no task)", {})[kind] = values
 
     @property
     def tokenizer_name(self) -> str:
@@ -191,6 +201,7 @@ class MosaicLM(LM):
                 context = self.llm.tokenizer.bos_text + context  # as Dream's evaluation prompts
             prompts.append(self.llm.encode(context))
             configs.append(self.config_for(gen_kwargs, task))
+            self._ran(task, "generation", self.llm.resolve(configs[-1], len(prompts[-1])).given())
         answers: list[str] = [""] * len(prompts)
         done = self.llm.stream(prompts, configs)  # batched; the bar moves as each request finishes
         for i, out in tqdm(done, total=len(prompts), desc="mosaic generate"):
@@ -212,6 +223,7 @@ class MosaicLM(LM):
                 values: list[float] = []
                 for task, members in groupby(chunk, key=lambda r: getattr(r, "task_name", None)):
                     options = self.options_for(task)  # consecutive requests of one task: one set of options
+                    self._ran(task, "likelihood", asdict(options))
                     pairs = [sampler.encode_pair(self.llm.tokenizer, *r.args, options) for r in members]
                     tensors = [tuple(torch.tensor(ids, dtype=torch.long) for ids in pair) for pair in pairs]
                     values += sampler.log_likelihoods(self.llm.executor, tensors, self.gen, options)
@@ -231,6 +243,7 @@ class MosaicLM(LM):
         sampler, eos, out = self.llm.sampler, self.llm.spec.eos_token_ids[0], []
         for request in tqdm(requests, desc="mosaic rolling likelihood"):
             options = self.options_for(getattr(request, "task_name", None))
+            self._ran(getattr(request, "task_name", None), "rolling likelihood", asdict(options))
             # a window with its prefix token (and Dream's EOS) stays within the context
             width = min(self.llm.spec.max_position_embeddings, options.max_length) - 1 - len(sampler.window_target([]))
             tokens = self.llm.tokenizer.encode(request.args[0])

@@ -32,6 +32,7 @@ from .config import GenerationConfig
 from .decoding.common import DenoiseResult, GenerationCancelled, SamplerState, StepCallback, StepEvent
 from .plan.search import DoesNotFit
 from .plan.shapes import RequestShape
+from .plan.step_plan import StepPlan
 from .runtime import Executor
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Request:
     config: GenerationConfig  # resolved
     start: Callable[[], SamplerState]  # the sampler state, made when the request joins
     worst: RequestShape  # its largest step (the first): what admission plans
+    plan: StepPlan | None = None  # that step's plan alone, once planned (`LLM.plan`)
     callback: StepCallback | None = None  # called after each of its steps (False cancels it)
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Future = field(default_factory=Future)  # -> (DenoiseResult, seconds) or the error
@@ -62,6 +64,16 @@ class Request:
         return self.worst.batch * self.worst.length
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One batched step as it ran: its wall time, its requests, and its plan (None: unplanned),
+    taken before an idle scheduler releases the plan."""
+
+    seconds: float
+    requests: tuple[Request, ...]
+    plan: StepPlan | None
+
+
 @dataclass
 class BatchStats:
     """What the scheduler holds now (for /metrics)."""
@@ -74,9 +86,9 @@ class BatchStats:
 
 
 class Scheduler:
-    def __init__(self, executor: Executor, max_batch: int, on_step: Callable[[float], None] | None = None):
-        """`max_batch`: most requests per forward pass (1: one request at a time); `on_step` gets
-        each step's wall time."""
+    def __init__(self, executor: Executor, max_batch: int, on_step: Callable[[StepRecord], None] | None = None):
+        """`max_batch`: most requests per forward pass (1: one request at a time); `on_step` sees
+        each step's record (whoever drives the scheduler; `step` returns it too)."""
         self.check_max_batch(max_batch)
         self.executor, self.max_batch, self.on_step = executor, max_batch, on_step
         self.running: list[Request] = []
@@ -118,16 +130,17 @@ class Scheduler:
         while not all(r.result.done() for r in requests):
             self.step()
 
-    def step(self) -> None:
-        """Retire cancelled requests, admit what fits, run one batched denoising step, retire what ended."""
+    def step(self) -> StepRecord | None:
+        """Retire cancelled requests, admit what fits, run one batched denoising step, retire what
+        ended; the step's record (None: nothing ran)."""
         with self._stepping:
-            self._step()
+            return self._step()
 
-    def _step(self) -> None:
+    def _step(self) -> StepRecord | None:
         self._retire()
         self._admit()
         if not self.running:
-            return
+            return None
         begin = time.perf_counter()
         batch, inputs = [], []
         for request in self.running:  # a state that cannot say what it reads fails alone
@@ -138,7 +151,7 @@ class Scheduler:
                 self._finish(request, error=exc)
         if not batch:
             self._retire()
-            return
+            return None
         try:
             row_bytes = max(r.worst.sampler_row_bytes for r in batch)
             with self.executor.batch_logits(inputs, row_bytes) as logits:
@@ -149,9 +162,11 @@ class Scheduler:
             for request in batch:
                 self._finish(request, error=exc)
         self.steps_run += 1
+        record = StepRecord(time.perf_counter() - begin, tuple(batch), self.executor.last_plan)
         if self.on_step is not None:
-            self.on_step(time.perf_counter() - begin)
+            self.on_step(record)
         self._retire()
+        return record
 
     def _advance(self, request: Request, read) -> None:
         if request.result.done():

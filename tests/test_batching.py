@@ -88,9 +88,14 @@ def test_forced_chunks_and_a_budget_that_chunks_the_batch_keep_every_request_exa
 
     roomy = LLM(tiny_checkpoints[family], dtype=torch.float32, max_batch=8)
     peak = roomy.executor.plan_batch([roomy.request(p, c).worst for p, c in requests]).predicted_peak_bytes
-    tight = LLM(tiny_checkpoints[family], dtype=torch.float32, max_batch=8, memory_budget=int(peak * 0.7))
     peaks = []
-    tight.scheduler.on_step = lambda _: peaks.append(tight.executor.last_plan.predicted_peak_bytes)
+    tight = LLM(
+        tiny_checkpoints[family],
+        dtype=torch.float32,
+        max_batch=8,
+        memory_budget=int(peak * 0.7),
+        on_step=lambda step: peaks.append(step.plan.predicted_peak_bytes),
+    )
     same(
         tight.generate([p for p, _ in requests], [c for _, c in requests]),
         alone(tiny_checkpoints[family], requests, dtype=torch.float32),
@@ -119,9 +124,9 @@ def test_admission_keeps_every_batched_step_within_the_budget(tiny_checkpoints):
     two = roomy.executor.plan_batch([one, one]).predicted_peak_bytes
     three = roomy.executor.plan_batch([one, one, one]).predicted_peak_bytes
     budget = (two + three) // 2
-    llm = LLM(path, max_batch=8, memory_budget=budget, chunk_groups=())  # no chunking: admission alone decides
     sizes = []
-    llm.scheduler.on_step = lambda _: sizes.append(llm.scheduler.stats.running)
+    # no chunking: admission alone decides
+    llm = LLM(path, max_batch=8, memory_budget=budget, chunk_groups=(), on_step=lambda s: sizes.append(len(s.requests)))
     outs = llm.generate([PROMPTS["long"]] * 5, cfg)
     assert max(sizes) == 2 and len(outs) == 5
     same(outs, alone(path, [(PROMPTS["long"], cfg)] * 5))

@@ -118,4 +118,4 @@ def test_the_engine_describes_itself_to_front_ends(llada):
     assert (info.family, info.sampler, info.executor) == ("llada", "llada", "mosaic")
     assert info.memory_budget and info.max_batch >= 1 and info.context == llada.spec.max_position_embeddings
     request = llada.request([5, 6, 7], llada.resolve(GenerationConfig(gen_length=8, steps=8), 3))
-    assert llada.plan_of(request).predicted_peak_bytes <= info.memory_budget
+    assert request.plan.predicted_peak_bytes <= info.memory_budget

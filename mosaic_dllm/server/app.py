@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import SETTINGS
 from ..decoding.common import GenerationCancelled, StepEvent
-from ..engine import LLM, USER_ERRORS, DoesNotFit, GenerationOutput
+from ..engine import LLM, USER_ERRORS, ContextTooLong, DoesNotFit, GenerationOutput
 from ..memory.rss import current_rss_bytes
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
@@ -203,16 +203,14 @@ class Service:
                 "model",
             )
         llm = self.llm
-        try:
-            config = llm.resolve(llm.default_config(**settings), len(prompt_ids))
+        try:  # one request, resolved and context-checked once; the worker plans it
+            request = llm.request(prompt_ids, llm.default_config(**settings), planned=False)
+        except ContextTooLong as exc:
+            raise APIError(400, str(exc), "context_length_exceeded", "context_length") from None
         except USER_ERRORS as exc:
             raise APIError(400, str(exc), "invalid_settings", "invalid_settings", setting_param(exc)) from None
         try:
-            llm.check_context(len(prompt_ids), config)  # the engine's rule (refused unless long contexts are allowed)
-        except USER_ERRORS as exc:
-            raise APIError(400, str(exc), "context_length_exceeded", "context_length") from None
-        try:
-            return await self.worker.admit(prompt_ids, config)
+            return await self.worker.admit(request)
         except DoesNotFit as exc:
             raise APIError(
                 400, str(exc), "memory_budget_exceeded", "memory_budget", longest_length=exc.max_length
@@ -255,7 +253,7 @@ class Service:
             log.exception("generation failed")
             raise APIError(500, f"internal error while generating: {exc}", "internal_error", "internal_error") from exc
         self.metrics.requests.labels(path, "200").inc()
-        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.prompt_tokens.inc(job.request.prompt.numel())
         self.metrics.generated_tokens.inc(len(out.token_ids))
         self.metrics.forward_passes.inc(out.forward_passes)
         self.metrics.request_latency.observe(time.perf_counter() - start)

@@ -1,9 +1,10 @@
 """Admission and execution: plan each request before accepting it, run accepted ones batched.
 
-`GenerationWorker.admit` runs on the event loop. It checks and plans the request's largest step
-against the engine's memory budget (`LLM.request`, in a thread): a request that can never fit is
-refused at once (`DoesNotFit`, with the longest length that would fit); one that fits takes a slot
-(`QueueFull` when `max_batch` run and `max_queue` wait already). `run` hands it to the engine's
+`GenerationWorker.admit` runs on the event loop with a request the engine resolved and checked
+(`LLM.request`). It plans the request's largest step against the memory budget (`LLM.plan`, in a
+thread): a request that can never fit is refused at once (`DoesNotFit`, with the longest length
+that would fit); one that fits takes a slot (`QueueFull` when `max_batch` run and `max_queue` wait
+already). `run` hands it to the engine's
 scheduler (`scheduler.py`), which a single engine thread drives step by step: a request joins the
 running batch at a step boundary when the batch's plan with it fits the budget, and leaves when it
 ends. The event loop never blocks on a step. Each job carries a cancel flag the scheduler reads at
@@ -16,9 +17,8 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..config import GenerationConfig
 from ..decoding.common import StepEvent
 from ..engine import LLM, GenerationOutput
 from ..scheduler import Request
@@ -37,11 +37,7 @@ class ServerShuttingDown(RuntimeError):
 
 @dataclass(eq=False)  # identity: jobs live in a set
 class Job:
-    prompt_ids: list[int]
-    config: GenerationConfig
-    request: Request
-    planned_bytes: int = 0  # the predicted peak of its largest step alone
-    plan: dict = field(default_factory=dict)  # that step's plan summary (chunks, peak group, ...)
+    request: Request  # resolved and planned once (`LLM.request`, `LLM.plan`)
     on_step: Callable[[StepEvent], None] | None = None  # called from the engine thread
 
     @property
@@ -52,12 +48,13 @@ class Job:
         """How the request got in: its settings, its largest step's plan against the budget, and
         how long it waited (for memory or a batch slot) before its first step."""
         r = self.request
+        summary = r.plan.summary() if r.plan is not None else {}
         return {
-            "settings": self.config.given(),
-            "predicted_peak_bytes": self.planned_bytes or None,
+            "settings": r.config.given(),
+            "predicted_peak_bytes": r.plan.predicted_peak_bytes if r.plan is not None else None,
             "budget_bytes": budget,
-            "chunks": self.plan.get("chunks"),
-            "peak_group": self.plan.get("peak_group"),
+            "chunks": summary.get("chunks"),
+            "peak_group": summary.get("peak_group"),
             "queued_seconds": round(max(0.0, r.started - r.submitted), 3),
             "waited_for_memory": r.waited_for_memory,
         }
@@ -74,7 +71,6 @@ class GenerationWorker:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.llm, self.max_queue, self.metrics = llm, max_queue, metrics
         self.scheduler = llm.scheduler
-        self.scheduler.on_step = metrics.step_latency.observe
         self._jobs: set[Job] = set()  # admitted (a slot held), not finished
         self.shutting_down = False
         self._stop = threading.Event()
@@ -101,25 +97,21 @@ class GenerationWorker:
                 f"(queue {self.max_queue})"
             )
 
-    async def admit(self, prompt_ids: list[int], config: GenerationConfig) -> Job:
-        """Check and plan the request's largest step (in a thread: planning never stalls the event
-        loop), then take a slot for it (on the event loop, so slots are counted one admission at a
-        time); `run` gives the slot back when the job ends.
+    async def admit(self, request: Request) -> Job:
+        """Plan the request's largest step (in a thread: planning never stalls the event loop),
+        then take a slot for it (on the event loop, so slots are counted one admission at a time);
+        `run` gives the slot back when the job ends.
 
         Raises DoesNotFit (never fits the budget), QueueFull, or ServerShuttingDown.
         """
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
         self.check_room()
-        request = await asyncio.get_running_loop().run_in_executor(None, self.llm.request, prompt_ids, config)
+        await asyncio.get_running_loop().run_in_executor(None, self.llm.plan, request)
         if self.shutting_down:
             raise ServerShuttingDown("the server is shutting down")
         self.check_room()
-        plan = self.llm.plan_of(request)
-        if plan is None:  # the eager executor plans nothing
-            job = Job(prompt_ids, request.config, request)
-        else:
-            job = Job(prompt_ids, request.config, request, plan.predicted_peak_bytes, plan.summary())
+        job = Job(request)
         request.callback = job.step_done
         self._jobs.add(job)
         self.metrics.queue_length.set(self.waiting)
@@ -140,9 +132,12 @@ class GenerationWorker:
             if not self.scheduler.wait_for_work(timeout=0.25):
                 continue
             try:
-                self.scheduler.step()
+                record = self.scheduler.step()
             except Exception:  # the scheduler fails requests, never itself; keep serving regardless
                 log.exception("the scheduler failed a step")
+            else:
+                if record is not None:
+                    self.metrics.step_latency.observe(record.seconds)
             self.metrics.observe_batch(self.scheduler.stats, self.llm)
 
     def begin_shutdown(self) -> None:

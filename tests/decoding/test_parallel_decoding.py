@@ -129,11 +129,9 @@ def test_batched_and_under_a_budget_each_request_keeps_its_tokens(tiny_checkpoin
     assert sum(w.cache_bytes for w in worst) > 0
     peak = batched.executor.plan_batch(worst).predicted_peak_bytes
     budget = int(peak * 0.7)
-    tight = LLM(path, dtype=torch.float32, max_batch=8, memory_budget=budget)
     steps = []  # (the step's plan, the caches of the requests it ran)
-    tight.scheduler.on_step = lambda _: steps.append(
-        (tight.executor.last_plan, sum(r.worst.cache_bytes for r in tight.scheduler.running))
-    )
+    record = lambda step: steps.append((step.plan, sum(r.worst.cache_bytes for r in step.requests)))  # noqa: E731
+    tight = LLM(path, dtype=torch.float32, max_batch=8, memory_budget=budget, on_step=record)
     assert [o.token_ids for o in tight.generate([PROMPT] * len(configs), configs)] == expected
     assert max(p.predicted_peak_bytes for p, _ in steps) <= budget
     assert any(p.graph.shape.cache_keys for p, _ in steps)  # window steps ran, planned with their caches

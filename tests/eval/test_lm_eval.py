@@ -42,6 +42,9 @@ def test_simple_evaluate_runs_both_kinds_of_task():
     assert len(samples) == 4 and all("\n" not in s["resps"][0][0] for s in samples)  # cut at the stop sequences
     scores = [s["resps"] for s in results["samples"]["mosaic_tiny_mc"]]
     assert all(len(pair) == 2 and all(r[0][1] is False for r in pair) for pair in scores)
+    used = results["config"]["mosaic"]["settings_by_task"]  # what each task ran with, in the results
+    assert used["mosaic_tiny_mc"]["likelihood"]["mc_num"] == 4
+    assert used["mosaic_tiny_gen"]["generation"]["gen_length"] == 16
 
 
 @pytest.mark.slow
