@@ -97,6 +97,7 @@ class EngineInfo:
     max_batch: int
     context: int  # the checkpoint's positions
     eos_token_ids: tuple[int, ...]
+    chat: bool  # the tokenizer has a chat template (a model never trained on chats has none)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class LLM:
             self.scheduler.max_batch,
             self.spec.max_position_embeddings,
             self.spec.eos_token_ids,
+            bool(self.tokenizer and self.tokenizer.chat_template),
         )
 
     @property

@@ -113,7 +113,10 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
-            raise TokenizerError("this checkpoint's tokenizer_config.json has no chat_template; run without --chat")
+            raise TokenizerError(
+                "this checkpoint has no chat template (tokenizer_config.json has no chat_template): it completes "
+                "text and was not made for chat; send a plain prompt (CLI: without --chat; HTTP: /v1/completions)"
+            )
 
         def raise_exception(message: str) -> None:
             raise TemplateError(message)

@@ -23,3 +23,19 @@ def wide_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("llada_wide")
     build_tiny_checkpoint(path, "llada", hidden_size=256, head_dim=64, rotary_dim=64, intermediate_size=512, std=0.2)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoints):
+    """(family, dtype=None) -> one shared engine on that tiny checkpoint with default options, built
+    once a session. Tests that change an engine (options, hooks, servers) build their own."""
+    from mosaic_dllm import LLM
+
+    made = {}
+
+    def get(family: str, dtype=None):
+        if (family, dtype) not in made:
+            made[family, dtype] = LLM(tiny_checkpoints[family], dtype=dtype)
+        return made[family, dtype]
+
+    return get

@@ -8,8 +8,8 @@ SMALL = GenerationConfig(gen_length=8, steps=4, block_length=4)
 
 
 @pytest.fixture(scope="module")
-def llada(tiny_checkpoints):
-    return LLM(tiny_checkpoints["llada"])
+def llada(tiny_checkpoints, tiny_llm):
+    return tiny_llm("llada")
 
 
 def test_prompt_forms(llada):
@@ -25,12 +25,12 @@ def test_prompt_forms(llada):
     assert out.finish_reason in ("stop", "length")
 
 
-def test_chat_template_applied(llada, tiny_checkpoints):
+def test_chat_template_applied(llada, tiny_checkpoints, tiny_llm):
     ids = llada.encode("hello", chat=True)
     text = llada.tokenizer.decode(ids, skip_special_tokens=False)
     assert text.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhello<|eot_id|>")
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    dream = LLM(tiny_checkpoints["dream"])
+    dream = tiny_llm("dream")
     assert dream.tokenizer.decode(dream.encode("hi", chat=True), skip_special_tokens=False) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -81,9 +81,9 @@ def test_bad_llada_settings(llada, settings, message):
         (dict(eps=0.0), "eps must be in"),
     ],
 )
-def test_bad_dream_settings(tiny_checkpoints, settings, message):
+def test_bad_dream_settings(tiny_checkpoints, settings, message, tiny_llm):
     with pytest.raises(GenerationConfigError, match=message):
-        LLM(tiny_checkpoints["dream"]).generate("hello", GenerationConfig(**settings))
+        tiny_llm("dream").generate("hello", GenerationConfig(**settings))
 
 
 def test_unknown_setting_named():

@@ -14,8 +14,8 @@ from mosaic_dllm.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def llada(tiny_checkpoints):
-    return LLM(tiny_checkpoints["llada"])
+def llada(tiny_checkpoints, tiny_llm):
+    return tiny_llm("llada")
 
 
 @pytest.mark.parametrize(
@@ -49,9 +49,9 @@ def test_values_at_the_edges_of_their_types(llada, settings, message):
         (dict(alg_temp=math.inf), "alg_temp must be a finite number"),
     ],
 )
-def test_dream_edges(tiny_checkpoints, settings, message):
+def test_dream_edges(tiny_checkpoints, settings, message, tiny_llm):
     with pytest.raises(GenerationConfigError, match=message):
-        LLM(tiny_checkpoints["dream"]).generate([5, 6, 7], GenerationConfig(**settings))
+        tiny_llm("dream").generate([5, 6, 7], GenerationConfig(**settings))
 
 
 def test_text_that_is_not_unicode(llada):

@@ -37,11 +37,11 @@ def offline_cache(tmp_path, monkeypatch, tiny_checkpoints):
     return tmp_path / "hub"
 
 
-def test_a_hub_id_loads_from_the_cache_offline(offline_cache, tiny_checkpoints, capsys):
+def test_a_hub_id_loads_from_the_cache_offline(offline_cache, tiny_checkpoints, capsys, tiny_llm):
     cfg = GenerationConfig(gen_length=8, steps=8)
     by_id = LLM("example-org/tiny-llada", dtype=torch.float32)
     assert by_id.checkpoint.name == "example-org/tiny-llada"
-    direct = LLM(tiny_checkpoints["llada"], dtype=torch.float32)
+    direct = tiny_llm("llada", torch.float32)
     assert by_id.generate([5, 17, 42], cfg)[0].token_ids == direct.generate([5, 17, 42], cfg)[0].token_ids
     assert main(["info", "example-org/tiny-llada", "--json"]) == 0
     assert '"family": "llada"' in capsys.readouterr().out

@@ -39,12 +39,12 @@ def test_bounds_and_choices_are_the_same_everywhere():
             CompletionRequest.model_validate(body)
 
 
-def test_a_setting_the_family_does_not_read_is_refused_unless_it_is_its_no_op(tiny_checkpoints):
-    llada = LLM(tiny_checkpoints["llada"])
+def test_a_setting_the_family_does_not_read_is_refused_unless_it_is_its_no_op(tiny_checkpoints, tiny_llm):
+    llada = tiny_llm("llada")
     with pytest.raises(GenerationConfigError, match=r"\['eps'\] apply to Dream only"):
         llada.resolve(GenerationConfig(eps=0.5))
     assert llada.resolve(GenerationConfig(top_k=0, top_p=1.0, alg_temp=0.0)).top_k == 0
-    dream = LLM(tiny_checkpoints["dream"])
+    dream = tiny_llm("dream")
     with pytest.raises(GenerationConfigError, match=r"\['remasking'\] apply to LLaDA / LLaDA-MoE only"):
         dream.resolve(GenerationConfig(remasking="random"))
     assert dream.resolve(GenerationConfig(remasking="low_confidence", cfg_scale=0.0)).gen_length

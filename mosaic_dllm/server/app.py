@@ -145,6 +145,7 @@ class Service:
 
     async def models(self) -> dict:
         card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm", "decoding": DECODING}
+        card["chat"] = self.llm.info.chat  # without a chat template, /v1/chat/completions refuses
         return {"object": "list", "data": [card]}
 
     # -- generation routes ---------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_the_grid_can_tell_top_k_50_from_no_top_k(dream):
     assert any(differs)
 
 
-def test_top_k_0_is_the_official_none_in_the_api_the_cli_and_http(dream, tiny_checkpoints, capsys):
+def test_top_k_0_is_the_official_none_in_the_api_the_cli_and_http(dream, tiny_checkpoints, capsys, tiny_llm):
     """top_k=None in the official call (no top-k) is top_k=0 here (None is unset: 50); in JSON an
     explicit null says the same, distinct from an absent field."""
     from mosaic_dllm.server.schemas import CompletionRequest
@@ -110,7 +110,7 @@ def test_top_k_0_is_the_official_none_in_the_api_the_cli_and_http(dream, tiny_ch
 
     assert settings({"top_k": None})["top_k"] == 0 and settings({})["top_k"] is None
     assert settings({"top_p": None})["top_p"] == 1.0 and settings({"top_k": 7})["top_k"] == 7
-    llada = LLM(tiny_checkpoints["llada"])  # a family without top-k / top-p takes their off values as no-ops
+    llada = tiny_llm("llada")  # a family without top-k / top-p takes their off values as no-ops
     body = {"max_tokens": 4, "steps": 4, "top_k": None, "top_p": 1.0}
     off = {k: v for k, v in settings(body).items() if v is not None}
     assert llada.generate([5, 17], GenerationConfig(**off))[0].settings["top_k"] == 0

@@ -26,8 +26,8 @@ def test_the_estimate_is_the_official_value_for_the_same_seed(tiny_checkpoints, 
         assert got == official
 
 
-def test_bad_sample_counts_are_refused(tiny_checkpoints):
-    llm = LLM(tiny_checkpoints["llada"])
+def test_bad_sample_counts_are_refused(tiny_checkpoints, tiny_llm):
+    llm = tiny_llm("llada")
     with pytest.raises(ValueError, match="multiple of batch_size"):
         log_likelihood(llm.executor, torch.tensor([5]), torch.tensor([6]), 0, torch.Generator(), 10, 4)
     with pytest.raises(ValueError, match="target is empty"):
@@ -90,11 +90,11 @@ def test_dreams_context_and_continuation_are_tokenised_as_its_evaluation(tiny_ch
         llm.sampler.log_likelihoods(llm.executor, [pair], torch.Generator(), LikelihoodOptions(cfg_scale=1.0))
 
 
-def test_the_eager_executor_runs_the_copies_as_the_official_batch(tiny_checkpoints, monkeypatch):
+def test_the_eager_executor_runs_the_copies_as_the_official_batch(tiny_checkpoints, monkeypatch, tiny_llm):
     """The official estimator runs a Monte Carlo batch as one forward, the guidance copies after
     the conditional ones: the eager executor (the oracle) does the same, so a BLAS that rounds by
     row count cannot move it off the official value."""
-    llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32)
+    llm = tiny_llm("llada", torch.float32)
     eager = EagerExecutor(llm.spec, llm.checkpoint.weights)
     batches = []
     forward = eager.logits

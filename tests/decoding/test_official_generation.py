@@ -91,8 +91,8 @@ def test_dream_matches_official(tiny_checkpoints, settings, dtype, executor):
     assert out.token_ids == official[0, len(PROMPT) :].tolist()
 
 
-def test_seed_reproducible_and_different_seeds_differ(tiny_checkpoints):
-    llm = LLM(tiny_checkpoints["llada"])
+def test_seed_reproducible_and_different_seeds_differ(tiny_checkpoints, tiny_llm):
+    llm = tiny_llm("llada")
     cfg = GenerationConfig(gen_length=16, steps=8, temperature=1.0)
     a, b = (llm.generate(PROMPT, cfg)[0].token_ids for _ in range(2))
     c = llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=8, temperature=1.0, seed=1))[0].token_ids

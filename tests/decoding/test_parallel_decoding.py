@@ -70,9 +70,9 @@ def test_tokens_equal_fast_dllm(tiny_checkpoints, family, settings, dtype):
         assert out[0].forward_passes == passes
 
 
-def test_caches_and_thresholds_change_what_the_test_compares(tiny_checkpoints):
+def test_caches_and_thresholds_change_what_the_test_compares(tiny_checkpoints, tiny_llm):
     """The comparisons above can fail: a cache changes these tokens, a threshold the forward passes."""
-    llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32)
+    llm = tiny_llm("llada", torch.float32)
     runs = {c: llm.generate(PROMPT, GenerationConfig(**BASE, factor=1.0, cache=c))[0] for c in (None, "prefix", "dual")}
     assert runs[None].token_ids != runs["prefix"].token_ids != runs["dual"].token_ids != runs[None].token_ids
     official = llm.generate(PROMPT, GenerationConfig(**BASE))[0]
@@ -80,11 +80,11 @@ def test_caches_and_thresholds_change_what_the_test_compares(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("settings", [dict(factor=3.0), dict(threshold=0.005, temperature=1.0)], ids=str)
-def test_the_dual_cache_stops_a_block_after_its_steps_as_the_upstream_does(tiny_checkpoints, settings):
+def test_the_dual_cache_stops_a_block_after_its_steps_as_the_upstream_does(tiny_checkpoints, settings, tiny_llm):
     """Fast-dLLM's current dual cache runs a block at most steps / blocks passes: masks a block
     leaves compete again in the next block's first (whole-canvas) step, and may stay to the end."""
     capped = GenerationConfig(**(BASE | dict(steps=2, cache="dual") | settings))  # one pass a block
-    expected, passes = fast_reference(LLM(tiny_checkpoints["llada"], dtype=torch.float32), "llada", capped.given())
+    expected, passes = fast_reference(tiny_llm("llada", torch.float32), "llada", capped.given())
     assert passes == 2
     for options in ({"executor": "eager"}, {"executor": "mosaic", "row_chunk": 3}):
         llm = LLM(tiny_checkpoints["llada"], dtype=torch.float32, **options)
@@ -164,8 +164,8 @@ def test_a_request_that_fits_only_without_its_cache_is_refused_before_any_work(t
         (dict(threshold="high"), "threshold must be a number"),
     ],
 )
-def test_impossible_combinations_are_refused(tiny_checkpoints, settings, message):
-    llm = LLM(tiny_checkpoints["llada"])
+def test_impossible_combinations_are_refused(tiny_checkpoints, settings, message, tiny_llm):
+    llm = tiny_llm("llada")
     with pytest.raises(GenerationConfigError, match=message):
         llm.generate(PROMPT, GenerationConfig(**BASE, **settings))
 
@@ -182,7 +182,7 @@ DREAM_SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", DREAM_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_dream_tokens_equal_fast_dllm_block_sampler(tiny_checkpoints, settings, dtype):
+def test_dream_tokens_equal_fast_dllm_block_sampler(tiny_checkpoints, settings, dtype, tiny_llm):
     """Dream's settings left unset resolve as the official call (temperature 0 given here, top_k 50)."""
     cfg = GenerationConfig(**(dict(gen_length=16, steps=8, block_length=8, temperature=0.0, seed=11) | settings))
     outs = [
@@ -203,7 +203,7 @@ def test_dream_tokens_equal_fast_dllm_block_sampler(tiny_checkpoints, settings, 
         s.get("top_k"),
         s.get("alg_temp"),
         s["eps"],
-        LLM(tiny_checkpoints["dream"]).spec.mask_token_id,
+        tiny_llm("dream").spec.mask_token_id,
         s.get("threshold"),
         s["cache"] == "dual",
     )
@@ -219,7 +219,7 @@ DREAM_THRESHOLD_SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", DREAM_THRESHOLD_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_dream_tokens_equal_fast_dllm_threshold_sampler(tiny_checkpoints, settings, dtype):
+def test_dream_tokens_equal_fast_dllm_threshold_sampler(tiny_checkpoints, settings, dtype, tiny_llm):
     """Fast-dLLM's one-canvas Dream sampler (alg confidence_threshold, no cache): its tokens and its
     steps, which grow past `steps` when the last step defers."""
     cfg = GenerationConfig(**(dict(gen_length=16, steps=8, temperature=0.0, seed=11) | settings))
@@ -240,7 +240,7 @@ def test_dream_tokens_equal_fast_dllm_threshold_sampler(tiny_checkpoints, settin
         s.get("top_p"),
         s.get("top_k"),
         s["threshold"],
-        LLM(tiny_checkpoints["dream"]).spec.mask_token_id,
+        tiny_llm("dream").spec.mask_token_id,
     )
     assert outs[0].token_ids == outs[1].token_ids == x[0, len(PROMPT) :].tolist()
     assert outs[0].forward_passes == outs[1].forward_passes == steps
@@ -262,8 +262,8 @@ def test_dream_block_requests_batched_under_a_budget_keep_their_tokens_alone(tin
     assert [o.token_ids for o in tight.generate([PROMPT] * len(configs), configs)] == expected
 
 
-def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints):
-    llm = LLM(tiny_checkpoints["dream"], dtype=torch.float32)
+def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints, tiny_llm):
+    llm = tiny_llm("dream", torch.float32)
     runs = [
         llm.generate(PROMPT, GenerationConfig(gen_length=16, steps=8, temperature=0.0, **s))[0]
         for s in (dict(cache="prefix", block_length=8), dict(cache="dual", block_length=8), {})
@@ -284,7 +284,7 @@ def test_dream_block_caches_change_the_tokens_compared(tiny_checkpoints):
         (dict(cache="dual", block_length=8, steps=3), "divisible by the number of blocks"),
     ],
 )
-def test_dream_refuses_what_fast_dllm_samplers_lack(tiny_checkpoints, settings, message):
-    llm = LLM(tiny_checkpoints["dream"])
+def test_dream_refuses_what_fast_dllm_samplers_lack(tiny_checkpoints, settings, message, tiny_llm):
+    llm = tiny_llm("dream")
     with pytest.raises(GenerationConfigError, match=message):
         llm.generate(PROMPT, GenerationConfig(**(dict(gen_length=16, steps=8) | settings)))

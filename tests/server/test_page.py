@@ -75,6 +75,8 @@ def test_the_page_denoises_stops_and_explains_refusals(browser, tmp_path):
     with mosaic_serve(default_model_path(), *flags) as (url, _):
         browser.get(url + "/")
         assert "mosaic-dllm" in browser.title
+        wait(browser, "document.getElementById('chat').disabled", 5)  # the default model has no chat template
+        assert "no chat template" in browser.find_element("id", "chat-label").text
 
         # 1. A generation: the canvas redraws every step, fewer cells masked each time, and the
         #    final text is the API's answer for the same settings and seed.
