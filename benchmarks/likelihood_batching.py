@@ -4,11 +4,18 @@
     $B --json benchmarks/results/likelihood_batching_default.json
     $B --spread --json benchmarks/results/likelihood_spread_default.json
 
+    B="python benchmarks/likelihood_batching.py --task benchmarks/tasks/python_next_line.jsonl"
+    $B --json benchmarks/results/likelihood_batching_task.json
+    $B --spread --json benchmarks/results/likelihood_spread_task.json
+
 Requests: lines of the standard library's `textwrap.py` (each line's first half the context, the
-rest the continuation), LLaDA's official estimator with its default settings (128 samples, 32 per
-pass). Both ways are run in one process, one after the other; the values must be equal.
-`--spread`: instead, how much the estimate moves between seeds at mc_num 8, 32 and 128 (the
-standard deviation over 5 seeds, averaged over the requests), so users can choose mc_num.
+rest the continuation), or with `--task` every (context, choice) pair of a multiple-choice task
+(JSONL: context, choices, gold), tokenised as the family's harness does (`Sampler.encode_pair`),
+with the task's accuracy (the choice of highest estimate, as lm-eval's `acc`). LLaDA's official
+estimator with its default settings (128 samples, 32 per pass). Both ways are run in one process,
+one after the other; the values must be equal. `--spread`: instead, how much the estimate moves
+between seeds at mc_num 8, 32 and 128 (the standard deviation over 5 seeds, averaged over the
+requests; with `--task`, the accuracy at each), so users can choose mc_num.
 """
 
 from __future__ import annotations
@@ -40,8 +47,31 @@ def requests(llm: LLM, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-def spread(llm: LLM, pairs: list[tuple[torch.Tensor, torch.Tensor]], seeds: int = 5) -> dict:
-    """The mean over requests of the estimate's standard deviation across seeds, per mc_num."""
+def task_requests(llm: LLM, path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict]]:
+    """Every (context, choice) pair of a multiple-choice task, item after item."""
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    options = LikelihoodOptions()
+    pairs = [
+        tuple(torch.tensor(ids) for ids in llm.sampler.encode_pair(llm.tokenizer, item["context"], choice, options))
+        for item in items
+        for choice in item["choices"]
+    ]
+    return pairs, items
+
+
+def accuracy(values: list[float], items: list[dict]) -> float:
+    """The share of items whose gold choice has the highest estimate (lm-eval's `acc`)."""
+    right, at = 0, 0
+    for item in items:
+        scores = values[at : at + len(item["choices"])]
+        right += max(range(len(scores)), key=scores.__getitem__) == item["gold"]
+        at += len(scores)
+    return right / len(items)
+
+
+def spread(llm: LLM, pairs: list[tuple[torch.Tensor, torch.Tensor]], items: list[dict], seeds: int = 5) -> dict:
+    """The mean over requests of the estimate's standard deviation across seeds, per mc_num (and
+    the task's mean accuracy over the seeds)."""
     record = {"requests": len(pairs), "seeds": seeds}
     for mc_num in (8, 32, 128):
         options = LikelihoodOptions(mc_num=mc_num, batch_size=min(mc_num, 32))
@@ -53,6 +83,9 @@ def spread(llm: LLM, pairs: list[tuple[torch.Tensor, torch.Tensor]], seeds: int 
         )
         std, mean = runs.std(dim=0).mean().item(), runs.mean().item()
         record[f"mc_num={mc_num}"] = {"mean_estimate": round(mean, 3), "mean_std_over_seeds": round(std, 3)}
+        if items:
+            acc = sum(accuracy(r.tolist(), items) for r in runs) / seeds
+            record[f"mc_num={mc_num}"]["mean_accuracy"] = round(acc, 4)
         print(f"mc_num {mc_num:>4}: mean log-likelihood {mean:.3f}, std over seeds {std:.3f} (mean over requests)")
     return record
 
@@ -61,13 +94,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--copies-per-pass", type=int, default=128)
+    parser.add_argument("--task", type=Path, help="a multiple-choice task's JSONL (context, choices, gold)")
     parser.add_argument("--spread", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     llm = LLM()
-    pairs = requests(llm, args.requests)
+    pairs, items = task_requests(llm, args.task) if args.task else (requests(llm, args.requests), [])
     if args.spread:
-        record = spread(llm, pairs)
+        record = spread(llm, pairs, items)
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         return
@@ -81,6 +115,9 @@ def main() -> None:
         record[name] = {"seconds": round(seconds, 2), "requests_per_second": round(len(pairs) / seconds, 2)}
         print(f"{name:>14}: {seconds:.2f} s, {len(pairs) / seconds:.2f} requests/s")
     record["equal"] = values["one at a time"] == values["shared passes"]
+    if items:
+        record |= {"task": str(args.task), "items": len(items), "accuracy": accuracy(values["shared passes"], items)}
+        print(f"accuracy on {len(items)} items: {record['accuracy']:.3f}")
     record["speedup"] = round(record["one at a time"]["seconds"] / record["shared passes"]["seconds"], 2)
     print(f"values equal: {record['equal']}; speedup {record['speedup']}x")
     if args.json:

@@ -172,36 +172,18 @@ def plan(args: argparse.Namespace) -> int:
 def _plan_max_batch(args: argparse.Namespace, summary: dict, shape, plans) -> int:
     """The most requests like this one (their first, largest step) one batched step can run within
     the budget: what the scheduler's admission would let in together."""
-    from dataclasses import replace
-
     from ..memory.sizes import parse_bytes
-    from ..plan.search import DoesNotFit, fit, longest
+    from ..plan.report import max_batch_report
+    from ..plan.search import most_requests
 
     if not args.budget:
         raise ValueError("--max-batch needs --budget (the activation memory a step may use)")
     budget = parse_bytes(args.budget, "--budget", 1)
-    chosen = {}
-
-    def fits(n: int) -> bool:
-        try:
-            many = replace(shape, lengths=shape.lengths * n, cache_bytes=shape.cache_bytes * n)
-            chosen[n] = fit(plans, many, budget, _chunk_groups(args), explain=False).plan
-        except DoesNotFit:
-            return False
-        return True
-
-    most = longest(fits, start=1, limit=1 << 16).max_len
+    most, plan = most_requests(plans, shape, budget, _chunk_groups(args))
     record = summary | {"length": args.length, "budget_bytes": budget, "max_batch": most}
-    if most:
-        plan = chosen[most]
+    if plan is not None:
         record |= {"predicted_peak_activation_bytes": plan.predicted_peak_bytes, "chunks": plan.summary()["chunks"]}
-    if args.json:
-        print(json.dumps(record))
-        return 0
-    head = f"{record['model']} ({record['dtype']}), L={args.length}, budget {mib(budget)}"
-    print(f"{head}: at most {most} requests per step")
-    if most:
-        print(f"  predicted peak {mib(record['predicted_peak_activation_bytes'])}, chunks {record['chunks']}")
+    print(json.dumps(record) if args.json else max_batch_report(record))
     return 0
 
 
@@ -221,6 +203,7 @@ def _device_profile(args: argparse.Namespace):
 def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     from ..bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
     from ..memory.sizes import parse_bytes
+    from ..plan.report import max_len_report
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
@@ -261,27 +244,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     eager_len = executors["eager"]["max_len"]
     if eager_len and not any(r.get("at_search_limit") for r in executors.values()):
         record["mosaic_vs_eager"] = round(executors["mosaic"]["max_len"] / eager_len, 2)
-    if args.json:
-        print(json.dumps(record))
-        return 0
-    print(
-        f"{record['model']} ({spec.num_layers} layers, {record['dtype']}), activation budget "
-        f"{gib(budget)} (predicted from shapes, no weights loaded)"
-    )
-    for name, r in executors.items():
-        extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
-        length = "n/a" if r["max_len"] is None else f"{r['max_len']}"
-        if r.get("at_search_limit"):
-            length = f"at least {length} (nothing failed up to the search's limit)"
-        print(f"  {name:<7} max length {length}{extra}")
-    if "mosaic_vs_eager" in record:
-        print(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
-    longest = max((r["max_len"] or 0) for r in executors.values())
-    if longest > spec.max_position_embeddings:
-        print(
-            f"  the model's context is {spec.max_position_embeddings} tokens: longer requests are refused unless "
-            "allowed (--allow-long-context; quality may degrade)"
-        )
+    print(json.dumps(record) if args.json else max_len_report(record))
     return 0
 
 

@@ -1,9 +1,10 @@
-"""`mosaic plan`'s text report of one step plan: what the arena holds, what lives outside it, where
-the peak is, how the step is chunked and what recompute costs."""
+"""`mosaic plan`'s text reports: one step plan (what the arena holds, what lives outside it, where
+the peak is, how the step is chunked and what recompute costs), the longest request per executor,
+and the most requests per batched step."""
 
 from __future__ import annotations
 
-from ..memory.sizes import mib
+from ..memory.sizes import gib, mib
 from .compute import Recompute
 from .shapes import StepShape
 from .step_plan import StepPlan
@@ -50,4 +51,35 @@ def plan_report(
             f"  search           fits {mib(search['budget_bytes'])}: {search['plans_tried']} plans tried in "
             f"{search['search_seconds'] * 1000:.1f} ms"
         )
+    return "\n".join(lines)
+
+
+def max_len_report(record: dict) -> str:
+    """`mosaic plan --max-len`: the longest request each executor fits into the activation budget."""
+    lines = [
+        f"{record['model']} ({record['layers']} layers, {record['dtype']}), activation budget "
+        f"{gib(record['budget_bytes'])} (predicted from shapes, no weights loaded)"
+    ]
+    for name, r in record["executors"].items():
+        extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""
+        length = "n/a" if r["max_len"] is None else f"{r['max_len']}"
+        if r.get("at_search_limit"):
+            length = f"at least {length} (nothing failed up to the search's limit)"
+        lines.append(f"  {name:<7} max length {length}{extra}")
+    if "mosaic_vs_eager" in record:
+        lines.append(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
+    if max((r["max_len"] or 0) for r in record["executors"].values()) > record["context"]:
+        lines.append(
+            f"  the model's context is {record['context']} tokens: longer requests are refused unless "
+            "allowed (--allow-long-context; quality may degrade)"
+        )
+    return "\n".join(lines)
+
+
+def max_batch_report(record: dict) -> str:
+    """`mosaic plan --max-batch`: the most requests like this one a batched step fits."""
+    head = f"{record['model']} ({record['dtype']}), L={record['length']}, budget {mib(record['budget_bytes'])}"
+    lines = [f"{head}: at most {record['max_batch']} requests per step"]
+    if record["max_batch"]:
+        lines.append(f"  predicted peak {mib(record['predicted_peak_activation_bytes'])}, chunks {record['chunks']}")
     return "\n".join(lines)

@@ -206,6 +206,26 @@ def max_length(
     return longest(fits, limit=limit).max_len
 
 
+def most_requests(
+    plans: PlanCache, shape: StepShape, budget: int, groups: tuple[str, ...] = EXACT_GROUPS
+) -> tuple[int, StepPlan | None]:
+    """The most requests like `shape` (its one sequence, its block cache) one batched step can run
+    within `budget`, chunking `groups` (what the scheduler's admission would let in together), and
+    that batch's chosen plan (None when not even one fits)."""
+    chosen: dict[int, StepPlan] = {}
+
+    def fits(n: int) -> bool:
+        many = replace(shape, lengths=shape.lengths * n, cache_bytes=shape.cache_bytes * n)
+        try:
+            chosen[n] = fit(plans, many, budget, groups, explain=False).plan
+        except DoesNotFit:
+            return False
+        return True
+
+    most = longest(fits, start=1, limit=1 << 16).max_len
+    return most, chosen.get(most)
+
+
 def floor(plans: PlanCache, shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS) -> StepPlan:
     """The lowest plan chunking can reach: every group at its smallest chunk, exact or (where
     allowed and lower) recomputing; grouped-query models' recompute floor is above the exact one."""

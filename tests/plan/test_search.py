@@ -74,7 +74,8 @@ def test_chunks_never_go_below_the_minimum_size(profile):
 
 
 def test_engine_refuses_a_request_too_big_for_its_budget_before_any_work(tiny_checkpoints):
-    llm = LLM(tiny_checkpoints["llada"], memory_budget="192KiB")  # above the fixed GEMM tile (kernels/tiles.py)
+    # above the fixed GEMM tile (kernels/tiles.py); long contexts allowed: the context is checked before memory
+    llm = LLM(tiny_checkpoints["llada"], memory_budget="192KiB", allow_long_context=True)
     called = []
     with pytest.raises(DoesNotFit, match="longest sequence") as err:
         llm.generate("Return the", GenerationConfig(gen_length=512, steps=8), callback=called.append)
