@@ -163,6 +163,16 @@ class GenerationConfig:
         choices=CACHES,
         neutral="none",
     )
+    # LLaDA-Instruct's evaluation settings (its paper's Appendix B.4; official generate.py)
+    logits_eos_inf: bool | None = setting(
+        "never generate EOS: its logit is -inf before the token is chosen", families=(LLADA,), neutral=False
+    )
+    confidence_eos_eot_inf: bool | None = setting(
+        "rank EOS and end-of-turn answers last: their probability is 0 in the confidence (EOS only at "
+        "temperature 0, as the official code's aliasing does)",
+        families=(LLADA,),
+        neutral=False,
+    )
     seed: int | None = setting("random seed", default=0, low=0, high=SEED_END, high_open=True, accepted="in [0, 2**63)")
     stop_at_eos: bool = setting(
         "finish once the text before the first EOS can no longer change", default=False, neutral=False

@@ -162,7 +162,10 @@ class LLM:
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
-        self.sampler = sampler_for(self.spec, self.checkpoint.model_config, self.checkpoint.generation_config)
+        vocabulary = {t: self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens} if self.tokenizer else {}
+        self.sampler = sampler_for(
+            self.spec, self.checkpoint.model_config, self.checkpoint.generation_config, vocabulary
+        )
         if executor == "mosaic" and options.memory_budget is None:
             budget = default_budget(self.checkpoint.weights.embed.device, reserve)
             options = replace(options, memory_budget=budget)

@@ -44,10 +44,18 @@ GENERATION_KEYS = tuple(SETTINGS)
 LIKELIHOOD_KEYS = ("mc_num", "mc_batch_size", "log_type", "sampling_eps", "add_bos_token", "max_length")
 _LLADA_GEN = {"gen_length": 1024, "steps": 1024, "block_length": 1024}
 _LLADA_ONE_SAMPLE = {"cfg_scale": 0.0, "mc_num": 1, "mc_batch_size": 1}
+
+
+def _instruct(length: int, **options: bool) -> dict:
+    return {"gen_length": length, "steps": length, "block_length": length} | options
+
+
 _DREAM_GEN = {"alg": "entropy", "alg_temp": 0.0, "top_p": 0.95, "top_k": 0, "add_bos_token": True}
 # What the official scripts pass, per task (a task's subtasks, e.g. mmlu_*, take its settings):
 # LLaDA-8B-Base: ML-GSAI/LLaDA eval_llada_lm_eval.sh (likelihood: cfg per task, mc_num 128, batch 8);
 # Dream-v0-Base-7B: HKUNLP/Dream eval/eval_dream_mc.sh and eval_dream_gen.sh (steps = the length);
+# LLaDA-8B-Instruct: ML-GSAI/LLaDA EVAL.md's table (its OpenCompass configs, pure diffusion: one
+# block, a step a token) under lm-eval's task names, with its EOS options (generate.py);
 # Fast-dLLM: GSM8K at gen 256, blocks of 32, threshold 0.9 with the dual cache (its README).
 PRESETS: dict[str, dict[str, dict]] = {
     "llada-base": {
@@ -62,6 +70,17 @@ PRESETS: dict[str, dict[str, dict]] = {
         "cmmlu": _LLADA_ONE_SAMPLE,
         "ceval-valid": _LLADA_ONE_SAMPLE,
         **dict.fromkeys(("bbh", "gsm8k", "minerva_math", "humaneval", "mbpp"), _LLADA_GEN),
+    },
+    "llada-instruct": {
+        "mmlu": _instruct(3),
+        "mmlu_pro": _instruct(256),
+        "hellaswag": _instruct(3),
+        "arc_challenge": _instruct(512),
+        "gsm8k": _instruct(512, confidence_eos_eot_inf=True),
+        "minerva_math": _instruct(512, confidence_eos_eot_inf=True),
+        "gpqa": _instruct(64, confidence_eos_eot_inf=True),
+        "humaneval": _instruct(512, logits_eos_inf=True),
+        "mbpp": _instruct(256, confidence_eos_eot_inf=True),
     },
     "dream-base": {
         "*": {"mc_num": 128, "mc_batch_size": 32, "log_type": "ftb", "add_bos_token": True},
@@ -78,13 +97,14 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 
 def preset_settings(preset: str | None, task: str | None) -> dict:
-    """The settings `preset`'s official script passes for `task` (its own entry, else its parent
-    task's: mmlu for mmlu_anatomy), over the preset's defaults ("*")."""
+    """The settings `preset`'s official script passes for `task` (its own entry, else its nearest
+    parent task's: mmlu for mmlu_anatomy, mmlu_pro for mmlu_pro_law), over the preset's defaults ("*")."""
     if preset is None:
         return {}
     table = PRESETS[preset]
     name = task or ""
-    own = next((v for k, v in table.items() if k != "*" and (name == k or name.startswith(k + "_"))), {})
+    matches = [k for k in table if k != "*" and (name == k or name.startswith(k + "_"))]
+    own = table[max(matches, key=len)] if matches else {}  # the longest name: mmlu_pro, not mmlu
     return table.get("*", {}) | own
 
 
@@ -117,7 +137,7 @@ class MosaicLM(LM):
         `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
         `batch_size`), `likelihood_seed` (its generator), and Dream's `log_type`, `sampling_eps`,
         `add_bos_token`, `max_length` (its eval.py's arguments; its script sets add_bos_token=true).
-        `preset`: llada-base, dream-base or fast-dllm: per task, what the official script passes
+        `preset`: llada-base, llada-instruct, dream-base or fast-dllm: per task, what the official script passes
         (`PRESETS`), under the model args given here. Contexts are the harness's own text, so
         they may carry special tokens (chat templates) unless allow_special_tokens=false.
         lm-eval's own `batch_size` / `max_batch_size` are ignored: requests batch by `max_batch`."""

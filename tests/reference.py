@@ -211,7 +211,23 @@ def get_num_transfer_tokens(mask_index, steps):
 
 
 @torch.no_grad()
-def llada_generate(model, prompt, steps, gen_length, block_length, temperature, cfg_scale, remasking, mask_id):
+def llada_generate(
+    model,
+    prompt,
+    steps,
+    gen_length,
+    block_length,
+    temperature,
+    cfg_scale,
+    remasking,
+    mask_id,
+    logits_eos_inf=False,
+    confidence_eos_eot_inf=False,
+    eos_id=None,
+    eot_id=None,
+):
+    """generate.py, with its LLaDA-Instruct options; `eos_id` / `eot_id` stand for its hard-coded
+    126081 / 126348."""
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt.clone()
     prompt_index = x != mask_id
@@ -233,8 +249,12 @@ def llada_generate(model, prompt, steps, gen_length, block_length, temperature, 
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x)
+            if logits_eos_inf:
+                logits[:, :, eos_id] = -torch.inf
             logits_with_noise = add_gumbel_noise(logits, temperature=temperature)
             x0 = torch.argmax(logits_with_noise, dim=-1)
+            if confidence_eos_eot_inf:  # the official chained assignment, aliasing at temperature 0 included
+                logits_with_noise[:, :, eos_id] = logits[:, :, eot_id] = -torch.inf
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)

@@ -10,10 +10,16 @@ from .llada import LLaDASampler
 SAMPLERS = {"llada": LLaDASampler, "llada_moe": LLaDASampler, "dream": DreamSampler}
 
 
-def sampler_for(spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None) -> Sampler:
+def sampler_for(
+    spec: ArchSpec,
+    model_config: dict | None = None,
+    generation_config: dict | None = None,
+    vocabulary: dict[str, int] | None = None,
+) -> Sampler:
     """The official sampler of `spec`'s family; it takes its defaults for unset settings from the
-    checkpoint's config.json and generation_config.json as the family's official code would."""
-    return SAMPLERS[spec.family](spec, model_config, generation_config)
+    checkpoint's config.json and generation_config.json as the family's official code would, and
+    special tokens it names from the tokenizer's `vocabulary` (special token -> id)."""
+    return SAMPLERS[spec.family](spec, model_config, generation_config, vocabulary)
 
 
 __all__ = ["SAMPLERS", "DreamSampler", "LLaDASampler", "Sampler", "sampler_for"]

@@ -78,7 +78,13 @@ class DreamSampler:
 
     family = DREAM
 
-    def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        model_config: dict | None = None,
+        generation_config: dict | None = None,
+        vocabulary: dict[str, int] | None = None,
+    ):
         self.spec = spec
         self.mask_id, self.eos_ids, self.shift = spec.mask_token_id, spec.eos_token_ids, spec.logit_shift
         self.context = spec.max_position_embeddings

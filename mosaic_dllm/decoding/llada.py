@@ -31,6 +31,7 @@ from .schedule import llada_transfer_counts
 
 LLADA_SETTINGS = ("gen_length", "steps", "block_length", "temperature", "cfg_scale", "remasking")
 ALIASES = {"max_new_tokens": "gen_length"}  # the name generation_config.json uses
+END_OF_TURN = "<|eot_id|>"  # LLaDA's chat end-of-turn token
 
 
 def guidance_batch(x: Tensor, prompt_index: Tensor, mask_id: int, cfg_scale: float) -> Tensor:
@@ -53,9 +54,16 @@ class LLaDASampler:
 
     family = LLADA
 
-    def __init__(self, spec: ArchSpec, model_config: dict | None = None, generation_config: dict | None = None):
+    def __init__(
+        self,
+        spec: ArchSpec,
+        model_config: dict | None = None,
+        generation_config: dict | None = None,
+        vocabulary: dict[str, int] | None = None,
+    ):
         self.spec = spec
         self.mask_id, self.eos_ids, self.vocab = spec.mask_token_id, spec.eos_token_ids, spec.vocab_size
+        self.eot_id = (vocabulary or {}).get(END_OF_TURN)  # for confidence_eos_eot_inf
         stored = dict(generation_config or {})
         check_stored({k: stored.get(k) for k in (*LLADA_SETTINGS, "max_new_tokens")}, "generation_config.json", ALIASES)
         if "max_new_tokens" in stored:
@@ -76,6 +84,7 @@ class LLaDASampler:
             cfg = cfg.unset(steps=cfg.gen_length)
         cfg = cfg.unset(**{k: stored[k] for k in ("temperature", "cfg_scale", "remasking") if k in stored})
         cfg = cfg.unset(temperature=0.0, cfg_scale=0.0, remasking="low_confidence")
+        cfg = cfg.unset(logits_eos_inf=False, confidence_eos_eot_inf=False)
         cfg.check_common(LLADA)
 
         def fail(msg: str) -> None:
@@ -86,7 +95,23 @@ class LLaDASampler:
         check_blocks(cfg)
         if cfg.parallel and cfg.cfg_scale > 0:
             fail("threshold / factor / cache follow Fast-dLLM, which has no classifier-free guidance: set cfg_scale 0")
+        if cfg.parallel and (cfg.logits_eos_inf or cfg.confidence_eos_eot_inf):
+            fail("logits_eos_inf / confidence_eos_eot_inf are options of LLaDA's official sampler; Fast-dLLM has none")
+        if cfg.confidence_eos_eot_inf and self.eot_id is None:
+            fail(f"confidence_eos_eot_inf needs the end-of-turn token {END_OF_TURN}, which this tokenizer lacks")
         return cfg
+
+    def never(self, cfg: GenerationConfig) -> tuple[int, ...]:
+        """Tokens whose logits are -inf before x0 is chosen (logits_eos_inf: EOS)."""
+        return self.eos_ids[:1] if cfg.logits_eos_inf else ()
+
+    def unranked(self, cfg: GenerationConfig) -> tuple[int, ...]:
+        """Tokens whose logits are -inf in the confidence's softmax once x0 is chosen: the official
+        confidence_eos_eot_inf sets end-of-turn's, and EOS's through the noisy logits, which at
+        temperature 0 are the logits themselves."""
+        if not cfg.confidence_eos_eot_inf:
+            return ()
+        return (self.eot_id, *self.eos_ids[:1]) if cfg.temperature == 0 else (self.eot_id,)
 
     def guidance_batch(self, cfg: GenerationConfig) -> int:
         return 2 if cfg.cfg_scale > 0 else 1
@@ -106,7 +131,18 @@ class LLaDASampler:
         def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
             canvas = torch.zeros((1, length), dtype=torch.long, device=device)
             chunk = cfg_combine(cfg.cfg_scale)(logits)
-            propose(iter([(positions, chunk)]), canvas, vocab, cfg.temperature, cfg.remasking, gen, None, softmax_dtype)
+            propose(
+                iter([(positions, chunk)]),
+                canvas,
+                vocab,
+                cfg.temperature,
+                cfg.remasking,
+                gen,
+                None,
+                softmax_dtype,
+                never=self.never(cfg),
+                unranked=self.unranked(cfg),
+            )
 
         return measure_row_bytes(reduce, self.guidance_batch(cfg), vocab, dtype, device)
 
@@ -182,7 +218,18 @@ class LLaDAState(DenoiseState):
         """x0 and confidence (1, L) of the step, from its row logits (guidance combined per chunk)."""
         cfg, combine = self.cfg, cfg_combine(self.cfg.cfg_scale)
         chunks = ((rows, combine(lg)) for rows, lg in logits())
-        return propose(chunks, self.x, self.sampler.vocab, cfg.temperature, cfg.remasking, self.gen, self.rows)
+        sampler = self.sampler
+        return propose(
+            chunks,
+            self.x,
+            sampler.vocab,
+            cfg.temperature,
+            cfg.remasking,
+            self.gen,
+            self.rows,
+            never=sampler.never(cfg),
+            unranked=sampler.unranked(cfg),
+        )
 
     def advance(self, logits: Callable[[], RowChunks]) -> StepEvent:
         cfg, mask_id, x = self.cfg, self.sampler.mask_id, self.x

@@ -111,18 +111,24 @@ def propose(
     wanted: Tensor | None = None,
     softmax_dtype: torch.dtype | None = None,
     uniform_dtype: torch.dtype = torch.float32,
+    never: tuple[int, ...] = (),
+    unranked: tuple[int, ...] = (),
 ) -> tuple[Tensor, Tensor]:
     """LLaDA's reduction of a step's row logits: x0 and confidence (1, L) for the positions in
     `chunks`, per row exactly as the official sampler (float64 Gumbel-max at temperature > 0; the
     confidence a softmax in the logits' dtype, or in `softmax_dtype`: Fast-dLLM's float64; or
     uniform noise in `uniform_dtype`); `wanted`: the rows asked for (chunks of exactly those rows, in order, or of
-    every row). Positions not in `chunks` keep their token and get confidence -inf.
+    every row). Positions not in `chunks` keep their token and get confidence -inf. `never`: token
+    ids whose logits are -inf before x0 is chosen; `unranked`: ids whose logits are -inf in the
+    confidence's softmax only (LLaDA-Instruct's evaluation options).
     """
     length = x.shape[1]
     x0 = x.clone()
     confidence = None
     noise = UniformReplay(gen, length, vocab, x.device, wanted) if temperature > 0 else None
     for pos, logits in chunks:  # logits (C, V)
+        if never:  # a copy: the executor's logits are read-only (inference tensors)
+            logits = logits.index_fill(-1, torch.tensor(never, device=logits.device), -torch.inf)
         if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
             lg = logits.to(torch.float64)
             rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
@@ -130,6 +136,8 @@ def propose(
         else:
             rows_x0 = torch.argmax(logits, dim=-1)
         x0[0, pos] = rows_x0
+        if unranked:
+            logits = logits.index_fill(-1, torch.tensor(unranked, device=logits.device), -torch.inf)
         if remasking == "low_confidence":
             if confidence is None:
                 dtype = softmax_dtype or logits.dtype

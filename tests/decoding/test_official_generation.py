@@ -62,6 +62,59 @@ def test_llada_matches_official(tiny_checkpoints, family, settings, dtype, execu
     assert out.forward_passes == settings["steps"]
 
 
+@pytest.fixture(scope="module")
+def eos_prone(tmp_path_factory):
+    """A tiny LLaDA whose EOS and end-of-turn logits are often the largest, so LLaDA-Instruct's
+    evaluation options (which act on exactly those tokens) change the tokens compared."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny import build_tiny_checkpoint
+
+    path = tmp_path_factory.mktemp("eos_prone")
+    build_tiny_checkpoint(path, "llada")
+    llm = LLM(path)
+    eos, eot = llm.spec.eos_token_ids[0], llm.tokenizer.token_to_id("<|eot_id|>")
+    state = load_file(path / "model.safetensors")
+    head = "model.transformer.ff_out.weight"
+    state[head][[eos, eot]] *= 3
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return path, eos, eot
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(logits_eos_inf=True, temperature=0.0),
+        dict(confidence_eos_eot_inf=True, temperature=0.0),
+        dict(confidence_eos_eot_inf=True, temperature=0.8),
+        dict(logits_eos_inf=True, confidence_eos_eot_inf=True, temperature=0.5, cfg_scale=1.0),
+    ],
+    ids=str,
+)
+def test_llada_instruct_evaluation_options_match_official(eos_prone, settings, dtype, executor):
+    path, eos, eot = eos_prone
+    llm = LLM(path, dtype=dtype, **executor)
+    base = dict(gen_length=16, steps=8, block_length=8, cfg_scale=0.0, remasking="low_confidence") | settings
+    plain = {k: v for k, v in base.items() if "eos" not in k}
+    out = llm.generate(PROMPT, GenerationConfig(seed=3, **base))[0]
+    torch.manual_seed(3)
+    official = reference.llada_generate(
+        official_model(llm, "llada"),
+        torch.tensor([PROMPT]),
+        *(base[k] for k in ("steps", "gen_length", "block_length", "temperature", "cfg_scale", "remasking")),
+        llm.spec.mask_token_id,
+        base.get("logits_eos_inf", False),
+        base.get("confidence_eos_eot_inf", False),
+        eos,
+        eot,
+    )
+    assert out.token_ids == official[0, len(PROMPT) :].tolist()
+    without = llm.generate(PROMPT, GenerationConfig(seed=3, **plain))[0]
+    assert without.token_ids != out.token_ids  # the options act here: the comparison can fail
+    if base.get("logits_eos_inf"):
+        assert eos not in out.token_ids and eos in without.token_ids
+
+
 DREAM_SETTINGS = (
     [dict(alg=alg, temperature=0.0) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]
     + [dict(alg=alg, temperature=0.8, top_p=0.9) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")]

@@ -97,6 +97,11 @@ def test_presets_fill_what_the_official_scripts_pass_per_task(tiny_checkpoints, 
     assert model.config_for({"max_gen_toks": 16}, "other").gen_length == 16
     dream = MosaicLM(str(tiny_checkpoints["dream"]), preset="dream-base")
     assert dream.options_for("arc_easy").add_bos_token and dream.config_for({}, "gsm8k_cot").alg == "entropy"
+    assert preset_settings("llada-instruct", "mmlu_pro_law")["gen_length"] == 256  # not mmlu's 3
+    instruct = MosaicLM(str(tiny_checkpoints["llada"]), preset="llada-instruct")
+    gsm8k = instruct.config_for({"max_gen_toks": 16}, "gsm8k")
+    assert (gsm8k.gen_length, gsm8k.block_length, gsm8k.confidence_eos_eot_inf) == (512, 512, True)
+    assert instruct.config_for({}, "humaneval").logits_eos_inf and instruct.config_for({}, "mmlu").gen_length == 3
     with pytest.raises(ValueError, match="unknown preset"):
         MosaicLM(str(tiny_checkpoints["llada"]), preset="gpt")
 
