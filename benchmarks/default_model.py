@@ -21,19 +21,12 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from fast_decoding import PROMPTS as HEADS
+
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.engine import default_model_path
 from mosaic_dllm.evaluation import MosaicLM
 from mosaic_dllm.train import corpus
-
-HEADS = [
-    "def is_prime(n):\n",
-    'def read_lines(path):\n    """Return the lines of the file at path."""\n',
-    "class Stack:\n    def __init__(self):\n",
-    "    def __repr__(self):\n",
-    "def main():\n    parser = argparse.ArgumentParser()\n",
-    "import os\nimport sys\n\n\ndef ",
-]
 
 
 def held_out_texts(model: Path, size: int) -> list[str]:

@@ -170,7 +170,11 @@ class MosaicLM(LM):
             for task, values in PRESETS[preset].items():
                 given = {k: v for k, v in values.items() if k not in self.settings and k not in self.given}
                 print(f"mosaic preset {preset}: {'other tasks' if task == '*' else task}: {given}", file=sys.stderr)
+        # the official scripts seed the global generators once: the device's, and the CPU's, which
+        # draws what they draw without a device (on a CPU model, one and the same)
         self.gen = torch.Generator(device=self.llm.device).manual_seed(int(likelihood_seed))
+        on_cpu = self.gen.device.type == "cpu"
+        self.cpu_gen = self.gen if on_cpu else torch.Generator().manual_seed(int(likelihood_seed))
         self.name = str(pretrained or "default_model")
         self.used: dict[str, dict] = {}  # per task, the settings its requests ran with (`get_model_info`)
 
@@ -246,7 +250,7 @@ class MosaicLM(LM):
                     self._ran(task, "likelihood", asdict(options))
                     pairs = [sampler.encode_pair(self.llm.tokenizer, *r.args, options) for r in members]
                     tensors = [tuple(torch.tensor(ids, dtype=torch.long) for ids in pair) for pair in pairs]
-                    values += sampler.log_likelihoods(self.llm.executor, tensors, self.gen, options)
+                    values += sampler.log_likelihoods(self.llm.executor, tensors, self.gen, options, self.cpu_gen)
                 out += [(value, False) for value in values]
                 bar.update(len(chunk))
         return out
@@ -269,7 +273,7 @@ class MosaicLM(LM):
             tokens = self.llm.tokenizer.encode(request.args[0])
             windows = map(make_disjoint_window, get_rolling_token_windows(tokens, eos, width, 1))
             pairs = [(torch.tensor(p), torch.tensor(sampler.window_target(t))) for p, t in windows]
-            out.append(sum(sampler.log_likelihoods(self.llm.executor, pairs, self.gen, options)))
+            out.append(sum(sampler.log_likelihoods(self.llm.executor, pairs, self.gen, options, self.cpu_gen)))
         return out
 
 

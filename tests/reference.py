@@ -431,15 +431,17 @@ def dream_diffusion_generate(model, model_config: dict, input_ids, mask_id, **kw
 # ---- LLaDA's Monte Carlo log-likelihood (get_log_likelihood.py / eval_llada.py), restated ------------
 
 
-def llada_forward_process(batch, prompt_index, mask_id):
+def llada_forward_process(batch, prompt_index, mask_id, device_gen=None, cpu_gen=None):
+    """eval_llada.py's `_forward_process`: `randint` on the batch's device, `randperm` with no
+    device (the CPU); `device_gen` / `cpu_gen` stand for those global generators (None: the CPU one)."""
     b, length = batch.shape
     target_len = (length - prompt_index.sum()).item()
-    k = torch.randint(1, target_len + 1, ())
+    k = torch.randint(1, target_len + 1, (), generator=device_gen)
     x = torch.round(torch.linspace(float(k), k + (b - 1) * (target_len / b), steps=b)).long()
     x = ((x - 1) % target_len) + 1
     is_mask = torch.arange(target_len).repeat(b, 1) < x.unsqueeze(1)
     for i in range(b):
-        is_mask[i] = is_mask[i][torch.randperm(target_len)]
+        is_mask[i] = is_mask[i][torch.randperm(target_len, generator=cpu_gen)]
     is_mask = torch.cat((torch.zeros(b, int(prompt_index.sum()), dtype=torch.bool), is_mask), dim=1)
     return torch.where(is_mask, mask_id, batch), (x / target_len).unsqueeze(1).repeat(1, length)
 

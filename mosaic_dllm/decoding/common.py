@@ -169,9 +169,16 @@ class Sampler(Protocol):
         """(prefix, target) ids of a likelihood request, as the family's official harness splits them."""
 
     def log_likelihoods(
-        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+        self,
+        executor: Executor,
+        pairs: list[tuple[Tensor, Tensor]],
+        gen: torch.Generator,
+        options: LikelihoodOptions,
+        cpu_gen: torch.Generator | None = None,
     ) -> list[float]:
-        """Several requests' estimates, each the value it has alone, their copies sharing passes."""
+        """Several requests' estimates, each the value it has alone, their copies sharing passes;
+        draws on the model's device from `gen`, those the official code makes on the CPU whatever
+        the device from `cpu_gen` (None: `gen`)."""
 
     def window_target(self, target: list[int]) -> list[int]:
         """A rolling (perplexity) window's target as the family's estimator scores it."""

@@ -196,9 +196,15 @@ class DreamSampler:
         return [*target, self.eos_ids[0]]
 
     def log_likelihoods(
-        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+        self,
+        executor: Executor,
+        pairs: list[tuple[Tensor, Tensor]],
+        gen: torch.Generator,
+        options: LikelihoodOptions,
+        cpu_gen: torch.Generator | None = None,
     ) -> list[float]:
-        """Dream's evaluation's estimates of several requests, each its value alone, passes shared."""
+        """Dream's evaluation's estimates of several requests, each its value alone, passes shared
+        (every draw on the model's device, as its eval.py: `cpu_gen` is unused)."""
         draw = partial(dream_runs, mask_id=self.mask_id)
         return batched_estimates(executor, pairs, draw, gen, options, by_length=options.log_type == "union")
 

@@ -8,7 +8,9 @@ Each Monte Carlo batch copies prefix + target `batch_size` times and masks, in c
 target positions spread evenly over [1, target length] from a random start, at random places; the
 estimate is minus the mean over batches of sum(cross-entropy at masked positions / mask ratio) /
 batch_size. The random draws (one start, then one permutation per copy) come from `gen` in the
-official order, so a generator seeded like the official global seed gives the official value.
+official order, so a generator seeded like the official global seed gives the official value; the
+official script draws the start on the model's device and the permutations on the CPU (its
+`randperm` names no device), so on a GPU those come from `cpu_gen`, a CPU generator seeded alike.
 
 The network runs only where it is read: every copy is a request of one step (two sequences with
 guidance) whose rows are its masked positions, all copies packed into one forward pass; the LM
@@ -61,10 +63,14 @@ class LikelihoodOptions:
 LOG_TYPES = ("ftb", "btf", "union")
 
 
-def mask_batch(seq: Tensor, prefix_length: int, mask_id: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def mask_batch(
+    seq: Tensor, prefix_length: int, mask_id: int, gen: torch.Generator, cpu_gen: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """(masked copies, mask ratio per copy) for (b, L) copies of one sequence: copy i masks x_i
-    target positions, x_i evenly spaced over [1, target length] from a random start, placed by a
-    random permutation."""
+    target positions, x_i evenly spaced over [1, target length] from a random start (drawn from
+    `gen` on the sequence's device), placed by a random permutation (drawn on the CPU from
+    `cpu_gen`, default `gen`)."""
+    cpu_gen = cpu_gen or gen
     b, length = seq.shape
     target = length - prefix_length
     start = torch.randint(1, target + 1, (), generator=gen, device=seq.device)
@@ -72,7 +78,7 @@ def mask_batch(seq: Tensor, prefix_length: int, mask_id: int, gen: torch.Generat
     counts = ((counts.long() - 1) % target) + 1
     masked = torch.arange(target, device=seq.device).repeat(b, 1) < counts.unsqueeze(1)
     for i in range(b):
-        masked[i] = masked[i][torch.randperm(target, generator=gen, device=seq.device)]
+        masked[i] = masked[i][torch.randperm(target, generator=cpu_gen, device=cpu_gen.device).to(seq.device)]
     masked = torch.cat((torch.zeros(b, prefix_length, dtype=torch.bool, device=seq.device), masked), dim=1)
     return torch.where(masked, mask_id, seq), counts / target
 
@@ -92,9 +98,15 @@ class Run:
 
 
 def llada_runs(
-    prefix: Tensor, target: Tensor, mask_id: int, gen: torch.Generator, options: LikelihoodOptions
+    prefix: Tensor,
+    target: Tensor,
+    mask_id: int,
+    gen: torch.Generator,
+    options: LikelihoodOptions,
+    cpu_gen: torch.Generator | None = None,
 ) -> list[Run]:
-    """LLaDA's runs for one request, drawn from `gen` in the official order."""
+    """LLaDA's runs for one request, drawn from `gen` (and `cpu_gen`, see `mask_batch`) in the
+    official order."""
     b, mc_num = options.batch_size, options.mc_num
     if target.numel() == 0:
         raise ValueError("the target is empty: there is nothing to score")
@@ -103,7 +115,7 @@ def llada_runs(
     seq = torch.cat([prefix, target]).unsqueeze(0).repeat(b, 1)
     runs = []
     for _ in range(mc_num // b):
-        noisy, ratio = mask_batch(seq, prefix.numel(), mask_id, gen)
+        noisy, ratio = mask_batch(seq, prefix.numel(), mask_id, gen, cpu_gen)
         steps, targets = [], []
         for i, copy in enumerate(noisy):
             ids = copy.unsqueeze(0)
@@ -254,7 +266,7 @@ def batched_estimates(
 ) -> list[float]:
     """Several requests' estimates, each the value it has alone: every request's runs are drawn
     from `gen` in request order (the draws never depend on the network), then scored with passes
-    shared across runs and requests (`score_runs`). `draw(prefix, target, gen, options)` -> runs;
+    shared across runs and requests (`score_runs`). `draw(prefix, target, gen=, options=)` -> runs;
     `by_length`: each estimate divided by its sequence's length (Dream's union)."""
     runs, counts, lengths = [], [], []
     for prefix, target in pairs:

@@ -168,10 +168,17 @@ class LLaDASampler:
         return target
 
     def log_likelihoods(
-        self, executor: Executor, pairs: list[tuple[Tensor, Tensor]], gen: torch.Generator, options: LikelihoodOptions
+        self,
+        executor: Executor,
+        pairs: list[tuple[Tensor, Tensor]],
+        gen: torch.Generator,
+        options: LikelihoodOptions,
+        cpu_gen: torch.Generator | None = None,
     ) -> list[float]:
-        """LLaDA's official estimates of several requests, each its value alone, passes shared."""
-        return batched_estimates(executor, pairs, partial(llada_runs, mask_id=self.mask_id), gen, options)
+        """LLaDA's official estimates of several requests, each its value alone, passes shared; the
+        permutations from `cpu_gen` (the official script draws them on the CPU)."""
+        draw = partial(llada_runs, mask_id=self.mask_id, cpu_gen=cpu_gen)
+        return batched_estimates(executor, pairs, draw, gen, options)
 
     def cache_bytes(self, cfg: GenerationConfig, prompt_length: int, dtype: torch.dtype) -> int:
         cache = block_cache(self.spec, prompt_length, cfg)

@@ -134,3 +134,28 @@ def test_requests_sharing_passes_keep_the_values_they_have_alone(tiny_checkpoint
     got = llm.sampler.log_likelihoods(llm.executor, pairs, torch.Generator().manual_seed(5), shared)
     assert got == expected
     assert len(passes) < 6 and sum(passes) == 24  # 3 requests x 2 runs x 4 copies, in fewer passes
+
+
+def test_llada_draws_follow_the_official_devices():
+    """eval_llada.py draws each batch's start on the model's device and the permutations on the
+    CPU: on a GPU those are two generators, both seeded by its one manual_seed. Two CPU generators
+    stand for them here; on a CPU model they are one and the same (MosaicLM.cpu_gen is gen)."""
+    from mosaic_dllm.decoding.likelihood import LikelihoodOptions, llada_runs
+    from tests import reference
+
+    prefix, target, mask = torch.tensor([5, 6, 7]), torch.tensor([20, 21, 22, 23, 24, 25]), 300
+    options = LikelihoodOptions(mc_num=8, batch_size=4)
+    runs = llada_runs(prefix, target, mask, torch.Generator().manual_seed(3), options, torch.Generator().manual_seed(4))
+    device_gen, cpu_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    seq = torch.cat([prefix, target]).repeat(4, 1)
+    prompt_index = torch.arange(seq.shape[1]) < prefix.numel()
+    for run in runs:
+        noisy, ratio = reference.llada_forward_process(seq, prompt_index, mask, device_gen, cpu_gen)
+        assert torch.equal(torch.cat([step.ids for step in run.steps]), noisy)
+        assert torch.equal(run.divisors, ratio[:, 0])
+    one = llada_runs(prefix, target, mask, torch.Generator().manual_seed(3), options)  # one generator: other draws
+    assert any(
+        not torch.equal(a.ids, b.ids)
+        for r, o in zip(runs, one, strict=True)
+        for a, b in zip(r.steps, o.steps, strict=True)
+    )

@@ -90,6 +90,7 @@ def test_presets_fill_what_the_official_scripts_pass_per_task(tiny_checkpoints, 
     assert preset_settings("llada-base", "truthfulqa_mc2") == {"mc_num": 128, "mc_batch_size": 8, "cfg_scale": 2.0}
     model = MosaicLM(str(tiny_checkpoints["llada"]), preset="llada-base", mc_num=16)
     assert "truthfulqa_mc2: {'cfg_scale': 2.0}" in capsys.readouterr().err
+    assert model.cpu_gen is model.gen  # on a CPU model the official device and CPU draws share one generator
     piqa = model.options_for("piqa")
     assert (piqa.mc_num, piqa.batch_size, piqa.cfg_scale) == (16, 8, 0.5)
     gsm8k = model.config_for({"max_gen_toks": 16}, "gsm8k")
