@@ -32,7 +32,7 @@ from .cost import measure_row_bytes
 from .dream_sampling import sample_rows, sample_tokens
 from .likelihood import LikelihoodOptions, batched_estimates, dream_runs
 from .parallel import BlockState, block_cache, ranked_threshold
-from .rows import Chunks, RowChunks, select_rows
+from .rows import PositionLogits, RowChunks, select_rows
 from .schedule import dream_timesteps, dream_transfer_count
 
 FAST_DLLM_THRESHOLD = 0.9  # Fast-dLLM's diffusion_generate default
@@ -261,7 +261,7 @@ class DreamState(DenoiseState):
         sample_tokens over the gathered rows."""
         wanted, cfg = self.sampler.hidden_rows(self.positions), self.cfg
 
-        def rows() -> Chunks:
+        def rows() -> PositionLogits:
             return ((self.positions[part], lg[0]) for part, lg in select_rows(logits(), wanted, self.x.shape[1]))
 
         return sample_rows(rows, self.gen, cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **ranking(cfg))
@@ -385,7 +385,7 @@ class BlockDreamState(BlockState):
         wanted = self.wanted()
         every = wanted.numel() < self.positions.numel()  # every position: row 0 read twice, in order
 
-        def rows() -> Chunks:
+        def rows() -> PositionLogits:
             for part, lg in select_rows(logits(), wanted, w1 - w0):
                 if every and part.start == 0:
                     yield self.positions[:1], lg[0, :1]

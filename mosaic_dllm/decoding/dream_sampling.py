@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 
 from ..memory.prediction import is_predicting
-from .rows import Chunks
+from .rows import PositionLogits
 
 
 def top_p_logits(logits: Tensor, top_p: float) -> Tensor:
@@ -85,7 +85,7 @@ def sample_tokens(
 
 
 def sample_rows(
-    chunks_fn: Callable[[], Chunks], gen: torch.Generator, temperature: float, **kw
+    chunks_fn: Callable[[], PositionLogits], gen: torch.Generator, temperature: float, **kw
 ) -> tuple[Tensor, Tensor]:
     """The official sample_tokens over all rows, computed chunk by chunk.
 

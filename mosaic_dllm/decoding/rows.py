@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RowChunks = Iterator[tuple[Tensor, Tensor]]  # (hidden rows (C,), logits (B, C, V)) from an executor
-Chunks = Iterator[tuple[Tensor, Tensor]]  # (positions (C,), logits (C, V)) as a sampler reduces them
+from ..runtime.executor import RowChunks
+
+PositionLogits = Iterator[tuple[Tensor, Tensor]]  # (positions (C,), logits (C, V)) as a sampler reduces them
 
 
 def select_rows(chunks: RowChunks, wanted: Tensor, length: int) -> Iterator[tuple[slice, Tensor]]:
@@ -102,7 +103,7 @@ class UniformReplay:
 
 
 def propose(
-    chunks: Chunks,
+    chunks: PositionLogits,
     x: Tensor,
     vocab: int,
     temperature: float,
