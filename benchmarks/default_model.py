@@ -7,8 +7,8 @@
     windows of each model's own context (`MosaicLM.loglikelihood_rolling`, `--mc-num` samples per
     window): bits per token, and bits per byte so that models with other tokenizers compare.
 (2) Completions: function heads, the official sampler (low-confidence remasking), greedy.
-(3) A long prompt: the first `--long-tokens` tokens of a held-out file, completed with no
-    long-context flag.
+(3) A long prompt: the first `--long-tokens` tokens of the longest held-out file, completed
+    (`--long-gen` tokens, one block) with no long-context flag.
 Forward passes per token under Fast-dLLM's threshold: benchmarks/fast_decoding.py.
 """
 
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--long-tokens", type=int, default=1000)
+    parser.add_argument("--long-gen", type=int, default=24, help="the long prompt's answer (1000 + 24 = the context)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     texts = held_out_texts(args.model, args.held_out_bytes)
@@ -86,7 +87,7 @@ def main() -> None:
     llm = LLM(args.model)
     result["completions"] = completions(llm, args.gen, args.block)
     longest = max(held_out_texts(args.model, 10**9), key=len)
-    result["long_prompt"] = long_prompt(llm, longest, args.long_tokens, args.gen)
+    result["long_prompt"] = long_prompt(llm, longest, args.long_tokens, args.long_gen)
     result["settings"] = vars(args) | {"model": str(args.model), "compare": str(args.compare), "json": None}
     print(json.dumps({k: result[k] for k in ("completions", "long_prompt")}, indent=1))
     if args.json:
