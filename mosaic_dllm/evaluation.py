@@ -25,10 +25,12 @@ it for `lm_eval.simple_evaluate(model="mosaic", ...)`. Needs the `eval` extra (`
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import asdict
 from itertools import groupby
+from pathlib import Path
 
 import torch
 from lm_eval.api.model import LM
@@ -42,58 +44,10 @@ from .engine import LLM
 log = logging.getLogger(__name__)
 GENERATION_KEYS = tuple(SETTINGS)
 LIKELIHOOD_KEYS = ("mc_num", "mc_batch_size", "log_type", "sampling_eps", "add_bos_token", "max_length")
-_LLADA_GEN = {"gen_length": 1024, "steps": 1024, "block_length": 1024}
-_LLADA_ONE_SAMPLE = {"cfg_scale": 0.0, "mc_num": 1, "mc_batch_size": 1}
-
-
-def _instruct(length: int, **options: bool) -> dict:
-    return {"gen_length": length, "steps": length, "block_length": length} | options
-
-
-_DREAM_GEN = {"alg": "entropy", "alg_temp": 0.0, "top_p": 0.95, "top_k": 0, "add_bos_token": True}
-# What the official scripts pass, per task (a task's subtasks, e.g. mmlu_*, take its settings):
-# LLaDA-8B-Base: ML-GSAI/LLaDA eval_llada_lm_eval.sh (likelihood: cfg per task, mc_num 128, batch 8);
-# Dream-v0-Base-7B: HKUNLP/Dream eval/eval_dream_mc.sh and eval_dream_gen.sh (steps = the length);
-# LLaDA-8B-Instruct: ML-GSAI/LLaDA EVAL.md's table (its OpenCompass configs, pure diffusion: one
-# block, a step a token) under lm-eval's task names, with its EOS options (generate.py);
-# Fast-dLLM: GSM8K at gen 256, blocks of 32, threshold 0.9 with the dual cache (its README).
-PRESETS: dict[str, dict[str, dict]] = {
-    "llada-base": {
-        "*": {"mc_num": 128, "mc_batch_size": 8},
-        "gpqa_main_n_shot": {"cfg_scale": 0.5},
-        "truthfulqa_mc2": {"cfg_scale": 2.0},
-        "arc_challenge": {"cfg_scale": 0.5},
-        "hellaswag": {"cfg_scale": 0.5},
-        "winogrande": {"cfg_scale": 0.0},
-        "piqa": {"cfg_scale": 0.5},
-        "mmlu": _LLADA_ONE_SAMPLE,
-        "cmmlu": _LLADA_ONE_SAMPLE,
-        "ceval-valid": _LLADA_ONE_SAMPLE,
-        **dict.fromkeys(("bbh", "gsm8k", "minerva_math", "humaneval", "mbpp"), _LLADA_GEN),
-    },
-    "llada-instruct": {
-        "mmlu": _instruct(3),
-        "mmlu_pro": _instruct(256),
-        "hellaswag": _instruct(3),
-        "arc_challenge": _instruct(512),
-        "gsm8k": _instruct(512, confidence_eos_eot_inf=True),
-        "minerva_math": _instruct(512, confidence_eos_eot_inf=True),
-        "gpqa": _instruct(64, confidence_eos_eot_inf=True),
-        "humaneval": _instruct(512, logits_eos_inf=True),
-        "mbpp": _instruct(256, confidence_eos_eot_inf=True),
-    },
-    "dream-base": {
-        "*": {"mc_num": 128, "mc_batch_size": 32, "log_type": "ftb", "add_bos_token": True},
-        "gsm8k_cot": _DREAM_GEN | {"gen_length": 256, "steps": 256, "temperature": 0.0},
-        "mbpp": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.2},
-        "minerva_math": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.0},
-        "bbh": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.0},
-        "humaneval": _DREAM_GEN | {"gen_length": 512, "steps": 512, "temperature": 0.2},
-    },
-    "fast-dllm": {
-        "gsm8k": {"gen_length": 256, "steps": 256, "block_length": 32, "threshold": 0.9, "cache": "dual"},
-    },
-}
+# What the official scripts pass, per preset and task (a task's subtasks, e.g. mmlu_*, take its
+# nearest entry; "*": every task), with each preset's source: data, in assets/eval_presets.json.
+PRESET_TABLE = json.loads((Path(__file__).parent / "assets" / "eval_presets.json").read_text())
+PRESETS: dict[str, dict[str, dict]] = {name: preset["tasks"] for name, preset in PRESET_TABLE.items()}
 
 
 def preset_settings(preset: str | None, task: str | None) -> dict:
