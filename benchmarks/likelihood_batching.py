@@ -8,6 +8,10 @@
     $B --json benchmarks/results/likelihood_batching_task.json
     $B --spread --json benchmarks/results/likelihood_spread_task.json
 
+`--family dream`: Dream's estimator (HKUNLP/Dream eval.py) on a Dream-architecture checkpoint of
+the default model's sizes and tokenizer with random weights (no trained Dream fits here): its
+requests/s batched vs one at a time; its accuracy is chance by construction, printed as a check.
+
 Requests: lines of the standard library's `textwrap.py` (each line's first half the context, the
 rest the continuation), or with `--task` every (context, choice) pair of a multiple-choice task
 (JSONL: context, choices, gold), tokenised as the family's harness does (`Sampler.encode_pair`),
@@ -45,6 +49,23 @@ def requests(llm: LLM, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if prefix and target:
             pairs.append((torch.tensor(prefix), torch.tensor(target)))
     return pairs
+
+
+def random_dream_like_default(path: Path) -> Path:
+    """A Dream checkpoint with the default model's sizes and tokenizer, random weights."""
+    import shutil
+    from dataclasses import replace
+
+    from mosaic_dllm import checkpoint
+    from mosaic_dllm.engine import default_model_path
+    from mosaic_dllm.models.weights import random_state_dict
+
+    llada = LLM().spec
+    spec = replace(llada, family="dream", logit_shift=True, qkv_bias=True, rope_full_precision=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(default_model_path() / name, path / name)
+    checkpoint.save(path, spec, random_state_dict(spec, torch.float32, seed=0))
+    return path
 
 
 def task_requests(llm: LLM, path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict]]:
@@ -95,10 +116,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--copies-per-pass", type=int, default=128)
     parser.add_argument("--task", type=Path, help="a multiple-choice task's JSONL (context, choices, gold)")
+    parser.add_argument("--family", choices=("llada", "dream"), default="llada", help="whose estimator (see above)")
     parser.add_argument("--spread", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
-    llm = LLM()
+    if args.family == "dream":
+        import tempfile
+
+        llm = LLM(random_dream_like_default(Path(tempfile.mkdtemp())))
+    else:
+        llm = LLM()
     pairs, items = task_requests(llm, args.task) if args.task else (requests(llm, args.requests), [])
     if args.spread:
         record = spread(llm, pairs, items)
@@ -106,6 +133,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         return
     record = {"requests": len(pairs), "mc_num": 128, "batch_size": 32, "threads": torch.get_num_threads()}
+    record["estimator"] = args.family
     values = {}
     for name, per_pass in (("one at a time", 0), ("shared passes", args.copies_per_pass)):
         options = LikelihoodOptions(copies_per_pass=per_pass)
