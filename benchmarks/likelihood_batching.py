@@ -68,9 +68,11 @@ def random_dream_like_default(path: Path) -> Path:
     return path
 
 
-def task_requests(llm: LLM, path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict]]:
-    """Every (context, choice) pair of a multiple-choice task, item after item."""
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def task_requests(
+    llm: LLM, path: Path, most: int | None = None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[dict]]:
+    """Every (context, choice) pair of a multiple-choice task's first `most` items, item after item."""
+    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:most]
     options = LikelihoodOptions()
     pairs = [
         tuple(torch.tensor(ids) for ids in llm.sampler.encode_pair(llm.tokenizer, item["context"], choice, options))
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--copies-per-pass", type=int, default=128)
     parser.add_argument("--task", type=Path, help="a multiple-choice task's JSONL (context, choices, gold)")
+    parser.add_argument("--items", type=int, help="with --task: its first N items only")
+    parser.add_argument("--seeds", type=int, default=5, help="with --spread: seeds per mc_num")
     parser.add_argument("--family", choices=("llada", "dream"), default="llada", help="whose estimator (see above)")
     parser.add_argument("--spread", action="store_true")
     parser.add_argument("--json")
@@ -126,9 +130,9 @@ def main() -> None:
         llm = LLM(random_dream_like_default(Path(tempfile.mkdtemp())))
     else:
         llm = LLM()
-    pairs, items = task_requests(llm, args.task) if args.task else (requests(llm, args.requests), [])
+    pairs, items = task_requests(llm, args.task, args.items) if args.task else (requests(llm, args.requests), [])
     if args.spread:
-        record = spread(llm, pairs, items)
+        record = spread(llm, pairs, items, args.seeds)
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
         return
