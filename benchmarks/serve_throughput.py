@@ -73,13 +73,14 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def request_body(i: int, args, prompt_ids: list[list[int]] | None) -> tuple[str, dict]:
-    """(route, body) of request i: the kind rotates, seeds and temperatures vary by i."""
+def request_body(i: int, args, prompt_ids: list[list[int]] | None, chat: bool = True) -> tuple[str, dict]:
+    """(route, body) of request i: the kind rotates (chat only where the model has a template),
+    seeds and temperatures vary by i."""
     settings = {"max_tokens": args.gen, "steps": args.steps, "block_length": args.block, "seed": i}
     if i % 2:
         settings["temperature"] = 0.7
     prompt = prompt_ids[i % len(prompt_ids)] if prompt_ids else f"{PROMPTS[i % len(PROMPTS)]} item {i}"
-    kind = i % 3 if prompt_ids is None else i % 2  # token-id prompts: no chat
+    kind = i % 3 if prompt_ids is None and chat else i % 2  # token-id prompts, or no chat template: no chat
     if kind == 2:
         return "/v1/chat/completions", settings | {"messages": [{"role": "user", "content": prompt}]}
     return "/v1/completions", settings | {"prompt": prompt, "stream": kind == 1}
@@ -116,13 +117,14 @@ def run_load(url: str, concurrency: int, args, prompt_ids) -> tuple[dict, dict]:
     total = concurrency * args.per_client
     answers: dict[int, tuple[str, str]] = {}
     latencies, tokens, errors = [], 0, []
+    chat = httpx.get(url + "/v1/models", timeout=60).json()["data"][0].get("chat", True)
 
     def client_loop(c: int) -> None:
         nonlocal tokens
         with httpx.Client(timeout=3600) as client:
             for k in range(args.per_client):
                 i = c * args.per_client + k
-                route, body = request_body(i, args, prompt_ids)
+                route, body = request_body(i, args, prompt_ids, chat)
                 start = time.perf_counter()
                 try:
                     text, finish, n = send(client, url, route, body)
