@@ -34,15 +34,15 @@ def size(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n < 10 << 20 else mib(n)
 
 
-PROMPTS = [  # function heads, as the default model's users write them (it was trained on Python source)
-    "def is_prime(n):\n",
-    'def read_lines(path):\n    """Return the lines of the file at path."""\n',
-    "class Stack:\n    def __init__(self):\n",
-    "    def __repr__(self):\n",
-    "def main():\n    parser = argparse.ArgumentParser()\n",
-    "import os\nimport sys\n\n\ndef ",
-    "    def close(self):\n",
-    "def _check_arg(name, value):\n    if not isinstance(value, str):\n",
+PROMPTS = [  # function heads, ending before the line break (the tokenizer joins it with the indentation)
+    "def is_prime(n):",
+    'def read_lines(path):\n    """Return the lines of the file at path."""',
+    "class Stack:\n    def __init__(self):",
+    "    def __repr__(self):",
+    "def main():\n    parser = argparse.ArgumentParser()",
+    "import os\nimport sys\n\n\ndef copy_tree(src, dst):",
+    "    def close(self):",
+    "def _check_arg(name, value):\n    if not isinstance(value, str):",
 ]
 
 

@@ -275,4 +275,4 @@ def test_plan_max_len_says_when_the_search_hit_its_limit_and_the_context(capsys)
     assert main(["plan", "--model", str(default_model_path()), "--max-len", "--budget", "80GiB"]) == 0
     out = capsys.readouterr().out
     assert "at least 4194304 (nothing failed up to the search's limit)" in out and "mosaic / eager" not in out
-    assert "the model's context is 64 tokens" in out
+    assert "the model's context is 1024 tokens" in out

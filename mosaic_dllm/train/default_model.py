@@ -37,8 +37,8 @@ class Recipe:
     train: TrainConfig
     vocab_size: int
     max_files: int | None = None  # the first files of the sorted corpus only (quick runs)
-    gen_length: int = 64  # generation_config.json: the defaults a bare `mosaic generate` uses
-    block_length: int = 32
+    gen_length: int = 32  # generation_config.json: the defaults a bare `mosaic generate` uses
+    block_length: int = 8
 
 
 RECIPES = {
