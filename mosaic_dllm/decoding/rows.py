@@ -127,9 +127,11 @@ def propose(
     x0 = x.clone()
     confidence = None
     noise = UniformReplay(gen, length, vocab, x.device, wanted) if temperature > 0 else None
+    never_ids = torch.tensor(never, device=x.device) if never else None  # once a step, not a chunk
+    unranked_ids = torch.tensor(unranked, device=x.device) if unranked else None
     for pos, logits in chunks:  # logits (C, V)
-        if never:  # a copy: the executor's logits are read-only (inference tensors)
-            logits = logits.index_fill(-1, torch.tensor(never, device=logits.device), -torch.inf)
+        if never_ids is not None:  # a copy: the executor's logits are read-only (inference tensors)
+            logits = logits.index_fill(-1, never_ids, -torch.inf)
         if noise is not None:  # Gumbel-max in float64, as in the official add_gumbel_noise
             lg = logits.to(torch.float64)
             rows_x0 = torch.argmax(lg.exp() / (-torch.log(noise.take(pos))) ** temperature, dim=-1)
@@ -137,8 +139,8 @@ def propose(
         else:
             rows_x0 = torch.argmax(logits, dim=-1)
         x0[0, pos] = rows_x0
-        if unranked:
-            logits = logits.index_fill(-1, torch.tensor(unranked, device=logits.device), -torch.inf)
+        if unranked_ids is not None:
+            logits = logits.index_fill(-1, unranked_ids, -torch.inf)
         if remasking == "low_confidence":
             if confidence is None:
                 dtype = softmax_dtype or logits.dtype

@@ -4,11 +4,11 @@
 (`LLM.request`). It plans the request's largest step against the memory budget (`LLM.plan`, in a
 thread): a request that can never fit is refused at once (`DoesNotFit`, with the longest length
 that would fit); one that fits takes a slot (`QueueFull` when `max_batch` run and `max_queue` wait
-already). `run` hands it to the engine's
-scheduler (`scheduler.py`), which a single engine thread drives step by step: a request joins the
-running batch at a step boundary when the batch's plan with it fits the budget, and leaves when it
-ends. The event loop never blocks on a step. Each job carries a cancel flag the scheduler reads at
-every step boundary: a client that goes away stops its own generation, never the others'.
+already). `run` hands it to the engine's scheduler (`scheduler.py`), which a single engine
+thread drives step by step: a request joins the running batch at a step boundary when the
+batch's plan with it fits the budget, and leaves when it ends. The event loop never blocks on a
+step. Each job carries a cancel flag the scheduler reads at every step boundary: a client that
+goes away stops its own generation, never the others'.
 """
 
 from __future__ import annotations
