@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
+from .models.quantized import QuantizedWeight, check_shapes, quantize, quantized_names
+from .models.spec import QuantScheme
 from .models.weights import Weights, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer
 
@@ -239,15 +241,25 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
             raise CheckpointError(f"weight {name!r} holds NaN or infinite values: the checkpoint is damaged")
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu") -> Checkpoint:
+def load(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    quantization: QuantScheme | None = None,
+) -> Checkpoint:
+    """Read a checkpoint; with `quantization`, each linear weight is quantized as it is read (never
+    a second full-precision copy of the model)."""
     given, path = str(path), locate(path)
     called = given if given != str(path) and HUB_ID.fullmatch(given) else path.name
     device = parse_device(device)
     spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
     check_state_dict(spec, tensor_shapes(files))  # names and shapes before any data is read
+    if quantization is not None:
+        check_shapes(spec, quantization)
+    quantized = quantized_names(spec, quantization) if quantization else set()
     target = parse_dtype(dtype)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | QuantizedWeight] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -255,13 +267,17 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str |
                     t = f.get_tensor(name)
                     check_finite(name, t)
                     target = target or (t.dtype if t.is_floating_point() else None)
-                    state[name] = t
+                    t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+                    state[name] = quantize(t, quantization) if name in quantized else t
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file} could not be read: {exc}") from exc
-    target = target or torch.float32
-    state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
     weights = from_state_dict(spec, state)
-    log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, target)
+    if quantization is not None:
+        spec = replace(spec, quantization=quantization)
+        if quantization.head and spec.tie_word_embeddings:  # the embedding table stays; the head gets a copy
+            weights.lm_head = quantize(weights.lm_head, quantization)
+    dtype_name = weights.embed.dtype if quantization is None else f"{weights.embed.dtype}, {quantization.name}"
+    log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, dtype_name)
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)
 
 

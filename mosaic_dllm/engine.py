@@ -25,6 +25,7 @@ from .memory.budget import DEFAULT_RESERVE, default_budget
 from .memory.sizes import parse_bytes
 from .models import ConfigError
 from .models.groups import Chunks, searchable_groups
+from .models.quantized import parse_quantization
 from .plan.search import DoesNotFit
 from .plan.shapes import RequestShape
 from .plan.step_plan import LRU, StepPlan
@@ -136,6 +137,8 @@ class LLM:
         max_batch: int = DEFAULT_MAX_BATCH,
         allow_special_tokens: bool = False,
         on_step: Callable[[StepRecord], None] | None = None,
+        quantize: str | None = None,
+        quantize_head: bool = False,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
@@ -148,7 +151,9 @@ class LLM:
         request's tokens are the same. Prompt text holding a special token's text (the mask token,
         EOS, chat markers) is refused unless `allow_special_tokens` (then it is that token: a mask
         token in the prompt is a position to fill); token-id prompts are taken as given. `on_step`
-        sees every batched step as it ran (`scheduler.StepRecord`: time, requests, plan)."""
+        sees every batched step as it ran (`scheduler.StepRecord`: time, requests, plan).
+        `quantize` ('int8', 'int4', 'int4-g64', 'int4-g128'): linear weights quantized as they load,
+        an approximation of the model (`models/quantized.py`); `quantize_head`: the LM head too."""
         self.allow_long_context = allow_long_context
         self.allow_special_tokens = allow_special_tokens
         chunk_groups = searchable_groups(allow_recompute, chunk_groups)
@@ -159,7 +164,8 @@ class LLM:
         reserve = parse_bytes(memory_reserve, "memory_reserve", 0)
         check_executor(executor, options)  # before the weights are loaded
         Scheduler.check_max_batch(max_batch)
-        self.checkpoint = checkpoint.load(model or default_model_path(), dtype=dtype, device=device)
+        scheme = parse_quantization(quantize, quantize_head)
+        self.checkpoint = checkpoint.load(model or default_model_path(), dtype, device, scheme)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
         vocabulary = {t: self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens} if self.tokenizer else {}

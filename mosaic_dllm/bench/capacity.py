@@ -9,7 +9,6 @@ is traced. MoE routing depends on values, so the eager MoE step cannot be predic
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch
@@ -19,15 +18,10 @@ from ..decoding import sampler_for
 from ..device import DeviceProfile
 from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
-from ..models.weights import expected_shapes
 from ..plan.search import LENGTH_LIMIT, fit, longest, max_length
 from ..plan.shapes import StepShape, chunk_bucket
 from ..plan.step_plan import PlanCache
 from .step import StepRequest, first_step_config, predict
-
-
-def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
-    return sum(math.prod(s) for s in expected_shapes(spec).values()) * dtype.itemsize
 
 
 def first_step_shape(

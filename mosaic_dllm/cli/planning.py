@@ -201,8 +201,9 @@ def _device_profile(args: argparse.Namespace):
 
 
 def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
-    from ..bench.capacity import eager_capacity, mosaic_capacity, weight_bytes
+    from ..bench.capacity import eager_capacity, mosaic_capacity
     from ..memory.sizes import parse_bytes
+    from ..models.quantized import weight_bytes
     from ..plan.report import max_len_report
 
     if bool(args.budget) == bool(args.device_memory):

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from ..memory.rss import PeakMemory
 from ..models.groups import MIN_CHUNK_TOKENS, spans
+from ..models.quantized import linear, quantize
+from ..models.spec import QuantScheme
 from .rules import TILE_CANDIDATES, AttentionRule, GemmRule
 
 # Row counts compared with the whole call: every count a padded call may use, then odd and even
@@ -63,11 +65,16 @@ def exact_row_counts(run, width: int, dtype: torch.dtype, device: torch.device, 
     return {n for n in PROBE_COUNTS if all(torch.equal(run(x[o : o + n]), whole[o][:n]) for o in OFFSETS)}
 
 
-def probe_gemm(dtype: torch.dtype, in_width: int, out_width: int, device: torch.device) -> GemmRule:
-    """x @ W.T (as F.linear computes it) by row count, for a (out_width, in_width) weight."""
+def probe_gemm(
+    dtype: torch.dtype, in_width: int, out_width: int, device: torch.device, scheme: QuantScheme | None = None
+) -> GemmRule:
+    """x @ W.T (as F.linear computes it, or the quantized kernel for a weight quantized by
+    `scheme`) by row count, for a (out_width, in_width) weight."""
     g = _generator(device, in_width * 31 + out_width)
     weight = _randn((min(out_width, PROBE_COLUMNS), in_width), dtype, device, g) / in_width**0.5
-    return rule_from(exact_row_counts(lambda x: F.linear(x, weight), in_width, dtype, device, in_width))
+    if scheme is not None:
+        weight = quantize(weight, scheme)
+    return rule_from(exact_row_counts(lambda x: linear(x, weight), in_width, dtype, device, in_width))
 
 
 def probe_silu(dtype: torch.dtype, width: int, device: torch.device) -> GemmRule:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from ..models.spec import QuantScheme
 from . import probes
 from .rules import AttentionRule, GemmRule, KernelRules
 
@@ -154,14 +155,18 @@ class DeviceProfile:
             lambda: STRICTEST_ATTENTION,
         )
 
-    def gemm_rule(self, dtype: torch.dtype, in_width: int, out_width: int) -> GemmRule:
+    def gemm_rule(
+        self, dtype: torch.dtype, in_width: int, out_width: int, scheme: QuantScheme | None = None
+    ) -> GemmRule:
+        """x @ W.T's exact calls; with `scheme`, of the quantized kernel on a weight quantized so."""
         columns = min(out_width, probes.PROBE_COLUMNS)
+        kernel = f" {scheme.name}" if scheme else ""
         return self._measured(
             "gemm",
-            f"{DTYPE_NAMES[dtype]} {in_width}x{columns}",
-            lambda: probes.probe_gemm(dtype, in_width, columns, self.device),
+            f"{DTYPE_NAMES[dtype]} {in_width}x{columns}{kernel}",
+            lambda: probes.probe_gemm(dtype, in_width, columns, self.device, scheme),
             GemmRule.from_dict,
-            lambda: self._nearest("gemm", dtype, in_width),
+            lambda: self._nearest("gemm", dtype, in_width, kernel),
         )
 
     def silu_rule(self, dtype: torch.dtype, width: int) -> GemmRule:
@@ -173,20 +178,26 @@ class DeviceProfile:
             lambda: self._nearest("silu", dtype, width),
         )
 
-    def swiglu_rule(self, dtype: torch.dtype, width: int, intermediate: int) -> GemmRule:
+    def swiglu_rule(
+        self, dtype: torch.dtype, width: int, intermediate: int, scheme: QuantScheme | None = None
+    ) -> GemmRule:
         """down(silu(gate(x)) * up(x)): the call sizes every one of its kernels allows."""
         parts = (
-            self.gemm_rule(dtype, width, intermediate),
+            self.gemm_rule(dtype, width, intermediate, scheme),
             self.silu_rule(dtype, intermediate),
-            self.gemm_rule(dtype, intermediate, width),
+            self.gemm_rule(dtype, intermediate, width, scheme),
         )
         return both(*parts)
 
-    def _nearest(self, table: str, dtype: torch.dtype, width: int) -> GemmRule:
+    def _nearest(self, table: str, dtype: torch.dtype, width: int, kernel: str = "") -> GemmRule:
         """A foreign profile's rule for a width it lacks: that of its nearest width in the same
-        dtype, else tiles of 256 rows (the largest padded call any rule makes)."""
+        dtype (and quantized kernel), else tiles of 256 rows (the largest padded call any rule makes)."""
         name = DTYPE_NAMES[dtype]
-        known = [(k.split()[1], v) for k, v in self.data[table].items() if k.split()[0] == name]
+        known = [
+            (k.split()[1], v)
+            for k, v in self.data[table].items()
+            if k.split()[0] == name and " ".join(k.split()[2:]) == kernel.strip()
+        ]
         if not known:
             return GemmRule(256, False, (256,))
         _, entry = min(known, key=lambda kv: abs(int(kv[0].split("x")[0]) - width))

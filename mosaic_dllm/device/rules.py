@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..models.groups import BY_NAME, OpGroup
+from ..models.spec import QuantScheme
 
 # Row counts a tiled rule may use, smallest first (a power of two each, so that every vector width
 # divides a tile's elements).
@@ -119,11 +120,12 @@ class KernelRules:
         """The groups table's row `name`, with the attention group's blocks as this device allows."""
         return self._groups[name]
 
-    def gemm(self, in_width: int, out_width: int) -> GemmRule:
-        return self.profile.gemm_rule(self.dtype, in_width, out_width)
+    def gemm(self, in_width: int, out_width: int, scheme: QuantScheme | None = None) -> GemmRule:
+        """A GEMM's exact calls; `scheme`: the quantized kernel's, for a weight quantized so."""
+        return self.profile.gemm_rule(self.dtype, in_width, out_width, scheme)
 
-    def swiglu(self, width: int, intermediate: int) -> GemmRule:
-        return self.profile.swiglu_rule(self.dtype, width, intermediate)
+    def swiglu(self, width: int, intermediate: int, scheme: QuantScheme | None = None) -> GemmRule:
+        return self.profile.swiglu_rule(self.dtype, width, intermediate, scheme)
 
     def key_copy_bytes(self, keys: int, kv_heads: int, head_dim: int) -> int:
         """What one fused attention call over `keys` keys allocates inside to copy K and V (0 where

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from ..models.ops import RowHead
 from ..models.packing import Packing
+from ..models.quantized import linear
 
-Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias)
+Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias); weights may be quantized
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -24,7 +25,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
 def route_and_run_experts(
@@ -35,7 +36,7 @@ def route_and_run_experts(
     top_k: int,
     normalize_top_k: bool,
     out: Tensor,
-    linear: Linear = F.linear,
+    linear: Linear = linear,
     mlp: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = swiglu,
 ) -> None:
     """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`;
@@ -82,7 +83,7 @@ class EagerOps:
         return weight * xf.to(x.dtype)
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def rotary(
         self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
@@ -203,13 +204,13 @@ class EagerOps:
             start, length = packing.offsets[first], packing.lengths[first]
             h = held.pop()[0, start : start + count * length].view(count, length, -1)
             if rows is None:  # every position at once
-                positions, logits = torch.arange(length, device=h.device), F.linear(h, weight)
+                positions, logits = torch.arange(length, device=h.device), linear(h, weight)
                 del h
                 yield positions, logits
                 return
             step = chunk or max(1, rows.numel())
             for at in range(0, rows.numel(), step):
                 part = rows[at : at + step]
-                yield part, F.linear(h[:, part], weight)
+                yield part, linear(h[:, part], weight)
 
         return head

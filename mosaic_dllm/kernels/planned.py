@@ -41,6 +41,7 @@ from ..device import GemmRule
 from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.ops import RowHead
 from ..models.packing import Packing
+from ..models.quantized import QuantizedWeight
 from .attention import AttentionOps
 from .eager import route_and_run_experts
 from .memory import Memory
@@ -85,11 +86,11 @@ class PlannedOps(AttentionOps):
         """Declare the padded tile a GEMM on fewer rows than a tile allocates (one at a time)."""
         self.mem.workspace(max(tile_workspace(x, w, self.gemm_rule(w)) for w in weights))
 
-    def gemm_rule(self, weight: Tensor) -> GemmRule:
-        return self.rules.gemm(weight.shape[1], weight.shape[0])
+    def gemm_rule(self, weight: Tensor | QuantizedWeight) -> GemmRule:
+        return self.rules.gemm(weight.shape[1], weight.shape[0], getattr(weight, "scheme", None))
 
-    def _swiglu(self, gate: Tensor) -> GemmRule:
-        return self.rules.swiglu(gate.shape[1], gate.shape[0])
+    def _swiglu(self, gate: Tensor | QuantizedWeight) -> GemmRule:
+        return self.rules.swiglu(gate.shape[1], gate.shape[0], getattr(gate, "scheme", None))
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.begin("embed", name, ids)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..device import GemmRule
 from ..memory.prediction import is_predicting
+from ..models.quantized import QUANTIZED_CALL_ROWS, QuantizedWeight
 
 
 def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
@@ -34,9 +35,16 @@ def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
     return [(s, s + size) for s in starts]
 
 
-def tile_workspace(x: Tensor, weight: Tensor, rule: GemmRule, few_rows: bool = False) -> int:
-    """Bytes a call on fewer rows than `rule` allows allocates (the padded input and output)."""
-    return rule.padded_rows(weight.shape[1], few_rows) * (weight.shape[0] + weight.shape[1]) * x.element_size()
+def tile_workspace(x: Tensor, weight: Tensor | QuantizedWeight, rule: GemmRule, few_rows: bool = False) -> int:
+    """Bytes a call on fewer rows than `rule` allows allocates (the padded input and output), and
+    what a quantized kernel's call allocates besides."""
+    padded = rule.padded_rows(weight.shape[1], few_rows) * (weight.shape[0] + weight.shape[1]) * x.element_size()
+    return padded + quantized_workspace(weight)
+
+
+def quantized_workspace(weight: Tensor | QuantizedWeight) -> int:
+    """A quantized kernel's fresh output (and dequantized weight, off CPU) for its largest call."""
+    return weight.call_workspace(QUANTIZED_CALL_ROWS) if isinstance(weight, QuantizedWeight) else 0
 
 
 def tiled_mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, rule: GemmRule, few_rows=False) -> None:
@@ -62,7 +70,11 @@ def _on_padded_tile(x: Tensor, size: int, out: Tensor, run) -> None:
     out.copy_(result[:n])
 
 
-def _mm(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> None:
+def _mm(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None, out: Tensor) -> None:
+    if isinstance(weight, QuantizedWeight):  # no out= form: calls of at most QUANTIZED_CALL_ROWS rows, copied
+        for start, end in _calls(x, x.shape[0], QUANTIZED_CALL_ROWS):
+            out[start:end].copy_(weight.linear(x[start:end], bias))
+        return
     if bias is None:
         torch.mm(x, weight.t(), out=out)
     else:  # one fused addmm, as F.linear does for a contiguous input with bias
@@ -112,8 +124,13 @@ def tiled_swiglu(
 
 def swiglu_workspace(x: Tensor, gate: Tensor, rule: GemmRule) -> int:
     """Bytes `tiled_swiglu` allocates at most with its caller's intermediates (a padded call; a
-    tile's intermediates without them: the MoE experts, whose rows the MoE op declares)."""
-    return rule.padded_rows(gate.shape[1]) * (2 * x.shape[-1] + 2 * gate.shape[0]) * x.element_size()
+    tile's intermediates without them: the MoE experts, whose rows the MoE op declares; a
+    quantized kernel's call output, one GEMM at a time)."""
+    padded = rule.padded_rows(gate.shape[1]) * (2 * x.shape[-1] + 2 * gate.shape[0]) * x.element_size()
+    if not isinstance(gate, QuantizedWeight):
+        return padded
+    down_output = QUANTIZED_CALL_ROWS * gate.shape[1] * x.element_size()  # gate's and up's are quantized_workspace
+    return padded + quantized_workspace(gate) + down_output
 
 
 def fresh_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, rule: GemmRule) -> Tensor:

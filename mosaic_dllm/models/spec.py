@@ -26,6 +26,21 @@ class MoESpec:
 
 
 @dataclass(frozen=True)
+class QuantScheme:
+    """How a model's linear weights are held, when not in the compute dtype: `bits` 8 (one scale
+    per output channel, symmetric) or 4 (a scale and a zero point per `group` input columns);
+    `head`: the LM head too. Embeddings, norms, biases and MoE routers stay in the compute dtype."""
+
+    bits: int
+    group: int = 0  # 4 bits: input columns per scale; 0 for 8 bits (per output channel)
+    head: bool = False
+
+    @property
+    def name(self) -> str:
+        return "int8" if self.bits == 8 else f"int4-g{self.group}"
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str  # "llada" | "dream" | "llada_moe"
     hidden_size: int
@@ -51,6 +66,7 @@ class ArchSpec:
     tie_word_embeddings: bool = False
     moe: MoESpec | None = None
     torch_dtype: str | None = None  # dtype named by the config, if any
+    quantization: QuantScheme | None = None  # weights as loaded (`quantized.py`); None: the compute dtype
 
     def __post_init__(self) -> None:
         positive = {

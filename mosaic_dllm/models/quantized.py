@@ -1,0 +1,253 @@
+"""Linear weights held in int8 or int4, multiplied by PyTorch's own weight-only kernels.
+
+A `QuantizedWeight` stands where a (N, K) weight tensor stands in `Weights`: it has the weight's
+shape and compute dtype, and `linear(x, bias)` computes x @ W.T (+ bias) from the packed weight.
+Two schemes (`spec.QuantScheme`):
+
+- int8, one float scale per output channel, symmetric: W ~ q * scale, q in [-127, 127];
+- int4 in groups of `group` input columns, a scale and a zero point per group (PyTorch's tinygemm
+  convention): W ~ (q - 8) * scale + zero, q in [0, 15].
+
+On CPU the kernels are `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (the
+weight stays packed; the output is a fresh tensor). Elsewhere a call dequantizes the weight into a
+temporary and runs `F.linear` (`kernel_of`); either way what a call allocates is
+`call_workspace`. Quantization is an approximation: the loss is measured, never assumed
+(`benchmarks/quantization.py`, `tests/test_quantization.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import weight_names
+from .spec import ArchSpec, ConfigError, QuantScheme
+from .weights import expected_shapes
+
+GROUPS = (32, 64, 128)
+# The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
+INT4_ROW_MULTIPLE = 16
+# Rows per call of a quantized GEMM in the planned kernels: a call's output is a fresh tensor, so
+# the rows of one call bound what it allocates (`call_workspace`).
+QUANTIZED_CALL_ROWS = 256
+# Linear weights by role in `WeightNames.layer` / `.expert`; the router stays in the compute dtype.
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+
+
+class QuantizationError(ConfigError):
+    """A quantization was asked for that the model's shapes or the scheme's name do not allow."""
+
+
+def parse_quantization(name: str | None, head: bool = False) -> QuantScheme | None:
+    """'int8', 'int4' (groups of 32, llama.cpp's Q4 block), 'int4-g32|g64|g128'; None / 'none': unquantized."""
+    if name is None or name.lower() in ("none", ""):
+        return None
+    text = name.lower()
+    if text == "int8":
+        return QuantScheme(8, 0, head)
+    if text == "int4":
+        return QuantScheme(4, GROUPS[0], head)
+    if text.startswith("int4-g") and text[6:].isdigit() and int(text[6:]) in GROUPS:
+        return QuantScheme(4, int(text[6:]), head)
+    raise QuantizationError(
+        f"unknown quantization {name!r}; accepted: none, int8, int4 (= int4-g32), "
+        + ", ".join(f"int4-g{g}" for g in GROUPS)
+    )
+
+
+def quantized_names(spec: ArchSpec, scheme: QuantScheme) -> set[str]:
+    """The official names of the tensors `scheme` quantizes as they load: every linear layer's
+    weight, the experts' too, and an untied LM head when `scheme.head` (a tied one is the
+    embedding table, which stays as it is: the head gets its own quantized copy)."""
+    names = weight_names(spec)
+    out = {names.layer[r].format(i=i) for i in range(spec.num_layers) for r in LINEAR_ROLES if r in names.layer}
+    for i in range(spec.num_layers):
+        if spec.is_moe_layer(i):
+            out |= {n.format(i=i, e=e) for n in names.expert.values() for e in range(spec.moe.num_experts)}
+    if scheme.head and not spec.tie_word_embeddings:
+        out.add(names.lm_head)
+    return out & set(expected_shapes(spec))
+
+
+def check_shapes(spec: ArchSpec, scheme: QuantScheme) -> None:
+    """Refuse, before loading, a group that does not divide some linear weight's input width."""
+    if scheme.bits != 4:
+        return
+    shapes = expected_shapes(spec)
+    bad = sorted({shapes[n][1] for n in quantized_names(spec, scheme) if shapes[n][1] % scheme.group})
+    if bad:
+        fits = [f"int4-g{g}" for g in GROUPS if all(w % g == 0 for w in bad)]
+        raise QuantizationError(
+            f"{scheme.name} needs every linear layer's input width to be a multiple of {scheme.group}; "
+            f"this model has widths {bad}" + (f": use {' or '.join(fits)}" if fits else ": use int8")
+        )
+
+
+class QuantizedWeight:
+    """A (N, K) linear weight held quantized; `linear` multiplies by it in its compute dtype.
+
+    int4 weights on CPU are held in the CPU kernel's packing (N padded to 16 rows); elsewhere as
+    plain nibbles, two per byte (even column in the low nibble), dequantized per call."""
+
+    def __init__(self, scheme: QuantScheme, shape: tuple[int, int], dtype: torch.dtype, data: Tensor, scales: Tensor):
+        self.scheme, self.shape, self.dtype = scheme, torch.Size(shape), dtype
+        self.data = data  # int8 (N, K) | int4: uint8 (N padded, K / 2), CPU-packed or nibbles
+        self.scales = scales  # int8: (N,) in `dtype`; int4: (K / group, N padded, 2) scale and zero in `dtype`
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.scheme.name}, {tuple(self.shape)}, {self.dtype}, {self.device})"
+
+    @classmethod
+    def meta(cls, scheme: QuantScheme, shape: tuple[int, int], dtype: torch.dtype) -> QuantizedWeight:
+        """Shapes only (the planner's trace)."""
+        n, k = shape
+        meta = torch.device("meta")
+        if scheme.bits == 8:
+            return cls(
+                scheme,
+                shape,
+                dtype,
+                torch.empty(shape, dtype=torch.int8, device=meta),
+                torch.empty((n,), dtype=dtype, device=meta),
+            )
+        rows = _padded_rows(n)
+        data = torch.empty((rows, k // 2), dtype=torch.uint8, device=meta)
+        return cls(scheme, shape, dtype, data, torch.empty((k // scheme.group, rows, 2), dtype=dtype, device=meta))
+
+    def dequantize(self) -> Tensor:
+        """The (N, K) weight the kernels multiply by, in the compute dtype."""
+        n, k = self.shape
+        if self.scheme.bits == 8:
+            return (self.data.float() * self.scales.float()[:, None]).to(self.dtype)
+        if kernel_of(self.device) == "packed":  # the CPU packing, read back through its kernel: I @ W.T
+            eye = torch.eye(k, dtype=self.dtype, device=self.device)
+            return torch.cat([self._int4(eye[s : s + 256]) for s in range(0, k, 256)]).t().contiguous()
+        q = torch.stack((self.data & 0x0F, self.data >> 4), dim=-1).view(-1, k)[:n].float()
+        scale, zero = (self.scales[..., j].float().t()[:n] for j in (0, 1))  # (N, K / group)
+        w = (q.view(n, -1, self.scheme.group) - 8) * scale[..., None] + zero[..., None]
+        return w.view(n, k).to(self.dtype)
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x (..., K) @ W.T (+ bias) as a fresh (..., N) tensor in x's dtype."""
+        flat = x.reshape(-1, self.shape[1])
+        if kernel_of(x.device) != "packed":
+            out = F.linear(flat, self.dequantize())
+        elif self.scheme.bits == 8:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.data, self.scales)
+        else:
+            out = self._int4(flat)
+        if bias is not None:
+            out = out.add_(bias)
+        return out.view(*x.shape[:-1], self.shape[0])
+
+    def _int4(self, flat: Tensor) -> Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.data, self.scheme.group, self.scales)
+        return out if out.shape[1] == self.shape[0] else out[:, : self.shape[0]].contiguous()
+
+    def call_workspace(self, rows: int) -> int:
+        """Bytes one call on `rows` rows allocates besides its caller's output: the kernel's fresh
+        output (int4's with its padded columns), and off CPU the dequantized weight."""
+        n, k = self.shape
+        out = rows * (_padded_rows(n) if self.scheme.bits == 4 else n) * self.dtype.itemsize
+        dequantized = 0 if kernel_of(self.device) == "packed" else n * k * self.dtype.itemsize
+        return out + dequantized
+
+
+def kernel_of(device: torch.device) -> str:
+    """'packed' (PyTorch's CPU weight-only kernels read the packed weight; the planner's meta
+    device plans for them) or 'dequantize' (a temporary dequantized weight per call: CUDA, untested here)."""
+    return "packed" if device.type in ("cpu", "meta") else "dequantize"
+
+
+def _padded_rows(n: int) -> int:
+    return math.ceil(n / INT4_ROW_MULTIPLE) * INT4_ROW_MULTIPLE
+
+
+def quantize(weight: Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Quantize a (N, K) weight (statistics in float32 on CPU: the same codes on every device),
+    for compute in the weight's dtype, on its device."""
+    dtype, device = weight.dtype, weight.device
+    w = weight.detach().to("cpu", torch.float32)
+    n, k = w.shape
+    if scheme.bits == 8:
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(scheme, (n, k), dtype, q.to(device), scale.to(device, dtype))
+    q, scale, zero = int4_codes(w, scheme.group)
+    return from_int4(scheme, q, scale, zero, dtype, device)
+
+
+def int4_codes(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, K) float32 -> nibbles (N, K) in [0, 15] and per-group (N, K / group) scale and zero,
+    W ~ (q - 8) * scale + zero (min-max per group)."""
+    n, k = w.shape
+    if k % group:
+        raise QuantizationError(f"int4 groups of {group} do not divide an input width of {k}")
+    groups = w.view(n, k // group, group)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    return q, scale, low + 8 * scale
+
+
+def from_int4(
+    scheme: QuantScheme, q: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype, device: torch.device
+) -> QuantizedWeight:
+    """(N, K) nibbles in [0, 15] with per-group (N, K / group) scale and zero, W = (q - 8) * scale + zero,
+    laid out for `device` (GGUF's Q4_0 and Q4_K blocks load through here as they are)."""
+    n, k = q.shape
+    rows = _padded_rows(n)
+    if rows != n:
+        q = torch.cat((q, torch.full((rows - n, k), 8, dtype=q.dtype)))
+        scale, zero = (torch.cat((t, t.new_zeros(rows - n, t.shape[1]))) for t in (scale, zero))
+    scales = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    if kernel_of(device) == "packed":
+        data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+    else:
+        pairs = q.to(torch.uint8).view(rows, k // 2, 2)
+        data = pairs[..., 0] | (pairs[..., 1] << 4)
+    return QuantizedWeight(scheme, (n, k), dtype, data.to(device), scales.to(device))
+
+
+def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """F.linear, or the quantized kernel for a `QuantizedWeight`: what every kernel multiplies with."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.linear(x, bias)
+    return F.linear(x, weight, bias)
+
+
+def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
+    """The bytes the weights take as loaded, from shapes alone (quantized ones as packed, with scales)."""
+    shapes = expected_shapes(spec)
+    quantized = quantized_names(spec, spec.quantization) if spec.quantization else set()
+    total = 0
+    for name, shape in shapes.items():
+        if name in quantized:
+            total += _quantized_bytes(spec.quantization, shape, dtype)
+        else:
+            total += math.prod(shape) * dtype.itemsize
+    if spec.quantization and spec.quantization.head and spec.tie_word_embeddings:  # the head's own copy
+        total += _quantized_bytes(spec.quantization, (spec.vocab_size, spec.hidden_size), dtype)
+    return total
+
+
+def _quantized_bytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n, k = shape
+    if scheme.bits == 8:
+        return n * k + n * dtype.itemsize
+    rows = _padded_rows(n)
+    return rows * k // 2 + (k // scheme.group) * rows * 2 * dtype.itemsize
