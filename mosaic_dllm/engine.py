@@ -99,6 +99,7 @@ class EngineInfo:
     context: int  # the checkpoint's positions
     eos_token_ids: tuple[int, ...]
     chat: bool  # the tokenizer has a chat template (a model never trained on chats has none)
+    weights: str  # as computed: the dtype, or the quantization (an approximation of the model)
 
 
 @dataclass
@@ -111,7 +112,8 @@ class GenerationOutput:
     seconds: float
     finish_reason: str  # "stop" (an EOS ends the answer) or "length", as OpenAI names them
     completion_tokens: int  # tokens of the answer, its EOS included (not the padding after it)
-    settings: dict  # every generation setting as resolved for this request (GenerationConfig fields)
+    settings: dict  # every generation setting as resolved for this request (GenerationConfig fields),
+    # and "weights" (e.g. "int4-g32") when the weights are quantized
 
 
 def default_model_path() -> Path:
@@ -199,6 +201,7 @@ class LLM:
             self.spec.max_position_embeddings,
             self.spec.eos_token_ids,
             bool(self.tokenizer and self.tokenizer.chat_template),
+            self._weights_label.get("weights", str(self.executor.dtype).removeprefix("torch.")),
         )
 
     @property
@@ -419,8 +422,14 @@ class LLM:
             seconds=seconds,
             finish_reason="stop" if eos is not None else "length",
             completion_tokens=len(answer) + (eos is not None),
-            settings=cfg.given(),
+            settings=cfg.given() | self._weights_label,
         )
+
+    @property
+    def _weights_label(self) -> dict:
+        """Quantized weights are an approximation of the model: every output says so."""
+        scheme = self.spec.quantization
+        return {"weights": scheme.name + (" with head" if scheme.head else "")} if scheme else {}
 
 
 __all__ = [

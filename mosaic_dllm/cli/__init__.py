@@ -55,6 +55,16 @@ def _add_row_chunk_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-chunk", type=_positive_int, default=DEFAULT_ROW_CHUNK, help="mosaic: LM-head rows per chunk")
 
 
+def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"],
+        default=None,
+        help="linear weights in int8 (per channel) or int4 (groups of 32 unless named): an approximation",
+    )
+    p.add_argument("--quantize-head", action="store_true", help="--quantize the LM head too")
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     """The engine's options, for the commands that load a model (generate, serve)."""
     p.add_argument("--model", help="checkpoint directory (default: the embedded default model)")
@@ -79,6 +89,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let prompt text carry special tokens (e.g. mask tokens to fill); refused by default",
     )
+    _add_quantize_flags(p)
     _add_recompute_flag(p)
 
 
@@ -218,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
     p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
+    _add_quantize_flags(p)
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of L (the rest is masked)")
     p.add_argument("--rows", type=int, help="rows the sampler reads (default: every masked position)")

@@ -75,6 +75,8 @@ def load_engine(args: argparse.Namespace, model):
         allow_special_tokens=args.allow_special_tokens,
         allow_recompute=args.allow_recompute,
         max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
+        quantize=args.quantize,
+        quantize_head=args.quantize_head,
         **options,
     )
 

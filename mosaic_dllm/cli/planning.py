@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from ..memory.sizes import gib, mib
+from ..models.quantized import check_shapes, parse_quantization
 
 
 def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[dict, list[str], dict[str, dict]]:
@@ -118,6 +120,9 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
     dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or checkpoint.DTYPES["bf16"]
+    if scheme := parse_quantization(args.quantize, args.quantize_head):
+        check_shapes(spec, scheme)
+        spec = replace(spec, quantization=scheme)
     profile = _device_profile(args)
     if args.max_len:
         return _plan_max_len(args, spec, dtype, profile)
@@ -131,8 +136,6 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--block-length must be a positive integer, got {args.block_length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
     if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
-        from dataclasses import replace
-
         from ..decoding.parallel import cache_positions
         from ..models.kv_cache import BlockCache
 
@@ -144,6 +147,7 @@ def plan(args: argparse.Namespace) -> int:
     summary = {
         "model": args.preset or str(args.model),
         "dtype": str(dtype).removeprefix("torch."),
+        "weights": scheme.name if scheme else "unquantized",
         "device": profile.describe(),
     }
     if args.max_batch:
@@ -233,6 +237,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     record = {
         "model": args.preset or str(args.model),
         "dtype": str(dtype).removeprefix("torch."),
+        "weights": spec.quantization.name if spec.quantization else "unquantized",
         "layers": spec.num_layers,
         "weight_bytes": weights,
         "budget_bytes": budget,

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import weight_names
 from .spec import ArchSpec, ConfigError, QuantScheme
-from .weights import expected_shapes
+from .weights import expected_shapes, optional_names
 
 GROUPS = (32, 64, 128)
 # The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
@@ -232,7 +232,7 @@ def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = No
 
 def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
     """The bytes the weights take as loaded, from shapes alone (quantized ones as packed, with scales)."""
-    shapes = expected_shapes(spec)
+    shapes = expected_shapes(spec) | optional_names(spec)  # an absent expert bias loads as zeros
     quantized = quantized_names(spec, spec.quantization) if spec.quantization else set()
     total = 0
     for name, shape in shapes.items():

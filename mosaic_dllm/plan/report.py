@@ -23,12 +23,14 @@ def plan_report(
     """The report's lines for `plan` (of step `shape` at total length `length`); `summary` is the
     plan's summary with the model, dtype and device; `search` the budget search's figures, if any."""
     lines = [
-        f"{summary['model']} ({layers} layers, {summary['dtype']}), batch {shape.batch}, L={length}",
+        f"{summary['model']} ({layers} layers, {summary['dtype']}, weights {summary['weights']}), "
+        f"batch {shape.batch}, L={length}",
         f"  device           {summary['device']}",
         f"  arena            {mib(plan.arena_bytes)} ({plan.plan.algorithm}; lower bound "
         f"{mib(plan.lower_bound_bytes)}, ratio {summary['arena_vs_lower_bound']})",
         f"  workspace        {mib(plan.workspace_bytes)} at most outside the arena at once (attention kernel "
-        f"output, MoE routing and experts, the sampler's {shape.sampler_row_bytes} bytes per logits row at "
+        f"output, quantized kernels' outputs, MoE routing and experts, the "
+        f"sampler's {shape.sampler_row_bytes} bytes per logits row at "
         "temperature 0)",
     ]
     if shape.cache_bytes:
@@ -57,8 +59,9 @@ def plan_report(
 def max_len_report(record: dict) -> str:
     """`mosaic plan --max-len`: the longest request each executor fits into the activation budget."""
     lines = [
-        f"{record['model']} ({record['layers']} layers, {record['dtype']}), activation budget "
-        f"{gib(record['budget_bytes'])} (predicted from shapes, no weights loaded)"
+        f"{record['model']} ({record['layers']} layers, {record['dtype']}, weights {record['weights']}: "
+        f"{gib(record['weight_bytes'])}), activation budget {gib(record['budget_bytes'])} "
+        "(predicted from shapes, no weights loaded)"
     ]
     for name, r in record["executors"].items():
         extra = f"  chunks {r['chunks']}" if r.get("chunks") else f"  ({r['note']})" if r.get("note") else ""

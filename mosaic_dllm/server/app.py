@@ -109,6 +109,7 @@ class Service:
             "model": self.model_id,
             "family": self.llm.info.family,
             "executor": self.llm.info.executor,
+            "weights": self.llm.info.weights,
             "admission": "by memory plan" if budget else "unplanned (eager executor: no budget)",
             "memory_budget_bytes": budget,
             "arena_committed_bytes": self.llm.committed_bytes,
@@ -146,6 +147,7 @@ class Service:
     async def models(self) -> dict:
         card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "mosaic-dllm", "decoding": DECODING}
         card["chat"] = self.llm.info.chat  # without a chat template, /v1/chat/completions refuses
+        card["weights"] = self.llm.info.weights  # "int8" / "int4-g32": quantized, an approximation
         return {"object": "list", "data": [card]}
 
     # -- generation routes ---------------------------------------------------------------------
