@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .gguf_file import GGUFFile, GGUFReport, is_gguf
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
 from .models.quantized import QuantizedWeight, check_shapes, quantize, quantized_names
@@ -62,8 +63,9 @@ class Checkpoint:
     weights: Weights
     tokenizer: Tokenizer | None
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json
-    model_config: dict[str, Any] = field(default_factory=dict)  # config.json as stored
+    model_config: dict[str, Any] = field(default_factory=dict)  # config.json as stored (a GGUF's: as read)
     name: str = ""  # what the user called it: the hub id, or the directory's name
+    gguf: GGUFReport | None = None  # a GGUF file's types, and what loading kept or dequantized
 
     @property
     def dtype(self) -> torch.dtype:
@@ -135,8 +137,14 @@ class Description(NamedTuple):
 def read_spec(path: str | Path) -> Description:
     """The architecture, tokenizer and configs, without touching the weights."""
     path = locate(path)
+    if path.is_file() and is_gguf(path):
+        model = GGUFFile(path)
+        return Description(model.spec(), model.tokenizer()[0], {}, model.config())
     if path.is_file():
-        raise CheckpointError(f"{path} is a file: give the checkpoint's directory (the one holding config.json)")
+        raise CheckpointError(
+            f"{path} is a file but not a GGUF file: give the checkpoint's directory (the one holding config.json) "
+            "or a .gguf file"
+        )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist (expected config.json and *.safetensors)")
     if not (path / "config.json").exists():
@@ -252,6 +260,8 @@ def load(
     given, path = str(path), locate(path)
     called = given if given != str(path) and HUB_ID.fullmatch(given) else path.name
     device = parse_device(device)
+    if path.is_file() and is_gguf(path):
+        return _load_gguf(path, parse_dtype(dtype), device, quantization)
     spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
     check_state_dict(spec, tensor_shapes(files))  # names and shapes before any data is read
@@ -279,6 +289,18 @@ def load(
     dtype_name = weights.embed.dtype if quantization is None else f"{weights.embed.dtype}, {quantization.name}"
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, dtype_name)
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, quantization: QuantScheme | None):
+    model = GGUFFile(path)
+    spec = model.spec()
+    if quantization is not None:
+        check_shapes(spec, quantization)
+    tokenizer, pre = model.tokenizer()
+    spec, weights, report = model.load(spec, dtype, device, quantization)
+    report.pre_tokenizer = pre
+    log.info("loaded %s: %s", path.name, report.describe())
+    return Checkpoint(path, spec, weights, tokenizer, {}, model.config(), path.name, report)
 
 
 def save(

@@ -82,12 +82,24 @@ def load_engine(args: argparse.Namespace, model):
 
 
 def info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
     from ..checkpoint import locate, read_spec, shard_files, tensor_summary
     from ..engine import default_model_path
+    from ..gguf_file import GGUFFile, is_gguf
 
     path = args.path or default_model_path()
     spec, tokenizer, _, _ = read_spec(path)
-    count, nbytes, dtypes = tensor_summary(shard_files(locate(path)))
+    gguf = None
+    if is_gguf(located := locate(path)):
+        model = GGUFFile(located)
+        count, nbytes = (
+            sum(int(t.n_elements) for t in model.tensors.values()),
+            sum(int(t.n_bytes) for t in model.tensors.values()),
+        )
+        dtypes, gguf = dict(Counter(t.tensor_type.name for t in model.tensors.values())), model.summary(spec)
+    else:
+        count, nbytes, dtypes = tensor_summary(shard_files(located))
     info = {
         "family": spec.family,
         "layers": spec.num_layers,
@@ -108,6 +120,8 @@ def info(args: argparse.Namespace) -> int:
         "weight_bytes": nbytes,
         "stored_dtypes": dtypes,
     }
+    if gguf:
+        info["gguf"] = gguf
     if args.json:
         print(json.dumps(info))
     else:
