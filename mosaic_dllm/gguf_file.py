@@ -375,8 +375,8 @@ def int4_blocks(data: np.ndarray, kind: str) -> tuple[torch.Tensor, torch.Tensor
     mins[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)  # four chunks of 64 columns: low nibbles, then high
     q = np.stack((qs & 0x0F, qs >> 4), axis=3).reshape(rows, -1)
-    scale = d * scales  # (rows, superblocks, 8): one per 32 columns
-    zero = 8 * scale - dmin * mins
+    scale = d * scales.astype(np.float32)  # (rows, superblocks, 8): one per 32 columns
+    zero = 8 * scale - dmin * mins.astype(np.float32)
     return _codes(q), torch.from_numpy(scale.reshape(rows, -1)), torch.from_numpy(zero.reshape(rows, -1))
 
 

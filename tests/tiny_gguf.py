@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from mosaic_dllm.checkpoint import read_spec, shard_files
 from mosaic_dllm.models import weight_names
@@ -52,6 +52,9 @@ def encode(x: np.ndarray, kind: Q) -> np.ndarray:
         return q4_k(x)
     if kind == Q.Q6_K:
         return q6_k(x)
+    if kind == Q.Q8_1:  # a type the `gguf` package cannot dequantize: zero blocks of its size
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        return np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
     return gguf.quants.quantize(x.astype(np.float32), kind)
 
 
@@ -101,10 +104,15 @@ def q6_k(x: np.ndarray) -> np.ndarray:
 
 
 def write_gguf(
-    checkpoint: Path, out: Path, kind: Q = Q.F16, kinds: dict[str, Q] | None = None, pre: str = "gpt2"
+    checkpoint: Path,
+    out: Path,
+    kind: Q = Q.F16,
+    kinds: dict[str, Q] | None = None,
+    pre: str = "gpt2",
+    block_count: int | None = None,
 ) -> Path:
     """The checkpoint as a GGUF file: linear weights and embeddings stored as `kind` (or as
-    `kinds[gguf tensor name]`), norms and biases as F32."""
+    `kinds[gguf tensor name]`), norms and biases as F32; `block_count` overrides the metadata's."""
     checkpoint = Path(checkpoint)
     spec = read_spec(checkpoint).spec
     state: dict[str, np.ndarray] = {}
@@ -112,7 +120,7 @@ def write_gguf(
         state |= {k: v.astype(np.float32) for k, v in load_file(str(file)).items()}
     arch = ARCH[spec.family]
     w = gguf.GGUFWriter(str(out), arch)
-    add_metadata(w, arch, spec)
+    add_metadata(w, arch, spec, block_count or spec.num_layers)
     add_tokenizer(w, checkpoint, pre)
     names = weight_names(spec)
     tensors = {"token_embd.weight": state[names.embed], "output_norm.weight": state[names.final_norm]}
@@ -141,8 +149,42 @@ def write_gguf(
     return out
 
 
-def add_metadata(w: gguf.GGUFWriter, arch: str, spec) -> None:
-    w.add_uint32(f"{arch}.block_count", spec.num_layers)
+def rounded_checkpoint(checkpoint: Path, out: Path, kind: Q = Q.F16, kinds: dict[str, Q] | None = None) -> Path:
+    """A safetensors checkpoint (float32) of the weights `write_gguf` stores, as the `gguf` package
+    dequantizes them: the reference a GGUF run is compared with. Blocks quantize each row on its
+    own, so LLaDA's row permutation does not change the values."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = read_spec(checkpoint).spec
+    names = weight_names(spec)
+    stored = {names.embed: "token_embd.weight", names.lm_head: "output.weight"}
+    for i in range(spec.num_layers):
+        stored |= {n.format(i=i): f"blk.{i}.{GGUF_NAMES[r]}" for r, n in names.layer.items() if r in GGUF_NAMES}
+        if spec.is_moe_layer(i):
+            stored |= {
+                n.format(i=i, e=e): f"blk.{i}.{EXPERTS[p]}"
+                for p, n in names.expert.items()
+                for e in range(spec.moe.num_experts)
+            }
+    state = {}
+    for file in shard_files(checkpoint):
+        state |= {k: v.astype(np.float32) for k, v in load_file(str(file)).items()}
+    for name, t in state.items():
+        if t.ndim >= 2:
+            chosen = (kinds or {}).get(stored[name], kind)
+            data = encode(t, chosen)
+            state[name] = (gguf.quants.dequantize(data, chosen) if chosen not in (Q.F32, Q.F16) else data).astype(
+                np.float32
+            )
+    for f in checkpoint.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def add_metadata(w: gguf.GGUFWriter, arch: str, spec, blocks: int) -> None:
+    w.add_uint32(f"{arch}.block_count", blocks)
     w.add_uint32(f"{arch}.context_length", spec.max_position_embeddings)
     w.add_uint32(f"{arch}.embedding_length", spec.hidden_size)
     w.add_uint32(f"{arch}.feed_forward_length", spec.intermediate_size)
