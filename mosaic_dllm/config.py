@@ -25,6 +25,7 @@ ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's Dream samplers
 DREAM_ALGS = (*ALGS, THRESHOLD_ALG)
 CACHES = ("none", "prefix", "dual")
+CACHE_DTYPES = ("model", "int8", "auto")
 
 
 class GenerationConfigError(ValueError):
@@ -163,6 +164,12 @@ class GenerationConfig:
         choices=CACHES,
         neutral="none",
     )
+    cache_dtype: str | None = setting(
+        "the block cache's precision: the model's dtype, int8 (a scale per position and head: about half "
+        "a bf16 cache; an approximation) or auto (int8 only when the model's would not fit the memory budget)",
+        choices=CACHE_DTYPES,
+        neutral="model",
+    )
     # LLaDA-Instruct's evaluation settings (its paper's Appendix B.4; official generate.py)
     logits_eos_inf: bool | None = setting(
         "never generate EOS: its logit is -inf before the token is chosen", families=(LLADA,), neutral=False
@@ -222,6 +229,8 @@ class GenerationConfig:
             raise GenerationConfigError(
                 "set threshold or factor, not both (factor is Fast-dLLM's variant of threshold)"
             )
+        if self.cache_dtype not in (None, "model") and self.cache in (None, "none"):
+            raise GenerationConfigError(f"cache_dtype {self.cache_dtype} needs a block cache: set cache prefix or dual")
         foreign = [
             n for n, s in SETTINGS.items() if family not in s.families and getattr(self, n) not in (None, s.no_op)
         ]

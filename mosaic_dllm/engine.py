@@ -211,8 +211,19 @@ class LLM:
 
     def plan(self, request: Request) -> StepPlan | None:
         """Plan a request's largest step against the memory budget and keep the plan on it (None
-        for an unplanned executor); raises `DoesNotFit` with the longest length that would fit."""
-        request.plan = self.executor.plan_for(request.worst)
+        for an unplanned executor); raises `DoesNotFit` with the longest length that would fit.
+        With `cache_dtype="auto"` the block cache is int8 only if the model's dtype does not fit."""
+        cfg = request.config
+        try:
+            request.plan = self.executor.plan_for(request.worst)
+        except DoesNotFit:
+            if cfg.cache_dtype != "auto" or not request.worst.cache_bytes:
+                raise
+            request.config = replace(cfg, cache_dtype="int8")
+            request.worst = self.worst_step(len(request.prompt), request.config)
+            request.plan = self.executor.plan_for(request.worst)
+        if request.config.cache_dtype == "auto":  # the model's dtype fits
+            request.config = replace(cfg, cache_dtype="model")
         return request.plan
 
     @property
@@ -350,10 +361,10 @@ class LLM:
         self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
 
-        def start():
+        def start():  # the settings as planned (`plan` may choose the block cache's precision)
             gen = torch.Generator(device=self.device)
             gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
-            return self.sampler.start(prompt, cfg, gen)
+            return self.sampler.start(prompt, request.config, gen)
 
         request = Request(prompt, cfg, start, self.worst_step(len(prompt_ids), cfg), callback=callback)
         if planned:

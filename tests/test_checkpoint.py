@@ -150,7 +150,7 @@ def test_bad_dtype_name():
 
 def test_a_checkpoint_is_read_only_from_its_own_directory(copy_of, tmp_path):
     """An index naming a shard elsewhere is refused before anything is read; a file given as the
-    checkpoint is named as a file."""
+    checkpoint (not a GGUF file) is named as a file."""
     path = copy_of("dream")
     index = json.loads((path / "model.safetensors.index.json").read_text())
     outside = tmp_path / "elsewhere.safetensors"
@@ -161,7 +161,7 @@ def test_a_checkpoint_is_read_only_from_its_own_directory(copy_of, tmp_path):
         (path / "model.safetensors.index.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
             checkpoint.load(path)
-    with pytest.raises(CheckpointError, match="is a file: give the checkpoint's directory"):
+    with pytest.raises(CheckpointError, match="is a file but not a GGUF file: give the checkpoint.s directory"):
         checkpoint.load(path / "config.json")
 
 

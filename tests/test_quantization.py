@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.bench.presets import preset
 from mosaic_dllm.cli import main
 from mosaic_dllm.memory.accounting import LiveTensorTracker
 from mosaic_dllm.models import quantized
@@ -173,3 +174,71 @@ def _json_of(argv: list[str]) -> dict:
     with contextlib.redirect_stdout(out):
         assert main(argv) == 0
     return json.loads(out.getvalue())
+
+
+def test_an_int8_block_cache_holds_each_position_and_head_within_half_a_step():
+    """Stored as codes with absmax / 127 per position and head, read back through its scratch: a
+    value is within half a step of the stored one (then rounded to the compute dtype)."""
+    from mosaic_dllm.models.kv_cache import STORE_CHUNK, BlockCache
+    from tests.tiny import tiny_spec
+
+    spec = tiny_spec("llada", ids={"mask": 1, "eos": 2})
+    positions = STORE_CHUNK * 2 + 5
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(positions, 4, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    cache = BlockCache(spec, positions, int8=True)
+    cache.store(1, k, v)
+    codes, scales, scratch = 2 * 2 * positions * 4 * 16, 2 * 2 * positions * 4 * 4, STORE_CHUNK * 4 * 16 * 4
+    assert cache.nbytes(torch.bfloat16) == codes + scales + scratch
+    held = [*cache.keys, *cache.values, *(s for pair in cache.scales for s in pair), cache.scratch]
+    assert sum(t.nbytes for t in held) == codes + scales + scratch  # what is counted is what is held
+    llada_8b = preset("llada-8b")  # 128-wide heads: 1 byte + 4 / 128 per element, vs 2
+    assert BlockCache(llada_8b, 4096, int8=True).nbytes(torch.bfloat16) < 0.52 * BlockCache(llada_8b, 4096).nbytes(
+        torch.bfloat16
+    )
+    fresh = torch.zeros(3, 4, 16, dtype=torch.bfloat16)
+    out = (torch.empty_like(k), torch.empty_like(v))
+    cache.splice(1, fresh, fresh, 70, positions, out)
+    for stored, got in zip((k, v), out, strict=True):
+        half_step = stored.float().abs().amax(-1, keepdim=True) / 127 / 2
+        err = (got.float() - stored.float()).abs()
+        bound = half_step * 1.01 + got.float().abs() / 256  # plus one bf16 rounding
+        assert torch.all(err[:70] <= bound[:70]) and torch.all(err[73:] <= bound[73:])
+        assert torch.equal(got[70:73], fresh)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_an_int8_block_cache_is_planned_smaller_and_runs_the_same_on_both_executors(tiny_checkpoints, family):
+    cfg = GenerationConfig(gen_length=32, steps=32, block_length=8, cache="dual", threshold=0.5, cache_dtype="int8")
+    llm = LLM(tiny_checkpoints[family], dtype=torch.bfloat16)
+    full = llm.request([5, 6, 7], replace_cfg(cfg, cache_dtype="model")).worst.cache_bytes
+    assert llm.request([5, 6, 7], cfg).worst.cache_bytes != full  # the plan counts the int8 cache
+    out = llm.generate([5, 6, 7], cfg)[0]
+    assert out.settings["cache_dtype"] == "int8"
+    eager = LLM(tiny_checkpoints[family], dtype=torch.bfloat16, executor="eager").generate([5, 6, 7], cfg)[0]
+    assert out.token_ids == eager.token_ids
+    with LiveTensorTracker() as tracker:  # nothing of the int8 cache's escapes the plan
+        plan = llm.check_memory(3, cfg)
+        llm.generate([5, 6, 7], cfg)
+    assert max(r.live_bytes for r in tracker.timeline.records) <= plan.workspace_bytes + full + 64 * 1024
+
+
+def test_auto_cache_precision_is_int8_only_when_the_models_does_not_fit(tiny_checkpoints):
+    path = tiny_checkpoints["llada"]
+    cfg = GenerationConfig(gen_length=64, steps=64, block_length=8, cache="dual", cache_dtype="auto")
+    llm = LLM(path, dtype=torch.float32, chunk_groups=())
+    sizes = {}
+    for dtype in ("model", "int8"):
+        sizes[dtype] = llm.executor.plan_for(llm.request([5, 6, 7], replace_cfg(cfg, cache_dtype=dtype)).worst)
+    assert llm.generate([5, 6, 7], cfg)[0].settings["cache_dtype"] == "model"
+    between = (sizes["model"].predicted_peak_bytes + sizes["int8"].predicted_peak_bytes) // 2
+    tight = LLM(path, dtype=torch.float32, chunk_groups=(), memory_budget=between)
+    assert tight.generate([5, 6, 7], cfg)[0].settings["cache_dtype"] == "int8"
+    with pytest.raises(Exception, match="budget"):
+        tight.generate([5, 6, 7], replace_cfg(cfg, cache_dtype="model"))
+    with pytest.raises(Exception, match="cache_dtype int8 needs a block cache"):
+        llm.generate([5, 6, 7], GenerationConfig(gen_length=8, steps=8, block_length=8, cache_dtype="int8"))
+
+
+def replace_cfg(cfg: GenerationConfig, **changes) -> GenerationConfig:
+    return GenerationConfig(**(cfg.given() | changes))

@@ -171,7 +171,8 @@ def block_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> Bl
     """The request's cache at its largest (`cache_positions`), or None without one."""
     if cfg.cache in (None, "none"):
         return None
-    return BlockCache(spec, cache_positions(prompt_length + cfg.gen_length, cfg.block_length, cfg.cache))
+    positions = cache_positions(prompt_length + cfg.gen_length, cfg.block_length, cfg.cache)
+    return BlockCache(spec, positions, int8=cfg.cache_dtype == "int8")  # "auto": as "model" until LLM.plan decides
 
 
 def ranked_threshold(confidence: Tensor, count: int, threshold: float) -> Tensor:

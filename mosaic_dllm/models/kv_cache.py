@@ -9,6 +9,11 @@ an elementwise op that gives the same bits as rotating once.
 
 The cache is allocated once at its largest size (`positions`), when it is first stored, so its
 bytes are fixed for the request's life and counted by every plan the request runs under.
+
+An int8 cache (opt-in, `cache_dtype`: an approximation, less memory) holds each position's K and V
+per head as int8 codes with one float32 scale (absmax / 127), quantized as stored through a
+scratch of `STORE_CHUNK` positions that is part of the cache, and dequantized through it as
+spliced: no temporaries beyond it.
 """
 
 from __future__ import annotations
@@ -20,39 +25,83 @@ from torch import Tensor
 
 from .spec import ArchSpec
 
+STORE_CHUNK = 64  # positions an int8 cache quantizes at a time (its float32 scratch)
+
 
 class BlockCache:
-    """Every layer's K and V, token-major (positions, kv heads, head dim), of one sequence."""
+    """Every layer's K and V, token-major (positions, kv heads, head dim), of one sequence; in the
+    model's dtype, or as int8 codes with a float32 scale per position and head (`int8`)."""
 
-    def __init__(self, spec: ArchSpec, positions: int):
-        self.layers, self.positions = spec.num_layers, positions
+    def __init__(self, spec: ArchSpec, positions: int, int8: bool = False):
+        self.layers, self.positions, self.int8 = spec.num_layers, positions, int8
         self.width = (spec.num_kv_heads, spec.head_dim)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
+        self.scales: list[tuple[Tensor, Tensor]] = []  # int8: per layer, K's and V's (positions, kv heads)
+        self.scratch: Tensor | None = None
 
     def nbytes(self, dtype: torch.dtype) -> int:
-        return 2 * self.layers * self.positions * self.width[0] * self.width[1] * dtype.itemsize
+        elements = 2 * self.layers * self.positions * self.width[0] * self.width[1]
+        if not self.int8:
+            return elements * dtype.itemsize
+        scales = 2 * self.layers * self.positions * self.width[0] * 4
+        return elements + scales + min(STORE_CHUNK, self.positions) * self.width[0] * self.width[1] * 4
+
+    def _allocate(self, like: Tensor) -> None:
+        shape, device = (self.positions, *self.width), like.device
+        dtype = torch.int8 if self.int8 else like.dtype
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.layers)]
+        if self.int8:
+            self.scales = [
+                tuple(torch.empty(shape[:2], dtype=torch.float32, device=device) for _ in range(2))
+                for _ in range(self.layers)
+            ]
+            self.scratch = torch.empty((min(STORE_CHUNK, self.positions), *self.width), device=device)
 
     def store(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Keep (n, kv heads, head dim) K and V of positions [0, n) of `layer` (allocating on first use)."""
         if not self.keys:
-            shape = (self.positions, *self.width)
-            self.keys = [torch.empty(shape, dtype=k.dtype, device=k.device) for _ in range(self.layers)]
-            self.values = [torch.empty(shape, dtype=v.dtype, device=v.device) for _ in range(self.layers)]
-        self.keys[layer][: k.shape[0]].copy_(k)
-        self.values[layer][: v.shape[0]].copy_(v)
+            self._allocate(k)
+        if not self.int8:
+            self.keys[layer][: k.shape[0]].copy_(k)
+            self.values[layer][: v.shape[0]].copy_(v)
+            return
+        for fresh, codes, scales in zip(
+            (k, v), (self.keys[layer], self.values[layer]), self.scales[layer], strict=True
+        ):
+            for start in range(0, fresh.shape[0], STORE_CHUNK):
+                end = min(start + STORE_CHUNK, fresh.shape[0])
+                x, scale = self.scratch[: end - start], scales[start:end]
+                x.copy_(fresh[start:end])
+                torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, out=scale)
+                scale.div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
+                x.div_(scale[..., None]).round_().clamp_(-127, 127)
+                codes[start:end].copy_(x)
+
+    def _cached(self, layer: int, which: int, first: int, last: int, dst: Tensor) -> None:
+        """Positions [first, last) of layer's K (0) or V (1) into `dst`, dequantized if int8."""
+        cached = (self.keys, self.values)[which][layer]
+        if not self.int8:
+            dst.copy_(cached[first:last])
+            return
+        for start in range(first, last, STORE_CHUNK):  # through the float32 scratch: no temporaries
+            end = min(start + STORE_CHUNK, last)
+            x = self.scratch[: end - start]
+            torch.mul(cached[start:end], self.scales[layer][which][start:end, :, None], out=x)
+            dst[start - first : end - first].copy_(x)
 
     def splice(self, layer: int, k: Tensor, v: Tensor, start: int, length: int, out: tuple[Tensor, Tensor]) -> None:
         """Write into `out` the `length` keys and values a window attends to: the cached ones, with
         the window's fresh (n, ...) K and V at positions [start, start + n)."""
         end = start + k.shape[0]
-        for cached, fresh, dst in ((self.keys[layer], k, out[0]), (self.values[layer], v, out[1])):
-            dst[:start].copy_(cached[:start])
+        for which, (fresh, dst) in enumerate(((k, out[0]), (v, out[1]))):
+            self._cached(layer, which, 0, start, dst[:start])
             dst[start:end].copy_(fresh)
-            dst[end:length].copy_(cached[end:length])
+            self._cached(layer, which, end, length, dst[end:length])
 
     def release(self) -> None:
-        self.keys, self.values = [], []
+        self.keys, self.values, self.scales, self.scratch = [], [], [], None
 
 
 @dataclass(frozen=True)
