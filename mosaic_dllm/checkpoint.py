@@ -277,8 +277,12 @@ def load(
                     t = f.get_tensor(name)
                     check_finite(name, t)
                     target = target or (t.dtype if t.is_floating_point() else None)
-                    t = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
-                    state[name] = quantize(t, quantization) if name in quantized else t
+                    kept = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+                    if name in quantized:
+                        kept = quantize(kept, quantization)
+                    elif quantization is not None and kept is t:  # a view of the mapped file, which it
+                        kept = t.clone()  # would keep resident with every page read to quantize the rest
+                    state[name] = kept
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file} could not be read: {exc}") from exc
     weights = from_state_dict(spec, state)

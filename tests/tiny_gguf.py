@@ -12,7 +12,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
 
 from mosaic_dllm.checkpoint import read_spec, shard_files
 from mosaic_dllm.models import weight_names
@@ -117,7 +118,7 @@ def write_gguf(
     spec = read_spec(checkpoint).spec
     state: dict[str, np.ndarray] = {}
     for file in shard_files(checkpoint):
-        state |= {k: v.astype(np.float32) for k, v in load_file(str(file)).items()}
+        state |= {k: v.float().numpy() for k, v in load_file(str(file)).items()}
     arch = ARCH[spec.family]
     w = gguf.GGUFWriter(str(out), arch)
     add_metadata(w, arch, spec, block_count or spec.num_layers)
@@ -168,7 +169,7 @@ def rounded_checkpoint(checkpoint: Path, out: Path, kind: Q = Q.F16, kinds: dict
             }
     state = {}
     for file in shard_files(checkpoint):
-        state |= {k: v.astype(np.float32) for k, v in load_file(str(file)).items()}
+        state |= {k: v.float().numpy() for k, v in load_file(str(file)).items()}
     for name, t in state.items():
         if t.ndim >= 2:
             chosen = (kinds or {}).get(stored[name], kind)

@@ -27,6 +27,7 @@ from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.prediction import predicting
 from ..memory.rss import PeakMemory
+from ..models.quantized import quantize, quantized_names
 from ..models.spec import ArchSpec
 from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
 from ..runtime import Executor, ExecutorOptions, make_executor
@@ -119,7 +120,12 @@ class StepMeasurement:
 
 
 def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.device = "cpu") -> Weights:
-    return from_state_dict(spec, random_state_dict(spec, dtype, device=device))
+    """Random weights, quantized as `spec.quantization` says."""
+    state = random_state_dict(spec, dtype, device=device)
+    if spec.quantization is not None:
+        for name in quantized_names(spec, spec.quantization):
+            state[name] = quantize(state[name], spec.quantization)
+    return from_state_dict(spec, state)
 
 
 def measure(
@@ -157,6 +163,8 @@ def predict(
     """The live-tensor timeline of the step, from shapes alone (no memory, no compute)."""
     if spec.moe is not None:
         raise NotImplementedError("MoE steps route tokens by value: their memory can be measured, not predicted")
+    if spec.quantization is not None:
+        raise NotImplementedError("quantized weights are packed by value: their steps are measured, not predicted")
     sampler_bytes = sampler_for(spec).row_bytes(request.config, spec.vocab_size, dtype, torch.device("cpu"))
     started = [start_first_step(spec, request, torch.device("cpu"), torch.Generator().manual_seed(0)) for _ in range(2)]
     with predicting(), FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the rows stay real: the sampler reads them

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
 from .. import checkpoint
 from ..config import GenerationConfig
+from ..models.quantized import check_shapes, parse_quantization
 from ..models.weights import Weights
 from ..plan.search import DoesNotFit
 from .presets import preset
@@ -28,10 +30,14 @@ def failed(record: dict) -> bool:
 
 def load_model(job: dict) -> tuple:
     dtype = checkpoint.parse_dtype(job["dtype"]) or torch.bfloat16
+    scheme = parse_quantization(job.get("quantize"), job.get("quantize_head", False))
     if job.get("model"):
-        ck = checkpoint.load(job["model"], dtype=dtype, device=job.get("device", "cpu"))
+        ck = checkpoint.load(job["model"], dtype=dtype, device=job.get("device", "cpu"), quantization=scheme)
         return ck.spec, ck.weights, dtype
     spec = preset(job["preset"], job.get("layers"))
+    if scheme is not None:
+        check_shapes(spec, scheme)
+        spec = replace(spec, quantization=scheme)  # random weights quantized as they are made
     return spec, None, dtype
 
 

@@ -109,6 +109,7 @@ def _add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the records to this file")
+    _add_quantize_flags(p)
 
 
 def _add_recompute_flag(p: argparse.ArgumentParser) -> None:

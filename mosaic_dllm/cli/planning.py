@@ -27,6 +27,8 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
         "alpha": args.alpha,
         "dtype": args.dtype,
         "device": args.device,
+        "quantize": args.quantize,
+        "quantize_head": args.quantize_head,
         "generation": generation,
     }
     return job, executors, options
