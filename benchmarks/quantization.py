@@ -36,6 +36,16 @@ def cli_json(argv: list[str]) -> dict:
     return json.loads(out.getvalue())
 
 
+def markdown(rows: list[dict], columns: list[str]) -> None:
+    """The rows as a markdown table; byte counts (columns naming bytes or rss) in MiB."""
+    in_mib = ["bytes" in c or "rss" in c for c in columns]
+    print("\n| " + " | ".join(c + (" (MiB)" if m else "") for c, m in zip(columns, in_mib, strict=True)) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        cells = [f"{r[c] / 2**20:.0f}" if m else str(r[c]) for c, m in zip(columns, in_mib, strict=True)]
+        print("| " + " | ".join(cells) + " |")
+
+
 def plan(args) -> list[dict]:
     """`mosaic plan --max-len --device-memory`: weights bytes and L_max per format (shapes only)."""
     rows = []
@@ -57,13 +67,9 @@ def plan(args) -> list[dict]:
                     }
                 )
                 print(rows[-1], flush=True)
-    print("\n| model | device | weights | weights GiB | activations GiB | eager L_max | mosaic L_max |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['preset']} | {r['device_memory']} | {r['weights']} | {r['weight_gib']} | {r['activation_gib']} "
-            f"| {r['eager_max_len']} | {r['mosaic_max_len']} |"
-        )
+    markdown(
+        rows, ["preset", "device_memory", "weights", "weight_gib", "activation_gib", "eager_max_len", "mosaic_max_len"]
+    )
     return rows
 
 
@@ -119,18 +125,12 @@ def step(args) -> list[dict]:
             rows.append(r)
             print(r, flush=True)
     base = rows[0]["step_seconds_best"]
-    print(f"\nllada-8b dims, {args.layers} layers, L={args.length}, bf16 activations, this CPU")
-    print(
-        "| weights | predicted weights MiB | RSS after load MiB | peak RSS while loading MiB "
-        "| step s (best of 2 after a warm-up) | vs bf16 |"
-    )
-    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(
-            f"| {r['weights']} | {r['predicted_weight_bytes'] / 2**20:.0f} "
-            f"| {r['rss_after_load'] / 2**20:.0f} | {r['load_peak_rss'] / 2**20:.0f} "
-            f"| {r['step_seconds_best']} | {r['step_seconds_best'] / base:.2f} |"
-        )
+        r["vs_bf16"] = round(r["step_seconds_best"] / base, 2)
+    print(f"\nllada-8b dims, {args.layers} layers, L={args.length}, bf16 activations, this CPU")
+    markdown(
+        rows, ["weights", "predicted_weight_bytes", "rss_after_load", "load_peak_rss", "step_seconds_best", "vs_bf16"]
+    )
     return rows
 
 
@@ -178,13 +178,9 @@ def agreement(args) -> list[dict]:
                     }
                 )
                 print(rows[-1], flush=True)
-    print("\n| weights | checkpoint | cases | greedy token agreement | max |logit error| / max |logit|: mean | max |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['weights']} | {r['checkpoint']} | {r['cases']} | {r['token_agreement']} "
-            f"| {r['logits_rel_error_mean']} | {r['logits_rel_error_max']} |"
-        )
+    markdown(
+        rows, ["weights", "checkpoint", "cases", "token_agreement", "logits_rel_error_mean", "logits_rel_error_max"]
+    )
     return rows
 
 
@@ -232,10 +228,7 @@ def likelihood(args) -> list[dict]:
                 }
             )
             print(rows[-1], flush=True)
-    print("\n| weights | held-out tokens | bits per token |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['weights']} | {r['tokens']} | {r['bits_per_token']} |")
+    markdown(rows, ["weights", "tokens", "bits_per_token"])
     return rows
 
 

@@ -19,7 +19,9 @@ from mosaic_dllm.checkpoint import read_spec, shard_files
 from mosaic_dllm.models import weight_names
 
 ARCH = {"llada": "llada", "dream": "dream", "llada_moe": "llada-moe"}
-GGUF_NAMES = {  # official role -> llama.cpp's name within block i
+# Official role -> llama.cpp's name within block i: restated here from the converter's tensor map
+# rather than imported from mosaic_dllm.gguf_file, so that a wrong name there fails the tests.
+GGUF_NAMES = {
     "attn_norm": "attn_norm.weight",
     "q": "attn_q.weight",
     "k": "attn_k.weight",
