@@ -12,6 +12,7 @@ given). What was kept and what was dequantized is reported (`GGUFReport`).
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, weight_names
-from .models.quantized import from_int4, quantize, quantized_names
+from .models.quantized import from_int4, quantize, quantized_bytes, quantized_names
 from .models.spec import QuantScheme
-from .models.weights import Weights, check_state_dict, from_state_dict
+from .models.weights import Weights, check_state_dict, expected_shapes, from_state_dict, optional_names
 from .tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ SPLITS = {
     r"|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+KEPT = ("Q4_0", "Q4_K")  # block types whose codes, scales and offsets are our int4 groups of 32
 
 
 class GGUFError(ValueError):
@@ -184,10 +186,38 @@ class GGUFFile:
         return SpecialIds(token("mask_token_id"), (eos,) if eos is not None else (), token("padding_token_id"))
 
     def spec(self) -> ArchSpec:
+        """The family's spec; quantized as loading will hold it when Q4_0 / Q4_K linear weights stay int4."""
         try:
-            return parse_config(self.config(), self.special_ids())
+            spec = parse_config(self.config(), self.special_ids())
         except ConfigError as exc:
             raise GGUFError(f"{self.path}: {exc}") from exc
+        kept = self._kept_int4(spec)
+        if not kept:
+            return spec
+        return replace(spec, quantization=QuantScheme(4, 32, head=weight_names(spec).lm_head in kept))
+
+    def _kept_int4(self, spec: ArchSpec) -> set[str]:
+        """Official names of the linear weights whose stored blocks load as int4 (Q4_0, Q4_K)."""
+        quantizable = quantized_names(spec, QuantScheme(4, 32, True))
+        mapping = self.official_names(spec)
+        return {n for n in quantizable if n in mapping and self.tensors[mapping[n][0]].tensor_type.name in KEPT}
+
+    def loaded_bytes(self, spec: ArchSpec, dtype: torch.dtype, quantization: QuantScheme | None = None) -> int:
+        """The bytes the weights take once loaded in `dtype` (int4 where kept, the rest quantized by
+        `quantization` where it applies), from the headers alone."""
+        kept = self._kept_int4(spec)
+        requantized = quantized_names(spec, quantization) if quantization else set()
+        total = 0
+        for name, shape in (expected_shapes(spec) | optional_names(spec)).items():
+            if name in kept:
+                total += quantized_bytes(QuantScheme(4, 32), shape, dtype)
+            elif name in requantized:
+                total += quantized_bytes(quantization, shape, dtype)
+            else:
+                total += math.prod(shape) * dtype.itemsize
+        if quantization and quantization.head and spec.tie_word_embeddings:  # the head's own copy
+            total += quantized_bytes(quantization, (spec.vocab_size, spec.hidden_size), dtype)
+        return total
 
     def tokenizer(self) -> tuple[Tokenizer | None, str]:
         """The tokenizer the metadata holds (None without one), and its pre-tokenizer's name."""
@@ -237,9 +267,8 @@ class GGUFFile:
 
     def summary(self, spec: ArchSpec) -> dict[str, Any]:
         """`mosaic info`: what the file holds and what loading would keep or dequantize (no data read)."""
-        quantizable = quantized_names(spec, QuantScheme(4, 32, True))
-        linear = {stored for name, (stored, _) in self.official_names(spec).items() if name in quantizable}
-        kept = sorted(n for n in linear if self.tensors[n].tensor_type.name in ("Q4_0", "Q4_K"))
+        mapping = self.official_names(spec)
+        kept = {mapping[n][0] for n in self._kept_int4(spec)}
         floats = ("F32", "F16", "BF16")
         dequantized = Counter(
             t.tensor_type.name for n, t in self.tensors.items() if n not in kept and t.tensor_type.name not in floats
@@ -307,7 +336,7 @@ class GGUFFile:
             if official in permuted:
                 data = unpermute(data, permuted[official])
             kind = t.tensor_type
-            if official in linear and kind.name in ("Q4_0", "Q4_K"):
+            if official in linear and kind.name in KEPT:
                 q, scale, zero = int4_blocks(data, kind.name)
                 state[official] = from_int4(QuantScheme(4, 32, True), q, scale, zero, dtype, device)
                 report.kept_int4 += 1

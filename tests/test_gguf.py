@@ -127,3 +127,19 @@ def test_bad_files_get_one_clear_error(tmp_path, tiny_checkpoints, capsys):
     not_gguf.write_bytes(b"\x00" * 64)
     assert main(["generate", "--model", str(not_gguf), "--prompt", "x"]) == 2
     assert "is a file but not a GGUF file" in capsys.readouterr().err
+
+
+def test_plans_count_a_gguf_files_weights_as_they_load(tmp_path, capsys):
+    """A mixed file (Q4_K layers, one Q6_K, a Q8_0 head): `mosaic plan --model FILE.gguf` counts
+    the bytes the loaded weights hold (int4 where kept, the rest in the compute dtype)."""
+    source = tmp_path / "wide"
+    build_tiny_checkpoint(source, "llada", **WIDE)
+    kinds = {"token_embd.weight": Q.Q6_K, "output.weight": Q.Q8_0, "blk.0.ffn_down.weight": Q.Q6_K}
+    file = write_gguf(source, tmp_path / "mixed.gguf", Q.Q4_K, kinds)
+    for quantize in ("none", "int8"):
+        llm = LLM(file, dtype="bf16", quantize=None if quantize == "none" else quantize)
+        w = llm.checkpoint.weights
+        held = sum(t.nbytes for t in [w.embed, w.final_norm, w.lm_head, *(t for x in w.layers for t in x.values())])
+        argv = ["plan", "--model", str(file), "--max-len", "--budget", "2MiB", "--dtype", "bf16"]
+        assert main([*argv, "--quantize", quantize, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["weight_bytes"] == held

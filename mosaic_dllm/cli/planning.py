@@ -209,12 +209,11 @@ def _device_profile(args: argparse.Namespace):
 def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
     from ..bench.capacity import eager_capacity, mosaic_capacity
     from ..memory.sizes import parse_bytes
-    from ..models.quantized import weight_bytes
     from ..plan.report import max_len_report
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
-    weights = weight_bytes(spec, dtype)
+    weights = _weight_bytes(args, spec, dtype)
     if args.budget:
         budget = parse_bytes(args.budget, "--budget", 1)
     else:
@@ -254,6 +253,17 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         record["mosaic_vs_eager"] = round(executors["mosaic"]["max_len"] / eager_len, 2)
     print(json.dumps(record) if args.json else max_len_report(record))
     return 0
+
+
+def _weight_bytes(args: argparse.Namespace, spec, dtype) -> int:
+    """The weights as they will be held: from the shapes, or for a GGUF file as its types load."""
+    from ..checkpoint import locate
+    from ..gguf_file import GGUFFile, is_gguf
+    from ..models.quantized import weight_bytes
+
+    if args.model and is_gguf(located := locate(args.model)):
+        return GGUFFile(located).loaded_bytes(spec, dtype, parse_quantization(args.quantize, args.quantize_head))
+    return weight_bytes(spec, dtype)
 
 
 def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:

@@ -237,17 +237,18 @@ def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
     total = 0
     for name, shape in shapes.items():
         if name in quantized:
-            total += _quantized_bytes(spec.quantization, shape, dtype)
+            total += quantized_bytes(spec.quantization, shape, dtype)
         else:
             total += math.prod(shape) * dtype.itemsize
     if spec.quantization and spec.quantization.head and spec.tie_word_embeddings:  # the head's own copy
-        total += _quantized_bytes(spec.quantization, (spec.vocab_size, spec.hidden_size), dtype)
+        total += quantized_bytes(spec.quantization, (spec.vocab_size, spec.hidden_size), dtype)
     return total
 
 
-def _quantized_bytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def quantized_bytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """A (N, K) weight quantized by `scheme`, with its scales in `dtype`."""
     n, k = shape
     if scheme.bits == 8:
         return n * k + n * dtype.itemsize
-    rows = _padded_rows(n)
+    rows = _padded_rows(n)  # int4: packed codes, a scale and a zero per group, rows padded
     return rows * k // 2 + (k // scheme.group) * rows * 2 * dtype.itemsize
