@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .gguf_file import GGUFFile, GGUFReport, is_gguf
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
-from .models.quantized import QuantizedWeight, check_shapes, quantize, quantized_names
+from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_embeddings, quantized_names
 from .models.spec import QuantScheme
 from .models.weights import Weights, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer
@@ -288,8 +288,7 @@ def load(
     weights = from_state_dict(spec, state)
     if quantization is not None:
         spec = replace(spec, quantization=quantization)
-        if quantization.head and spec.tie_word_embeddings:  # the embedding table stays; the head gets a copy
-            weights.lm_head = quantize(weights.lm_head, quantization)
+        quantize_embeddings(weights, quantization)
     dtype_name = weights.embed.dtype if quantization is None else f"{weights.embed.dtype}, {quantization.name}"
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, dtype_name)
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)

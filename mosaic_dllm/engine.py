@@ -141,6 +141,7 @@ class LLM:
         on_step: Callable[[StepRecord], None] | None = None,
         quantize: str | None = None,
         quantize_head: bool = False,
+        quantize_embeddings: bool = False,
     ):
         """`memory_budget` (bytes or '8GiB'): activation memory a step may use; by default what the
         device has free once the weights are loaded, minus `memory_reserve`. It and the other
@@ -155,7 +156,8 @@ class LLM:
         token in the prompt is a position to fill); token-id prompts are taken as given. `on_step`
         sees every batched step as it ran (`scheduler.StepRecord`: time, requests, plan).
         `quantize` ('int8', 'int4', 'int4-g64', 'int4-g128'): linear weights quantized as they load,
-        an approximation of the model (`models/quantized.py`); `quantize_head`: the LM head too."""
+        an approximation of the model (`models/quantized.py`); `quantize_head`: the LM head too;
+        `quantize_embeddings`: the embedding table as int8 rows."""
         self.allow_long_context = allow_long_context
         self.allow_special_tokens = allow_special_tokens
         chunk_groups = searchable_groups(allow_recompute, chunk_groups)
@@ -166,7 +168,7 @@ class LLM:
         reserve = parse_bytes(memory_reserve, "memory_reserve", 0)
         check_executor(executor, options)  # before the weights are loaded
         Scheduler.check_max_batch(max_batch)
-        scheme = parse_quantization(quantize, quantize_head)
+        scheme = parse_quantization(quantize, quantize_head, quantize_embeddings)
         self.checkpoint = checkpoint.load(model or default_model_path(), dtype, device, scheme)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
@@ -440,7 +442,7 @@ class LLM:
     def _weights_label(self) -> dict:
         """Quantized weights are an approximation of the model: every output says so."""
         scheme = self.spec.quantization
-        return {"weights": scheme.name + (" with head" if scheme.head else "")} if scheme else {}
+        return {"weights": scheme.label} if scheme else {}
 
 
 __all__ = [

@@ -65,7 +65,7 @@ def preset_settings(preset: str | None, task: str | None) -> dict:
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"
 REQUESTS_PER_PASS = 16  # likelihood requests whose Monte Carlo copies may share forward passes
 ENGINE_KEYS = ("dtype", "device", "executor", "memory_budget", "row_chunk", "max_batch", "allow_long_context")
-ENGINE_KEYS += ("allow_recompute", "allow_special_tokens", "quantize", "quantize_head")
+ENGINE_KEYS += ("allow_recompute", "allow_special_tokens", "quantize", "quantize_head", "quantize_embeddings")
 
 
 @register_model("mosaic")
@@ -87,8 +87,8 @@ class MosaicLM(LM):
     ):
         """`pretrained`: a checkpoint directory or GGUF file (default: the embedded model). Engine options
         (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute,
-        allow_special_tokens, quantize, quantize_head) and generation settings (config.SETTINGS) as in `LLM` and
-        `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
+        allow_special_tokens, quantize, quantize_head, quantize_embeddings) and generation settings
+        (config.SETTINGS) as in `LLM` and `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
         `batch_size`), `likelihood_seed` (its generator), and Dream's `log_type`, `sampling_eps`,
         `add_bos_token`, `max_length` (its eval.py's arguments; its script sets add_bos_token=true).
         `preset`: llada-base, llada-instruct, dream-base or fast-dllm: per task, what the official script passes

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, weight_names
-from .models.quantized import from_int4, quantize, quantized_bytes, quantized_names
+from .models.quantized import extra_bytes, from_int4, quantize, quantize_embeddings, quantized_bytes, quantized_names
 from .models.spec import QuantScheme
 from .models.weights import Weights, check_state_dict, expected_shapes, from_state_dict, optional_names
 from .tokenizer import Tokenizer, TokenizerError
@@ -215,9 +215,7 @@ class GGUFFile:
                 total += quantized_bytes(quantization, shape, dtype)
             else:
                 total += math.prod(shape) * dtype.itemsize
-        if quantization and quantization.head and spec.tie_word_embeddings:  # the head's own copy
-            total += quantized_bytes(quantization, (spec.vocab_size, spec.hidden_size), dtype)
-        return total
+        return total + extra_bytes(spec, quantization, dtype)
 
     def tokenizer(self) -> tuple[Tokenizer | None, str]:
         """The tokenizer the metadata holds (None without one), and its pre-tokenizer's name."""
@@ -359,8 +357,7 @@ class GGUFFile:
             quantization = quantization or QuantScheme(4, 32, kept_head)
         if quantization is not None:
             spec = replace(spec, quantization=quantization)
-            if quantization.head and spec.tie_word_embeddings:
-                weights.lm_head = quantize(weights.lm_head, quantization)
+            quantize_embeddings(weights, quantization)
         return spec, weights, report
 
     def _permuted_heads(self, spec: ArchSpec) -> dict[str, int]:

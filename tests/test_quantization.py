@@ -87,24 +87,47 @@ def test_quantization_names_parse_and_refuse():
     for bad in ("int3", "int4-g16", "int4-g", "fp8"):
         with pytest.raises(QuantizationError, match="accepted: none, int8"):
             parse_quantization(bad)
+    with pytest.raises(QuantizationError, match="need a quantization"):
+        parse_quantization(None, embeddings=True)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
-def test_linear_weights_load_quantized_and_their_bytes_are_predicted(tiny_checkpoints, family):
-    """Every linear weight (experts too) is held quantized, nothing else is; the bytes held equal
-    what `mosaic plan` predicts from shapes; outputs say the weights are quantized."""
-    llm = LLM(tiny_checkpoints[family], quantize="int8", quantize_head=True)
+@pytest.mark.parametrize(("head", "embeddings"), [(True, False), (False, True), (True, True)])
+def test_linear_weights_load_quantized_and_their_bytes_are_predicted(tiny_checkpoints, family, head, embeddings):
+    """Every linear weight (experts too) is held quantized, the head and the embedding table as
+    asked, nothing else; the bytes held equal what `mosaic plan` predicts from shapes; outputs say
+    the weights are quantized. (A tied table: tests/test_quantization.py::test_a_tied_table_*.)"""
+    llm = LLM(tiny_checkpoints[family], quantize="int8", quantize_head=head, quantize_embeddings=embeddings)
     w = llm.checkpoint.weights
     held = [w.embed, w.final_norm, w.lm_head]
     for layer, experts in zip(w.layers, w.experts, strict=True):
         held += list(layer.values()) + [t for e in experts for t in e.values()]
     names = quantized_names(llm.spec, llm.spec.quantization)
-    assert sum(isinstance(t, QuantizedWeight) for t in held) == len(names) + llm.spec.tie_word_embeddings
-    assert isinstance(w.lm_head, QuantizedWeight) and not isinstance(w.embed, QuantizedWeight)
+    assert sum(isinstance(t, QuantizedWeight) for t in held) == len(names) + embeddings
+    assert isinstance(w.lm_head, QuantizedWeight) == head and isinstance(w.embed, QuantizedWeight) == embeddings
     assert sum(t.nbytes for t in held) == weight_bytes(llm.spec, torch.float32)
     cfg = GenerationConfig(gen_length=8, steps=4, **({} if family == "dream" else {"block_length": 8}))
-    assert llm.generate("Return the", cfg)[0].settings["weights"] == "int8 with head"
-    assert llm.info.weights == "int8 with head"
+    label = llm.spec.quantization.label
+    assert llm.generate("Return the", cfg)[0].settings["weights"] == label == llm.info.weights
+    assert label == "int8" + {(True, False): " with head", (False, True): " with embeddings"}.get(
+        (head, embeddings), " with head and embeddings"
+    )
+
+
+@pytest.mark.parametrize(("head", "embeddings"), [(False, False), (True, False), (False, True), (True, True)])
+def test_a_tied_table_is_held_as_each_use_asks_and_counted(tmp_path, head, embeddings):
+    """Tied embeddings: the head's quantized copy, the table's int8 rows, or both; the bytes held
+    equal the prediction, and mosaic still equals eager bit for bit."""
+    from tests.tiny import build_tiny_checkpoint
+
+    build_tiny_checkpoint(tmp_path, "dream", tie_word_embeddings=True)
+    llm = LLM(tmp_path, dtype="bf16", quantize="int4", quantize_head=head, quantize_embeddings=embeddings)
+    w = llm.checkpoint.weights
+    held = {id(t): t for t in [w.embed, w.final_norm, w.lm_head, *(t for x in w.layers for t in x.values())]}
+    assert sum(t.nbytes for t in held.values()) == weight_bytes(llm.spec, torch.bfloat16)
+    assert (w.lm_head is w.embed) == (not head and not embeddings)
+    ids = torch.randint(0, 300, (1, 21), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(joined(llm.executor.row_logits(ids, torch.arange(21))), EagerExecutor(llm.spec, w).logits(ids))
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.prediction import predicting
 from ..memory.rss import PeakMemory
-from ..models.quantized import quantize, quantized_names
+from ..models.quantized import quantize, quantize_embeddings, quantized_names
 from ..models.spec import ArchSpec
 from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
 from ..runtime import Executor, ExecutorOptions, make_executor
@@ -125,7 +125,9 @@ def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.devic
     if spec.quantization is not None:
         for name in quantized_names(spec, spec.quantization):
             state[name] = quantize(state[name], spec.quantization)
-    return from_state_dict(spec, state)
+    weights = from_state_dict(spec, state)
+    quantize_embeddings(weights, spec.quantization)
+    return weights
 
 
 def measure(

@@ -30,7 +30,9 @@ def failed(record: dict) -> bool:
 
 def load_model(job: dict) -> tuple:
     dtype = checkpoint.parse_dtype(job["dtype"]) or torch.bfloat16
-    scheme = parse_quantization(job.get("quantize"), job.get("quantize_head", False))
+    scheme = parse_quantization(
+        job.get("quantize"), job.get("quantize_head", False), job.get("quantize_embeddings", False)
+    )
     if job.get("model"):
         ck = checkpoint.load(job["model"], dtype=dtype, device=job.get("device", "cpu"), quantization=scheme)
         return ck.spec, ck.weights, dtype

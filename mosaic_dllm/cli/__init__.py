@@ -63,6 +63,7 @@ def _add_quantize_flags(p: argparse.ArgumentParser) -> None:
         help="linear weights in int8 (per channel) or int4 (groups of 32 unless named): an approximation",
     )
     p.add_argument("--quantize-head", action="store_true", help="--quantize the LM head too")
+    p.add_argument("--quantize-embeddings", action="store_true", help="--quantize: the embedding table as int8 rows")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:

@@ -77,6 +77,7 @@ def load_engine(args: argparse.Namespace, model):
         max_batch=getattr(args, "max_batch", DEFAULT_MAX_BATCH),
         quantize=args.quantize,
         quantize_head=args.quantize_head,
+        quantize_embeddings=args.quantize_embeddings,
         **options,
     )
 

@@ -29,6 +29,7 @@ def _bench_base(args: argparse.Namespace, budget: int | None = None) -> tuple[di
         "device": args.device,
         "quantize": args.quantize,
         "quantize_head": args.quantize_head,
+        "quantize_embeddings": args.quantize_embeddings,
         "generation": generation,
     }
     return job, executors, options
@@ -122,7 +123,7 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --preset NAME or --model PATH")
     spec = preset(args.preset, args.layers) if args.preset else checkpoint.read_spec(args.model)[0]
     dtype = checkpoint.parse_dtype(args.dtype) or checkpoint.parse_dtype(spec.torch_dtype) or checkpoint.DTYPES["bf16"]
-    if scheme := parse_quantization(args.quantize, args.quantize_head):
+    if scheme := parse_quantization(args.quantize, args.quantize_head, args.quantize_embeddings):
         check_shapes(spec, scheme)
         spec = replace(spec, quantization=scheme)
     profile = _device_profile(args)
@@ -262,7 +263,9 @@ def _weight_bytes(args: argparse.Namespace, spec, dtype) -> int:
     from ..models.quantized import weight_bytes
 
     if args.model and is_gguf(located := locate(args.model)):
-        return GGUFFile(located).loaded_bytes(spec, dtype, parse_quantization(args.quantize, args.quantize_head))
+        return GGUFFile(located).loaded_bytes(
+            spec, dtype, parse_quantization(args.quantize, args.quantize_head, args.quantize_embeddings)
+        )
     return weight_bytes(spec, dtype)
 
 

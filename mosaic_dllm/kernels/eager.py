@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..models.ops import RowHead
 from ..models.packing import Packing
-from ..models.quantized import linear
+from ..models.quantized import QuantizedWeight, linear
 
 Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias); weights may be quantized
 
@@ -60,8 +60,8 @@ def route_and_run_experts(
 class EagerOps:
     """Implements `models.ops.Ops` the way the official code does."""
 
-    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
-        return F.embedding(ids, table)
+    def embed(self, ids: Tensor, table: Tensor | QuantizedWeight, *, name: str) -> Tensor:
+        return table.rows(ids) if isinstance(table, QuantizedWeight) else F.embedding(ids, table)
 
     def rotary_tables(
         self, length: int, rotary_dim: int, theta: float, dtype: torch.dtype | None, device: torch.device, *, name: str

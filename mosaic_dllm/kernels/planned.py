@@ -95,6 +95,11 @@ class PlannedOps(AttentionOps):
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.begin("embed", name, ids)
         out = self.mem.new((*ids.shape, table.shape[1]), table.dtype)
+        if isinstance(table, QuantizedWeight):  # int8 rows: the gathered codes and scales are workspace
+            self.mem.workspace(table.rows_workspace(ids.numel()))
+            if not self.mem.tracing:
+                table.rows(ids, out=out)
+            return out
         torch.index_select(table, 0, ids.reshape(-1), out=out.view(-1, table.shape[1]))
         return out
 

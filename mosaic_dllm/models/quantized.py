@@ -35,23 +35,26 @@ INT4_ROW_MULTIPLE = 16
 QUANTIZED_CALL_ROWS = 256
 # Linear weights by role in `WeightNames.layer` / `.expert`; the router stays in the compute dtype.
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+EMBEDDINGS = QuantScheme(8)  # an embedding table quantized: int8, one scale per token row
 
 
 class QuantizationError(ConfigError):
     """A quantization was asked for that the model's shapes or the scheme's name do not allow."""
 
 
-def parse_quantization(name: str | None, head: bool = False) -> QuantScheme | None:
+def parse_quantization(name: str | None, head: bool = False, embeddings: bool = False) -> QuantScheme | None:
     """'int8', 'int4' (groups of 32, llama.cpp's Q4 block), 'int4-g32|g64|g128'; None / 'none': unquantized."""
     if name is None or name.lower() in ("none", ""):
+        if head or embeddings:
+            raise QuantizationError("quantize_head / quantize_embeddings need a quantization (int8 or int4)")
         return None
     text = name.lower()
     if text == "int8":
-        return QuantScheme(8, 0, head)
+        return QuantScheme(8, 0, head, embeddings)
     if text == "int4":
-        return QuantScheme(4, GROUPS[0], head)
+        return QuantScheme(4, GROUPS[0], head, embeddings)
     if text.startswith("int4-g") and text[6:].isdigit() and int(text[6:]) in GROUPS:
-        return QuantScheme(4, int(text[6:]), head)
+        return QuantScheme(4, int(text[6:]), head, embeddings)
     raise QuantizationError(
         f"unknown quantization {name!r}; accepted: none, int8, int4 (= int4-g32), "
         + ", ".join(f"int4-g{g}" for g in GROUPS)
@@ -154,6 +157,17 @@ class QuantizedWeight:
             out = out.add_(bias)
         return out.view(*x.shape[:-1], self.shape[0])
 
+    def rows(self, ids: Tensor, out: Tensor | None = None) -> Tensor:
+        """An int8 table's rows `ids` in the compute dtype (an embedding lookup), into `out` if given;
+        what it allocates besides is `rows_workspace`."""
+        codes = self.data.index_select(0, ids.reshape(-1))
+        scales = self.scales.index_select(0, ids.reshape(-1))[:, None]
+        rows = torch.mul(codes, scales, out=out.view(-1, self.shape[1]) if out is not None else None)
+        return rows.view(*ids.shape, self.shape[1])
+
+    def rows_workspace(self, count: int) -> int:
+        return count * (self.shape[1] + self.dtype.itemsize)
+
     def _int4(self, flat: Tensor) -> Tensor:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.data, self.scheme.group, self.scales)
         return out if out.shape[1] == self.shape[0] else out[:, : self.shape[0]].contiguous()
@@ -240,9 +254,34 @@ def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
             total += quantized_bytes(spec.quantization, shape, dtype)
         else:
             total += math.prod(shape) * dtype.itemsize
-    if spec.quantization and spec.quantization.head and spec.tie_word_embeddings:  # the head's own copy
-        total += quantized_bytes(spec.quantization, (spec.vocab_size, spec.hidden_size), dtype)
+    return total + extra_bytes(spec, spec.quantization, dtype)
+
+
+def extra_bytes(spec: ArchSpec, scheme: QuantScheme | None, dtype: torch.dtype) -> int:
+    """What `scheme` changes beyond the linear weights: an int8 embedding table instead of the
+    compute dtype's, and a tied head's own quantized copy."""
+    if scheme is None:
+        return 0
+    table = (spec.vocab_size, spec.hidden_size)
+    total = 0
+    if scheme.embeddings:
+        total += quantized_bytes(EMBEDDINGS, table, dtype)
+        if not spec.tie_word_embeddings or scheme.head:  # else the unquantized head keeps the table
+            total -= math.prod(table) * dtype.itemsize
+    if scheme.head and spec.tie_word_embeddings:
+        total += quantized_bytes(scheme, table, dtype)
     return total
+
+
+def quantize_embeddings(weights, scheme: QuantScheme | None) -> None:
+    """After loading: the embedding table as int8 rows (`scheme.embeddings`), and a tied head's own
+    quantized copy (`scheme.head`), the table being both."""
+    if scheme is None:
+        return
+    if scheme.head and weights.lm_head is weights.embed:
+        weights.lm_head = quantize(weights.lm_head, scheme)
+    if scheme.embeddings:
+        weights.embed = quantize(weights.embed, EMBEDDINGS)
 
 
 def quantized_bytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> int:

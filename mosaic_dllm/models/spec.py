@@ -29,15 +29,23 @@ class MoESpec:
 class QuantScheme:
     """How a model's linear weights are held, when not in the compute dtype: `bits` 8 (one scale
     per output channel, symmetric) or 4 (a scale and a zero point per `group` input columns);
-    `head`: the LM head too. Embeddings, norms, biases and MoE routers stay in the compute dtype."""
+    `head`: the LM head too; `embeddings`: the embedding table too, as int8 with one scale per
+    token row. Norms, biases and MoE routers stay in the compute dtype."""
 
     bits: int
     group: int = 0  # 4 bits: input columns per scale; 0 for 8 bits (per output channel)
     head: bool = False
+    embeddings: bool = False
 
     @property
     def name(self) -> str:
         return "int8" if self.bits == 8 else f"int4-g{self.group}"
+
+    @property
+    def label(self) -> str:
+        """What outputs say of weights quantized so."""
+        parts = [p for p, on in (("head", self.head), ("embeddings", self.embeddings)) if on]
+        return self.name + (f" with {' and '.join(parts)}" if parts else "")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..kernels.planned import PlannedOps
 from ..models import transformer
 from ..models.groups import OpGroup, largest_chunk
 from ..models.packing import Packing
-from ..models.quantized import QuantizedWeight, quantized_names
+from ..models.quantized import EMBEDDINGS, QuantizedWeight, quantized_names
 from ..models.spec import ArchSpec
 from ..models.weights import expected_shapes, from_state_dict
 from .shapes import StepShape
@@ -134,6 +134,8 @@ def meta_weights(spec: ArchSpec, dtype: torch.dtype):
     weights = from_state_dict(spec, state)
     if scheme and scheme.head and spec.tie_word_embeddings:
         weights.lm_head = QuantizedWeight.meta(scheme, tuple(weights.lm_head.shape), dtype)
+    if scheme and scheme.embeddings:
+        weights.embed = QuantizedWeight.meta(EMBEDDINGS, tuple(weights.embed.shape), dtype)
     return weights
 
 
