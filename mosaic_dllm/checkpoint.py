@@ -26,7 +26,7 @@ from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
 from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_embeddings, quantized_names
 from .models.spec import QuantScheme
-from .models.weights import Weights, check_state_dict, from_state_dict
+from .models.weights import Weights, all_finite, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -236,17 +236,10 @@ def parse_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-FINITE_CHECK_ELEMENTS = 1 << 24  # a bounded temporary per check, whatever the tensor's size
-
-
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Refuse weights holding NaN or infinity (they load, then generate garbage)."""
-    if not tensor.is_floating_point():
-        return
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS):
-        if not bool(torch.isfinite(flat[start : start + FINITE_CHECK_ELEMENTS]).all()):
-            raise CheckpointError(f"weight {name!r} holds NaN or infinite values: the checkpoint is damaged")
+    if not all_finite(tensor):
+        raise CheckpointError(f"weight {name!r} holds NaN or infinite values: the checkpoint is damaged")
 
 
 def load(

@@ -88,8 +88,9 @@ class MosaicLM(LM):
         """`pretrained`: a checkpoint directory or GGUF file (default: the embedded model). Engine options
         (dtype, device, executor, memory_budget, row_chunk, max_batch, allow_long_context, allow_recompute,
         allow_special_tokens, quantize, quantize_head, quantize_embeddings) and generation settings
-        (config.SETTINGS) as in `LLM` and `GenerationConfig`; for the likelihood `mc_num` and `mc_batch_size` (the official
-        `batch_size`), `likelihood_seed` (its generator), and Dream's `log_type`, `sampling_eps`,
+        (config.SETTINGS) as in `LLM` and `GenerationConfig`; for the likelihood `mc_num` and
+        `mc_batch_size` (the official `batch_size`), `likelihood_seed` (its generator), and Dream's
+        `log_type`, `sampling_eps`,
         `add_bos_token`, `max_length` (its eval.py's arguments; its script sets add_bos_token=true).
         `preset`: llada-base, llada-instruct, dream-base or fast-dllm: per task, what the official script passes
         (`PRESETS`), under the model args given here. Contexts are the harness's own text, so

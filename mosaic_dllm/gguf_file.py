@@ -24,7 +24,7 @@ import torch
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, weight_names
 from .models.quantized import extra_bytes, from_int4, quantize, quantize_embeddings, quantized_bytes, quantized_names
 from .models.spec import QuantScheme
-from .models.weights import Weights, check_state_dict, expected_shapes, from_state_dict, optional_names
+from .models.weights import Weights, all_finite, check_state_dict, expected_shapes, from_state_dict, optional_names
 from .tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ class GGUFFile:
             kind = t.tensor_type
             if official in linear and kind.name in KEPT:
                 q, scale, zero = int4_blocks(data, kind.name)
+                self._check_finite(stored, scale, zero)
                 state[official] = from_int4(QuantScheme(4, 32, True), q, scale, zero, dtype, device)
                 report.kept_int4 += 1
                 kept_head |= official == weight_names(spec).lm_head
@@ -348,7 +349,9 @@ class GGUFFile:
                 ) from None
             if kind.name not in ("F32", "F16", "BF16"):
                 report.dequantized[kind.name] = report.dequantized.get(kind.name, 0) + 1
-            tensor = torch.from_numpy(np.array(values, copy=True)).to(device=device, dtype=dtype)
+            tensor = torch.from_numpy(np.array(values, copy=True))
+            self._check_finite(stored, tensor)
+            tensor = tensor.to(device=device, dtype=dtype)
             if quantization is not None and official in quantized_names(spec, quantization):
                 tensor = quantize(tensor, quantization)
             state[official] = tensor
@@ -359,6 +362,10 @@ class GGUFFile:
             spec = replace(spec, quantization=quantization)
             quantize_embeddings(weights, quantization)
         return spec, weights, report
+
+    def _check_finite(self, stored: str, *values: torch.Tensor) -> None:
+        if not all(all_finite(v) for v in values):
+            raise GGUFError(f"{self.path}: tensor {stored} holds NaN or infinite values: the file is damaged")
 
     def _permuted_heads(self, spec: ArchSpec) -> dict[str, int]:
         """LLaDA's q and k (weights and biases) by official name -> the heads the converter permuted by."""

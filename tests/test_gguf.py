@@ -9,6 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
+from safetensors.torch import load_file, save_file
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.cli import main
@@ -123,6 +124,14 @@ def test_bad_files_get_one_clear_error(tmp_path, tiny_checkpoints, capsys):
     write_gguf(tiny_checkpoints["llada"], unreadable, Q.F16, kinds={"blk.0.attn_v.weight": Q.Q8_1})
     with pytest.raises(GGUFError, match="blk.0.attn_v.weight is stored as Q8_1, which cannot be read"):
         LLM(unreadable)
+    damaged = tmp_path / "damaged"
+    build_tiny_checkpoint(damaged, "llada")
+    state = load_file(str(damaged / "model.safetensors"))
+    state["model.transformer.blocks.1.ff_out.weight"][3, 5] = float("nan")
+    save_file(state, str(damaged / "model.safetensors"))
+    for kind in (Q.F32, Q.Q4_0):
+        with pytest.raises(GGUFError, match=r"tensor blk.1.ffn_down.weight holds NaN or infinite values"):
+            LLM(write_gguf(damaged, tmp_path / f"nan.{kind.name}.gguf", kind))
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\x00" * 64)
     assert main(["generate", "--model", str(not_gguf), "--prompt", "x"]) == 2

@@ -92,6 +92,20 @@ def check_state_dict(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> None
         raise WeightMismatchError("\n".join(lines))
 
 
+FINITE_CHECK_ELEMENTS = 1 << 24  # a bounded temporary per check, whatever the tensor's size
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a weight holds no NaN or infinity (checked a bounded slice at a time)."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[start : start + FINITE_CHECK_ELEMENTS]).all())
+        for start in range(0, flat.numel(), FINITE_CHECK_ELEMENTS)
+    )
+
+
 def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor]) -> Weights:
     check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
     names = weight_names(spec)
