@@ -26,8 +26,8 @@ def generate(args: argparse.Namespace) -> int:
     cfg_resolved = llm.resolve(cfg, len(prompt_ids))
     if args.model is None:
         print(
-            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained "
-            f"by `mosaic train` on stdlib docstring summaries: short, docstring-like sentences]",
+            f"[default model: {Path(model).name}, a {llm.spec.num_layers}-layer LLaDA trained by `mosaic train` "
+            "on the standard library's Python source: a demo of the engine, not an assistant]",
             file=sys.stderr,
         )
     bar = tqdm(total=cfg_resolved.most_steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
