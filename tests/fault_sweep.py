@@ -76,6 +76,12 @@ CLI_CASES = [
     Case("bench max-len budget 0", ["bench", "max-len", "--preset", "llada-8b", "--budget", "0"]),
     Case("serve with 0 connections", ["serve", "--max-connections", "0"]),
     Case("serve with a negative header timeout", ["serve", "--header-timeout", "-1"]),
+    Case("int4 groups of 128 on 192-wide layers", [*GEN, "hi", "--quantize", "int4-g128"]),
+    Case("quantize the head of unquantized weights", [*GEN, "hi", "--quantize-head"]),
+    Case("an unknown quantization", [*GEN, "hi", "--quantize", "int3"]),
+    Case("int8 cache without a cache", [*GEN, "hi", "--cache-dtype", "int8"]),
+    Case("a GGUF file that is not one", [*GEN, "hi", "--model", "{junk_gguf}"]),
+    Case("valid quantized generate", [*GEN, "Return the", "--quantize", "int8"], bad=False),
     Case("valid generate", [*GEN, "Return the number of"], bad=False),
     Case(
         "max tokens 24, nothing else", ["generate", "--no-progress", "--prompt", "hi", "--gen-length", "24"], bad=False
@@ -110,6 +116,8 @@ HTTP_CASES = [
     Case("block not dividing", C | {"block_length": 5}),
     Case("cfg_scale -1", C | {"cfg_scale": -1}),
     Case("Dream alg on LLaDA", C | {"alg": "entropy"}),
+    Case("cache_dtype int8 without a cache", C | {"cache_dtype": "int8"}),
+    Case("cache_dtype fp8", C | {"cache_dtype": "fp8", "cache": "dual", "block_length": 8}),
     Case("top_k -1", C | {"top_k": -1}),
     Case("frequency_penalty 0.5", C | {"frequency_penalty": 0.5}),
     Case("logprobs 5", C | {"logprobs": 5}),
@@ -156,8 +164,17 @@ def classify(bad: bool, refused: bool | None) -> str:
     return SILENT if bad else OK
 
 
+def junk_gguf() -> str:
+    """A file with GGUF's magic and nothing valid after it."""
+    path = tempfile.mkdtemp() + "/junk.gguf"
+    with open(path, "wb") as f:
+        f.write(b"GGUF" + bytes(range(60)))
+    return path
+
+
 def run_cli(case: Case, taken_port: int, timeout: float = 300) -> str:
-    argv = [a.replace("{taken}", str(taken_port)).replace("{fresh}", tempfile.mkdtemp() + "/m") for a in case.request]
+    fill = {"{taken}": lambda: str(taken_port), "{fresh}": lambda: tempfile.mkdtemp() + "/m", "{junk_gguf}": junk_gguf}
+    argv = [fill[a]() if a in fill else a for a in case.request]
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "mosaic_dllm.cli", *argv], capture_output=True, text=True, timeout=timeout, cwd=REPO

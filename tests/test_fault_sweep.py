@@ -21,6 +21,8 @@ FAST_CLI = {
     "bench max-len budget 0",
     "serve with 0 connections",
     "serve with a negative header timeout",
+    "quantize the head of unquantized weights",
+    "a GGUF file that is not one",
 }
 
 

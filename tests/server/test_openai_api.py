@@ -61,6 +61,7 @@ def test_completion_round_trip_matches_the_engine(server, tiny_checkpoints):
     settings = result.model_extra["settings"]  # every setting as resolved for this request
     assert settings["gen_length"] == 8 and settings["steps"] == 4 and settings["block_length"] == 8
     assert settings["remasking"] == "low_confidence" and settings["temperature"] == 0.0
+    assert "weights" not in settings  # only quantized weights are labelled in a response
 
 
 def test_fast_dllm_settings_round_trip_and_count_forward_passes(server):
@@ -69,6 +70,7 @@ def test_fast_dllm_settings_round_trip_and_count_forward_passes(server):
     url, app = server
     card = get_json(f"{url}/v1/models")["data"][0]
     assert "approximation of the official sampler" in card["decoding"]["approximations"]["cache"]
+    assert card["weights"] == app.state.llm.info.weights == str(app.state.llm.executor.dtype).removeprefix("torch.")
     before = app.state.llm  # the same engine answers directly
     result = client(url).completions.create(
         model="tiny-llada",
