@@ -322,10 +322,11 @@ class GGUFFile:
 
         mapping = self.check(spec)
         linear = quantized_names(spec, QuantScheme(4, 32, head=True))
+        requantized = quantized_names(spec, quantization) if quantization else set()
         types = Counter(t.tensor_type.name for t in self.tensors.values())
         dtype = dtype or (torch.float32 if set(types) == {"F32"} else torch.bfloat16)
         report = GGUFReport(self.arch, self.value("general.file_type"), dict(types))
-        kept_head = False
+        kept_head, head = False, weight_names(spec).lm_head
         permuted = self._permuted_heads(spec)
         state: dict[str, Any] = {}
         for official, (stored, expert) in mapping.items():
@@ -339,7 +340,7 @@ class GGUFFile:
                 self._check_finite(stored, scale, zero)
                 state[official] = from_int4(QuantScheme(4, 32, True), q, scale, zero, dtype, device)
                 report.kept_int4 += 1
-                kept_head |= official == weight_names(spec).lm_head
+                kept_head |= official == head
                 continue
             try:
                 values = gguf.quants.dequantize(data, kind) if kind.name not in ("F32", "F16") else data
@@ -352,7 +353,7 @@ class GGUFFile:
             tensor = torch.from_numpy(np.array(values, copy=True))
             self._check_finite(stored, tensor)
             tensor = tensor.to(device=device, dtype=dtype)
-            if quantization is not None and official in quantized_names(spec, quantization):
+            if official in requantized:
                 tensor = quantize(tensor, quantization)
             state[official] = tensor
         weights = from_state_dict(spec, state)
