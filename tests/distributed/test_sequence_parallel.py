@@ -1,0 +1,100 @@
+"""Sequence parallel eager steps on 2 and 4 gloo processes: every rank's logits are the one-process
+eager logits, bit for bit where this device's kernels keep a row's bits at the shard's row count
+and attention's at a rank's head count (measured here), else within the fp32 tolerance."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mosaic_dllm import checkpoint
+from mosaic_dllm.device import profile_for
+from mosaic_dllm.kernels.sequence_parallel import check_heads, shard
+from mosaic_dllm.runtime import EagerExecutor
+
+TOKENS = 37  # 19 / 18 tokens on 2 ranks, 10 / 10 / 10 / 7 on 4
+
+
+def ids_of(batch: int) -> torch.Tensor:
+    return torch.randint(0, 300, (batch, TOKENS), generator=torch.Generator().manual_seed(5))
+
+
+CASES = [(family, dtype) for family in ("llada", "dream", "llada_moe") for dtype in ("bf16", "fp32")]
+
+
+def batch_of(family: str) -> int:
+    return 2 if family == "llada" else 1  # LLaDA: two sequences packed, as with guidance
+
+
+def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
+    """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
+    from mosaic_dllm.runtime.sequence_parallel import SequenceParallelExecutor
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
+    try:
+        for family, dtype in CASES:
+            ck = checkpoint.load(paths[family], dtype=dtype)
+            logits = SequenceParallelExecutor(ck.spec, ck.weights).logits(ids_of(batch_of(family)))
+            save_file({"logits": logits.contiguous()}, f"{out}.{family}.{dtype}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def heads_keep_bits(dtype: torch.dtype, heads: int, kv_heads: int, world: int, head_dim: int) -> bool:
+    """Whether attention over a rank's share of heads gives each head the all-heads call's bits (here)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, TOKENS, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, heads, TOKENS, head_dim, generator=g).to(dtype) for _ in range(2))
+    whole = F.scaled_dot_product_attention(q, k, v)
+    a = heads // world
+    return all(
+        torch.equal(
+            F.scaled_dot_product_attention(q[:, s : s + a], k[:, s : s + a], v[:, s : s + a]), whole[:, s : s + a]
+        )
+        for s in range(0, heads, a)
+    )
+
+
+def exact_here(spec, dtype: torch.dtype, world: int) -> bool:
+    """Every GEMM of the model keeps a row's bits in calls of a shard's rows, and attention in a rank's heads."""
+    rows = min(e - s for s, e in (shard(TOKENS, r, world) for r in range(world)) if e > s)
+    rules = profile_for("cpu").rules(dtype)
+    widths = [(spec.hidden_size, spec.q_size), (spec.q_size, spec.hidden_size), (spec.hidden_size, spec.vocab_size)]
+    if spec.moe is None:
+        swiglu = rules.swiglu(spec.hidden_size, spec.intermediate_size)
+        ok = swiglu.free and swiglu.min_rows <= rows
+    else:  # the experts see however many tokens chose them: only a rule exact at every count keeps bits
+        ok = rules.swiglu(spec.hidden_size, spec.moe.expert_intermediate_size).every_count
+    ok = ok and all((r := rules.gemm(k, n)).free and r.min_rows <= rows for k, n in widths)
+    return ok and heads_keep_bits(dtype, spec.num_heads, spec.num_kv_heads, world, spec.head_dim)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
+    """LLaDA, Dream (grouped kv heads: on 4 ranks each query head reads one of 2 kv heads) and
+    LLaDA-MoE, bf16 and fp32, on every rank."""
+    paths = {family: str(tiny_checkpoints[family]) for family, _ in CASES}
+    out = str(tmp_path / "sp")
+    mp.spawn(rank_main, args=(world, paths, out), nprocs=world)
+    torch.set_num_threads(1)
+    for family, dtype in CASES:
+        ck = checkpoint.load(paths[family], dtype=dtype)
+        want = EagerExecutor(ck.spec, ck.weights).logits(ids_of(batch_of(family)))
+        exact = exact_here(ck.spec, ck.dtype, world)
+        for rank in range(world):
+            got = load_file(f"{out}.{family}.{dtype}.{rank}")["logits"]
+            if exact:
+                assert torch.equal(got, want), (family, dtype, rank)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * want.abs().max().item())
+
+
+def test_heads_that_cannot_split_evenly_are_refused():
+    check_heads(4, 2, 4)  # one query head a rank, reading one kv head
+    check_heads(32, 8, 8)
+    for heads, kv, world in ((4, 4, 3), (6, 2, 4), (12, 4, 8)):
+        with pytest.raises(ValueError, match="split evenly"):
+            check_heads(heads, kv, world)
