@@ -24,8 +24,9 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, mm: Linear = linear) -> Tensor:
+    """The official SwiGLU; `mm` multiplies (tensor parallel kernels pass one that gathers)."""
+    return mm(F.silu(mm(x, gate)) * mm(x, up), down)
 
 
 def route_and_run_experts(

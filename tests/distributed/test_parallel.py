@@ -1,6 +1,7 @@
-"""Sequence parallel eager steps on 2 and 4 gloo processes: every rank's logits are the one-process
-eager logits, bit for bit where this device's kernels keep a row's bits at the shard's row count
-and attention's at a rank's head count (measured here), else within the fp32 tolerance."""
+"""Sequence and tensor parallel eager steps on 2 and 4 gloo processes: every rank's logits are the
+one-process eager logits, bit for bit where this device's kernels keep the bits (sequence parallel:
+a row's at the shard's row count and attention's at a rank's head count; tensor parallel: a
+column's at a rank's share of columns; measured here), else within the fp32 tolerance."""
 
 import pytest
 import torch
@@ -31,14 +32,19 @@ def batch_of(family: str) -> int:
 def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
     from mosaic_dllm.runtime.sequence_parallel import SequenceParallelExecutor
+    from mosaic_dllm.runtime.tensor_parallel import TensorParallelExecutor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     try:
         for family, dtype in CASES:
             ck = checkpoint.load(paths[family], dtype=dtype)
-            logits = SequenceParallelExecutor(ck.spec, ck.weights).logits(ids_of(batch_of(family)))
-            save_file({"logits": logits.contiguous()}, f"{out}.{family}.{dtype}.{rank}")
+            ids = ids_of(batch_of(family))
+            logits = {
+                "sequence": SequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
+                "tensor": TensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
+            }
+            save_file(logits, f"{out}.{family}.{dtype}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -58,6 +64,26 @@ def heads_keep_bits(dtype: torch.dtype, heads: int, kv_heads: int, world: int, h
     )
 
 
+def columns_keep_bits(spec, dtype: torch.dtype, world: int) -> bool:
+    """Whether F.linear with a rank's share of a weight's rows gives those columns the whole call's bits (here)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(TOKENS, max(spec.hidden_size, spec.q_size, spec.intermediate_size), generator=g).to(dtype)
+    shapes = [(spec.q_size, spec.hidden_size), (spec.kv_size, spec.hidden_size), (spec.hidden_size, spec.q_size)]
+    shapes += [(spec.intermediate_size, spec.hidden_size), (spec.hidden_size, spec.intermediate_size)]
+    shapes += [(spec.vocab_size, spec.hidden_size)]
+    if spec.moe is not None:
+        e = spec.moe.expert_intermediate_size
+        shapes += [(e, spec.hidden_size), (spec.hidden_size, e)]
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        whole = F.linear(x[:, :k], w)
+        rows = n // world
+        for r in range(world):
+            if not torch.equal(F.linear(x[:, :k], w[r * rows : (r + 1) * rows]), whole[:, r * rows : (r + 1) * rows]):
+                return False
+    return True
+
+
 def exact_here(spec, dtype: torch.dtype, world: int) -> bool:
     """Every GEMM of the model keeps a row's bits in calls of a shard's rows, and attention in a rank's heads."""
     rows = min(e - s for s, e in (shard(TOKENS, r, world) for r in range(world)) if e > s)
@@ -73,9 +99,9 @@ def exact_here(spec, dtype: torch.dtype, world: int) -> bool:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
-    """LLaDA, Dream (grouped kv heads: on 4 ranks each query head reads one of 2 kv heads) and
-    LLaDA-MoE, bf16 and fp32, on every rank."""
+def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
+    """LLaDA, Dream (grouped kv heads: on 4 ranks each query head reads one of 2 kv heads; qkv
+    biases) and LLaDA-MoE, bf16 and fp32, on every rank, sequence parallel and tensor parallel."""
     paths = {family: str(tiny_checkpoints[family]) for family, _ in CASES}
     out = str(tmp_path / "sp")
     mp.spawn(rank_main, args=(world, paths, out), nprocs=world)
@@ -83,13 +109,18 @@ def test_sequence_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, 
     for family, dtype in CASES:
         ck = checkpoint.load(paths[family], dtype=dtype)
         want = EagerExecutor(ck.spec, ck.weights).logits(ids_of(batch_of(family)))
-        exact = exact_here(ck.spec, ck.dtype, world)
+        exact = {
+            "sequence": exact_here(ck.spec, ck.dtype, world),
+            "tensor": columns_keep_bits(ck.spec, ck.dtype, world),
+        }
         for rank in range(world):
-            got = load_file(f"{out}.{family}.{dtype}.{rank}")["logits"]
-            if exact:
-                assert torch.equal(got, want), (family, dtype, rank)
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=5e-5 * want.abs().max().item())
+            got = load_file(f"{out}.{family}.{dtype}.{rank}")
+            for kind in ("sequence", "tensor"):
+                if exact[kind]:
+                    assert torch.equal(got[kind], want), (kind, family, dtype, rank)
+                else:
+                    tol = 5e-5 * want.abs().max().item()
+                    torch.testing.assert_close(got[kind], want, rtol=1e-5, atol=tol)
 
 
 def test_heads_that_cannot_split_evenly_are_refused():
