@@ -74,7 +74,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         default="mosaic",
-        choices=["mosaic", "eager"],
+        choices=["mosaic", "eager", "sequence-parallel", "tensor-parallel"],
         help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
     )
     _add_row_chunk_flag(p)
@@ -145,10 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate",
         help="generate text from a prompt",
-        description="Generate text. Without --model: the embedded default model (a 64-token context; "
+        description="Generate text. Without --model: the embedded default model (a 1,024-token context; "
         "defaults 32 tokens, 32 steps, blocks of 8; with only --gen-length, steps = the length).",
     )
     _add_engine_flags(p)
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        help="run --executor sequence-parallel or tensor-parallel on this many processes of this machine "
+        "(torch.distributed's launcher; under torchrun, its ranks are used instead)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -12,12 +13,19 @@ from ..config import SETTINGS
 from ..engine import DEFAULT_MAX_BATCH
 from ..memory.sizes import mib
 
+PARALLEL_EXECUTORS = ("sequence-parallel", "tensor-parallel")
+
 
 def generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..engine import default_model_path
 
+    if args.nproc and "RANK" not in os.environ:  # this process launches the ranks, then waits for them
+        return launch_ranks(args, sys.argv[1:])
+    lead = join_ranks(args)
+    if not lead:  # another rank: run the same steps in lockstep, print nothing
+        args.no_progress, args.json = True, False
     model = args.model or default_model_path()
     llm = load_engine(args, model)
     cfg = llm.default_config(**{k: getattr(args, k) for k in SETTINGS})
@@ -38,6 +46,8 @@ def generate(args: argparse.Namespace) -> int:
 
     out = llm.generate(prompt_ids, cfg_resolved, callback=on_step)[0]
     bar.close()
+    if not lead:
+        return 0
     if args.json:
         record = {
             "model": str(model),
@@ -56,6 +66,42 @@ def generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
+    """`--nproc N`: the same command on N processes through torch.distributed's launcher (torchrun's)."""
+    if args.executor not in PARALLEL_EXECUTORS:
+        raise ValueError(f"--nproc needs --executor {' or '.join(PARALLEL_EXECUTORS)}")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    ranks_argv, skip = [], False  # the ranks run the command without --nproc (the launcher's parser would take it)
+    for a in argv:
+        if not skip and not a.startswith("--nproc"):
+            ranks_argv.append(a)
+        skip = a == "--nproc"
+    try:
+        torchrun(["--nproc-per-node", str(args.nproc), "--module", "mosaic_dllm.cli", *ranks_argv])
+    except ChildFailedError as exc:
+        raise ValueError(f"a rank failed: {exc}") from None
+    return 0
+
+
+def join_ranks(args: argparse.Namespace) -> bool:
+    """Under torchrun (RANK in the environment): join the process group (gloo on CPU, NCCL on CUDA,
+    one GPU a rank); returns whether this process leads (rank 0 prints). Alone: True."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    if args.executor not in PARALLEL_EXECUTORS:
+        raise ValueError(f"running as one of several ranks needs --executor {' or '.join(PARALLEL_EXECUTORS)}")
+    import torch.distributed as dist
+
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank() == 0
 
 
 def load_engine(args: argparse.Namespace, model):

@@ -42,19 +42,19 @@ def check_heads(num_heads: int, num_kv_heads: int, world: int) -> None:
 
 
 class SequenceParallelOps(EagerOps):
-    """`models.ops.Ops` on this rank's shard of `packing`'s tokens, over `group`."""
+    """`models.ops.Ops` on this rank's shard of a step's packed tokens, over `group`: `embed` takes
+    the whole step's (1, T) ids and keeps this rank's shard; every later op sees the shard."""
 
-    def __init__(self, packing: Packing, group: dist.ProcessGroup | None = None):
-        if packing.caches:
-            raise ValueError("sequence parallel steps do not take block caches yet")
-        self.packing, self.group = packing, group
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.start, self.end = shard(packing.tokens, self.rank, self.world)
-        self.per = -(-packing.tokens // self.world)
+        self.tokens = self.start = self.end = self.per = 0
 
-    def local(self, packed: Tensor) -> Tensor:
-        """This rank's tokens of a (1, T, ...) tensor."""
-        return packed[:, self.start : self.end]
+    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
+        self.tokens = ids.shape[1]
+        self.start, self.end = shard(self.tokens, self.rank, self.world)
+        self.per = -(-self.tokens // self.world)
+        return super().embed(ids[:, self.start : self.end], table, name=name)
 
     def _padded(self, t: Tensor, tokens: int) -> Tensor:
         if t.shape[1] == tokens:
@@ -79,18 +79,20 @@ class SequenceParallelOps(EagerOps):
     def _to_heads(self, t: Tensor, heads: list[slice]) -> Tensor:
         """(1, local tokens, h, d) -> (1, T, this rank's heads, d): every token of its heads."""
         t = self._padded(t, self.per)
-        return torch.cat(self._exchange([t[:, :, s] for s in heads]), dim=1)[:, : self.packing.tokens]
+        return torch.cat(self._exchange([t[:, :, s] for s in heads]), dim=1)[:, : self.tokens]
 
     def rotary(
         self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
     ) -> Tensor:
-        return super().rotary(x, cos, sin, full_precision, _Positions(self.packing, self.start, self.end), name=name)
+        return super().rotary(x, cos, sin, full_precision, _Positions(packing, self.start, self.end), name=name)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
+        if packing.caches:
+            raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
         nh = q.shape[2]
         qh = self._to_heads(q, self._heads_of(nh, False, nh))
         kh, vh = (self._to_heads(t, self._heads_of(k.shape[2], True, nh)) for t in (k, v))
-        out = super().attention(qh, kh, vh, self.packing, layer, name=name)  # (1, T, this rank's heads * hd)
+        out = super().attention(qh, kh, vh, packing, layer, name=name)  # (1, T, this rank's heads * hd)
         out = self._padded(out, self.per * self.world)
         back = self._exchange(list(out.split(self.per, dim=1)))  # rank r's heads of my tokens
         return torch.cat(back, dim=2)[:, : self.end - self.start]
@@ -99,13 +101,13 @@ class SequenceParallelOps(EagerOps):
         """(1, local tokens, ...) from every rank -> (1, T, ...) on every rank."""
         parts = [torch.empty_like(self._padded(local, self.per)) for _ in range(self.world)]
         dist.all_gather(parts, self._padded(local, self.per), group=self.group)
-        return torch.cat(parts, dim=1)[:, : self.packing.tokens]
+        return torch.cat(parts, dim=1)[:, : self.tokens]
 
     def lm_head(
         self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
     ) -> RowHead:
         """The final hidden states gathered, then the eager head on every rank (each can sample)."""
-        return super().lm_head(self.gather(hidden), weight, self.packing, batch, chunk, name=name)
+        return super().lm_head(self.gather(hidden), weight, packing, batch, chunk, name=name)
 
 
 class _Positions:

@@ -7,25 +7,31 @@ from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
+from .parallel import SequenceParallelExecutor, TensorParallelExecutor
 
-EXECUTORS = ("eager", "mosaic")
+EXECUTORS = ("eager", "mosaic", "sequence-parallel", "tensor-parallel")
+UNPLANNED = {
+    "eager": EagerExecutor,
+    "sequence-parallel": SequenceParallelExecutor,
+    "tensor-parallel": TensorParallelExecutor,
+}
 
 
 def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
     """Refuse an unknown executor, or options the executor cannot honour (before any loading)."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(EXECUTORS)}")
-    if name == "eager" and options is not None and options != ExecutorOptions():
+    if name in UNPLANNED and options is not None and options != ExecutorOptions():
         raise ValueError(
             "a memory budget, chunks, row chunks, recompute or activation options: each needs the mosaic executor "
-            "(the eager executor runs as the official code)"
+            f"(the {name} executor runs as the official code)"
         )
 
 
 def make_executor(name: str, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None) -> Executor:
     """The executor `name`; options apply to the Mosaic executor (the eager one runs as the official code)."""
     check_executor(name, options)
-    return MosaicExecutor(spec, weights, options) if name == "mosaic" else EagerExecutor(spec, weights)
+    return MosaicExecutor(spec, weights, options) if name == "mosaic" else UNPLANNED[name](spec, weights)
 
 
 __all__ = [
@@ -35,6 +41,8 @@ __all__ = [
     "Executor",
     "ExecutorOptions",
     "MosaicExecutor",
+    "SequenceParallelExecutor",
+    "TensorParallelExecutor",
     "check_executor",
     "make_executor",
 ]

@@ -31,8 +31,7 @@ def batch_of(family: str) -> int:
 
 def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
-    from mosaic_dllm.runtime.sequence_parallel import SequenceParallelExecutor
-    from mosaic_dllm.runtime.tensor_parallel import TensorParallelExecutor
+    from mosaic_dllm.runtime import SequenceParallelExecutor, TensorParallelExecutor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -129,3 +128,34 @@ def test_heads_that_cannot_split_evenly_are_refused():
     for heads, kv, world in ((4, 4, 3), (6, 2, 4), (12, 4, 8)):
         with pytest.raises(ValueError, match="split evenly"):
             check_heads(heads, kv, world)
+
+
+def test_mosaic_generate_nproc_gives_the_one_process_tokens(tiny_checkpoints):
+    """`mosaic generate --nproc 2 --executor sequence-parallel` launches two ranks through
+    torch.distributed's launcher; rank 0 prints the tokens one process generates."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mosaic_dllm import LLM, GenerationConfig
+    from tests.processes import REPO
+
+    path = tiny_checkpoints["dream"]
+    flags = ["--gen-length", "12", "--steps", "6", "--seed", "3", "--temperature", "0.5"]
+    argv = ["generate", "--model", str(path), "--prompt", "Return the", "--json", "--no-progress", *flags]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "mosaic_dllm.cli", *argv, "--executor", "sequence-parallel", "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    out = json.loads(lines[0])
+    want = LLM(path).generate("Return the", GenerationConfig(gen_length=12, steps=6, seed=3, temperature=0.5))[0]
+    assert out["token_ids"] == want.token_ids and out["executor"] == "sequence-parallel"
