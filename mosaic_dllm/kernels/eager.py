@@ -7,6 +7,7 @@ executor (`runtime/eager.py`) runs the model description with them: the baseline
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,12 @@ class EagerOps:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return weight * xf.to(x.dtype)
 
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
+    def multiply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x @ weight.T (+ bias): every product these kernels take (the tensor parallel ones gather)."""
         return linear(x, weight, bias)
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
+        return self.multiply(x, weight, bias)
 
     def rotary(
         self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
@@ -141,7 +146,7 @@ class EagerOps:
         raise NotImplementedError("the eager kernels run the attention block op by op, as the official code")
 
     def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
-        return swiglu(x, gate, up, down)
+        return swiglu(x, gate, up, down, self.multiply)
 
     def moe(
         self,
@@ -156,7 +161,8 @@ class EagerOps:
     ) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
-        route_and_run_experts(flat, router, expert_bias, experts, top_k, normalize_top_k, out)
+        expert = partial(swiglu, mm=self.multiply)
+        route_and_run_experts(flat, router, expert_bias, experts, top_k, normalize_top_k, out, self.multiply, expert)
         return out.view(x.shape)
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
@@ -205,13 +211,13 @@ class EagerOps:
             start, length = packing.offsets[first], packing.lengths[first]
             h = held.pop()[0, start : start + count * length].view(count, length, -1)
             if rows is None:  # every position at once
-                positions, logits = torch.arange(length, device=h.device), linear(h, weight)
+                positions, logits = torch.arange(length, device=h.device), self.multiply(h, weight)
                 del h
                 yield positions, logits
                 return
             step = chunk or max(1, rows.numel())
             for at in range(0, rows.numel(), step):
                 part = rows[at : at + step]
-                yield part, linear(h[:, part], weight)
+                yield part, self.multiply(h[:, part], weight)
 
         return head

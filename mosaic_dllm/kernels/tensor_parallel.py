@@ -18,7 +18,7 @@ from torch import Tensor
 from ..models.quantized import LINEAR_ROLES, linear
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
-from .eager import EagerOps, route_and_run_experts, swiglu
+from .eager import EagerOps
 
 # Weights (and the biases of their outputs) split by output rows; routers, norms, embeddings stay whole.
 SHARDED_ROLES = (*LINEAR_ROLES, "q_bias", "k_bias", "v_bias")
@@ -69,50 +69,12 @@ class TensorParallelOps(EagerOps):
         self.sharded, self.group = sharded, group
         self.world = dist.get_world_size(group)
 
-    def _linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    def multiply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """F.linear with this rank's rows (and bias rows, fused as the official call fuses them),
-        the other ranks' rows gathered."""
+        the other ranks' rows gathered: every eager op that multiplies goes through here."""
         local = linear(x, weight, bias).contiguous()
         if id(weight) not in self.sharded:
             return local
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)
-
-    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, *, name: str) -> Tensor:
-        return self._linear(x, weight, bias)
-
-    def mlp(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor, *, name: str) -> Tensor:
-        return self._swiglu(x, gate, up, down)
-
-    def _swiglu(self, x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
-        return swiglu(x, gate, up, down, self._linear)
-
-    def moe(
-        self,
-        x: Tensor,
-        router: Tensor,
-        expert_bias: Tensor | None,
-        experts: list[dict[str, Tensor]],
-        top_k: int,
-        normalize_top_k: bool,
-        *,
-        name: str,
-    ) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.zeros_like(flat)
-        route_and_run_experts(
-            flat, router, expert_bias, experts, top_k, normalize_top_k, out, self._linear, self._swiglu
-        )
-        return out.view(x.shape)
-
-    def lm_head(self, hidden: Tensor, weight: Tensor, packing, batch: int, chunk: int, *, name: str):
-        head = super().lm_head(hidden, weight, packing, batch, chunk, name=name)
-
-        def gathered(first: int, count: int, rows: Tensor | None):
-            for positions, logits in head(first, count, rows):
-                parts = [torch.empty_like(logits) for _ in range(self.world)]
-                dist.all_gather(parts, logits.contiguous(), group=self.group)
-                yield positions, torch.cat(parts, dim=-1)
-
-        return gathered
