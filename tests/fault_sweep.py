@@ -81,6 +81,8 @@ CLI_CASES = [
     Case("an unknown quantization", [*GEN, "hi", "--quantize", "int3"]),
     Case("int8 cache without a cache", [*GEN, "hi", "--cache-dtype", "int8"]),
     Case("a GGUF file that is not one", [*GEN, "hi", "--model", "{junk_gguf}"]),
+    Case("a parallel executor on one process", [*GEN, "hi", "--executor", "sequence-parallel"]),
+    Case("serve across ranks", ["serve", "--executor", "tensor-parallel"]),
     Case("valid quantized generate", [*GEN, "Return the", "--quantize", "int8"], bad=False),
     Case("valid generate", [*GEN, "Return the number of"], bad=False),
     Case(

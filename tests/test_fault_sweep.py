@@ -23,6 +23,8 @@ FAST_CLI = {
     "serve with a negative header timeout",
     "quantize the head of unquantized weights",
     "a GGUF file that is not one",
+    "a parallel executor on one process",
+    "serve across ranks",
 }
 
 

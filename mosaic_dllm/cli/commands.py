@@ -24,6 +24,8 @@ def generate(args: argparse.Namespace) -> int:
     if args.nproc and "RANK" not in os.environ:  # this process launches the ranks, then waits for them
         return launch_ranks(args, sys.argv[1:])
     lead = join_ranks(args)
+    if args.executor in PARALLEL_EXECUTORS and "RANK" not in os.environ:
+        raise ValueError(f"--executor {args.executor} runs across ranks: add --nproc N, or start it under torchrun")
     if not lead:  # another rank: run the same steps in lockstep, print nothing
         args.no_progress, args.json = True, False
     model = args.model or default_model_path()
@@ -203,6 +205,11 @@ def serve(args: argparse.Namespace) -> int:
     from ..server import create_app
     from ..server.run import serve as run_server
 
+    if args.executor in PARALLEL_EXECUTORS:
+        raise ValueError(
+            f"mosaic serve runs one process: --executor {args.executor} is for mosaic generate (--nproc N, or "
+            "under torchrun) until serving across ranks is built"
+        )
     max_body = parse_bytes(args.max_body, "--max-body", 1024)  # bad flags fail before anything loads
     Scheduler.check_max_batch(args.max_batch)
     _check_port_free(args.host, args.port)  # before minutes of loading

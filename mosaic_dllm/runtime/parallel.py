@@ -22,7 +22,7 @@ from .eager import EagerExecutor
 
 def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:
     if not dist.is_initialized():
-        raise RuntimeError(f"{kind} needs torch.distributed initialised (torchrun, --nproc, or init_process_group)")
+        raise ValueError(f"{kind} needs torch.distributed initialised (torchrun, --nproc, or init_process_group)")
     return dist.get_world_size(group)
 
 
