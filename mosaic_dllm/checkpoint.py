@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from .gguf_file import GGUFFile, GGUFReport, is_gguf
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
-from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_embeddings, quantized_names
+from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_table, quantized_names
 from .models.spec import QuantScheme
 from .models.weights import Weights, all_finite, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer
@@ -281,7 +281,7 @@ def load(
     weights = from_state_dict(spec, state)
     if quantization is not None:
         spec = replace(spec, quantization=quantization)
-        quantize_embeddings(weights, quantization)
+        quantize_table(weights, quantization)
     dtype_name = weights.embed.dtype if quantization is None else f"{weights.embed.dtype}, {quantization.name}"
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, dtype_name)
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)

@@ -12,7 +12,6 @@ given). What was kept and what was dequantized is reported (`GGUFReport`).
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from .models import ArchSpec, ConfigError, SpecialIds, parse_config, weight_names
-from .models.quantized import extra_bytes, from_int4, quantize, quantize_embeddings, quantized_bytes, quantized_names
+from .models.quantized import INT4_BLOCKS, from_int4, quantize, quantize_table, quantized_names, weight_bytes
 from .models.spec import QuantScheme
-from .models.weights import Weights, all_finite, check_state_dict, expected_shapes, from_state_dict, optional_names
+from .models.weights import Weights, all_finite, check_state_dict, from_state_dict
 from .tokenizer import Tokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ class GGUFFile:
         return SpecialIds(token("mask_token_id"), (eos,) if eos is not None else (), token("padding_token_id"))
 
     def spec(self) -> ArchSpec:
-        """The family's spec; quantized as loading will hold it when Q4_0 / Q4_K linear weights stay int4."""
+        """The family's spec; quantized as loading holds it when Q4_0 / Q4_K linear weights stay int4."""
         try:
             spec = parse_config(self.config(), self.special_ids())
         except ConfigError as exc:
@@ -205,17 +204,7 @@ class GGUFFile:
     def loaded_bytes(self, spec: ArchSpec, dtype: torch.dtype, quantization: QuantScheme | None = None) -> int:
         """The bytes the weights take once loaded in `dtype` (int4 where kept, the rest quantized by
         `quantization` where it applies), from the headers alone."""
-        kept = self._kept_int4(spec)
-        requantized = quantized_names(spec, quantization) if quantization else set()
-        total = 0
-        for name, shape in (expected_shapes(spec) | optional_names(spec)).items():
-            if name in kept:
-                total += quantized_bytes(QuantScheme(4, 32), shape, dtype)
-            elif name in requantized:
-                total += quantized_bytes(quantization, shape, dtype)
-            else:
-                total += math.prod(shape) * dtype.itemsize
-        return total + extra_bytes(spec, quantization, dtype)
+        return weight_bytes(replace(spec, quantization=quantization), dtype, self._kept_int4(spec))
 
     def tokenizer(self) -> tuple[Tokenizer | None, str]:
         """The tokenizer the metadata holds (None without one), and its pre-tokenizer's name."""
@@ -321,12 +310,11 @@ class GGUFFile:
         import gguf
 
         mapping = self.check(spec)
-        linear = quantized_names(spec, QuantScheme(4, 32, head=True))
+        kept = self._kept_int4(spec)
         requantized = quantized_names(spec, quantization) if quantization else set()
         types = Counter(t.tensor_type.name for t in self.tensors.values())
         dtype = dtype or (torch.float32 if set(types) == {"F32"} else torch.bfloat16)
         report = GGUFReport(self.arch, self.value("general.file_type"), dict(types))
-        kept_head, head = False, weight_names(spec).lm_head
         permuted = self._permuted_heads(spec)
         state: dict[str, Any] = {}
         for official, (stored, expert) in mapping.items():
@@ -335,12 +323,11 @@ class GGUFFile:
             if official in permuted:
                 data = unpermute(data, permuted[official])
             kind = t.tensor_type
-            if official in linear and kind.name in KEPT:
+            if official in kept:
                 q, scale, zero = int4_blocks(data, kind.name)
                 self._check_finite(stored, scale, zero)
-                state[official] = from_int4(QuantScheme(4, 32, True), q, scale, zero, dtype, device)
+                state[official] = from_int4(INT4_BLOCKS, q, scale, zero, dtype, device)
                 report.kept_int4 += 1
-                kept_head |= official == head
                 continue
             try:
                 values = gguf.quants.dequantize(data, kind) if kind.name not in ("F32", "F16") else data
@@ -357,11 +344,9 @@ class GGUFFile:
                 tensor = quantize(tensor, quantization)
             state[official] = tensor
         weights = from_state_dict(spec, state)
-        if report.kept_int4:
-            quantization = quantization or QuantScheme(4, 32, kept_head)
-        if quantization is not None:
+        if quantization is not None:  # the user's scheme (kept blocks stay int4), else the file's own (`spec`)
             spec = replace(spec, quantization=quantization)
-            quantize_embeddings(weights, quantization)
+            quantize_table(weights, quantization)
         return spec, weights, report
 
     def _check_finite(self, stored: str, *values: torch.Tensor) -> None:

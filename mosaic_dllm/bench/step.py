@@ -27,7 +27,7 @@ from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
 from ..memory.prediction import predicting
 from ..memory.rss import PeakMemory
-from ..models.quantized import quantize, quantize_embeddings, quantized_names
+from ..models.quantized import quantized_weights
 from ..models.spec import ArchSpec
 from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
 from ..runtime import Executor, ExecutorOptions, make_executor
@@ -121,13 +121,7 @@ class StepMeasurement:
 
 def random_weights(spec: ArchSpec, dtype: torch.dtype, device: str | torch.device = "cpu") -> Weights:
     """Random weights, quantized as `spec.quantization` says."""
-    state = random_state_dict(spec, dtype, device=device)
-    if spec.quantization is not None:
-        for name in quantized_names(spec, spec.quantization):
-            state[name] = quantize(state[name], spec.quantization)
-    weights = from_state_dict(spec, state)
-    quantize_embeddings(weights, spec.quantization)
-    return weights
+    return quantized_weights(spec, random_state_dict(spec, dtype, device=device))
 
 
 def measure(

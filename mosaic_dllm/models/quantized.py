@@ -18,6 +18,7 @@ temporary and runs `F.linear` (`kernel_of`); either way what a call allocates is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from . import weight_names
 from .spec import ArchSpec, ConfigError, QuantScheme
-from .weights import expected_shapes, optional_names
+from .weights import Weights, expected_shapes, from_state_dict, optional_names
 
 GROUPS = (32, 64, 128)
 # The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
@@ -36,6 +37,7 @@ QUANTIZED_CALL_ROWS = 256
 # Linear weights by role in `WeightNames.layer` / `.expert`; the router stays in the compute dtype.
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 EMBEDDINGS = QuantScheme(8)  # an embedding table quantized: int8, one scale per token row
+INT4_BLOCKS = QuantScheme(4, 32)  # llama.cpp's Q4_0 / Q4_K blocks, held as they are (`gguf_file.py`)
 
 
 class QuantizationError(ConfigError):
@@ -244,13 +246,16 @@ def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def weight_bytes(spec: ArchSpec, dtype: torch.dtype) -> int:
-    """The bytes the weights take as loaded, from shapes alone (quantized ones as packed, with scales)."""
+def weight_bytes(spec: ArchSpec, dtype: torch.dtype, kept_int4: Collection[str] = ()) -> int:
+    """The bytes the weights take as loaded, from shapes alone (quantized ones as packed, with
+    scales); `kept_int4`: names a GGUF file holds in int4 blocks, whatever `spec.quantization` says."""
     shapes = expected_shapes(spec) | optional_names(spec)  # an absent expert bias loads as zeros
     quantized = quantized_names(spec, spec.quantization) if spec.quantization else set()
     total = 0
     for name, shape in shapes.items():
-        if name in quantized:
+        if name in kept_int4:
+            total += quantized_bytes(INT4_BLOCKS, shape, dtype)
+        elif name in quantized:
             total += quantized_bytes(spec.quantization, shape, dtype)
         else:
             total += math.prod(shape) * dtype.itemsize
@@ -273,15 +278,31 @@ def extra_bytes(spec: ArchSpec, scheme: QuantScheme | None, dtype: torch.dtype) 
     return total
 
 
-def quantize_embeddings(weights, scheme: QuantScheme | None) -> None:
+Quantize = Callable[[Tensor, QuantScheme], "QuantizedWeight"]
+
+
+def quantize_table(weights: Weights, scheme: QuantScheme | None, make: Quantize | None = None) -> None:
     """After loading: the embedding table as int8 rows (`scheme.embeddings`), and a tied head's own
-    quantized copy (`scheme.head`), the table being both."""
+    quantized copy (`scheme.head`), the table being both. `make`: how a tensor is quantized
+    (default `quantize`; the planner's trace makes shapes-only ones)."""
+    make = make or quantize
     if scheme is None:
         return
     if scheme.head and weights.lm_head is weights.embed:
-        weights.lm_head = quantize(weights.lm_head, scheme)
+        weights.lm_head = make(weights.lm_head, scheme)
     if scheme.embeddings:
-        weights.embed = quantize(weights.embed, EMBEDDINGS)
+        weights.embed = make(weights.embed, EMBEDDINGS)
+
+
+def quantized_weights(spec: ArchSpec, state: dict[str, Tensor], make: Quantize | None = None) -> Weights:
+    """Weights from a whole state dict, quantized as `spec.quantization` says (random or shapes-only
+    weights: a checkpoint quantizes tensor by tensor as it reads them)."""
+    scheme, make = spec.quantization, make or quantize
+    if scheme is not None:
+        state = state | {name: make(state[name], scheme) for name in quantized_names(spec, scheme)}
+    weights = from_state_dict(spec, state)
+    quantize_table(weights, scheme, make)
+    return weights
 
 
 def quantized_bytes(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> int:

@@ -27,9 +27,9 @@ from ..kernels.planned import PlannedOps
 from ..models import transformer
 from ..models.groups import OpGroup, largest_chunk
 from ..models.packing import Packing
-from ..models.quantized import EMBEDDINGS, QuantizedWeight, quantized_names
+from ..models.quantized import QuantizedWeight, quantized_weights
 from ..models.spec import ArchSpec
-from ..models.weights import expected_shapes, from_state_dict
+from ..models.weights import expected_shapes
 from .shapes import StepShape
 
 PREFIX_OPS = ("embed", "rotary_tables")
@@ -123,20 +123,8 @@ def uniform_layers(spec: ArchSpec) -> bool:
 
 def meta_weights(spec: ArchSpec, dtype: torch.dtype):
     """Shapes-only weights, quantized as `spec.quantization` says (the kernels' workspace depends on it)."""
-    scheme = spec.quantization
-    quantized = quantized_names(spec, scheme) if scheme else set()
-    state = {
-        name: QuantizedWeight.meta(scheme, shape, dtype)
-        if name in quantized
-        else torch.empty(shape, dtype=dtype, device="meta")
-        for name, shape in expected_shapes(spec).items()
-    }
-    weights = from_state_dict(spec, state)
-    if scheme and scheme.head and spec.tie_word_embeddings:
-        weights.lm_head = QuantizedWeight.meta(scheme, tuple(weights.lm_head.shape), dtype)
-    if scheme and scheme.embeddings:
-        weights.embed = QuantizedWeight.meta(EMBEDDINGS, tuple(weights.embed.shape), dtype)
-    return weights
+    state = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in expected_shapes(spec).items()}
+    return quantized_weights(spec, state, lambda t, scheme: QuantizedWeight.meta(scheme, tuple(t.shape), dtype))
 
 
 def trace_step(
