@@ -10,7 +10,7 @@ import sys
 
 from ..config import FAMILY_NAMES, MAX_LENGTH, SETTINGS, Setting
 from ..engine import DEFAULT_MAX_BATCH, USER_ERRORS
-from ..runtime import DEFAULT_ROW_CHUNK
+from ..runtime import DEFAULT_ROW_CHUNK, EXECUTORS
 from . import commands, planning
 
 
@@ -74,8 +74,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--executor",
         default="mosaic",
-        choices=["mosaic", "eager", "sequence-parallel", "tensor-parallel"],
-        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits",
+        choices=EXECUTORS,
+        help="mosaic: logits only for the rows the sampler reads; eager: the official full logits; "
+        "sequence-parallel, tensor-parallel: eager across ranks (--nproc or torchrun)",
     )
     _add_row_chunk_flag(p)
     p.add_argument(

@@ -12,8 +12,7 @@ from pathlib import Path
 from ..config import SETTINGS
 from ..engine import DEFAULT_MAX_BATCH
 from ..memory.sizes import mib
-
-PARALLEL_EXECUTORS = ("sequence-parallel", "tensor-parallel")
+from ..runtime import PARALLEL
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -24,8 +23,6 @@ def generate(args: argparse.Namespace) -> int:
     if args.nproc and "RANK" not in os.environ:  # this process launches the ranks, then waits for them
         return launch_ranks(args, sys.argv[1:])
     lead = join_ranks(args)
-    if args.executor in PARALLEL_EXECUTORS and "RANK" not in os.environ:
-        raise ValueError(f"--executor {args.executor} runs across ranks: add --nproc N, or start it under torchrun")
     if not lead:  # another rank: run the same steps in lockstep, print nothing
         args.no_progress, args.json = True, False
     model = args.model or default_model_path()
@@ -72,8 +69,8 @@ def generate(args: argparse.Namespace) -> int:
 
 def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
     """`--nproc N`: the same command on N processes through torch.distributed's launcher (torchrun's)."""
-    if args.executor not in PARALLEL_EXECUTORS:
-        raise ValueError(f"--nproc needs --executor {' or '.join(PARALLEL_EXECUTORS)}")
+    if args.executor not in PARALLEL:
+        raise ValueError(f"--nproc needs --executor {' or '.join(PARALLEL)}")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -93,10 +90,14 @@ def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
 def join_ranks(args: argparse.Namespace) -> bool:
     """Under torchrun (RANK in the environment): join the process group (gloo on CPU, NCCL on CUDA,
     one GPU a rank); returns whether this process leads (rank 0 prints). Alone: True."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if "RANK" not in os.environ:
+        if args.executor in PARALLEL:
+            raise ValueError(f"--executor {args.executor} runs across ranks: add --nproc N, or start it under torchrun")
         return True
-    if args.executor not in PARALLEL_EXECUTORS:
-        raise ValueError(f"running as one of several ranks needs --executor {' or '.join(PARALLEL_EXECUTORS)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return True
+    if args.executor not in PARALLEL:
+        raise ValueError(f"running as one of several ranks needs --executor {' or '.join(PARALLEL)}")
     import torch.distributed as dist
 
     if args.device.startswith("cuda"):
@@ -205,7 +206,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..server import create_app
     from ..server.run import serve as run_server
 
-    if args.executor in PARALLEL_EXECUTORS:
+    if args.executor in PARALLEL:
         raise ValueError(
             f"mosaic serve runs one process: --executor {args.executor} is for mosaic generate (--nproc N, or "
             "under torchrun) until serving across ranks is built"

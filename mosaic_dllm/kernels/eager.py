@@ -96,7 +96,11 @@ class EagerOps:
     ) -> Tensor:
         """Elementwise, so gathering each token's row of the tables computes what the official
         (B, nh, L, hd) broadcast does."""
-        positions = packing.positions(x.device)
+        return self.rotate(x, cos, sin, full_precision, packing.positions(x.device))
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, positions: Tensor) -> Tensor:
+        """Rotate (1, T, nh, hd) tokens by the tables' rows at their `positions` (T,)."""
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (T, 1, rd)
         rd = cos.shape[-1]
         part, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])

@@ -66,15 +66,12 @@ class SequenceParallelOps(EagerOps):
         dist.all_to_all(outs, [p.contiguous() for p in parts], group=self.group)
         return outs
 
-    def _heads_of(self, heads: int, kv: bool, q_heads: int) -> list[slice]:
-        """The head slices each rank attends with: its share of query heads, or the kv heads they read."""
-        per_rank = q_heads // self.world
-        if not kv:
-            return [slice(r * per_rank, (r + 1) * per_rank) for r in range(self.world)]
-        group = q_heads // heads
-        first = [r * per_rank // group for r in range(self.world)]
+    def _head_slices(self, q_heads: int, kv_heads: int) -> tuple[list[slice], list[slice]]:
+        """Per rank, the query heads it attends with and the kv heads those read (whole groups, or one)."""
+        per_rank, group = q_heads // self.world, q_heads // kv_heads
         count = max(1, per_rank // group)
-        return [slice(f, f + count) for f in first]
+        queries = [slice(r * per_rank, (r + 1) * per_rank) for r in range(self.world)]
+        return queries, [slice(r * per_rank // group, r * per_rank // group + count) for r in range(self.world)]
 
     def _to_heads(self, t: Tensor, heads: list[slice]) -> Tensor:
         """(1, local tokens, h, d) -> (1, T, this rank's heads, d): every token of its heads."""
@@ -84,14 +81,14 @@ class SequenceParallelOps(EagerOps):
     def rotary(
         self, x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool, packing: Packing, *, name: str
     ) -> Tensor:
-        return super().rotary(x, cos, sin, full_precision, _Positions(packing, self.start, self.end), name=name)
+        return self.rotate(x, cos, sin, full_precision, packing.positions(x.device)[self.start : self.end])
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         if packing.caches:
             raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
-        nh = q.shape[2]
-        qh = self._to_heads(q, self._heads_of(nh, False, nh))
-        kh, vh = (self._to_heads(t, self._heads_of(k.shape[2], True, nh)) for t in (k, v))
+        queries, keys = self._head_slices(q.shape[2], k.shape[2])
+        qh = self._to_heads(q, queries)
+        kh, vh = (self._to_heads(t, keys) for t in (k, v))
         out = super().attention(qh, kh, vh, packing, layer, name=name)  # (1, T, this rank's heads * hd)
         out = self._padded(out, self.per * self.world)
         back = self._exchange(list(out.split(self.per, dim=1)))  # rank r's heads of my tokens
@@ -99,8 +96,9 @@ class SequenceParallelOps(EagerOps):
 
     def gather(self, local: Tensor) -> Tensor:
         """(1, local tokens, ...) from every rank -> (1, T, ...) on every rank."""
-        parts = [torch.empty_like(self._padded(local, self.per)) for _ in range(self.world)]
-        dist.all_gather(parts, self._padded(local, self.per), group=self.group)
+        mine = self._padded(local, self.per)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine, group=self.group)
         return torch.cat(parts, dim=1)[:, : self.tokens]
 
     def lm_head(
@@ -108,13 +106,3 @@ class SequenceParallelOps(EagerOps):
     ) -> RowHead:
         """The final hidden states gathered, then the eager head on every rank (each can sample)."""
         return super().lm_head(self.gather(hidden), weight, packing, batch, chunk, name=name)
-
-
-class _Positions:
-    """The positions of this rank's tokens within their canvases, as rotary reads a packing's."""
-
-    def __init__(self, packing: Packing, start: int, end: int):
-        self.packing, self.start, self.end = packing, start, end
-
-    def positions(self, device: torch.device) -> Tensor:
-        return self.packing.positions(device)[self.start : self.end]

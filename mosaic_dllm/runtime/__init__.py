@@ -9,12 +9,9 @@ from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
 from .parallel import SequenceParallelExecutor, TensorParallelExecutor
 
-EXECUTORS = ("eager", "mosaic", "sequence-parallel", "tensor-parallel")
-UNPLANNED = {
-    "eager": EagerExecutor,
-    "sequence-parallel": SequenceParallelExecutor,
-    "tensor-parallel": TensorParallelExecutor,
-}
+PARALLEL = {"sequence-parallel": SequenceParallelExecutor, "tensor-parallel": TensorParallelExecutor}  # across ranks
+UNPLANNED = {"eager": EagerExecutor, **PARALLEL}
+EXECUTORS = ("mosaic", *UNPLANNED)
 
 
 def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
@@ -37,6 +34,7 @@ def make_executor(name: str, spec: ArchSpec, weights: Weights, options: Executor
 __all__ = [
     "DEFAULT_ROW_CHUNK",
     "EXECUTORS",
+    "PARALLEL",
     "EagerExecutor",
     "Executor",
     "ExecutorOptions",
