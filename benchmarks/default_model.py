@@ -35,8 +35,12 @@ def held_out_texts(model: Path, size: int) -> list[str]:
     return [(root / name).read_text(encoding="utf-8")[:size] for name in names]
 
 
-def likelihood(model: Path, texts: list[str], mc_num: int) -> dict:
-    lm = MosaicLM(str(model), mc_num=mc_num, mc_batch_size=mc_num)
+def likelihood(model: Path, texts: list[str], mc_num: int, tokenizer=None, **engine) -> dict:
+    """Held-out bits per token and per byte of `model` (a directory or a GGUF file); `engine`: LLM
+    options (dtype, quantize); `tokenizer`: read the texts with this one instead of the model's."""
+    lm = MosaicLM(str(model), mc_num=mc_num, mc_batch_size=mc_num, **engine)
+    if tokenizer is not None:
+        lm.llm.tokenizer = tokenizer
     begin = time.perf_counter()
     nats = -sum(lm.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in texts]))
     tokens = sum(len(lm.llm.tokenizer.encode(t)) for t in texts)

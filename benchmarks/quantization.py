@@ -14,13 +14,10 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,12 +189,12 @@ def likelihood(args) -> list[dict]:
     from gguf import GGMLQuantizationType as Q
 
     from mosaic_dllm.engine import default_model_path
-    from mosaic_dllm.evaluation import MosaicLM
     from mosaic_dllm.tokenizer import Tokenizer
     from tests.tiny_gguf import write_gguf
 
     sys.path.insert(0, str(Path(__file__).parent))
     from default_model import held_out_texts
+    from default_model import likelihood as likelihood_of
 
     model = default_model_path()
     texts = held_out_texts(model, args.held_out_bytes)
@@ -214,19 +211,8 @@ def likelihood(args) -> list[dict]:
         for kind in (Q.Q8_0, Q.Q4_0):
             formats.append((f"GGUF {kind.name}", str(write_gguf(model, Path(tmp) / f"{kind.name}.gguf", kind)), None))
         for name, path, fmt in formats:
-            lm = MosaicLM(path, mc_num=args.mc_num, mc_batch_size=args.mc_num, dtype="bf16", quantize=fmt)
-            lm.llm.tokenizer = tokenizer
-            begin = time.perf_counter()
-            nats = -sum(lm.loglikelihood_rolling([SimpleNamespace(args=(t,)) for t in texts]))
-            tokens = sum(len(lm.llm.tokenizer.encode(t)) for t in texts)
-            rows.append(
-                {
-                    "weights": name,
-                    "tokens": tokens,
-                    "bits_per_token": round(nats / tokens / math.log(2), 4),
-                    "seconds": round(time.perf_counter() - begin, 1),
-                }
-            )
+            measured = likelihood_of(path, texts, args.mc_num, tokenizer, dtype="bf16", quantize=fmt)
+            rows.append({"weights": name} | {k: measured[k] for k in ("tokens", "bits_per_token", "seconds")})
             print(rows[-1], flush=True)
     markdown(rows, ["weights", "tokens", "bits_per_token"])
     return rows
