@@ -9,6 +9,7 @@ reads in one packed forward pass, and each state advances -> tokens -> text.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from .models.quantized import parse_quantization
 from .plan.search import DoesNotFit
 from .plan.shapes import RequestShape
 from .plan.step_plan import LRU, StepPlan
-from .runtime import ExecutorOptions, check_executor, make_executor
+from .runtime import PARALLEL, PLANNED, ExecutorOptions, check_executor, make_executor
 from .scheduler import Request, Scheduler, StepRecord
 from .tokenizer import TokenizerError
 
@@ -176,8 +177,10 @@ class LLM:
         self.sampler = sampler_for(
             self.spec, self.checkpoint.model_config, self.checkpoint.generation_config, vocabulary
         )
-        if executor == "mosaic" and options.memory_budget is None:
-            budget = default_budget(self.checkpoint.weights.embed.device, reserve)
+        if executor in PLANNED and options.memory_budget is None:
+            device = self.checkpoint.weights.embed.device
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+            budget = default_budget(device, reserve, local_ranks if executor in PARALLEL else 1)
             options = replace(options, memory_budget=budget)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
         self.scheduler = Scheduler(self.executor, max_batch, on_step)

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import SETTINGS
 from ..engine import DEFAULT_MAX_BATCH
 from ..memory.sizes import mib
-from ..runtime import PARALLEL
+from ..runtime import PARALLEL, PLANNED
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -111,7 +111,7 @@ def load_engine(args: argparse.Namespace, model):
     """The engine for `generate` and `serve`: executor options only where the executor takes them."""
     from ..engine import LLM
 
-    options = {"row_chunk": args.row_chunk} if args.executor == "mosaic" else {}
+    options = {"row_chunk": args.row_chunk} if args.executor in PLANNED else {}
     if args.memory_budget:
         options["memory_budget"] = args.memory_budget
     return LLM(

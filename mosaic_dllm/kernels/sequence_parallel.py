@@ -14,13 +14,22 @@ Shards are equal (`per` tokens, the last zero-padded for the collectives, which 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.groups import Chunks
 from ..models.ops import RowHead
 from ..models.packing import Packing
+from ..models.spec import ArchSpec
+from .attention import REGION_ROWS, RegionRows
 from .eager import EagerOps
+from .memory import Memory
+from .planned import PlannedOps
+from .tiles import tile_workspace, tiled_mm
 
 
 def shard(tokens: int, rank: int, world: int) -> tuple[int, int]:
@@ -39,6 +48,14 @@ def check_heads(num_heads: int, num_kv_heads: int, world: int) -> None:
             f"heads) to split evenly: use a number of ranks dividing {num_heads} whose share of heads reads "
             "whole key/value groups"
         )
+
+
+def head_slices(q_heads: int, kv_heads: int, world: int) -> tuple[list[slice], list[slice]]:
+    """Per rank, the query heads it attends with and the kv heads those read (whole groups, or one)."""
+    per_rank, group = q_heads // world, q_heads // kv_heads
+    count = max(1, per_rank // group)
+    queries = [slice(r * per_rank, (r + 1) * per_rank) for r in range(world)]
+    return queries, [slice(r * per_rank // group, r * per_rank // group + count) for r in range(world)]
 
 
 class SequenceParallelOps(EagerOps):
@@ -66,13 +83,6 @@ class SequenceParallelOps(EagerOps):
         dist.all_to_all(outs, [p.contiguous() for p in parts], group=self.group)
         return outs
 
-    def _head_slices(self, q_heads: int, kv_heads: int) -> tuple[list[slice], list[slice]]:
-        """Per rank, the query heads it attends with and the kv heads those read (whole groups, or one)."""
-        per_rank, group = q_heads // self.world, q_heads // kv_heads
-        count = max(1, per_rank // group)
-        queries = [slice(r * per_rank, (r + 1) * per_rank) for r in range(self.world)]
-        return queries, [slice(r * per_rank // group, r * per_rank // group + count) for r in range(self.world)]
-
     def _to_heads(self, t: Tensor, heads: list[slice]) -> Tensor:
         """(1, local tokens, h, d) -> (1, T, this rank's heads, d): every token of its heads."""
         t = self._padded(t, self.per)
@@ -86,7 +96,7 @@ class SequenceParallelOps(EagerOps):
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         if packing.caches:
             raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
-        queries, keys = self._head_slices(q.shape[2], k.shape[2])
+        queries, keys = head_slices(q.shape[2], k.shape[2], self.world)
         qh = self._to_heads(q, queries)
         kh, vh = (self._to_heads(t, keys) for t in (k, v))
         out = super().attention(qh, kh, vh, packing, layer, name=name)  # (1, T, this rank's heads * hd)
@@ -106,3 +116,145 @@ class SequenceParallelOps(EagerOps):
     ) -> RowHead:
         """The final hidden states gathered, then the eager head on every rank (each can sample)."""
         return super().lm_head(self.gather(hidden), weight, packing, batch, chunk, name=name)
+
+
+class PlannedSequenceParallelOps(PlannedOps):
+    """`PlannedOps` on this rank's shard of the step's packed tokens: every buffer is planned, per
+    rank, by the same trace (`plan/trace.py` with `StepShape.ranks`), so a rank's step fits its own
+    budget and the chunking search works on it unchanged.
+
+    Every rank holds `per` = ceil(T / ranks) tokens (the last zero-padded: fewer than `ranks`
+    padding tokens in all, computed and never read), so the ranks run one plan. Attention always
+    runs as a sharded region: K and V of the rank's tokens, `REGION_ROWS` at a time, are exchanged
+    into every token's K and V of the rank's heads (1/ranks of one device's); then for each query
+    block of the one-process plan (the attention group's chunks, the device's blocks) the owners
+    of its rows compute their queries, an all-to-all hands each rank its heads' queries of the
+    whole block, each rank attends, and a second all-to-all brings the outputs back to the owners
+    for the output projection and residual add. At its most chunked a rank holds its residual
+    stream, K and V of its heads and one block's buffers: the exact floor divided by the ranks.
+    The LM head gathers only the rows the sampler reads. A trace (no `group`) runs no collectives."""
+
+    def __init__(self, memory: Memory, chunks: Chunks | None, world: int, rank: int = 0, group=None):
+        super().__init__(memory, chunks)
+        self.world, self.rank, self.group = world, rank, group
+        self.tokens = self.per = self.start = 0
+
+    def attention_in_query_blocks(self) -> bool:
+        return True  # attention always runs as the sharded region; rotary inside it, no full tables
+
+    def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
+        self.tokens = ids.shape[1]
+        self.per = -(-self.tokens // self.world)
+        self.start = min(self.rank * self.per, self.tokens)
+        return super().embed(self._local(ids), table, name=name)
+
+    def _local(self, t: Tensor) -> Tensor:
+        """This rank's `per` entries of a (1, T) tensor, zero-padded."""
+        mine = t[:, self.start : self.start + self.per]
+        return F.pad(mine, (0, self.per - mine.shape[1])) if mine.shape[1] < self.per else mine
+
+    def token_positions(self, packing: Packing, device: torch.device) -> Tensor:
+        self.mem.workspace(packing.tokens * 8 + self.per * 8)
+        if self.mem.tracing:
+            return torch.empty((self.per,), dtype=torch.long, device=device)
+        if self._positions_of is None or self._positions_of[0] is not packing:
+            self._positions_of = (packing, self._local(packing.positions(device)[None])[0])
+        return self._positions_of[1]
+
+    def _owned(self, first: int, last: int) -> list[int]:
+        """How many of packed rows [first, last) each rank holds."""
+        return [max(0, min(last, (r + 1) * self.per) - max(first, r * self.per)) for r in range(self.world)]
+
+    def attention_region(
+        self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
+    ) -> Tensor:
+        if packing.caches:
+            raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
+        group = self.begin("attention_region", name, x)
+        nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        queries, keys = head_slices(nh, nkv, self.world)
+        qw, kw = queries[0].stop - queries[0].start, keys[0].stop - keys[0].start
+        block, parts = self.sequence_spans(packing, group)
+        owned = min(block, self.per)  # the most rows of a block one rank holds
+        world, per, rows = self.world, self.per, min(REGION_ROWS, self.per)
+        self.mem.workspace(qw * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
+        self.mem.workspace(self.rules.key_copy_bytes(packing.span, kw, hd))
+        every_k, every_v = (self.mem.new((1, world * per, kw, hd), x.dtype) for _ in range(2))
+        mine_k, mine_v = (self.mem.new((rows, nkv, hd), x.dtype) for _ in range(2))
+        sent = self.mem.new((world * max(rows * kw, owned * qw) * hd,), x.dtype)  # what goes out, or comes back
+        came = self.mem.new((world * rows * kw * hd,), x.dtype)  # K or V of the ranks' rows, my heads
+        q = self.mem.new((owned, nh * hd), x.dtype)  # my rows' queries, all heads; then their outputs
+        heads = self.mem.new((block, qw, hd), x.dtype)  # the block's queries of my heads; then attended
+        sub = RegionRows(self, x, spec, layer, packing)
+        if self.mem.tracing:
+            return x
+        for first in range(0, per, rows):  # K and V of my rows, then of every row for my heads
+            n = min(rows, per - first)
+            sub.keys_values(first, first + n, mine_k[:n], mine_v[:n])
+            for mine, every in ((mine_k, every_k), (mine_v, every_v)):
+                out, back = sent[: world * n * kw * hd].view(world, n, kw, hd), came[: world * n * kw * hd]
+                for r, s in enumerate(keys):
+                    out[r].copy_(mine[:n, s])
+                dist.all_to_all_single(back, out.view(-1), group=self.group)
+                every[0].view(world, per, kw, hd)[:, first : first + n].copy_(back.view(world, n, kw, hd))
+        gqa = {"enable_gqa": True} if qw // kw > 1 else {}
+        for offset, length, start, end in parts:  # the one-process query blocks
+            a, b = offset + start, offset + end
+            counts = self._owned(a, b)
+            n, local = counts[self.rank], max(a - self.start, 0)
+            if n:
+                sub.queries(local, local + n, q)
+            out = sent[: world * n * qw * hd].view(world, n, qw, hd)
+            for r, s in enumerate(queries):
+                out[r].copy_(q[:n].view(n, nh, hd)[:, s])
+            block_q = heads[: b - a]
+            dist.all_to_all_single(block_q, out.view(world * n, qw, hd), counts, [n] * world, group=self.group)
+            k, v = (t[:, offset : offset + length].transpose(1, 2) for t in (every_k, every_v))
+            result = F.scaled_dot_product_attention(
+                block_q[None].transpose(1, 2), k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
+            )
+            block_q[None].copy_(result.transpose(1, 2))
+            del result
+            dist.all_to_all_single(out.view(world * n, qw, hd), block_q, [n] * world, counts, group=self.group)
+            q[:n].view(n, world, qw * hd).copy_(out.view(world, n, qw * hd).transpose(0, 1))
+            if n:
+                sub.project_add(local, local + n, q)
+        return x
+
+    def lm_head(
+        self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
+    ) -> RowHead:
+        """Logits of the requested rows as one process computes them: each chunk's hidden rows are
+        gathered from the ranks holding them (every rank reads every row, so each can sample)."""
+        self.begin("lm_head", name, hidden)
+        rule = self.gemm_rule(weight)
+        self.mem.workspace(tile_workspace(hidden, weight, rule, few_rows=True))
+        self.mem.workspace(batch * chunk * 8 * 3)  # the chunk's row indices
+        width, vocab, rows = hidden.shape[-1], weight.shape[0], batch * chunk
+        gathered = self.mem.new((rows, width), hidden.dtype)
+        logits = self.mem.new((rows, vocab), hidden.dtype)
+        everyone = self.mem.new((self.world, rows, width), hidden.dtype)  # each rank's copy of the rows it holds
+        flat = hidden.view(-1, width)
+
+        def head(first: int, count: int, rows: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
+            if rows is None:
+                rows = torch.arange(packing.lengths[first], device=hidden.device)
+            starts = packing.offsets[first : first + count]
+            for at in range(0, rows.numel(), chunk):
+                part = rows[at : at + chunk]
+                index = torch.cat([part + start for start in starts])
+                n = index.numel()
+                h, out = gathered[:n], logits[:n]
+                if self.mem.tracing:  # the buffers are what a trace needs
+                    yield part, out.view(count, part.numel(), vocab)
+                    continue
+                mine = everyone[self.rank, :n]
+                torch.index_select(flat, 0, (index - self.start).clamp_(0, self.per - 1), out=mine)
+                dist.all_gather(list(everyone[:, :n].unbind(0)), mine, group=self.group)
+                owner = torch.div(index, self.per, rounding_mode="floor")
+                at_owner = owner * everyone.shape[1] + torch.arange(n, device=index.device)
+                torch.index_select(everyone.view(-1, width), 0, at_owner, out=h)
+                tiled_mm(h, weight, None, out, rule, few_rows=True)
+                yield part, out.view(count, part.numel(), vocab)
+
+        return head

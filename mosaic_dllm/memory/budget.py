@@ -22,9 +22,10 @@ def available_bytes(device: torch.device | str) -> int:
     raise RuntimeError("/proc/meminfo has no MemAvailable: give the memory budget explicitly")
 
 
-def default_budget(device: torch.device | str, reserve: int = DEFAULT_RESERVE) -> int:
-    """Free memory now (after the weights are loaded) minus `reserve` for everything else."""
-    budget = available_bytes(device) - reserve
+def default_budget(device: torch.device | str, reserve: int = DEFAULT_RESERVE, sharers: int = 1) -> int:
+    """Free memory now (after the weights are loaded), a `sharers`-th of it where several processes
+    share the device (sequence-parallel ranks on one machine), minus `reserve` for everything else."""
+    budget = available_bytes(device) // sharers - reserve
     if budget <= 0:
         raise ValueError(
             f"no memory left for activations: {mib(available_bytes(device))} free, "

@@ -61,8 +61,9 @@ class SearchResult:
 
 
 def _rows(group: OpGroup, shape: StepShape) -> int:
-    """What a chunk of `group` splits: every packed token, or (the longest) sequence's queries."""
-    return shape.longest if group.splits == "queries" else shape.tokens
+    """What a chunk of `group` splits: every packed token (a rank's share of them), or (the longest)
+    sequence's queries."""
+    return shape.longest if group.splits == "queries" else ceil_div(shape.tokens, shape.ranks)
 
 
 def _split(shape: StepShape, name: str, rules: KernelRules) -> StepShape | None:
@@ -83,9 +84,10 @@ def _split(shape: StepShape, name: str, rules: KernelRules) -> StepShape | None:
 
 
 def _usable(shape: StepShape, groups: tuple[str, ...]) -> tuple[str, ...]:
-    """`groups` less recompute for a step with block caches: they keep every layer's K and V
-    anyway, and a window's keys are the cache's."""
-    return tuple(g for g in groups if g != "recompute" or not shape.cache_bytes)
+    """`groups` less recompute for a step with block caches (they keep every layer's K and V
+    anyway, and a window's keys are the cache's) or over sequence-parallel ranks (their attention
+    is one sharded region)."""
+    return tuple(g for g in groups if g != "recompute" or not (shape.cache_bytes or shape.ranks > 1))
 
 
 def most_chunked(shape: StepShape, groups: tuple[str, ...] = EXACT_GROUPS, *, rules: KernelRules) -> StepShape:

@@ -45,6 +45,7 @@ class StepShape:
     sampler_row_bytes: int = 0
     cache_keys: int = 0  # the longest canvas a window attends to through a block cache (0: no window)
     cache_bytes: int = 0  # block caches alive through the step (outside the arena)
+    ranks: int = 1  # sequence-parallel ranks sharing the step's tokens: the shape of one rank's part
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(sorted(self.lengths, reverse=True)))
@@ -57,7 +58,9 @@ class StepShape:
         return cls((length,) * batch, batch, chunk, chunks, sampler_row_bytes)
 
     @classmethod
-    def packing(cls, requests: Sequence[RequestShape], row_chunk: int, chunks: Chunks = NO_CHUNKS) -> StepShape:
+    def packing(
+        cls, requests: Sequence[RequestShape], row_chunk: int, chunks: Chunks = NO_CHUNKS, ranks: int = 1
+    ) -> StepShape:
         """The step that runs `requests` together, logits rows bucketed for the most of any request."""
         return cls(
             tuple(r.length for r in requests for _ in range(r.batch)),
@@ -67,6 +70,7 @@ class StepShape:
             max(r.sampler_row_bytes for r in requests),
             max(r.keys for r in requests),
             sum(r.cache_bytes for r in requests),
+            ranks,
         )
 
     @property

@@ -24,6 +24,7 @@ import torch
 
 from ..device import KernelRules, profile_for
 from ..kernels.planned import PlannedOps
+from ..kernels.sequence_parallel import PlannedSequenceParallelOps
 from ..models import transformer
 from ..models.groups import OpGroup, largest_chunk
 from ..models.packing import Packing
@@ -138,13 +139,16 @@ def trace_step(
     """Trace one mask-only step (body, then one chunk of `shape.chunk` logits rows of a request of
     `shape.batch` sequences) on the meta device; `packing` (default: the shape's lengths) lets the
     symbolic trace pick its sentinel lengths; `rules`: the device the step will run on (default
-    this machine's CPU; call sizes, attention blocks and kernel workspace depend on it)."""
+    this machine's CPU; call sizes, attention blocks and kernel workspace depend on it). With
+    `shape.ranks` > 1, one rank's part of a sequence-parallel step (every rank's is alike)."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
     memory = memory or TraceMemory(rules or profile_for("cpu").rules(dtype))
     ops = PlannedOps(memory, shape.chunks)
+    if shape.ranks > 1:
+        ops = PlannedSequenceParallelOps(memory, shape.chunks, shape.ranks)
     packing = packing or shape.trace_packing(spec)
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")

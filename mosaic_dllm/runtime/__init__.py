@@ -7,11 +7,16 @@ from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
-from .parallel import SequenceParallelExecutor, TensorParallelExecutor
+from .parallel import EagerSequenceParallelExecutor, SequenceParallelExecutor, TensorParallelExecutor
 
-PARALLEL = {"sequence-parallel": SequenceParallelExecutor, "tensor-parallel": TensorParallelExecutor}  # across ranks
-UNPLANNED = {"eager": EagerExecutor, **PARALLEL}
-EXECUTORS = ("mosaic", *UNPLANNED)
+PLANNED = {"mosaic": MosaicExecutor, "sequence-parallel": SequenceParallelExecutor}  # take ExecutorOptions
+UNPLANNED = {
+    "eager": EagerExecutor,
+    "sequence-parallel-eager": EagerSequenceParallelExecutor,
+    "tensor-parallel": TensorParallelExecutor,
+}
+PARALLEL = ("sequence-parallel", "sequence-parallel-eager", "tensor-parallel")  # across ranks
+EXECUTORS = (*PLANNED, *UNPLANNED)
 
 
 def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
@@ -28,14 +33,16 @@ def check_executor(name: str, options: ExecutorOptions | None = None) -> None:
 def make_executor(name: str, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None) -> Executor:
     """The executor `name`; options apply to the Mosaic executor (the eager one runs as the official code)."""
     check_executor(name, options)
-    return MosaicExecutor(spec, weights, options) if name == "mosaic" else UNPLANNED[name](spec, weights)
+    return PLANNED[name](spec, weights, options) if name in PLANNED else UNPLANNED[name](spec, weights)
 
 
 __all__ = [
     "DEFAULT_ROW_CHUNK",
     "EXECUTORS",
     "PARALLEL",
+    "PLANNED",
     "EagerExecutor",
+    "EagerSequenceParallelExecutor",
     "Executor",
     "ExecutorOptions",
     "MosaicExecutor",

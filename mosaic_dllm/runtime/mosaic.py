@@ -29,6 +29,7 @@ from ..kernels.planned import PlannedOps
 from ..memory.arena import Arena
 from ..memory.prediction import is_predicting
 from ..models import transformer
+from ..models.groups import Chunks
 from ..models.kv_cache import CacheUse
 from ..models.ops import RowHead
 from ..models.packing import Packing
@@ -85,6 +86,7 @@ class ArenaMemory:
 class MosaicExecutor:
     name = "mosaic"
     batch_invariant = True  # call sizes fixed by the device profile, never by the batch
+    ranks = 1  # processes sharing each step (sequence parallel: `runtime/parallel.py`)
 
     def __init__(self, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None):
         """`options.chunks` forces chunk counts (the search, with a budget, starts from them and only
@@ -127,7 +129,7 @@ class MosaicExecutor:
         return self._plan(requests, explain=False)
 
     def _plan(self, requests: Sequence[RequestShape], explain: bool) -> StepPlan:
-        shape = StepShape.packing(requests, self.options.row_chunk, self.options.chunks)
+        shape = StepShape.packing(requests, self.options.row_chunk, self.options.chunks, self.ranks)
         with self._planning:
             if self.memory_budget is None:
                 return self.plans.get(shape)
@@ -190,12 +192,16 @@ class MosaicExecutor:
         ids = canvases[0].reshape(1, -1) if len(canvases) == 1 else torch.cat([c.reshape(-1) for c in canvases])[None]
         caches = tuple(s.cache for s, r in zip(steps, requests, strict=True) for _ in range(r.batch))
         packing = Packing(tuple(r.length for r in requests for _ in range(r.batch)), caches if any(caches) else ())
-        ops = PlannedOps(memory, plan.graph.shape.chunks)
+        ops = self.planned_ops(memory, plan.graph.shape.chunks)
         shape = plan.graph.shape
         head = transformer.forward(ops, self.spec, self.weights, ids, packing, shape.batch, shape.chunk)
         if isinstance(memory, ArenaMemory):
             memory.finish()
         return head
+
+    def planned_ops(self, memory: ArenaMemory | AllocatorMemory, chunks: Chunks) -> PlannedOps:
+        """The kernels a step runs with (the trace of its plan uses the same: `plan/trace.py`)."""
+        return PlannedOps(memory, chunks)
 
     @staticmethod
     def _reader(head: RowHead, first: int, count: int, rows: Tensor) -> StepLogits:

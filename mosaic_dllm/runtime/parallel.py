@@ -1,23 +1,30 @@
-"""The eager executor across the ranks of a torch.distributed group (gloo on CPU, NCCL on CUDA;
-started by torchrun, `mosaic generate --nproc N`, or `torch.multiprocessing`).
+"""Executors across the ranks of a torch.distributed group (gloo on CPU, NCCL on CUDA; started by
+torchrun, `mosaic generate --nproc N`, or `torch.multiprocessing`).
 
-Sequence parallel: each rank holds a shard of the step's tokens (`kernels/sequence_parallel.py`).
-Tensor parallel: each rank holds 1/N of every linear layer's rows (`kernels/tensor_parallel.py`;
-sharded after loading). Either way every rank gets the step's whole logits, so every rank can run
-the same seeded sampler and reach the same tokens: the ranks stay in step without messages beyond
-the forward pass's own. The official arithmetic, exact where the device's kernels allow it (tests).
-Not built yet: planned (arena) kernels per rank, per-rank plans and budgets, serving.
+Sequence parallel: each rank holds a shard of the step's tokens (`kernels/sequence_parallel.py`),
+planned per rank like the Mosaic executor (`sequence-parallel`) or run eagerly
+(`sequence-parallel-eager`, the oracle). Tensor parallel (eager): each rank holds 1/N of every
+linear layer's rows (`kernels/tensor_parallel.py`; sharded after loading). Every rank reads every
+logits row the sampler reads, so every rank runs the same seeded sampler and reaches the same
+tokens: the ranks stay in step without messages beyond the forward pass's own. The official
+arithmetic, exact where the device's kernels allow it (tests). Not built yet: tensor parallel
+planned per rank, serving.
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..kernels.sequence_parallel import SequenceParallelOps, check_heads
+from ..kernels.memory import AllocatorMemory
+from ..kernels.planned import PlannedOps
+from ..kernels.sequence_parallel import PlannedSequenceParallelOps, SequenceParallelOps, check_heads
 from ..kernels.tensor_parallel import TensorParallelOps, shard_rows
+from ..models.groups import Chunks
 from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from .eager import EagerExecutor
+from .executor import ExecutorOptions
+from .mosaic import ArenaMemory, MosaicExecutor
 
 
 def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:
@@ -26,8 +33,33 @@ def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:
     return dist.get_world_size(group)
 
 
-class SequenceParallelExecutor(EagerExecutor):
+class SequenceParallelExecutor(MosaicExecutor):
+    """The Mosaic executor on a shard of every step's tokens: each rank plans its part of the step
+    (`StepShape.ranks`) in its own budget; the ranks plan alike, so a step that does not fit is
+    refused on every rank before any collective starts."""
+
     name = "sequence-parallel"
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        weights: Weights,
+        options: ExecutorOptions | None = None,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.ranks = _group_size(group, "sequence parallel")
+        check_heads(spec.num_heads, spec.num_kv_heads, self.ranks)
+        super().__init__(spec, weights, options)
+        self.group, self.rank = group, dist.get_rank(group)
+
+    def planned_ops(self, memory: ArenaMemory | AllocatorMemory, chunks: Chunks) -> PlannedOps:
+        return PlannedSequenceParallelOps(memory, chunks, self.ranks, self.rank, self.group)
+
+
+class EagerSequenceParallelExecutor(EagerExecutor):
+    """Sequence parallel with the eager kernels: the official arithmetic across ranks (the oracle)."""
+
+    name = "sequence-parallel-eager"
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
         check_heads(spec.num_heads, spec.num_kv_heads, _group_size(group, "sequence parallel"))

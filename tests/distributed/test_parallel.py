@@ -1,7 +1,8 @@
-"""Sequence and tensor parallel eager steps on 2 and 4 gloo processes: every rank's logits are the
-one-process eager logits, bit for bit where this device's kernels keep the bits (sequence parallel:
-a row's at the shard's row count and attention's at a rank's head count; tensor parallel: a
-column's at a rank's share of columns; measured here), else within the fp32 tolerance."""
+"""Sequence and tensor parallel steps on 2 and 4 gloo processes: every rank's logits are the
+one-process logits (eager ones for the eager kernels, the Mosaic executor's for the planned
+sequence parallel), bit for bit where this device's kernels keep the bits (sequence parallel: a
+row's at the shard's row count and attention's at a rank's head count; tensor parallel: a column's
+at a rank's share of columns; measured here), else within the fp32 tolerance."""
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from mosaic_dllm import checkpoint
 from mosaic_dllm.device import profile_for
 from mosaic_dllm.kernels.sequence_parallel import check_heads, shard
-from mosaic_dllm.runtime import EagerExecutor
+from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.runtime import EagerExecutor, ExecutorOptions, MosaicExecutor
 
 TOKENS = 37  # 19 / 18 tokens on 2 ranks, 10 / 10 / 10 / 7 on 4
 
@@ -29,9 +31,23 @@ def batch_of(family: str) -> int:
     return 2 if family == "llada" else 1  # LLaDA: two sequences packed, as with guidance
 
 
+# The planned runs: unchunked, and every token group in chunks with the LM head in chunks of 8
+# rows (the sharded attention region's query blocks are the attention group's, the LM head
+# gathers rows chunk by chunk).
+PLANNED = {
+    "planned": ExecutorOptions(),
+    "planned_chunked": ExecutorOptions(row_chunk=8, chunks=Chunks(norms=2, projections=2, attention=2, ffn=2)),
+}
+
+
+def every_row(executor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits of every row, read through the sampler's interface."""
+    return torch.cat([chunk.clone() for _, chunk in executor.row_logits(ids, torch.arange(ids.shape[1]))], dim=1)
+
+
 def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
-    from mosaic_dllm.runtime import SequenceParallelExecutor, TensorParallelExecutor
+    from mosaic_dllm.runtime import EagerSequenceParallelExecutor, SequenceParallelExecutor, TensorParallelExecutor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -40,9 +56,11 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
             ck = checkpoint.load(paths[family], dtype=dtype)
             ids = ids_of(batch_of(family))
             logits = {
-                "sequence": SequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
+                "sequence": EagerSequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
                 "tensor": TensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
             }
+            for kind, options in PLANNED.items():
+                logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
             save_file(logits, f"{out}.{family}.{dtype}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -112,14 +130,21 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
             "sequence": exact_here(ck.spec, ck.dtype, world),
             "tensor": columns_keep_bits(ck.spec, ck.dtype, world),
         }
+        # The planned kernels' calls keep a row's bits at any row count (the device profile's
+        # tiles): against the one-process Mosaic executor, only attention by heads can differ.
+        heads_exact = heads_keep_bits(ck.dtype, ck.spec.num_heads, ck.spec.num_kv_heads, world, ck.spec.head_dim)
+        wanted = {"sequence": want, "tensor": want}
+        for kind, options in PLANNED.items():
+            wanted[kind] = every_row(MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family)))
+            exact[kind] = heads_exact
         for rank in range(world):
             got = load_file(f"{out}.{family}.{dtype}.{rank}")
-            for kind in ("sequence", "tensor"):
+            for kind, reference in wanted.items():
                 if exact[kind]:
-                    assert torch.equal(got[kind], want), (kind, family, dtype, rank)
+                    assert torch.equal(got[kind], reference), (kind, family, dtype, rank)
                 else:
-                    tol = 5e-5 * want.abs().max().item()
-                    torch.testing.assert_close(got[kind], want, rtol=1e-5, atol=tol)
+                    tol = 5e-5 * reference.abs().max().item()
+                    torch.testing.assert_close(got[kind], reference, rtol=1e-5, atol=tol)
 
 
 def test_heads_that_cannot_split_evenly_are_refused():
