@@ -56,13 +56,19 @@ def mosaic_capacity(
     row_chunk: int,
     groups: tuple[str, ...] = EXACT_GROUPS,
     profile: DeviceProfile | None = None,
+    ranks: int = 1,
+    rows: int | None = None,
 ) -> dict:
     """`groups`: what the search may split (with "recompute": below the exact floor); `profile`:
-    the device planned for (default this machine's CPU)."""
+    the device planned for (default this machine's CPU); `ranks`: sequence-parallel ranks (the
+    budget is each rank's); `rows`: the logits rows the sampler reads (default every masked one)."""
     plans = PlanCache(spec, dtype, profile=profile)
-    shape = first_step_shape(spec, dtype, 2, alpha, row_chunk)
+    shape = replace(first_step_shape(spec, dtype, 2, alpha, row_chunk), ranks=ranks)
     sampler = shape.sampler_row_bytes
-    rows_at = lambda n: first_step_shape(spec, dtype, n, alpha, row_chunk, sampler_row_bytes=sampler).chunk  # noqa: E731
+
+    def rows_at(n: int) -> int:
+        return first_step_shape(spec, dtype, n, alpha, row_chunk, rows=rows, sampler_row_bytes=sampler).chunk
+
     longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at, groups)
     out = {"max_len": longest, "sampler_row_bytes": sampler, "at_search_limit": longest == LENGTH_LIMIT}
     if longest:

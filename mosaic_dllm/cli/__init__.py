@@ -76,7 +76,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default="mosaic",
         choices=EXECUTORS,
         help="mosaic: logits only for the rows the sampler reads; eager: the official full logits; "
-        "sequence-parallel, tensor-parallel: eager across ranks (--nproc or torchrun)",
+        "sequence-parallel: mosaic across ranks; sequence-parallel-eager, tensor-parallel: eager across ranks "
+        "(--nproc or torchrun)",
     )
     _add_row_chunk_flag(p)
     p.add_argument(
@@ -153,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nproc",
         type=_positive_int,
-        help="run --executor sequence-parallel or tensor-parallel on this many processes of this machine "
-        "(torch.distributed's launcher; under torchrun, its ranks are used instead)",
+        help="run --executor sequence-parallel, sequence-parallel-eager or tensor-parallel on this many processes "
+        "of this machine (torch.distributed's launcher; under torchrun, its ranks are used instead)",
+    )
+    p.add_argument(
+        "--rank-timeout",
+        type=_ranged(float, 1, 86400),
+        default=300.0,
+        help="across ranks: seconds a rank waits for the others at a collective before the run fails (a hung rank)",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", help="activation memory budget, e.g. 16GiB: with --length, the chunks the search picks")
     p.add_argument("--device-memory", help="--max-len: device memory, e.g. 80GiB (weights and reserve taken off)")
+    p.add_argument(
+        "--nproc", help="sequence-parallel ranks: plan one rank's part (the budget is each rank's); --max-len: 1,2,4,8"
+    )
     _add_quantize_flags(p)
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of L (the rest is masked)")

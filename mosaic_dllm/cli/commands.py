@@ -9,6 +9,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from torch.distributed import DistError
+
 from ..config import SETTINGS
 from ..engine import DEFAULT_MAX_BATCH
 from ..memory.sizes import mib
@@ -43,7 +45,12 @@ def generate(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(block=event.block, masked=int((event.canvas == event.mask_token_id).sum()))
 
-    out = llm.generate(prompt_ids, cfg_resolved, callback=on_step)[0]
+    try:
+        out = llm.generate(prompt_ids, cfg_resolved, callback=on_step)[0]
+    except RuntimeError as exc:
+        if (lost := lost_ranks(exc)) is None:
+            raise
+        raise lost from None
     bar.close()
     if not lead:
         return 0
@@ -83,8 +90,27 @@ def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         torchrun(["--nproc-per-node", str(args.nproc), "--module", "mosaic_dllm.cli", *ranks_argv])
     except ChildFailedError as exc:
-        raise ValueError(f"a rank failed: {exc}") from None
+        raise ValueError(f"the run failed across its ranks: {failed_ranks(exc.failures)}") from None
     return 0
+
+
+def failed_ranks(failures: dict) -> str:
+    """One line for the launcher's failures: which rank died how (a signal, or its exit code)."""
+    said = []
+    for rank, failure in sorted(failures.items()):
+        how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
+        said.append(f"rank {rank} (pid {failure.pid}) {how}")
+    return "; ".join(said) + " (each rank's own error, if it had one, is above)"
+
+
+def lost_ranks(error: RuntimeError) -> ValueError | None:
+    """A collective that failed because another rank died or hung past --rank-timeout (gloo and
+    NCCL raise RuntimeErrors naming themselves), as one line; None for any other error."""
+    text = str(error).strip()
+    if not isinstance(error, DistError) and "gloo" not in text and "NCCL" not in text:
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    return ValueError(f"another rank died or stopped answering, so this rank stops too ({first[:300]})")
 
 
 def join_ranks(args: argparse.Namespace) -> bool:
@@ -98,12 +124,15 @@ def join_ranks(args: argparse.Namespace) -> bool:
         return True
     if args.executor not in PARALLEL:
         raise ValueError(f"running as one of several ranks needs --executor {' or '.join(PARALLEL)}")
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if args.device.startswith("cuda"):
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=args.rank_timeout))
     return dist.get_rank() == 0
 
 

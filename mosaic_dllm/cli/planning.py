@@ -127,8 +127,11 @@ def plan(args: argparse.Namespace) -> int:
         check_shapes(spec, scheme)
         spec = replace(spec, quantization=scheme)
     profile = _device_profile(args)
+    ranks = _ranks(args, spec)
     if args.max_len:
-        return _plan_max_len(args, spec, dtype, profile)
+        return _plan_max_len(args, spec, dtype, profile, ranks)
+    if len(ranks) > 1:
+        raise ValueError("--nproc takes one rank count with --length (a list with --max-len)")
     if args.length is None:
         raise ValueError("give --length L (or --max-len with --budget or --device-memory)")
     if args.length < 2:
@@ -138,6 +141,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.cache != "none" and args.block_length < 1:
         raise ValueError(f"--block-length must be a positive integer, got {args.block_length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
+    shape = replace(shape, ranks=ranks[0])
     if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from ..decoding.parallel import cache_positions
         from ..models.kv_cache import BlockCache
@@ -152,6 +156,7 @@ def plan(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "weights": scheme.name if scheme else "unquantized",
         "device": profile.describe(),
+        "ranks": ranks[0],
     }
     if args.max_batch:
         return _plan_max_batch(args, summary, shape, plans)
@@ -207,7 +212,27 @@ def _device_profile(args: argparse.Namespace):
     return profile_for(args.device)
 
 
-def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
+def _ranks(args: argparse.Namespace, spec) -> list[int]:
+    """--nproc: sequence-parallel rank counts to plan one rank's part for (each checked against the heads)."""
+    from ..kernels.sequence_parallel import check_heads
+
+    if args.nproc is None:
+        return [1]
+    try:
+        counts = [int(n) for n in args.nproc.split(",")]
+    except ValueError:
+        raise ValueError(f"--nproc takes comma-separated rank counts, e.g. 1,2,4,8, got {args.nproc!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--nproc takes rank counts >= 1, got {args.nproc!r}")
+    if args.cache != "none" and max(counts) > 1:
+        raise ValueError("sequence parallel steps do not take block caches yet: --nproc with --cache none")
+    for n in counts:
+        if n > 1:
+            check_heads(spec.num_heads, spec.num_kv_heads, n)
+    return counts
+
+
+def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[int]) -> int:
     from ..bench.capacity import eager_capacity, mosaic_capacity
     from ..memory.sizes import parse_bytes
     from ..plan.report import max_len_report
@@ -236,6 +261,14 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile) -> int:
         executors["mosaic-recompute"] = mosaic_capacity(
             spec, dtype, budget, args.alpha, args.row_chunk, _chunk_groups(args), profile
         )
+    if ranks != [1]:  # sequence parallel: each rank's budget, every rank's weights whole
+        one = executors["mosaic"]["max_len"]
+        executors["mosaic"]["ranks"] = {}
+        for n in (n for n in ranks if n > 1):
+            capacity = mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk, profile=profile, ranks=n)
+            if one:
+                capacity["vs_ranks_times_one"] = round(capacity["max_len"] / (n * one), 3)
+            executors["mosaic"]["ranks"][n] = capacity
     record = {
         "model": args.preset or str(args.model),
         "dtype": str(dtype).removeprefix("torch."),

@@ -69,6 +69,16 @@ def max_len_report(record: dict) -> str:
         if r.get("at_search_limit"):
             length = f"at least {length} (nothing failed up to the search's limit)"
         lines.append(f"  {name:<7} max length {length}{extra}")
+        for n, per_rank in r.get("ranks", {}).items():
+            ratio = (
+                f" ({per_rank['vs_ranks_times_one']} of {n} x one process's)"
+                if "vs_ranks_times_one" in per_rank
+                else ""
+            )
+            lines.append(
+                f"    sequence parallel over {n} ranks (the budget each): max length {per_rank['max_len']}{ratio}"
+                f"  chunks {per_rank.get('chunks', '-')}"
+            )
     if "mosaic_vs_eager" in record:
         lines.append(f"  mosaic / eager: {record['mosaic_vs_eager']}x")
     if max((r["max_len"] or 0) for r in record["executors"].values()) > record["context"]:
