@@ -4,6 +4,8 @@ sequence parallel), bit for bit where this device's kernels keep the bits (seque
 row's at the shard's row count and attention's at a rank's head count; tensor parallel: a column's
 at a rank's share of columns; measured here), else within the fp32 tolerance."""
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,6 +17,7 @@ from mosaic_dllm import checkpoint
 from mosaic_dllm.device import profile_for
 from mosaic_dllm.kernels.sequence_parallel import check_heads, shard
 from mosaic_dllm.models.groups import Chunks
+from mosaic_dllm.plan.search import DoesNotFit
 from mosaic_dllm.runtime import EagerExecutor, ExecutorOptions, MosaicExecutor
 
 TOKENS = 37  # 19 / 18 tokens on 2 ranks, 10 / 10 / 10 / 7 on 4
@@ -61,6 +64,11 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
             }
             for kind, options in PLANNED.items():
                 logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
+            tight = SequenceParallelExecutor(ck.spec, ck.weights, ExecutorOptions(memory_budget=4096))
+            try:  # refused on every rank before any collective, so no rank waits for another
+                every_row(tight, ids)
+            except DoesNotFit as refused:
+                logits["refused_max_length"] = torch.tensor([refused.max_length])
             save_file(logits, f"{out}.{family}.{dtype}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -139,6 +147,7 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
             exact[kind] = heads_exact
         for rank in range(world):
             got = load_file(f"{out}.{family}.{dtype}.{rank}")
+            assert got["refused_max_length"].item() == 0  # nothing fits 4 KiB: every rank says so
             for kind, reference in wanted.items():
                 if exact[kind]:
                     assert torch.equal(got[kind], reference), (kind, family, dtype, rank)
@@ -184,3 +193,40 @@ def test_mosaic_generate_nproc_gives_the_one_process_tokens(tiny_checkpoints):
     out = json.loads(lines[0])
     want = LLM(path).generate("Return the", GenerationConfig(gen_length=12, steps=6, seed=3, temperature=0.5))[0]
     assert out["token_ids"] == want.token_ids and out["executor"] == "sequence-parallel"
+
+
+def test_plan_nproc_predicts_one_ranks_part(capsys):
+    """`mosaic plan --nproc`: a rank's part of a sequence-parallel step, from shapes alone; at the
+    same budget each, two ranks fit nearly twice the length, and a rank's plan at one length is
+    smaller than one process's."""
+    from mosaic_dllm.cli import main
+
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--budget", "256MiB", "--json"]
+    assert main([*argv, "--nproc", "1,2"]) == 0
+    mosaic = json.loads(capsys.readouterr().out)["executors"]["mosaic"]
+    two = mosaic["ranks"]["2"]
+    assert two["max_len"] > 1.9 * mosaic["max_len"] and two["vs_ranks_times_one"] > 0.95
+    assert two["predicted_peak_activation_bytes"] <= 256 << 20
+    length = ["plan", "--preset", "llada-8b", "--layers", "2", "--length", "4096", "--json"]
+    plans = {}
+    for n in ("1", "2"):
+        assert main([*length, "--nproc", n]) == 0
+        plans[n] = json.loads(capsys.readouterr().out)
+    assert plans["2"]["ranks"] == 2 and plans["2"]["arena_bytes"] < 0.6 * plans["1"]["arena_bytes"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--length", "64", "--nproc", "3"], "split evenly"),
+        (["--length", "64", "--nproc", "0"], "rank counts >= 1"),
+        (["--length", "64", "--nproc", "two"], "comma-separated rank counts"),
+        (["--length", "64", "--nproc", "2,4"], "one rank count with --length"),
+        (["--length", "64", "--nproc", "2", "--cache", "dual"], "do not take block caches"),
+    ],
+)
+def test_plan_nproc_bad_input(flags, message, capsys):
+    from mosaic_dllm.cli import main
+
+    assert main(["plan", "--preset", "llada-8b", "--layers", "2", *flags]) == 2
+    assert message in capsys.readouterr().err
