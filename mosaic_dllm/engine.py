@@ -30,7 +30,7 @@ from .models.quantized import parse_quantization
 from .plan.search import DoesNotFit
 from .plan.shapes import RequestShape
 from .plan.step_plan import LRU, StepPlan
-from .runtime import PARALLEL, PLANNED, ExecutorOptions, check_executor, make_executor
+from .runtime import PARALLEL, PLANNED, ExecutorOptions, LeadExecutor, check_executor, make_executor
 from .scheduler import Request, Scheduler, StepRecord
 from .tokenizer import TokenizerError
 
@@ -185,6 +185,22 @@ class LLM:
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
         self.scheduler = Scheduler(self.executor, max_batch, on_step)
         self._sampler_costs = LRU(64)  # by settings: bytes per logits row
+
+    @property
+    def ranks(self) -> int:
+        """Processes running each step (sequence parallel), 1 otherwise."""
+        return getattr(self.executor, "ranks", 1)
+
+    @property
+    def ranks_lost(self) -> str | None:
+        """Serving across ranks: what the collective that found another rank gone said (None: all well)."""
+        return getattr(self.executor, "lost", None)
+
+    def lead_ranks(self) -> None:
+        """Serve as rank 0 of a sequence-parallel group: each step is announced to the other
+        ranks, which make the same calls (`runtime.parallel.follow`)."""
+        self.executor = LeadExecutor(self.executor)
+        self.scheduler.executor = self.executor
 
     def default_config(self, **overrides) -> GenerationConfig:
         """Settings from keyword overrides (None = unset: the family's sampler resolves it)."""

@@ -139,6 +139,22 @@ def _flag_help(s: Setting) -> str:
     return f"{s.help}{readers}; {s.describe()}"
 
 
+def _add_rank_flags(p: argparse.ArgumentParser) -> None:
+    """Running across processes (`generate`, `serve`)."""
+    p.add_argument(
+        "--nproc",
+        type=_positive_int,
+        help="run a parallel --executor on this many processes of this machine (torch.distributed's launcher; "
+        "under torchrun, its ranks are used instead); serve: --executor sequence-parallel",
+    )
+    p.add_argument(
+        "--rank-timeout",
+        type=_ranged(float, 1, 86400),
+        default=300.0,
+        help="across ranks: seconds a rank waits for the others at a collective before the run fails (a hung rank)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaic", description="Memory-efficient diffusion LLM inference")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
@@ -151,18 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults 32 tokens, 32 steps, blocks of 8; with only --gen-length, steps = the length).",
     )
     _add_engine_flags(p)
-    p.add_argument(
-        "--nproc",
-        type=_positive_int,
-        help="run --executor sequence-parallel, sequence-parallel-eager or tensor-parallel on this many processes "
-        "of this machine (torch.distributed's launcher; under torchrun, its ranks are used instead)",
-    )
-    p.add_argument(
-        "--rank-timeout",
-        type=_ranged(float, 1, 86400),
-        default=300.0,
-        help="across ranks: seconds a rank waits for the others at a collective before the run fails (a hung rank)",
-    )
+    _add_rank_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_engine_flags(p)
+    _add_rank_flags(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the directory name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_ranged(int, 0, 65535), default=8000)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-from torch.distributed import DistError
 
 from ..config import SETTINGS
 from ..engine import DEFAULT_MAX_BATCH
@@ -78,6 +77,7 @@ def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
     """`--nproc N`: the same command on N processes through torch.distributed's launcher (torchrun's)."""
     if args.executor not in PARALLEL:
         raise ValueError(f"--nproc needs --executor {' or '.join(PARALLEL)}")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -91,6 +91,10 @@ def launch_ranks(args: argparse.Namespace, argv: list[str]) -> int:
         torchrun(["--nproc-per-node", str(args.nproc), "--module", "mosaic_dllm.cli", *ranks_argv])
     except ChildFailedError as exc:
         raise ValueError(f"the run failed across its ranks: {failed_ranks(exc.failures)}") from None
+    except SignalException as exc:  # the launcher passed the signal on to the ranks, which have stopped
+        if exc.sigval in (signal.SIGTERM, signal.SIGINT):
+            return 0
+        raise ValueError(f"stopped by {exc.sigval.name}") from None
     return 0
 
 
@@ -104,13 +108,12 @@ def failed_ranks(failures: dict) -> str:
 
 
 def lost_ranks(error: RuntimeError) -> ValueError | None:
-    """A collective that failed because another rank died or hung past --rank-timeout (gloo and
-    NCCL raise RuntimeErrors naming themselves), as one line; None for any other error."""
-    text = str(error).strip()
-    if not isinstance(error, DistError) and "gloo" not in text and "NCCL" not in text:
-        return None
-    first = text.splitlines()[0] if text else type(error).__name__
-    return ValueError(f"another rank died or stopped answering, so this rank stops too ({first[:300]})")
+    """A collective that failed because another rank died or hung past --rank-timeout, as one
+    line; None for any other error."""
+    from ..runtime.parallel import collective_failure
+
+    said = collective_failure(error)
+    return None if said is None else ValueError(f"{said}: this rank stops too")
 
 
 def join_ranks(args: argparse.Namespace) -> bool:
@@ -235,16 +238,27 @@ def serve(args: argparse.Namespace) -> int:
     from ..server import create_app
     from ..server.run import serve as run_server
 
-    if args.executor in PARALLEL:
-        raise ValueError(
-            f"mosaic serve runs one process: --executor {args.executor} is for mosaic generate (--nproc N, or "
-            "under torchrun) until serving across ranks is built"
-        )
+    if args.executor in PARALLEL and args.executor != "sequence-parallel":
+        raise ValueError(f"mosaic serve runs across ranks with --executor sequence-parallel, not {args.executor}")
     max_body = parse_bytes(args.max_body, "--max-body", 1024)  # bad flags fail before anything loads
     Scheduler.check_max_batch(args.max_batch)
-    _check_port_free(args.host, args.port)  # before minutes of loading
+    if args.nproc and "RANK" not in os.environ:  # this process launches the ranks, then waits for them
+        _check_port_free(args.host, args.port)
+        return launch_ranks(args, sys.argv[1:])
+    lead = join_ranks(args)
+    if lead:
+        _check_port_free(args.host, args.port)  # before minutes of loading
     model = args.model or default_model_path()
     llm = load_engine(args, model)
+    if not lead:  # rank 1.. follow rank 0's steps until it says stop (a signal stops rank 0, which tells them)
+        from ..runtime.parallel import follow
+
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, signal.SIG_IGN)
+        follow(llm.executor)
+        return 0
+    if args.executor in PARALLEL:
+        llm.lead_ranks()
     app = create_app(
         llm,
         model_name=args.served_model_name,
@@ -260,14 +274,18 @@ def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    run_server(
-        app,
-        args.host,
-        args.port,
-        log_level="debug" if args.verbose else "info",
-        header_timeout=args.header_timeout,
-        max_connections=args.max_connections,
-    )
+    try:
+        run_server(
+            app,
+            args.host,
+            args.port,
+            log_level="debug" if args.verbose else "info",
+            header_timeout=args.header_timeout,
+            max_connections=args.max_connections,
+        )
+    finally:
+        if args.executor in PARALLEL:
+            llm.executor.stop()  # the other ranks return
     return 0
 
 

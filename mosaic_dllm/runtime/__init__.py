@@ -7,7 +7,7 @@ from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
-from .parallel import EagerSequenceParallelExecutor, SequenceParallelExecutor, TensorParallelExecutor
+from .parallel import EagerSequenceParallelExecutor, LeadExecutor, SequenceParallelExecutor, TensorParallelExecutor
 
 PLANNED = {"mosaic": MosaicExecutor, "sequence-parallel": SequenceParallelExecutor}  # take ExecutorOptions
 UNPLANNED = {
@@ -44,6 +44,7 @@ __all__ = [
     "EagerExecutor",
     "EagerSequenceParallelExecutor",
     "Executor",
+    "LeadExecutor",
     "ExecutorOptions",
     "MosaicExecutor",
     "SequenceParallelExecutor",

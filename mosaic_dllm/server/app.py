@@ -33,6 +33,7 @@ from ..config import SETTINGS
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, ContextTooLong, DoesNotFit, GenerationOutput
 from ..memory.rss import current_rss_bytes
+from ..runtime.parallel import RanksLost
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling, Unsupported, page_settings
@@ -102,10 +103,13 @@ class Service:
         return JSONResponse(body, status_code=500)
 
     # -- informational routes ------------------------------------------------------------------
-    async def health(self) -> dict:
+    async def health(self) -> JSONResponse:
+        """200 with what serves; 503 once another rank of a server across ranks is lost (it stops)."""
         budget = self.llm.info.memory_budget
-        return {
-            "status": "ok",
+        lost = self.llm.ranks_lost
+        body = {
+            "status": f"ranks lost: {lost}" if lost else "ok",
+            "ranks": self.llm.ranks,
             "model": self.model_id,
             "family": self.llm.info.family,
             "executor": self.llm.info.executor,
@@ -118,6 +122,7 @@ class Service:
             "waiting": self.worker.waiting,
             "max_queue": self.max_queue,
         }
+        return JSONResponse(body, status_code=503 if lost else 200)
 
     async def stats(self) -> dict:
         """The gauges the page shows, as JSON: the batch, the queue, memory planned and committed."""
@@ -252,6 +257,8 @@ class Service:
             self.metrics.requests.labels(path, "499").inc()
             self.metrics.rejections.labels("client_disconnected").inc()
             raise
+        except RanksLost as exc:  # the launcher stops the server; say why meanwhile
+            raise APIError(503, f"{exc}: this server stops", "ranks_lost", "ranks_lost") from None
         except Exception as exc:  # the request fails, the server keeps serving
             log.exception("generation failed")
             raise APIError(500, f"internal error while generating: {exc}", "internal_error", "internal_error") from exc
