@@ -196,6 +196,11 @@ class LLM:
         """Serving across ranks: what the collective that found another rank gone said (None: all well)."""
         return getattr(self.executor, "lost", None)
 
+    @property
+    def rank_memory(self) -> list[dict[str, int]]:
+        """Serving across ranks: each rank's RSS and arena bytes after the last step ([] otherwise)."""
+        return getattr(self.executor, "rank_memory", [])
+
     def lead_ranks(self) -> None:
         """Serve as rank 0 of a sequence-parallel group: each step is announced to the other
         ranks, which make the same calls (`runtime.parallel.follow`)."""

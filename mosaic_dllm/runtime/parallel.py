@@ -26,6 +26,7 @@ from ..kernels.memory import AllocatorMemory
 from ..kernels.planned import PlannedOps
 from ..kernels.sequence_parallel import PlannedSequenceParallelOps, SequenceParallelOps, check_heads
 from ..kernels.tensor_parallel import TensorParallelOps, shard_rows
+from ..memory.rss import current_rss_bytes
 from ..models.groups import Chunks
 from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
@@ -119,6 +120,7 @@ class LeadExecutor:
         self._lock = threading.RLock()  # one announcement sequence at a time
         self._stopped = threading.Event()
         self.lost: str | None = None  # what a failed collective said: every later call fails at once
+        self.rank_memory: list[dict[str, int]] = []  # per rank after the last step: RSS and arena bytes
         threading.Thread(target=self._heartbeat, name="mosaic-ranks-heartbeat", daemon=True).start()
 
     def __getattr__(self, name: str):
@@ -172,6 +174,7 @@ class LeadExecutor:
                     yield [self._announced(i, read) for i, read in enumerate(logits)]
             finally:
                 self._send(END)
+                self.rank_memory = every_ranks_memory(self.executor, self.group)
 
     def _announced(self, index: int, read: StepLogits) -> StepLogits:
         def announced() -> RowChunks:
@@ -199,6 +202,14 @@ class LeadExecutor:
                 self._send(STOP)
         except RanksLost as exc:
             log.warning("the other ranks could not be told to stop: %s", exc)
+
+
+def every_ranks_memory(executor: SequenceParallelExecutor, group: dist.ProcessGroup | None) -> list[dict[str, int]]:
+    """Each rank's RSS and committed arena bytes now (every rank calls it after each step)."""
+    mine = torch.tensor([current_rss_bytes(), executor.committed_bytes])
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return [{"rss_bytes": int(m[0]), "arena_committed_bytes": int(m[1])} for m in every]
 
 
 def follow(executor: SequenceParallelExecutor, group: dist.ProcessGroup | None = None) -> None:
@@ -233,3 +244,4 @@ def follow(executor: SequenceParallelExecutor, group: dist.ProcessGroup | None =
             log.exception("a followed step failed")
             while receive()[0] != END:
                 pass
+        every_ranks_memory(executor, group)

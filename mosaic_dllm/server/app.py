@@ -138,6 +138,7 @@ class Service:
             "memory_budget_bytes": self.llm.info.memory_budget,
             "arena_committed_bytes": self.llm.committed_bytes,
             "rss_bytes": current_rss_bytes(),
+            "ranks": self.llm.rank_memory,  # across ranks: each rank's RSS and arena after the last step
         }
 
     async def page(self) -> HTMLResponse:

@@ -48,6 +48,15 @@ class Metrics:
         self.batch_tokens = Gauge("mosaic_batch_tokens", "Tokens in flight (every sequence's canvas)", registry=r)
         self.arena_bytes = Gauge("mosaic_arena_committed_bytes", "Arena bytes in use (0 between requests)", registry=r)
         self.budget_bytes = Gauge("mosaic_memory_budget_bytes", "Activation memory budget", registry=r)
+        self.rank_rss_bytes = Gauge(
+            "mosaic_rank_rss_bytes", "Across ranks: each rank's RSS after the last step", ["rank"], registry=r
+        )
+        self.rank_arena_bytes = Gauge(
+            "mosaic_rank_arena_committed_bytes",
+            "Across ranks: each rank's arena after the last step",
+            ["rank"],
+            registry=r,
+        )
 
     def observe_batch(self, stats: BatchStats, llm: LLM) -> None:
         self.batch_requests.set(stats.running)
@@ -55,6 +64,9 @@ class Metrics:
         self.batch_tokens.set(stats.tokens)
         self.planned_bytes.set(stats.planned_bytes)
         self.arena_bytes.set(llm.committed_bytes)
+        for rank, memory in enumerate(llm.rank_memory):
+            self.rank_rss_bytes.labels(str(rank)).set(memory["rss_bytes"])
+            self.rank_arena_bytes.labels(str(rank)).set(memory["arena_committed_bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -23,10 +23,15 @@ def test_a_server_across_two_ranks_answers_as_one_process(tiny_checkpoints, monk
         with ThreadPoolExecutor(3) as pool:  # together: the scheduler batches them
             answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
         health = httpx.get(f"{url}/health", timeout=10).json()
+        stats = httpx.get(f"{url}/stats", timeout=10).json()
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # rank 1 returned when rank 0 stopped
     assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
     assert health["executor"] == "sequence-parallel" and health["ranks"] == 2 and health["status"] == "ok"
+    assert len(stats["ranks"]) == 2
+    assert all(r["rss_bytes"] > 0 and r["arena_committed_bytes"] > 0 for r in stats["ranks"])
+    assert 'mosaic_rank_rss_bytes{rank="1"}' in metrics and 'mosaic_rank_arena_committed_bytes{rank="0"}' in metrics
     llm = LLM(path)
     for body, answer in zip(bodies, answers, strict=True):
         cfg = llm.default_config(gen_length=12, steps=6, seed=body["seed"], temperature=0.5)
