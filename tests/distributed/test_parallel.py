@@ -48,6 +48,25 @@ def every_row(executor, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunk.clone() for _, chunk in executor.row_logits(ids, torch.arange(ids.shape[1]))], dim=1)
 
 
+GENERATION = {"gen_length": 16, "steps": 8, "temperature": 0.5, "seed": 7}
+
+
+def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
+    """Tokens each tiny family generates through the engine (sequence parallel across ranks, or one
+    process), and the default model's (3 heads: tensor parallel across ranks)."""
+    from mosaic_dllm import LLM
+
+    runs = {family: ("sequence-parallel", path) for family, path in paths.items()} | {
+        "default": ("tensor-parallel", None)
+    }
+    tokens = {}
+    for name, (executor, path) in runs.items():
+        llm = LLM(path, executor=executor if world else "mosaic" if executor == "sequence-parallel" else "eager")
+        out = llm.generate("Return the", llm.default_config(**GENERATION))[0]
+        tokens[name] = torch.tensor(out.token_ids)
+    return tokens
+
+
 def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
     from mosaic_dllm.runtime import EagerSequenceParallelExecutor, SequenceParallelExecutor, TensorParallelExecutor
@@ -55,6 +74,7 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     try:
+        save_file(generated_tokens(paths, world), f"{out}.tokens.{rank}")
         for family, dtype in CASES:
             ck = checkpoint.load(paths[family], dtype=dtype)
             ids = ids_of(batch_of(family))
@@ -126,11 +146,17 @@ def exact_here(spec, dtype: torch.dtype, world: int) -> bool:
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
     """LLaDA, Dream (grouped kv heads: on 4 ranks each query head reads one of 2 kv heads; qkv
-    biases) and LLaDA-MoE, bf16 and fp32, on every rank, sequence parallel and tensor parallel."""
+    biases) and LLaDA-MoE, bf16 and fp32, on every rank, sequence parallel and tensor parallel;
+    and the tokens the engine generates with them (the default model's too) are one process's."""
     paths = {family: str(tiny_checkpoints[family]) for family, _ in CASES}
     out = str(tmp_path / "sp")
     mp.spawn(rank_main, args=(world, paths, out), nprocs=world)
     torch.set_num_threads(1)
+    alone = generated_tokens(paths, None)
+    for rank in range(world):
+        assert {k: v.tolist() for k, v in load_file(f"{out}.tokens.{rank}").items()} == {
+            k: v.tolist() for k, v in alone.items()
+        }
     for family, dtype in CASES:
         ck = checkpoint.load(paths[family], dtype=dtype)
         want = EagerExecutor(ck.spec, ck.weights).logits(ids_of(batch_of(family)))
