@@ -56,12 +56,12 @@ def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
     process), and the default model's (3 heads: tensor parallel across ranks)."""
     from mosaic_dllm import LLM
 
-    runs = {family: ("sequence-parallel", path) for family, path in paths.items()} | {
-        "default": ("tensor-parallel", None)
-    }
+    runs = {family: ("sequence-parallel", path) for family, path in paths.items()}
+    runs["default"] = ("tensor-parallel", None)
+    one_process = {"sequence-parallel": "mosaic", "tensor-parallel": "eager"}
     tokens = {}
     for name, (executor, path) in runs.items():
-        llm = LLM(path, executor=executor if world else "mosaic" if executor == "sequence-parallel" else "eager")
+        llm = LLM(path, executor=executor if world else one_process[executor])
         out = llm.generate("Return the", llm.default_config(**GENERATION))[0]
         tokens[name] = torch.tensor(out.token_ids)
     return tokens
