@@ -26,7 +26,7 @@ from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
 from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_table, quantized_names
 from .models.spec import QuantScheme
-from .models.weights import Weights, all_finite, check_state_dict, from_state_dict
+from .models.weights import Weights, all_finite, check_state_dict, from_state_dict, row_sharded_names
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -247,13 +247,18 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     quantization: QuantScheme | None = None,
+    rank_rows: tuple[int, int] | None = None,
 ) -> Checkpoint:
     """Read a checkpoint; with `quantization`, each linear weight is quantized as it is read (never
-    a second full-precision copy of the model)."""
+    a second full-precision copy of the model); with `rank_rows` = (rank, ranks), only that rank's
+    rows of every tensor a tensor-parallel rank splits (`models.weights.row_sharded_names`: read
+    from the file as a slice, so no rank ever holds the whole model)."""
     given, path = str(path), locate(path)
     called = given if given != str(path) and HUB_ID.fullmatch(given) else path.name
     device = parse_device(device)
     if path.is_file() and is_gguf(path):
+        if rank_rows is not None:
+            raise CheckpointError("a GGUF file is read whole: tensor parallel ranks need a safetensors checkpoint")
         return _load_gguf(path, parse_dtype(dtype), device, quantization)
     spec, tokenizer, generation, config = read_spec(path)
     files = shard_files(path)
@@ -261,13 +266,14 @@ def load(
     if quantization is not None:
         check_shapes(spec, quantization)
     quantized = quantized_names(spec, quantization) if quantization else set()
+    split = row_sharded_names(spec) if rank_rows else set()
     target = parse_dtype(dtype)
     state: dict[str, torch.Tensor | QuantizedWeight] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    t = f.get_tensor(name)
+                    t = f.get_tensor(name) if name not in split else _rows(f.get_slice(name), *rank_rows)
                     check_finite(name, t)
                     target = target or (t.dtype if t.is_floating_point() else None)
                     kept = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
@@ -278,13 +284,19 @@ def load(
                     state[name] = kept
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file} could not be read: {exc}") from exc
-    weights = from_state_dict(spec, state)
+    weights = from_state_dict(spec, state, checked=True)  # the files' shapes were checked above
     if quantization is not None:
         spec = replace(spec, quantization=quantization)
         quantize_table(weights, quantization)
     dtype_name = weights.embed.dtype if quantization is None else f"{weights.embed.dtype}, {quantization.name}"
     log.info("loaded %s (%s, %d layers) from %s as %s", spec.family, path.name, spec.num_layers, path, dtype_name)
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)
+
+
+def _rows(tensor, rank: int, ranks: int) -> torch.Tensor:
+    """Rank `rank`'s 1/`ranks` of a file tensor's rows (only those are read)."""
+    rows = tensor.get_shape()[0] // ranks
+    return tensor[rank * rows : (rank + 1) * rows]
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, quantization: QuantScheme | None):

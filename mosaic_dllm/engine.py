@@ -170,7 +170,12 @@ class LLM:
         check_executor(executor, options)  # before the weights are loaded
         Scheduler.check_max_batch(max_batch)
         scheme = parse_quantization(quantize, quantize_head, quantize_embeddings)
-        self.checkpoint = checkpoint.load(model or default_model_path(), dtype, device, scheme)
+        ranks = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank_rows = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ranks else None
+        tensor_parallel = executor == "tensor-parallel"  # each rank reads only its rows
+        self.checkpoint = checkpoint.load(
+            model or default_model_path(), dtype, device, scheme, rank_rows if tensor_parallel else None
+        )
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
         vocabulary = {t: self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens} if self.tokenizer else {}

@@ -15,37 +15,43 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..models.quantized import LINEAR_ROLES, linear
+from ..models import weight_names
+from ..models.quantized import linear
 from ..models.spec import ArchSpec
-from ..models.weights import Weights
+from ..models.weights import ROW_SHARDED_ROLES, Weights, expected_shapes
 from .eager import EagerOps
-
-# Weights (and the biases of their outputs) split by output rows; routers, norms, embeddings stay whole.
-SHARDED_ROLES = (*LINEAR_ROLES, "q_bias", "k_bias", "v_bias")
 
 
 def shard_rows(spec: ArchSpec, weights: Weights, rank: int, world: int) -> tuple[Weights, set[int]]:
     """This rank's weights: 1/N of the rows of every linear weight and its bias (experts and the LM
     head too; a tied head gets its own shard), everything else whole; and the ids of the sharded
-    weights (what `TensorParallelOps` gathers)."""
+    weights (what `TensorParallelOps` gathers). A tensor already read as this rank's rows
+    (`checkpoint.load(rank_rows=...)`: 1/N of its full rows) is kept as it is."""
     check_rows(spec, world)
     if spec.quantization is not None:
         raise ValueError("tensor parallel weights are not quantized yet: load them unquantized")
+    shapes, names = expected_shapes(spec), weight_names(spec)
     sharded: set[int] = set()
 
-    def part(t: Tensor, weight: bool = True) -> Tensor:
-        rows = t.shape[0] // world
-        piece = t[rank * rows : (rank + 1) * rows].clone()
+    def part(t: Tensor, name: str, weight: bool = True) -> Tensor:
+        per = shapes[name][0] // world
+        piece = t if t.shape[0] == per else t[rank * per : (rank + 1) * per].clone()
         if weight:
             sharded.add(id(piece))
         return piece
 
     layers = [
-        {r: part(t, not r.endswith("_bias")) if r in SHARDED_ROLES else t for r, t in layer.items()}
-        for layer in weights.layers
+        {
+            r: part(t, names.layer[r].format(i=i), not r.endswith("_bias")) if r in ROW_SHARDED_ROLES else t
+            for r, t in layer.items()
+        }
+        for i, layer in enumerate(weights.layers)
     ]
-    experts = [[{p: part(t) for p, t in e.items()} for e in layer] for layer in weights.experts]
-    return Weights(weights.embed, weights.final_norm, part(weights.lm_head), layers, experts), sharded
+    experts = [
+        [{p: part(t, names.expert[p].format(i=i, e=e)) for p, t in expert.items()} for e, expert in enumerate(layer)]
+        for i, layer in enumerate(weights.experts)
+    ]
+    return Weights(weights.embed, weights.final_norm, part(weights.lm_head, names.lm_head), layers, experts), sharded
 
 
 def check_rows(spec: ArchSpec, world: int) -> None:

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import weight_names
 from .spec import ArchSpec, ConfigError, QuantScheme
-from .weights import Weights, expected_shapes, from_state_dict, optional_names
+from .weights import Weights, expected_shapes, from_state_dict, linear_names, optional_names
 
 GROUPS = (32, 64, 128)
 # The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
@@ -35,7 +34,6 @@ INT4_ROW_MULTIPLE = 16
 # the rows of one call bound what it allocates (`call_workspace`).
 QUANTIZED_CALL_ROWS = 256
 # Linear weights by role in `WeightNames.layer` / `.expert`; the router stays in the compute dtype.
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 EMBEDDINGS = QuantScheme(8)  # an embedding table quantized: int8, one scale per token row
 INT4_BLOCKS = QuantScheme(4, 32)  # llama.cpp's Q4_0 / Q4_K blocks, held as they are (`gguf_file.py`)
 
@@ -67,14 +65,7 @@ def quantized_names(spec: ArchSpec, scheme: QuantScheme) -> set[str]:
     """The official names of the tensors `scheme` quantizes as they load: every linear layer's
     weight, the experts' too, and an untied LM head when `scheme.head` (a tied one is the
     embedding table, which stays as it is: the head gets its own quantized copy)."""
-    names = weight_names(spec)
-    out = {names.layer[r].format(i=i) for i in range(spec.num_layers) for r in LINEAR_ROLES if r in names.layer}
-    for i in range(spec.num_layers):
-        if spec.is_moe_layer(i):
-            out |= {n.format(i=i, e=e) for n in names.expert.values() for e in range(spec.moe.num_experts)}
-    if scheme.head and not spec.tie_word_embeddings:
-        out.add(names.lm_head)
-    return out & set(expected_shapes(spec))
+    return linear_names(spec, head=scheme.head)
 
 
 def check_shapes(spec: ArchSpec, scheme: QuantScheme) -> None:

@@ -106,8 +106,35 @@ def all_finite(tensor: torch.Tensor) -> bool:
     )
 
 
-def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor]) -> Weights:
-    check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
+# What a tensor-parallel rank holds 1/N of, by output rows: every linear weight and the biases of
+# the projections that have them (routers, norms and embeddings stay whole).
+ROW_SHARDED_ROLES = (*LINEAR_ROLES, "q_bias", "k_bias", "v_bias")
+
+
+def linear_names(spec: ArchSpec, head: bool, roles: tuple[str, ...] = LINEAR_ROLES) -> set[str]:
+    """The official names of every linear layer's weight (`roles` of each layer), the experts'
+    too, and with `head` an untied LM head (a tied one is the embedding table)."""
+    names = weight_names(spec)
+    out = {names.layer[r].format(i=i) for i in range(spec.num_layers) for r in roles if r in names.layer}
+    for i in range(spec.num_layers):
+        if spec.is_moe_layer(i):
+            out |= {n.format(i=i, e=e) for n in names.expert.values() for e in range(spec.moe.num_experts)}
+    if head and not spec.tie_word_embeddings:
+        out.add(names.lm_head)
+    return out & set(expected_shapes(spec))
+
+
+def row_sharded_names(spec: ArchSpec) -> set[str]:
+    """The tensors a tensor-parallel rank reads only its rows of (`checkpoint.load(rows_of=...)`)."""
+    return linear_names(spec, head=True, roles=ROW_SHARDED_ROLES)
+
+
+def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], checked: bool = False) -> Weights:
+    """The weights of `state` (official names), checked against the spec unless the caller already
+    checked the file they came from (a tensor-parallel rank's rows are not the full shapes)."""
+    if not checked:
+        check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
     names = weight_names(spec)
     layers, experts = [], []
     for i in range(spec.num_layers):

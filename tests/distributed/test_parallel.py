@@ -78,9 +78,11 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
         for family, dtype in CASES:
             ck = checkpoint.load(paths[family], dtype=dtype)
             ids = ids_of(batch_of(family))
+            rows_read = checkpoint.load(paths[family], dtype=dtype, rank_rows=(rank, world)).weights
             logits = {
                 "sequence": EagerSequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
                 "tensor": TensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
+                "tensor_rows_read": TensorParallelExecutor(ck.spec, rows_read).logits(ids).contiguous(),
             }
             for kind, options in PLANNED.items():
                 logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
@@ -167,7 +169,8 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
         # The planned kernels' calls keep a row's bits at any row count (the device profile's
         # tiles): against the one-process Mosaic executor, only attention by heads can differ.
         heads_exact = heads_keep_bits(ck.dtype, ck.spec.num_heads, ck.spec.num_kv_heads, world, ck.spec.head_dim)
-        wanted = {"sequence": want, "tensor": want}
+        wanted = {"sequence": want, "tensor": want, "tensor_rows_read": want}
+        exact["tensor_rows_read"] = exact["tensor"]
         for kind, options in PLANNED.items():
             wanted[kind] = every_row(MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family)))
             exact[kind] = heads_exact
@@ -256,3 +259,32 @@ def test_plan_nproc_bad_input(flags, message, capsys):
 
     assert main(["plan", "--preset", "llada-8b", "--layers", "2", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_tensor_parallel_rank_reads_only_its_rows(tiny_checkpoints):
+    """`checkpoint.load(rank_rows=(rank, ranks))`: every row-split tensor is that rank's rows of the
+    file's (read as a slice), every other tensor whole; the rank holds about 1/ranks of them."""
+    from mosaic_dllm.models.weights import row_sharded_names
+
+    path = tiny_checkpoints["llada_moe"]
+    full = {}
+    for file in sorted(path.glob("*.safetensors")):
+        full |= load_file(str(file))
+    whole = checkpoint.load(path).weights
+    part = checkpoint.load(path, rank_rows=(1, 2)).weights
+    split = row_sharded_names(checkpoint.read_spec(path)[0])
+    assert split and all(full[n].shape[0] % 2 == 0 for n in split)
+
+    def flat(w):
+        tensors = [w.embed, w.final_norm, w.lm_head]
+        tensors += [t for layer in w.layers for t in layer.values()]
+        return tensors + [t for layer in w.experts for e in layer for t in e.values()]
+
+    held = {id(t): t for t in flat(part)}
+    for t_whole, t_part in zip(flat(whole), flat(part), strict=True):
+        if t_part.shape == t_whole.shape:
+            assert torch.equal(t_part, t_whole)
+        else:
+            rows = t_whole.shape[0] // 2
+            assert torch.equal(t_part, t_whole[rows:])
+    assert sum(t.nbytes for t in held.values()) < 0.62 * sum(t.nbytes for t in {id(t): t for t in flat(whole)}.values())
