@@ -38,10 +38,10 @@ from mosaic_dllm.plan.search import DoesNotFit  # noqa: E402
 from mosaic_dllm.runtime import (  # noqa: E402
     EagerExecutor,
     EagerSequenceParallelExecutor,
+    EagerTensorParallelExecutor,
     ExecutorOptions,
     MosaicExecutor,
     SequenceParallelExecutor,
-    TensorParallelExecutor,
 )
 
 SENT = {"bytes": 0}
@@ -97,7 +97,7 @@ def rank_main(rank: int, world: int, layers: int, lengths: list[int], out: str) 
     rows = []
     for kind, make in (
         ("sequence-parallel-eager", EagerSequenceParallelExecutor),
-        ("tensor-parallel", TensorParallelExecutor),
+        ("tensor-parallel-eager", EagerTensorParallelExecutor),
     ):
         executor = make(spec, w)
         for length in lengths:

@@ -172,7 +172,7 @@ class LLM:
         scheme = parse_quantization(quantize, quantize_head, quantize_embeddings)
         ranks = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank_rows = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ranks else None
-        tensor_parallel = executor == "tensor-parallel"  # each rank reads only its rows
+        tensor_parallel = executor.startswith("tensor-parallel")  # each rank reads only its rows
         self.checkpoint = checkpoint.load(
             model or default_model_path(), dtype, device, scheme, rank_rows if tensor_parallel else None
         )

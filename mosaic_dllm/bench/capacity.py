@@ -58,12 +58,14 @@ def mosaic_capacity(
     profile: DeviceProfile | None = None,
     ranks: int = 1,
     rows: int | None = None,
+    tensor_ranks: int = 1,
 ) -> dict:
     """`groups`: what the search may split (with "recompute": below the exact floor); `profile`:
     the device planned for (default this machine's CPU); `ranks`: sequence-parallel ranks (the
-    budget is each rank's); `rows`: the logits rows the sampler reads (default every masked one)."""
+    budget is each rank's; `tensor_ranks`: tensor-parallel ones); `rows`: the logits rows the
+    sampler reads (default every masked one)."""
     plans = PlanCache(spec, dtype, profile=profile)
-    shape = replace(first_step_shape(spec, dtype, 2, alpha, row_chunk), ranks=ranks)
+    shape = replace(first_step_shape(spec, dtype, 2, alpha, row_chunk), ranks=ranks, tensor_ranks=tensor_ranks)
     sampler = shape.sampler_row_bytes
 
     def rows_at(n: int) -> int:

@@ -254,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nproc", help="sequence-parallel ranks: plan one rank's part (the budget is each rank's); --max-len: 1,2,4,8"
     )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks: plan one rank's part (1/N of each linear weight, counted by --device-memory)",
+    )
     _add_quantize_flags(p)
     p.add_argument("--memory-reserve", default="1GiB", help="--device-memory: kept free for everything else")
     p.add_argument("--alpha", type=_fraction, default=0.5, help="prompt fraction of L (the rest is masked)")

@@ -238,8 +238,9 @@ def serve(args: argparse.Namespace) -> int:
     from ..server import create_app
     from ..server.run import serve as run_server
 
-    if args.executor in PARALLEL and args.executor != "sequence-parallel":
-        raise ValueError(f"mosaic serve runs across ranks with --executor sequence-parallel, not {args.executor}")
+    if args.executor in PARALLEL and args.executor not in PLANNED:
+        served = " or ".join(e for e in PARALLEL if e in PLANNED)
+        raise ValueError(f"mosaic serve runs across ranks with --executor {served}, not {args.executor}")
     max_body = parse_bytes(args.max_body, "--max-body", 1024)  # bad flags fail before anything loads
     Scheduler.check_max_batch(args.max_batch)
     if args.nproc and "RANK" not in os.environ:  # this process launches the ranks, then waits for them

@@ -141,7 +141,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.cache != "none" and args.block_length < 1:
         raise ValueError(f"--block-length must be a positive integer, got {args.block_length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
-    shape = replace(shape, ranks=ranks[0])
+    shape = replace(shape, ranks=ranks[0], tensor_ranks=args.tp)
     if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from ..decoding.parallel import cache_positions
         from ..models.kv_cache import BlockCache
@@ -157,6 +157,7 @@ def plan(args: argparse.Namespace) -> int:
         "weights": scheme.name if scheme else "unquantized",
         "device": profile.describe(),
         "ranks": ranks[0],
+        "tensor_ranks": args.tp,
     }
     if args.max_batch:
         return _plan_max_batch(args, summary, shape, plans)
@@ -215,7 +216,16 @@ def _device_profile(args: argparse.Namespace):
 def _ranks(args: argparse.Namespace, spec) -> list[int]:
     """--nproc: sequence-parallel rank counts to plan one rank's part for (each checked against the heads)."""
     from ..kernels.sequence_parallel import check_heads
+    from ..kernels.tensor_parallel import check_rows
 
+    if args.tp < 1:
+        raise ValueError(f"--tp takes a rank count >= 1, got {args.tp}")
+    if args.tp > 1:
+        check_rows(spec, args.tp)
+        if spec.quantization is not None:
+            raise ValueError("tensor parallel weights are not quantized yet: plan --tp without --quantize")
+        if args.nproc is not None and args.nproc.strip() != "1":
+            raise ValueError("sequence and tensor parallel together are not built: --nproc or --tp")
     if args.nproc is None:
         return [1]
     try:
@@ -239,7 +249,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[in
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
-    weights = _weight_bytes(args, spec, dtype)
+    weights = _weight_bytes(args, spec, dtype)  # one rank's, with --tp
     if args.budget:
         budget = parse_bytes(args.budget, "--budget", 1)
     else:
@@ -253,9 +263,10 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[in
                 f"the weights alone ({gib(weights)}) and the reserve do not leave activation memory "
                 f"in {args.device_memory}"
             )
+    tp = {"tensor_ranks": args.tp}
     executors = {
         "eager": eager_capacity(spec, dtype, budget, args.alpha),
-        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk, profile=profile),
+        "mosaic": mosaic_capacity(spec, dtype, budget, args.alpha, args.row_chunk, profile=profile, **tp),
     }
     if args.allow_recompute:
         executors["mosaic-recompute"] = mosaic_capacity(
@@ -280,6 +291,7 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[in
         "device": profile.describe(),
         "predicted": True,
         "context": spec.max_position_embeddings,
+        "tensor_ranks": args.tp,
         "executors": executors,
     }
     eager_len = executors["eager"]["max_len"]
@@ -296,10 +308,12 @@ def _weight_bytes(args: argparse.Namespace, spec, dtype) -> int:
     from ..models.quantized import weight_bytes
 
     if args.model and is_gguf(located := locate(args.model)):
+        if args.tp > 1:
+            raise ValueError("a GGUF file is read whole: plan --tp for a safetensors checkpoint")
         return GGUFFile(located).loaded_bytes(
             spec, dtype, parse_quantization(args.quantize, args.quantize_head, args.quantize_embeddings)
         )
-    return weight_bytes(spec, dtype)
+    return weight_bytes(spec, dtype, tensor_ranks=args.tp)
 
 
 def _chunk_groups(args: argparse.Namespace) -> tuple[str, ...]:

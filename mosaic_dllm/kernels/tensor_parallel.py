@@ -20,6 +20,7 @@ from ..models.quantized import linear
 from ..models.spec import ArchSpec
 from ..models.weights import ROW_SHARDED_ROLES, Weights, expected_shapes
 from .eager import EagerOps
+from .sharded import ShardedWeight
 
 
 def shard_rows(spec: ArchSpec, weights: Weights, rank: int, world: int) -> tuple[Weights, set[int]]:
@@ -52,6 +53,18 @@ def shard_rows(spec: ArchSpec, weights: Weights, rank: int, world: int) -> tuple
         for i, layer in enumerate(weights.experts)
     ]
     return Weights(weights.embed, weights.final_norm, part(weights.lm_head, names.lm_head), layers, experts), sharded
+
+
+def gathered(weights: Weights, sharded: set[int], ranks: int, group: dist.ProcessGroup | None = None) -> Weights:
+    """`weights` with each sharded weight (ids in `sharded`, from `shard_rows`) standing as the
+    whole weight it is a part of (`ShardedWeight`): what the planned kernels multiply by."""
+
+    def whole(t: Tensor) -> Tensor | ShardedWeight:
+        return ShardedWeight(t, ranks, group) if id(t) in sharded else t
+
+    layers = [{r: whole(t) for r, t in layer.items()} for layer in weights.layers]
+    experts = [[{p: whole(t) for p, t in e.items()} for e in layer] for layer in weights.experts]
+    return Weights(weights.embed, weights.final_norm, whole(weights.lm_head), layers, experts)
 
 
 def check_rows(spec: ArchSpec, world: int) -> None:

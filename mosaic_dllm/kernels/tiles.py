@@ -23,6 +23,7 @@ from torch import Tensor
 from ..device import GemmRule
 from ..memory.prediction import is_predicting
 from ..models.quantized import QUANTIZED_CALL_ROWS, QuantizedWeight
+from .sharded import SHARDED_CALL_ROWS, ShardedWeight
 
 
 def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
@@ -39,11 +40,14 @@ def tile_workspace(x: Tensor, weight: Tensor | QuantizedWeight, rule: GemmRule, 
     """Bytes a call on fewer rows than `rule` allows allocates (the padded input and output), and
     what a quantized kernel's call allocates besides."""
     padded = rule.padded_rows(weight.shape[1], few_rows) * (weight.shape[0] + weight.shape[1]) * x.element_size()
-    return padded + quantized_workspace(weight)
+    return padded + weight_workspace(weight)
 
 
-def quantized_workspace(weight: Tensor | QuantizedWeight) -> int:
-    """A quantized kernel's fresh output (and dequantized weight, off CPU) for its largest call."""
+def weight_workspace(weight: Tensor | QuantizedWeight | ShardedWeight) -> int:
+    """A quantized kernel's fresh output (and dequantized weight, off CPU) for its largest call; a
+    sharded weight's gathered columns."""
+    if isinstance(weight, ShardedWeight):
+        return weight.workspace()
     return weight.call_workspace(QUANTIZED_CALL_ROWS) if isinstance(weight, QuantizedWeight) else 0
 
 
@@ -70,7 +74,10 @@ def _on_padded_tile(x: Tensor, size: int, out: Tensor, run) -> None:
     out.copy_(result[:n])
 
 
-def _mm(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None, out: Tensor) -> None:
+def _mm(x: Tensor, weight: Tensor | QuantizedWeight | ShardedWeight, bias: Tensor | None, out: Tensor) -> None:
+    if isinstance(weight, ShardedWeight):  # tensor parallel: this rank's columns, the others' gathered
+        weight.multiply_into(x, bias, out)
+        return
     if isinstance(weight, QuantizedWeight):  # no out= form: calls of at most QUANTIZED_CALL_ROWS rows, copied
         for start, end in _calls(x, x.shape[0], QUANTIZED_CALL_ROWS):
             out[start:end].copy_(weight.linear(x[start:end], bias))
@@ -127,10 +134,13 @@ def swiglu_workspace(x: Tensor, gate: Tensor, rule: GemmRule) -> int:
     tile's intermediates without them: the MoE experts, whose rows the MoE op declares; a
     quantized kernel's call output, one GEMM at a time)."""
     padded = rule.padded_rows(gate.shape[1]) * (2 * x.shape[-1] + 2 * gate.shape[0]) * x.element_size()
+    if isinstance(gate, ShardedWeight):  # one gathered product at a time: gate's and up's, or down's (H wide)
+        down = SHARDED_CALL_ROWS * (gate.shape[1] // gate.ranks + gate.shape[1]) * x.element_size()
+        return padded + max(weight_workspace(gate), down)
     if not isinstance(gate, QuantizedWeight):
         return padded
-    down_output = QUANTIZED_CALL_ROWS * gate.shape[1] * x.element_size()  # gate's and up's are quantized_workspace
-    return padded + quantized_workspace(gate) + down_output
+    down_output = QUANTIZED_CALL_ROWS * gate.shape[1] * x.element_size()  # gate's and up's are weight_workspace
+    return padded + weight_workspace(gate) + down_output
 
 
 def fresh_swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor, rule: GemmRule) -> Tensor:

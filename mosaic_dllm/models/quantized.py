@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .spec import ArchSpec, ConfigError, QuantScheme
-from .weights import Weights, expected_shapes, from_state_dict, linear_names, optional_names
+from .weights import Weights, expected_shapes, from_state_dict, linear_names, optional_names, row_sharded_names
 
 GROUPS = (32, 64, 128)
 # The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
@@ -237,14 +237,21 @@ def linear(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def weight_bytes(spec: ArchSpec, dtype: torch.dtype, kept_int4: Collection[str] = ()) -> int:
+def weight_bytes(spec: ArchSpec, dtype: torch.dtype, kept_int4: Collection[str] = (), tensor_ranks: int = 1) -> int:
     """The bytes the weights take as loaded, from shapes alone (quantized ones as packed, with
-    scales); `kept_int4`: names a GGUF file holds in int4 blocks, whatever `spec.quantization` says."""
+    scales); `kept_int4`: names a GGUF file holds in int4 blocks, whatever `spec.quantization` says;
+    `tensor_ranks`: one tensor-parallel rank's (its rows of every row-split tensor, a tied head's
+    own rows besides the whole table)."""
     shapes = expected_shapes(spec) | optional_names(spec)  # an absent expert bias loads as zeros
     quantized = quantized_names(spec, spec.quantization) if spec.quantization else set()
+    split = row_sharded_names(spec) if tensor_ranks > 1 else set()
     total = 0
+    if tensor_ranks > 1 and spec.tie_word_embeddings:
+        total += spec.vocab_size // tensor_ranks * spec.hidden_size * dtype.itemsize
     for name, shape in shapes.items():
-        if name in kept_int4:
+        if name in split:
+            total += math.prod(shape) // tensor_ranks * dtype.itemsize
+        elif name in kept_int4:
             total += quantized_bytes(INT4_BLOCKS, shape, dtype)
         elif name in quantized:
             total += quantized_bytes(spec.quantization, shape, dtype)

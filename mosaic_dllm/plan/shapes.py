@@ -46,6 +46,7 @@ class StepShape:
     cache_keys: int = 0  # the longest canvas a window attends to through a block cache (0: no window)
     cache_bytes: int = 0  # block caches alive through the step (outside the arena)
     ranks: int = 1  # sequence-parallel ranks sharing the step's tokens: the shape of one rank's part
+    tensor_ranks: int = 1  # tensor-parallel ranks sharing each linear weight's rows
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(sorted(self.lengths, reverse=True)))
@@ -59,7 +60,12 @@ class StepShape:
 
     @classmethod
     def packing(
-        cls, requests: Sequence[RequestShape], row_chunk: int, chunks: Chunks = NO_CHUNKS, ranks: int = 1
+        cls,
+        requests: Sequence[RequestShape],
+        row_chunk: int,
+        chunks: Chunks = NO_CHUNKS,
+        ranks: int = 1,
+        tensor_ranks: int = 1,
     ) -> StepShape:
         """The step that runs `requests` together, logits rows bucketed for the most of any request."""
         return cls(
@@ -71,6 +77,7 @@ class StepShape:
             max(r.keys for r in requests),
             sum(r.cache_bytes for r in requests),
             ranks,
+            tensor_ranks,
         )
 
     @property

@@ -25,6 +25,7 @@ import torch
 from ..device import KernelRules, profile_for
 from ..kernels.planned import PlannedOps
 from ..kernels.sequence_parallel import PlannedSequenceParallelOps
+from ..kernels.tensor_parallel import gathered, shard_rows
 from ..models import transformer
 from ..models.groups import OpGroup, largest_chunk
 from ..models.packing import Packing
@@ -140,7 +141,8 @@ def trace_step(
     `shape.batch` sequences) on the meta device; `packing` (default: the shape's lengths) lets the
     symbolic trace pick its sentinel lengths; `rules`: the device the step will run on (default
     this machine's CPU; call sizes, attention blocks and kernel workspace depend on it). With
-    `shape.ranks` > 1, one rank's part of a sequence-parallel step (every rank's is alike)."""
+    `shape.ranks` > 1, one rank's part of a sequence-parallel step (every rank's is alike); with
+    `shape.tensor_ranks` > 1, a tensor-parallel rank's (1/N of each linear weight's rows)."""
     traced = spec
     if uniform_layers(spec) and spec.num_layers > 1:
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
@@ -153,6 +155,8 @@ def trace_step(
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")
     weights = meta_weights(traced, dtype)
+    if shape.tensor_ranks > 1:  # one rank's part: its weights' rows, products gathered
+        weights = gathered(*shard_rows(traced, weights, 0, shape.tensor_ranks), shape.tensor_ranks)
     head = transformer.forward(ops, traced, weights, ids, packing, shape.batch, shape.chunk)
     for _ in head(0, shape.batch, rows):
         memory.workspace(shape.chunk * shape.sampler_row_bytes)  # the sampler's temporaries per chunk

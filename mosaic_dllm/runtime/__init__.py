@@ -7,15 +7,30 @@ from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
 from .mosaic import MosaicExecutor
-from .parallel import EagerSequenceParallelExecutor, LeadExecutor, SequenceParallelExecutor, TensorParallelExecutor
+from .parallel import (
+    EagerSequenceParallelExecutor,
+    EagerTensorParallelExecutor,
+    LeadExecutor,
+    SequenceParallelExecutor,
+    TensorParallelExecutor,
+)
 
-PLANNED = {"mosaic": MosaicExecutor, "sequence-parallel": SequenceParallelExecutor}  # take ExecutorOptions
+PLANNED = {  # take ExecutorOptions
+    "mosaic": MosaicExecutor,
+    "sequence-parallel": SequenceParallelExecutor,
+    "tensor-parallel": TensorParallelExecutor,
+}
 UNPLANNED = {
     "eager": EagerExecutor,
     "sequence-parallel-eager": EagerSequenceParallelExecutor,
-    "tensor-parallel": TensorParallelExecutor,
+    "tensor-parallel-eager": EagerTensorParallelExecutor,
 }
-PARALLEL = ("sequence-parallel", "sequence-parallel-eager", "tensor-parallel")  # across ranks
+PARALLEL = (  # across ranks
+    "sequence-parallel",
+    "tensor-parallel",
+    "sequence-parallel-eager",
+    "tensor-parallel-eager",
+)
 EXECUTORS = (*PLANNED, *UNPLANNED)
 
 
@@ -43,6 +58,7 @@ __all__ = [
     "PLANNED",
     "EagerExecutor",
     "EagerSequenceParallelExecutor",
+    "EagerTensorParallelExecutor",
     "Executor",
     "LeadExecutor",
     "ExecutorOptions",

@@ -86,7 +86,8 @@ class ArenaMemory:
 class MosaicExecutor:
     name = "mosaic"
     batch_invariant = True  # call sizes fixed by the device profile, never by the batch
-    ranks = 1  # processes sharing each step (sequence parallel: `runtime/parallel.py`)
+    ranks = 1  # processes sharing each step's tokens (sequence parallel: `runtime/parallel.py`)
+    tensor_ranks = 1  # processes sharing each linear weight's rows (tensor parallel)
 
     def __init__(self, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None):
         """`options.chunks` forces chunk counts (the search, with a budget, starts from them and only
@@ -129,7 +130,7 @@ class MosaicExecutor:
         return self._plan(requests, explain=False)
 
     def _plan(self, requests: Sequence[RequestShape], explain: bool) -> StepPlan:
-        shape = StepShape.packing(requests, self.options.row_chunk, self.options.chunks, self.ranks)
+        shape = StepShape.packing(requests, self.options.row_chunk, self.options.chunks, self.ranks, self.tensor_ranks)
         with self._planning:
             if self.memory_budget is None:
                 return self.plans.get(shape)

@@ -25,7 +25,7 @@ from torch import Tensor
 from ..kernels.memory import AllocatorMemory
 from ..kernels.planned import PlannedOps
 from ..kernels.sequence_parallel import PlannedSequenceParallelOps, SequenceParallelOps, check_heads
-from ..kernels.tensor_parallel import TensorParallelOps, shard_rows
+from ..kernels.tensor_parallel import TensorParallelOps, gathered, shard_rows
 from ..memory.rss import current_rss_bytes
 from ..models.groups import Chunks
 from ..models.kv_cache import CacheUse
@@ -78,8 +78,29 @@ class EagerSequenceParallelExecutor(EagerExecutor):
         self.ops = SequenceParallelOps(group)
 
 
-class TensorParallelExecutor(EagerExecutor):
+class TensorParallelExecutor(MosaicExecutor):
+    """The Mosaic executor with 1/N of every linear weight's rows on each rank (products gather the
+    other ranks' columns: `kernels/sharded.py`): weights divided, activations whole; each rank's
+    step planned in its own budget (`StepShape.tensor_ranks`)."""
+
     name = "tensor-parallel"
+
+    def __init__(
+        self,
+        spec: ArchSpec,
+        weights: Weights,
+        options: ExecutorOptions | None = None,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.tensor_ranks = _group_size(group, "tensor parallel")
+        local, sharded = shard_rows(spec, weights, dist.get_rank(group), self.tensor_ranks)
+        super().__init__(spec, gathered(local, sharded, self.tensor_ranks, group), options)
+
+
+class EagerTensorParallelExecutor(EagerExecutor):
+    """Tensor parallel with the eager kernels: the official arithmetic across ranks."""
+
+    name = "tensor-parallel-eager"
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
         world = _group_size(group, "tensor parallel")
@@ -115,7 +136,7 @@ class LeadExecutor:
     steps a heartbeat keeps the followers' collectives from timing out. Everything else is the
     wrapped executor's."""
 
-    def __init__(self, executor: SequenceParallelExecutor, group: dist.ProcessGroup | None = None):
+    def __init__(self, executor: MosaicExecutor, group: dist.ProcessGroup | None = None):
         self.executor, self.group = executor, group
         self._lock = threading.RLock()  # one announcement sequence at a time
         self._stopped = threading.Event()
@@ -204,7 +225,7 @@ class LeadExecutor:
             log.warning("the other ranks could not be told to stop: %s", exc)
 
 
-def every_ranks_memory(executor: SequenceParallelExecutor, group: dist.ProcessGroup | None) -> list[dict[str, int]]:
+def every_ranks_memory(executor: MosaicExecutor, group: dist.ProcessGroup | None) -> list[dict[str, int]]:
     """Each rank's RSS and committed arena bytes now (every rank calls it after each step)."""
     mine = torch.tensor([current_rss_bytes(), executor.committed_bytes])
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -212,7 +233,7 @@ def every_ranks_memory(executor: SequenceParallelExecutor, group: dist.ProcessGr
     return [{"rss_bytes": int(m[0]), "arena_committed_bytes": int(m[1])} for m in every]
 
 
-def follow(executor: SequenceParallelExecutor, group: dist.ProcessGroup | None = None) -> None:
+def follow(executor: MosaicExecutor, group: dist.ProcessGroup | None = None) -> None:
     """A rank other than 0 while rank 0 serves: make every executor call rank 0 announces, until it stops."""
 
     def receive() -> list[int]:

@@ -58,7 +58,7 @@ def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
 
     runs = {family: ("sequence-parallel", path) for family, path in paths.items()}
     runs["default"] = ("tensor-parallel", None)
-    one_process = {"sequence-parallel": "mosaic", "tensor-parallel": "eager"}
+    one_process = {"sequence-parallel": "mosaic", "tensor-parallel": "mosaic"}
     tokens = {}
     for name, (executor, path) in runs.items():
         llm = LLM(path, executor=executor if world else one_process[executor])
@@ -69,7 +69,12 @@ def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
 
 def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
     """One rank: every case's logits, saved by rank (one process group for all: spawning is the cost)."""
-    from mosaic_dllm.runtime import EagerSequenceParallelExecutor, SequenceParallelExecutor, TensorParallelExecutor
+    from mosaic_dllm.runtime import (
+        EagerSequenceParallelExecutor,
+        EagerTensorParallelExecutor,
+        SequenceParallelExecutor,
+        TensorParallelExecutor,
+    )
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
@@ -81,16 +86,18 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
             rows_read = checkpoint.load(paths[family], dtype=dtype, rank_rows=(rank, world)).weights
             logits = {
                 "sequence": EagerSequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
-                "tensor": TensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
-                "tensor_rows_read": TensorParallelExecutor(ck.spec, rows_read).logits(ids).contiguous(),
+                "tensor": EagerTensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
+                "tensor_rows_read": EagerTensorParallelExecutor(ck.spec, rows_read).logits(ids).contiguous(),
             }
             for kind, options in PLANNED.items():
                 logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
-            tight = SequenceParallelExecutor(ck.spec, ck.weights, ExecutorOptions(memory_budget=4096))
-            try:  # refused on every rank before any collective, so no rank waits for another
-                every_row(tight, ids)
-            except DoesNotFit as refused:
-                logits["refused_max_length"] = torch.tensor([refused.max_length])
+                logits[f"tensor_{kind}"] = every_row(TensorParallelExecutor(ck.spec, ck.weights, options), ids)
+            for parallel in (SequenceParallelExecutor, TensorParallelExecutor):
+                tight = parallel(ck.spec, ck.weights, ExecutorOptions(memory_budget=4096))
+                try:  # refused on every rank before any collective, so no rank waits for another
+                    every_row(tight, ids)
+                except DoesNotFit as refused:
+                    logits[f"refused_max_length_{parallel.name}"] = torch.tensor([refused.max_length])
             save_file(logits, f"{out}.{family}.{dtype}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -172,11 +179,14 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
         wanted = {"sequence": want, "tensor": want, "tensor_rows_read": want}
         exact["tensor_rows_read"] = exact["tensor"]
         for kind, options in PLANNED.items():
-            wanted[kind] = every_row(MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family)))
-            exact[kind] = heads_exact
+            wanted[kind] = wanted[f"tensor_{kind}"] = every_row(
+                MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family))
+            )
+            exact[kind], exact[f"tensor_{kind}"] = heads_exact, exact["tensor"]
         for rank in range(world):
             got = load_file(f"{out}.{family}.{dtype}.{rank}")
-            assert got["refused_max_length"].item() == 0  # nothing fits 4 KiB: every rank says so
+            for name in ("sequence-parallel", "tensor-parallel"):  # nothing fits 4 KiB: every rank says so
+                assert got[f"refused_max_length_{name}"].item() == 0
             for kind, reference in wanted.items():
                 if exact[kind]:
                     assert torch.equal(got[kind], reference), (kind, family, dtype, rank)
@@ -244,6 +254,24 @@ def test_plan_nproc_predicts_one_ranks_part(capsys):
     assert plans["2"]["ranks"] == 2 and plans["2"]["arena_bytes"] < 0.6 * plans["1"]["arena_bytes"]
 
 
+def test_plan_tp_plans_a_tensor_parallel_rank(capsys):
+    """`mosaic plan --tp N`: a rank holds 1/N of each linear weight (whole activations), so on the
+    same device more memory is left for them and the longest request grows."""
+    from mosaic_dllm.cli import main
+
+    argv = ["plan", "--preset", "llada-8b", "--max-len", "--device-memory", "16GiB", "--json"]
+    records = {}
+    for tp in ("1", "2"):
+        assert main([*argv, "--tp", tp]) == 0
+        records[tp] = json.loads(capsys.readouterr().out)
+    one, two = records["1"], records["2"]
+    assert two["tensor_ranks"] == 2 and 0.5 < two["weight_bytes"] / one["weight_bytes"] < 0.56
+    assert two["executors"]["mosaic"]["max_len"] > 50 * one["executors"]["mosaic"]["max_len"]
+    assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "1024", "--tp", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["tensor_ranks"] == 2 and plan["predicted_peak_activation_bytes"] > 0
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -252,6 +280,10 @@ def test_plan_nproc_predicts_one_ranks_part(capsys):
         (["--length", "64", "--nproc", "two"], "comma-separated rank counts"),
         (["--length", "64", "--nproc", "2,4"], "one rank count with --length"),
         (["--length", "64", "--nproc", "2", "--cache", "dual"], "do not take block caches"),
+        (["--length", "64", "--tp", "3"], "divide evenly"),
+        (["--length", "64", "--tp", "0"], "--tp takes a rank count >= 1"),
+        (["--length", "64", "--tp", "2", "--nproc", "2"], "sequence and tensor parallel together"),
+        (["--length", "64", "--tp", "2", "--quantize", "int8"], "not quantized yet"),
     ],
 )
 def test_plan_nproc_bad_input(flags, message, capsys):
