@@ -120,14 +120,16 @@ class SymbolicStep:
 
 def structure(shape: StepShape) -> tuple:
     """What the ops and lifetimes of a step depend on (besides the model)."""
-    return (shape.batch, tuple(getattr(shape.chunks, f) > 1 for f in PIECE_GROUPS))
+    return (shape.batch, shape.tensor_ranks, tuple(getattr(shape.chunks, f) > 1 for f in PIECE_GROUPS))
 
 
 def symbolic_trace(spec: ArchSpec, dtype: torch.dtype, shape: StepShape, rules: KernelRules) -> SymbolicStep:
     """Trace `shape`'s structure once at the sentinels and factor every size."""
     chunks = Chunks(**{f: 2 if getattr(shape.chunks, f) > 1 else 1 for f in PIECE_GROUPS})
     packing = Packing((LENGTH_SENTINEL, TOKENS_SENTINEL - LENGTH_SENTINEL))
-    at_sentinels = StepShape(packing.lengths, shape.batch, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL)
+    at_sentinels = StepShape(
+        packing.lengths, shape.batch, ROWS_SENTINEL, chunks, SAMPLER_SENTINEL, tensor_ranks=shape.tensor_ranks
+    )
     memory = SymbolicMemory(packing, rules)
     graph = trace_step(spec, dtype, at_sentinels, memory, packing)
     sentinels = (

@@ -91,7 +91,8 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
             }
             for kind, options in PLANNED.items():
                 logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
-                logits[f"tensor_{kind}"] = every_row(TensorParallelExecutor(ck.spec, ck.weights, options), ids)
+                if kind == "planned_chunked":  # tensor parallel's products do not depend on the chunking
+                    logits[f"tensor_{kind}"] = every_row(TensorParallelExecutor(ck.spec, ck.weights, options), ids)
             for parallel in (SequenceParallelExecutor, TensorParallelExecutor):
                 tight = parallel(ck.spec, ck.weights, ExecutorOptions(memory_budget=4096))
                 try:  # refused on every rank before any collective, so no rank waits for another
@@ -179,10 +180,9 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
         wanted = {"sequence": want, "tensor": want, "tensor_rows_read": want}
         exact["tensor_rows_read"] = exact["tensor"]
         for kind, options in PLANNED.items():
-            wanted[kind] = wanted[f"tensor_{kind}"] = every_row(
-                MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family))
-            )
-            exact[kind], exact[f"tensor_{kind}"] = heads_exact, exact["tensor"]
+            wanted[kind] = every_row(MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family)))
+            exact[kind] = heads_exact
+        wanted["tensor_planned_chunked"], exact["tensor_planned_chunked"] = wanted["planned_chunked"], exact["tensor"]
         for rank in range(world):
             got = load_file(f"{out}.{family}.{dtype}.{rank}")
             for name in ("sequence-parallel", "tensor-parallel"):  # nothing fits 4 KiB: every rank says so
@@ -259,14 +259,15 @@ def test_plan_tp_plans_a_tensor_parallel_rank(capsys):
     same device more memory is left for them and the longest request grows."""
     from mosaic_dllm.cli import main
 
-    argv = ["plan", "--preset", "llada-8b", "--max-len", "--device-memory", "16GiB", "--json"]
+    argv = ["plan", "--preset", "llada-8b", "--layers", "2", "--max-len", "--device-memory", "4GiB", "--json"]
     records = {}
     for tp in ("1", "2"):
         assert main([*argv, "--tp", tp]) == 0
         records[tp] = json.loads(capsys.readouterr().out)
     one, two = records["1"], records["2"]
-    assert two["tensor_ranks"] == 2 and 0.5 < two["weight_bytes"] / one["weight_bytes"] < 0.56
-    assert two["executors"]["mosaic"]["max_len"] > 50 * one["executors"]["mosaic"]["max_len"]
+    # 2 layers: the embedding table (whole on every rank) is most of the weights
+    assert two["tensor_ranks"] == 2 and 0.6 < two["weight_bytes"] / one["weight_bytes"] < 0.7
+    assert two["executors"]["mosaic"]["max_len"] > 3 * one["executors"]["mosaic"]["max_len"]
     assert main(["plan", "--preset", "llada-8b", "--layers", "2", "--length", "1024", "--tp", "2", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["tensor_ranks"] == 2 and plan["predicted_peak_activation_bytes"] > 0
