@@ -2,6 +2,7 @@
 
     python benchmarks/parallel.py --lengths 1024,2048 --out benchmarks/results/parallel.json
     python benchmarks/parallel.py --planned 128MiB --out benchmarks/results/parallel_planned.json
+    python benchmarks/parallel.py --planned 128MiB --kinds tensor --out benchmarks/results/parallel_planned_tp.json
 
 `--planned BUDGET`: the planned executors. The longest first step (prompt half of L, the first
 block of 32 masked rows read) the search fits into BUDGET per process, predicted for one process
@@ -9,7 +10,7 @@ block of 32 masked rows read) the search fits into BUDGET per process, predicted
 and 2 ranks of 1 thread each run the same length and their own longest: per run, the predicted
 peak (arena + workspace), the measured peak RSS growth over the first step (arena included), the
 time of the second, and the bytes each rank sends per step; and a length 5% over the ranks'
-longest, refused on every rank.
+longest, refused on every rank. Tensor parallel (`--kinds tensor`): 2 ranks at their own longest.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mosaic_dllm.runtime import (  # noqa: E402
     ExecutorOptions,
     MosaicExecutor,
     SequenceParallelExecutor,
+    TensorParallelExecutor,
 )
 
 SENT = {"bytes": 0}
@@ -149,26 +151,25 @@ def refused(executor, spec, length: int) -> str:
     return "ran"
 
 
-def planned_rank(rank: int, world: int, layers: int, budget: int, lengths: list[int], out: str) -> None:
+def planned_rank(rank: int, world: int, layers: int, budget: int, lengths: dict[str, list[int]], out: str) -> None:
+    """Each kind's lengths on this rank (the last one's 5% longer refused), fresh executors each."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     count_collectives()
     spec, w = weights(layers)
     rows = []
-    for n in lengths:  # a fresh executor each: its arena's pages are part of the peak
-        executor = SequenceParallelExecutor(spec, w, ExecutorOptions(memory_budget=budget))
-        rows.append({"executor": "sequence-parallel", "ranks": world, "rank": rank, **planned_step(executor, spec, n)})
-        executor.release()
-    over = lengths[-1] * 105 // 100
-    rows.append(
-        {
-            "executor": "sequence-parallel",
-            "ranks": world,
-            "rank": rank,
-            "length": over,
-            "status": refused(executor, spec, over),
-        }
-    )
+    for kind, parallel in (
+        ("sequence-parallel", SequenceParallelExecutor),
+        ("tensor-parallel", TensorParallelExecutor),
+    ):
+        for n in lengths.get(kind, []):  # a fresh executor each: its arena's pages are part of the peak
+            executor = parallel(spec, w, ExecutorOptions(memory_budget=budget))
+            rows.append({"executor": kind, "ranks": world, "rank": rank, **planned_step(executor, spec, n)})
+            executor.release()
+        if lengths.get(kind):
+            over = lengths[kind][-1] * 105 // 100
+            status = refused(parallel(spec, w, ExecutorOptions(memory_budget=budget)), spec, over)
+            rows.append({"executor": kind, "ranks": world, "rank": rank, "length": over, "status": status})
     Path(f"{out}.{rank}.json").write_text(json.dumps(rows))
     dist.destroy_process_group()
 
@@ -176,16 +177,29 @@ def planned_rank(rank: int, world: int, layers: int, budget: int, lengths: list[
 def planned(args: argparse.Namespace) -> None:
     budget = parse_bytes(args.planned, "--planned", 1)
     spec, w = weights(args.layers)
-    predicted = {
-        n: mosaic_capacity(spec, torch.bfloat16, budget, 0.5, 64, ranks=n, rows=ROWS)["max_len"] for n in (1, 2)
-    }
+    kinds = args.kinds.split(",")
+
+    def longest(**ranks) -> int:
+        return mosaic_capacity(spec, torch.bfloat16, budget, 0.5, 64, rows=ROWS, **ranks)["max_len"]
+
+    predicted = {"mosaic": longest()}
+    lengths: dict[str, list[int]] = {}
+    if "sequence" in kinds:  # the one-process length, then the ranks' own longest
+        predicted["sequence-parallel"] = longest(ranks=2)
+        lengths["sequence-parallel"] = [predicted["mosaic"], predicted["sequence-parallel"]]
+    if "tensor" in kinds:
+        predicted["tensor-parallel"] = longest(tensor_ranks=2)
+        lengths["tensor-parallel"] = [predicted["tensor-parallel"]]
     torch.set_num_threads(2)
-    one = MosaicExecutor(spec, w, ExecutorOptions(memory_budget=budget))
-    rows = [{"executor": "mosaic", "ranks": 1, "rank": 0, **planned_step(one, spec, predicted[1])}]
-    del one, w
+    rows = []
+    if "mosaic" in kinds:
+        one = MosaicExecutor(spec, w, ExecutorOptions(memory_budget=budget))
+        rows.append({"executor": "mosaic", "ranks": 1, "rank": 0, **planned_step(one, spec, predicted["mosaic"])})
+        del one
+    del w
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "p")
-        mp.spawn(planned_rank, args=(2, args.layers, budget, [predicted[1], predicted[2]], out), nprocs=2)
+        mp.spawn(planned_rank, args=(2, args.layers, budget, lengths, out), nprocs=2)
         for rank in range(2):
             rows += json.loads(Path(f"{out}.{rank}.json").read_text())
     record = {
@@ -221,6 +235,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--out", default="benchmarks/results/parallel.json")
     parser.add_argument("--planned", metavar="BUDGET", help="the planned executors at this budget a process")
+    parser.add_argument("--kinds", default="mosaic,sequence,tensor", help="--planned: which runs")
     args = parser.parse_args()
     if args.planned:
         return planned(args)

@@ -206,9 +206,14 @@ class LLM:
         """Serving across ranks: each rank's RSS and arena bytes after the last step ([] otherwise)."""
         return getattr(self.executor, "rank_memory", [])
 
+    def check_ranks(self) -> str | None:
+        """Serving across ranks: whether the other ranks still answer (None: they do, or one process)."""
+        check = getattr(self.executor, "check_ranks", None)
+        return check() if check is not None else None
+
     def lead_ranks(self) -> None:
         """Serve as rank 0 of a sequence-parallel group: each step is announced to the other
-        ranks, which make the same calls (`runtime.parallel.follow`)."""
+        ranks, which make the same calls (`runtime.lead.follow`)."""
         self.executor = LeadExecutor(self.executor)
         self.scheduler.executor = self.executor
 

@@ -110,7 +110,7 @@ def failed_ranks(failures: dict) -> str:
 def lost_ranks(error: RuntimeError) -> ValueError | None:
     """A collective that failed because another rank died or hung past --rank-timeout, as one
     line; None for any other error."""
-    from ..runtime.parallel import collective_failure
+    from ..runtime.lead import collective_failure
 
     said = collective_failure(error)
     return None if said is None else ValueError(f"{said}: this rank stops too")
@@ -252,7 +252,7 @@ def serve(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     llm = load_engine(args, model)
     if not lead:  # rank 1.. follow rank 0's steps until it says stop (a signal stops rank 0, which tells them)
-        from ..runtime.parallel import follow
+        from ..runtime.lead import follow
 
         for stop in (signal.SIGTERM, signal.SIGINT):
             signal.signal(stop, signal.SIG_IGN)

@@ -389,7 +389,7 @@ class PlannedOps(AttentionOps):
         chunk of every request: consume a chunk's logits before advancing."""
         self.begin("lm_head", name, hidden)
         rule = self.gemm_rule(weight)  # a request's head reads few rows: the smallest exact call
-        self.mem.workspace(tile_workspace(hidden, weight, rule, few_rows=True))
+        self.mem.workspace(tile_workspace(hidden, weight, rule, few_rows=True, rows=batch * chunk))
         width, vocab = hidden.shape[-1], weight.shape[0]
         gathered = self.mem.new((batch * chunk, width), hidden.dtype)
         logits = self.mem.new((batch * chunk, vocab), hidden.dtype)

@@ -37,9 +37,9 @@ class ShardedWeight:
     def __repr__(self) -> str:
         return f"ShardedWeight({tuple(self.shape)}, 1/{self.ranks} held, {self.dtype}, {self.device})"
 
-    def workspace(self, rows: int | None = None) -> int:
-        """Bytes one product allocates at most: its rank's columns and every rank's, for one call."""
-        rows = SHARDED_CALL_ROWS if rows is None else min(rows, SHARDED_CALL_ROWS)
+    def workspace(self, rows: int = SHARDED_CALL_ROWS) -> int:
+        """Bytes one product allocates at most: its rank's columns and every rank's, for a call of
+        `rows` rows (no call has more than SHARDED_CALL_ROWS; a product on fewer rows, fewer)."""
         return rows * (self.shape[0] // self.ranks + self.shape[0]) * self.element_size()
 
     def multiply_into(self, x: Tensor, bias: Tensor | None, out: Tensor) -> None:

@@ -36,18 +36,21 @@ def _calls(x: Tensor, n: int, size: int | None) -> list[tuple[int, int]]:
     return [(s, s + size) for s in starts]
 
 
-def tile_workspace(x: Tensor, weight: Tensor | QuantizedWeight, rule: GemmRule, few_rows: bool = False) -> int:
+def tile_workspace(
+    x: Tensor, weight: Tensor | QuantizedWeight, rule: GemmRule, few_rows: bool = False, rows: int | None = None
+) -> int:
     """Bytes a call on fewer rows than `rule` allows allocates (the padded input and output), and
-    what a quantized kernel's call allocates besides."""
+    what a quantized or sharded weight's call allocates besides (`rows`: the most a call multiplies,
+    when the caller knows it is fewer than such a call's)."""
     padded = rule.padded_rows(weight.shape[1], few_rows) * (weight.shape[0] + weight.shape[1]) * x.element_size()
-    return padded + weight_workspace(weight)
+    return padded + weight_workspace(weight, rows)
 
 
-def weight_workspace(weight: Tensor | QuantizedWeight | ShardedWeight) -> int:
+def weight_workspace(weight: Tensor | QuantizedWeight | ShardedWeight, rows: int | None = None) -> int:
     """A quantized kernel's fresh output (and dequantized weight, off CPU) for its largest call; a
-    sharded weight's gathered columns."""
+    sharded weight's gathered columns (for calls of at most `rows` rows, when given)."""
     if isinstance(weight, ShardedWeight):
-        return weight.workspace()
+        return weight.workspace() if rows is None else weight.workspace(rows)
     return weight.call_workspace(QUANTIZED_CALL_ROWS) if isinstance(weight, QuantizedWeight) else 0
 
 

@@ -6,11 +6,11 @@ from ..models.spec import ArchSpec
 from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import DEFAULT_ROW_CHUNK, Executor, ExecutorOptions
+from .lead import LeadExecutor
 from .mosaic import MosaicExecutor
 from .parallel import (
     EagerSequenceParallelExecutor,
     EagerTensorParallelExecutor,
-    LeadExecutor,
     SequenceParallelExecutor,
     TensorParallelExecutor,
 )

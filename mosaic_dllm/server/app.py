@@ -33,7 +33,7 @@ from ..config import SETTINGS
 from ..decoding.common import GenerationCancelled, StepEvent
 from ..engine import LLM, USER_ERRORS, ContextTooLong, DoesNotFit, GenerationOutput
 from ..memory.rss import current_rss_bytes
-from ..runtime.parallel import RanksLost
+from ..runtime.lead import RanksLost
 from .metrics import Metrics
 from .openai_shapes import Shape, error_body
 from .schemas import ChatCompletionRequest, CompletionRequest, Sampling, Unsupported, page_settings
@@ -227,7 +227,7 @@ class Service:
         except QueueFull as exc:
             raise APIError(429, f"server busy: {exc}; retry later", "queue_full", "queue_full") from None
         except ServerShuttingDown as exc:
-            raise APIError(503, str(exc), "server_shutting_down", "shutting_down") from None
+            raise self.shutting_down(str(exc)) from None
 
     async def respond(self, request: Request, body: Sampling, job: Job, chat: bool, stops: list[str]):
         shape = Shape(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", self.model_id, chat, stops)
@@ -254,12 +254,12 @@ class Service:
             out = await self.worker.run(job)
         except GenerationCancelled:
             if self.worker.shutting_down:
-                raise APIError(503, "the server is shutting down", "server_shutting_down", "shutting_down") from None
+                raise self.shutting_down("the server is shutting down") from None
             self.metrics.requests.labels(path, "499").inc()
             self.metrics.rejections.labels("client_disconnected").inc()
             raise
-        except RanksLost as exc:  # the launcher stops the server; say why meanwhile
-            raise APIError(503, f"{exc}: this server stops", "ranks_lost", "ranks_lost") from None
+        except RanksLost:  # the launcher stops the server; say why meanwhile
+            raise self.shutting_down("") from None
         except Exception as exc:  # the request fails, the server keeps serving
             log.exception("generation failed")
             raise APIError(500, f"internal error while generating: {exc}", "internal_error", "internal_error") from exc
@@ -269,6 +269,12 @@ class Service:
         self.metrics.forward_passes.inc(out.forward_passes)
         self.metrics.request_latency.observe(time.perf_counter() - start)
         return out
+
+    def shutting_down(self, message: str) -> APIError:
+        """503 for a server that stops: because another of its ranks is gone (say so), or as asked."""
+        if lost := self.llm.ranks_lost:
+            return APIError(503, f"{lost}: this server stops", "ranks_lost", "ranks_lost")
+        return APIError(503, message, "server_shutting_down", "shutting_down")
 
     @staticmethod
     def watch_steps(job: Job) -> asyncio.Queue[StepEvent]:

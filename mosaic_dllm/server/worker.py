@@ -143,6 +143,8 @@ class GenerationWorker:
     def begin_shutdown(self) -> None:
         """Refuse new work and cancel queued and running work at its next step (signal-safe)."""
         if not self.shutting_down:
+            if lost := self.llm.check_ranks():  # across ranks: say why the launcher stops us
+                log.error("stopping: %s", lost)
             log.warning("stopping: cancelling %d admitted requests at their next step", len(self._jobs))
         self.shutting_down = True
         for job in list(self._jobs):

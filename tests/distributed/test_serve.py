@@ -64,7 +64,9 @@ def test_a_rank_that_dies_while_serving_fails_its_requests_with_503_and_stops_th
             target=lambda: answer.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=120))
         )
         request.start()
-        time.sleep(1.0)  # the generation is running its steps
+        while httpx.get(f"{url}/stats", timeout=10).json()["running"] == 0:  # until it runs its steps
+            assert request.is_alive()
+            time.sleep(0.05)
         victim = next(pid for pid in children(proc.pid) if rank_of(pid) == 1)
         os.kill(victim, signal.SIGKILL)
         request.join(timeout=60)
