@@ -91,11 +91,16 @@ def weights(layers: int):
     return spec, from_state_dict(spec, random_state_dict(spec, torch.bfloat16, seed=0))
 
 
-def rank_main(rank: int, world: int, layers: int, lengths: list[int], out: str) -> None:
+def join(rank: int, world: int, out: str, layers: int):
+    """A rank of one thread in the gloo group, its collectives counted; the model's (spec, weights)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     count_collectives()
-    spec, w = weights(layers)
+    return weights(layers)
+
+
+def rank_main(rank: int, world: int, layers: int, lengths: list[int], out: str) -> None:
+    spec, w = join(rank, world, out, layers)
     rows = []
     for kind, make in (
         ("sequence-parallel-eager", EagerSequenceParallelExecutor),
@@ -153,10 +158,7 @@ def refused(executor, spec, length: int) -> str:
 
 def planned_rank(rank: int, world: int, layers: int, budget: int, lengths: dict[str, list[int]], out: str) -> None:
     """Each kind's lengths on this rank (the last one's 5% longer refused), fresh executors each."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
-    count_collectives()
-    spec, w = weights(layers)
+    spec, w = join(rank, world, out, layers)
     rows = []
     for kind, parallel in (
         ("sequence-parallel", SequenceParallelExecutor),

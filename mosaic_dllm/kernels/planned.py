@@ -32,7 +32,7 @@ other requests, its results are bit-identical.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -393,7 +393,7 @@ class PlannedOps(AttentionOps):
         width, vocab = hidden.shape[-1], weight.shape[0]
         gathered = self.mem.new((batch * chunk, width), hidden.dtype)
         logits = self.mem.new((batch * chunk, vocab), hidden.dtype)
-        flat = hidden.view(-1, width)
+        select = self.row_selector(hidden, batch * chunk)
 
         def head(first: int, count: int, rows: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
             if rows is None:
@@ -403,8 +403,14 @@ class PlannedOps(AttentionOps):
                 part = rows[at : at + chunk]
                 n = count * part.numel()
                 h, out = gathered[:n], logits[:n]
-                torch.index_select(flat, 0, torch.cat([part + start for start in starts]), out=h)
+                select(torch.cat([part + start for start in starts]), h)
                 tiled_mm(h, weight, None, out, rule, few_rows=True)
                 yield part, out.view(count, part.numel(), vocab)
 
         return head
+
+    def row_selector(self, hidden: Tensor, rows: int) -> Callable[[Tensor, Tensor], None]:
+        """How the LM head reads the hidden states of packed rows `index` into `out` (at most `rows`
+        at a time): here, rows of `hidden`."""
+        flat = hidden.view(-1, hidden.shape[-1])
+        return lambda index, out: torch.index_select(flat, 0, index, out=out)

@@ -14,7 +14,7 @@ Shards are equal (`per` tokens, the last zero-padded for the collectives, which 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,6 @@ from .attention import REGION_ROWS, RegionRows
 from .eager import EagerOps
 from .memory import Memory
 from .planned import PlannedOps
-from .tiles import tile_workspace, tiled_mm
 
 
 def shard(tokens: int, rank: int, world: int) -> tuple[int, int]:
@@ -221,40 +220,22 @@ class PlannedSequenceParallelOps(PlannedOps):
                 sub.project_add(local, local + n, q)
         return x
 
-    def lm_head(
-        self, hidden: Tensor, weight: Tensor, packing: Packing, batch: int, chunk: int, *, name: str
-    ) -> RowHead:
-        """Logits of the requested rows as one process computes them: each chunk's hidden rows are
-        gathered from the ranks holding them (every rank reads every row, so each can sample)."""
-        self.begin("lm_head", name, hidden)
-        rule = self.gemm_rule(weight)
-        self.mem.workspace(tile_workspace(hidden, weight, rule, few_rows=True))
-        self.mem.workspace(batch * chunk * 8 * 3)  # the chunk's row indices
-        width, vocab, rows = hidden.shape[-1], weight.shape[0], batch * chunk
-        gathered = self.mem.new((rows, width), hidden.dtype)
-        logits = self.mem.new((rows, vocab), hidden.dtype)
+    def row_selector(self, hidden: Tensor, rows: int) -> Callable[[Tensor, Tensor], None]:
+        """The LM head's rows gathered from the ranks holding them, as one process reads them
+        (every rank reads every row, so each can sample)."""
+        width = hidden.shape[-1]
         everyone = self.mem.new((self.world, rows, width), hidden.dtype)  # each rank's copy of the rows it holds
+        self.mem.workspace(rows * 8 * 3)  # a chunk's row indices
         flat = hidden.view(-1, width)
 
-        def head(first: int, count: int, rows: Tensor | None) -> Iterator[tuple[Tensor, Tensor]]:
-            if rows is None:
-                rows = torch.arange(packing.lengths[first], device=hidden.device)
-            starts = packing.offsets[first : first + count]
-            for at in range(0, rows.numel(), chunk):
-                part = rows[at : at + chunk]
-                index = torch.cat([part + start for start in starts])
-                n = index.numel()
-                h, out = gathered[:n], logits[:n]
-                if self.mem.tracing:  # the buffers are what a trace needs
-                    yield part, out.view(count, part.numel(), vocab)
-                    continue
-                mine = everyone[self.rank, :n]
-                torch.index_select(flat, 0, (index - self.start).clamp_(0, self.per - 1), out=mine)
-                dist.all_gather(list(everyone[:, :n].unbind(0)), mine, group=self.group)
-                owner = torch.div(index, self.per, rounding_mode="floor")
-                at_owner = owner * everyone.shape[1] + torch.arange(n, device=index.device)
-                torch.index_select(everyone.view(-1, width), 0, at_owner, out=h)
-                tiled_mm(h, weight, None, out, rule, few_rows=True)
-                yield part, out.view(count, part.numel(), vocab)
+        def select(index: Tensor, out: Tensor) -> None:
+            if self.mem.tracing:
+                return
+            n = index.numel()
+            mine = everyone[self.rank, :n]
+            torch.index_select(flat, 0, (index - self.start).clamp_(0, self.per - 1), out=mine)
+            dist.all_gather(list(everyone[:, :n].unbind(0)), mine, group=self.group)
+            at_owner = torch.div(index, self.per, rounding_mode="floor") * rows + torch.arange(n, device=index.device)
+            torch.index_select(everyone.view(-1, width), 0, at_owner, out=out)
 
-        return head
+        return select
