@@ -76,9 +76,9 @@ def test_a_killed_rank_ends_the_run_with_one_clear_error(tiny_checkpoints):
 def hung_peer(rank: int, out: str) -> None:
     """Rank 1 never joins the collective; rank 0 must give up after the group's timeout."""
     store = f"file://{out}.store"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=3))
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=2))
     if rank == 1:
-        time.sleep(8)
+        time.sleep(4)
         os._exit(0)
     begin = time.perf_counter()
     try:
@@ -94,5 +94,5 @@ def test_a_hung_rank_fails_the_collective_after_the_timeout(tmp_path):
     out = str(tmp_path / "hang")
     mp.spawn(hung_peer, args=(out,), nprocs=2)
     seconds, said = Path(f"{out}.said").read_text().split("\n", 1)
-    assert float(seconds) < 15
+    assert float(seconds) < 4  # the 2 s timeout, not the peer coming back
     assert said.startswith("another rank died or stopped answering (") and said.endswith("this rank stops too")
