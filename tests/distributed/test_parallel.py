@@ -83,17 +83,18 @@ def rank_main(rank: int, world: int, paths: dict, out: str) -> None:
         for family, dtype in CASES:
             ck = checkpoint.load(paths[family], dtype=dtype)
             ids = ids_of(batch_of(family))
-            rows_read = checkpoint.load(paths[family], dtype=dtype, rank_rows=(rank, world)).weights
             logits = {
                 "sequence": EagerSequenceParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
                 "tensor": EagerTensorParallelExecutor(ck.spec, ck.weights).logits(ids).contiguous(),
-                "tensor_rows_read": EagerTensorParallelExecutor(ck.spec, rows_read).logits(ids).contiguous(),
             }
+            if dtype == "fp32":  # weights read as this rank's rows: the same logits
+                rows_read = checkpoint.load(paths[family], dtype=dtype, rank_rows=(rank, world)).weights
+                logits["tensor_rows_read"] = EagerTensorParallelExecutor(ck.spec, rows_read).logits(ids).contiguous()
             for kind, options in PLANNED.items():
                 logits[kind] = every_row(SequenceParallelExecutor(ck.spec, ck.weights, options), ids)
                 if kind == "planned_chunked":  # tensor parallel's products do not depend on the chunking
                     logits[f"tensor_{kind}"] = every_row(TensorParallelExecutor(ck.spec, ck.weights, options), ids)
-            for parallel in (SequenceParallelExecutor, TensorParallelExecutor):
+            for parallel in (SequenceParallelExecutor, TensorParallelExecutor) if (family, dtype) == CASES[0] else ():
                 tight = parallel(ck.spec, ck.weights, ExecutorOptions(memory_budget=4096))
                 try:  # refused on every rank before any collective, so no rank waits for another
                     every_row(tight, ids)
@@ -177,7 +178,7 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
         # The planned kernels' calls keep a row's bits at any row count (the device profile's
         # tiles): against the one-process Mosaic executor, only attention by heads can differ.
         heads_exact = heads_keep_bits(ck.dtype, ck.spec.num_heads, ck.spec.num_kv_heads, world, ck.spec.head_dim)
-        wanted = {"sequence": want, "tensor": want, "tensor_rows_read": want}
+        wanted = {"sequence": want, "tensor": want} | ({"tensor_rows_read": want} if dtype == "fp32" else {})
         exact["tensor_rows_read"] = exact["tensor"]
         for kind, options in PLANNED.items():
             wanted[kind] = every_row(MosaicExecutor(ck.spec, ck.weights, options), ids_of(batch_of(family)))
@@ -185,8 +186,8 @@ def test_parallel_logits_equal_one_process(tiny_checkpoints, tmp_path, world):
         wanted["tensor_planned_chunked"], exact["tensor_planned_chunked"] = wanted["planned_chunked"], exact["tensor"]
         for rank in range(world):
             got = load_file(f"{out}.{family}.{dtype}.{rank}")
-            for name in ("sequence-parallel", "tensor-parallel"):  # nothing fits 4 KiB: every rank says so
-                assert got[f"refused_max_length_{name}"].item() == 0
+            for name in ("sequence-parallel", "tensor-parallel") if (family, dtype) == CASES[0] else ():
+                assert got[f"refused_max_length_{name}"].item() == 0  # nothing fits 4 KiB: every rank says so
             for kind, reference in wanted.items():
                 if exact[kind]:
                     assert torch.equal(got[kind], reference), (kind, family, dtype, rank)
