@@ -395,6 +395,11 @@ class LLM:
         largest step planned (`plan`: DoesNotFit with the longest length that fits)."""
         cfg = self.resolve(config, len(prompt_ids))
         self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
+        if cfg.cache not in (None, "none") and not getattr(self.executor, "takes_block_caches", True):
+            raise GenerationConfigError(
+                f"the {self.executor.name} executor does not take Fast-dLLM's block caches yet: "
+                "set cache to none (threshold decoding works without one)"
+            )
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
 
         def start():  # the settings as planned (`plan` may choose the block cache's precision)

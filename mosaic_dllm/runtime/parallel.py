@@ -42,6 +42,7 @@ class SequenceParallelExecutor(MosaicExecutor):
     refused on every rank before any collective starts."""
 
     name = "sequence-parallel"
+    takes_block_caches = False  # its attention region has no cache splicing yet
 
     def __init__(
         self,
@@ -56,6 +57,8 @@ class SequenceParallelExecutor(MosaicExecutor):
         self.group, self.rank = group, dist.get_rank(group)
 
     def planned_ops(self, memory: ArenaMemory | AllocatorMemory, chunks: Chunks) -> PlannedOps:
+        if self.ranks == 1:  # a group of one: the one-process step (its plan is traced so)
+            return super().planned_ops(memory, chunks)
         return PlannedSequenceParallelOps(memory, chunks, self.ranks, self.rank, self.group)
 
 
@@ -63,6 +66,7 @@ class EagerSequenceParallelExecutor(EagerExecutor):
     """Sequence parallel with the eager kernels: the official arithmetic across ranks (the oracle)."""
 
     name = "sequence-parallel-eager"
+    takes_block_caches = False
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
         check_heads(spec.num_heads, spec.num_kv_heads, _group_size(group, "sequence parallel"))
@@ -85,8 +89,10 @@ class TensorParallelExecutor(MosaicExecutor):
         group: dist.ProcessGroup | None = None,
     ):
         self.tensor_ranks = _group_size(group, "tensor parallel")
-        local, sharded = shard_rows(spec, weights, dist.get_rank(group), self.tensor_ranks)
-        super().__init__(spec, gathered(local, sharded, self.tensor_ranks, group), options)
+        if self.tensor_ranks > 1:  # a group of one keeps the whole weights: the one-process step
+            local, sharded = shard_rows(spec, weights, dist.get_rank(group), self.tensor_ranks)
+            weights = gathered(local, sharded, self.tensor_ranks, group)
+        super().__init__(spec, weights, options)
 
 
 class EagerTensorParallelExecutor(EagerExecutor):

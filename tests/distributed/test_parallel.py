@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mosaic_dllm import checkpoint
+from mosaic_dllm.config import GenerationConfigError
 from mosaic_dllm.device import profile_for
 from mosaic_dllm.kernels.sequence_parallel import check_heads, shard
 from mosaic_dllm.models.groups import Chunks
@@ -64,6 +65,9 @@ def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
         llm = LLM(path, executor=executor if world else one_process[executor])
         out = llm.generate("Return the", llm.default_config(**GENERATION))[0]
         tokens[name] = torch.tensor(out.token_ids)
+        if world and executor == "sequence-parallel":  # refused before any work, on every rank
+            with pytest.raises(GenerationConfigError, match="does not take Fast-dLLM's block caches yet"):
+                llm.generate("Return the", llm.default_config(**GENERATION, block_length=8, cache="dual"))
     return tokens
 
 
@@ -322,3 +326,23 @@ def test_a_tensor_parallel_rank_reads_only_its_rows(tiny_checkpoints):
             rows = t_whole.shape[0] // 2
             assert torch.equal(t_part, t_whole[rows:])
     assert sum(t.nbytes for t in held.values()) < 0.62 * sum(t.nbytes for t in {id(t): t for t in flat(whole)}.values())
+
+
+def alone_in_a_group(rank: int, paths: dict, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=1)
+    try:
+        save_file(generated_tokens(paths, 1), f"{out}.tokens")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_group_of_one_rank_runs_the_one_process_step(tiny_checkpoints, tmp_path):
+    """`--nproc 1` (or torchrun with one process): the parallel executors plan and run one
+    process's step, and give its tokens."""
+    paths = {family: str(tiny_checkpoints[family]) for family in ("llada", "dream")}
+    out = str(tmp_path / "one")
+    mp.spawn(alone_in_a_group, args=(paths, out), nprocs=1)
+    torch.set_num_threads(1)
+    alone = generated_tokens(paths, None)
+    assert {k: v.tolist() for k, v in load_file(f"{out}.tokens").items()} == {k: v.tolist() for k, v in alone.items()}
