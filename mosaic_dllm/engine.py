@@ -395,10 +395,10 @@ class LLM:
         largest step planned (`plan`: DoesNotFit with the longest length that fits)."""
         cfg = self.resolve(config, len(prompt_ids))
         self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
-        if cfg.cache not in (None, "none") and not getattr(self.executor, "takes_block_caches", True):
+        if cfg.cache not in (None, "none") and (why := getattr(self.executor, "no_block_caches", None)):
             raise GenerationConfigError(
-                f"the {self.executor.name} executor does not take Fast-dLLM's block caches yet: "
-                "set cache to none (threshold decoding works without one)"
+                f"Fast-dLLM's block caches are not built for {why} yet: set cache to none "
+                "(threshold decoding works without one)"
             )
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
 

@@ -94,7 +94,7 @@ class SequenceParallelOps(EagerOps):
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         if packing.caches:
-            raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
+            raise ValueError("Fast-dLLM's block caches are not built for the eager sequence-parallel executor yet")
         queries, keys = head_slices(q.shape[2], k.shape[2], self.world)
         qh = self._to_heads(q, queries)
         kh, vh = (self._to_heads(t, keys) for t in (k, v))
@@ -167,8 +167,6 @@ class PlannedSequenceParallelOps(PlannedOps):
     def attention_region(
         self, x: Tensor, spec: ArchSpec, layer: dict[str, Tensor], index: int, packing: Packing, *, name: str
     ) -> Tensor:
-        if packing.caches:
-            raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
         group = self.begin("attention_region", name, x)
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         queries, keys = head_slices(nh, nkv, self.world)
@@ -184,6 +182,7 @@ class PlannedSequenceParallelOps(PlannedOps):
         came = self.mem.new((world * rows * kw * hd,), x.dtype)  # K or V of the ranks' rows, my heads
         q = self.mem.new((owned, nh * hd), x.dtype)  # my rows' queries, all heads; then their outputs
         heads = self.mem.new((block, qw, hd), x.dtype)  # the block's queries of my heads; then attended
+        spliced = self.window_buffers(packing, every_k)  # a window's keys and values: its cache's, my heads
         sub = RegionRows(self, x, spec, layer, packing)
         if self.mem.tracing:
             return x
@@ -196,6 +195,8 @@ class PlannedSequenceParallelOps(PlannedOps):
                     out[r].copy_(mine[:n, s])
                 dist.all_to_all_single(back, out.view(-1), group=self.group)
                 every[0].view(world, per, kw, hd)[:, first : first + n].copy_(back.view(world, n, kw, hd))
+        packing.store_caches(index, every_k, every_v)  # a refreshing sequence's cache keeps my heads
+        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
         gqa = {"enable_gqa": True} if qw // kw > 1 else {}
         for offset, length, start, end in parts:  # the one-process query blocks
             a, b = offset + start, offset + end
@@ -208,9 +209,17 @@ class PlannedSequenceParallelOps(PlannedOps):
                 out[r].copy_(q[:n].view(n, nh, hd)[:, s])
             block_q = heads[: b - a]
             dist.all_to_all_single(block_q, out.view(world * n, qw, hd), counts, [n] * world, group=self.group)
-            k, v = (t[:, offset : offset + length].transpose(1, 2) for t in (every_k, every_v))
+            k, v = every_k[:, offset : offset + length], every_v[:, offset : offset + length]
+            if (use := packing.window(sequence_of[offset])) is not None:
+                k, v = self.spliced(use, index, k, v, spliced, first_block=start == 0)
             result = F.scaled_dot_product_attention(
-                block_q[None].transpose(1, 2), k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
+                block_q[None].transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
+                **gqa,
             )
             block_q[None].copy_(result.transpose(1, 2))
             del result

@@ -48,6 +48,9 @@ class BlockCache:
         return elements + scales + min(STORE_CHUNK, self.positions) * self.width[0] * self.width[1] * 4
 
     def _allocate(self, like: Tensor) -> None:
+        """Buffers for K / V like `like` (n, kv heads, head dim): a sequence-parallel rank stores only
+        its heads (fewer than `width` says: `nbytes` counts them all, an upper bound)."""
+        self.width = tuple(like.shape[1:])
         shape, device = (self.positions, *self.width), like.device
         dtype = torch.int8 if self.int8 else like.dtype
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(self.layers)]

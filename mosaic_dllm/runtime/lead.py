@@ -44,6 +44,8 @@ class LeadExecutor:
     steps a heartbeat keeps the followers' collectives from timing out. Everything else is the
     wrapped executor's."""
 
+    no_block_caches = "serving across ranks"  # the followers would need each request's cache
+
     def __init__(self, executor: MosaicExecutor, group: dist.ProcessGroup | None = None):
         self.executor, self.group = executor, group
         self._lock = threading.RLock()  # one announcement sequence at a time
@@ -98,8 +100,8 @@ class LeadExecutor:
         self, steps: Sequence[StepInput], sampler_row_bytes: int = 0, as_one_batch: bool = False
     ) -> Iterator[list[StepLogits]]:
         steps = [StepInput(*step) for step in steps]
-        if any(step.cache is not None for step in steps):
-            raise ValueError("sequence parallel steps do not take block caches yet (Fast-dLLM's cache)")
+        if any(step.cache is not None for step in steps):  # requests with caches are refused when made
+            raise ValueError(f"Fast-dLLM's block caches are not built for {self.no_block_caches} yet")
         with self._collectives():
             self._send(STEP, len(steps), sampler_row_bytes, int(as_one_batch))
             for step in steps:

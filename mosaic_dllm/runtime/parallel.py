@@ -42,7 +42,6 @@ class SequenceParallelExecutor(MosaicExecutor):
     refused on every rank before any collective starts."""
 
     name = "sequence-parallel"
-    takes_block_caches = False  # its attention region has no cache splicing yet
 
     def __init__(
         self,
@@ -66,7 +65,7 @@ class EagerSequenceParallelExecutor(EagerExecutor):
     """Sequence parallel with the eager kernels: the official arithmetic across ranks (the oracle)."""
 
     name = "sequence-parallel-eager"
-    takes_block_caches = False
+    no_block_caches = "the eager sequence-parallel executor"
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
         check_heads(spec.num_heads, spec.num_kv_heads, _group_size(group, "sequence parallel"))

@@ -22,12 +22,14 @@ def test_a_server_across_two_ranks_answers_as_one_process(tiny_checkpoints, monk
     with mosaic_serve(path, *flags) as (url, proc):
         with ThreadPoolExecutor(3) as pool:  # together: the scheduler batches them
             answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
+        cached = httpx.post(f"{url}/v1/completions", json=bodies[0] | {"cache": "dual", "block_length": 4}, timeout=60)
         health = httpx.get(f"{url}/health", timeout=10).json()
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # rank 1 returned when rank 0 stopped
     assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
+    assert cached.status_code == 400 and "not built for serving across ranks" in cached.json()["error"]["message"]
     assert health["executor"] == "sequence-parallel" and health["ranks"] == 2 and health["status"] == "ok"
     assert len(stats["ranks"]) == 2
     assert all(r["rss_bytes"] > 0 and r["arena_committed_bytes"] > 0 for r in stats["ranks"])
