@@ -64,10 +64,10 @@ def generated_tokens(paths: dict, world: int | None) -> dict[str, torch.Tensor]:
         llm = LLM(path, executor=executor if world else one_process[executor])
         out = llm.generate("Return the", llm.default_config(**GENERATION))[0]
         tokens[name] = torch.tensor(out.token_ids)
-        if executor == "sequence-parallel":  # Fast-dLLM's caches: each rank keeps its heads' K and V
-            for cache in ("prefix", "dual"):
-                cfg = llm.default_config(**GENERATION, block_length=8, cache=cache, threshold=0.9)
-                tokens[f"{name}_{cache}"] = torch.tensor(llm.generate("Return the", cfg)[0].token_ids)
+        # Fast-dLLM's caches (a sequence-parallel rank keeps its heads' K and V)
+        for cache in ("prefix", "dual") if executor == "sequence-parallel" else ("dual",):
+            cfg = llm.default_config(**GENERATION, block_length=8, cache=cache, threshold=0.9)
+            tokens[f"{name}_{cache}"] = torch.tensor(llm.generate("Return the", cfg)[0].token_ids)
     return tokens
 
 
