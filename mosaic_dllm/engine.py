@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint
 from .checkpoint import CheckpointError
@@ -170,12 +171,10 @@ class LLM:
         check_executor(executor, options)  # before the weights are loaded
         Scheduler.check_max_batch(max_batch)
         scheme = parse_quantization(quantize, quantize_head, quantize_embeddings)
-        ranks = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank_rows = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ranks else None
-        tensor_parallel = executor.startswith("tensor-parallel")  # each rank reads only its rows
-        self.checkpoint = checkpoint.load(
-            model or default_model_path(), dtype, device, scheme, rank_rows if tensor_parallel else None
-        )
+        rank_rows = None  # a tensor-parallel rank reads only its rows of the checkpoint
+        if executor.startswith("tensor-parallel") and dist.is_available() and dist.is_initialized():
+            rank_rows = (dist.get_rank(), dist.get_world_size())
+        self.checkpoint = checkpoint.load(model or default_model_path(), dtype, device, scheme, rank_rows)
         self.spec = self.checkpoint.spec
         self.tokenizer = self.checkpoint.tokenizer
         vocabulary = {t: self.tokenizer.token_to_id(t) for t in self.tokenizer.special_tokens} if self.tokenizer else {}
@@ -189,32 +188,32 @@ class LLM:
             options = replace(options, memory_budget=budget)
         self.executor = make_executor(executor, self.spec, self.checkpoint.weights, options)
         self.scheduler = Scheduler(self.executor, max_batch, on_step)
+        self.lead: LeadExecutor | None = None  # serving across ranks as rank 0 (`lead_ranks`)
         self._sampler_costs = LRU(64)  # by settings: bytes per logits row
 
     @property
     def ranks(self) -> int:
-        """Processes running each step (sequence parallel), 1 otherwise."""
-        return getattr(self.executor, "ranks", 1)
+        """Processes serving each step: the group's when serving across ranks, else 1."""
+        return self.lead.group_size if self.lead else 1
 
     @property
     def ranks_lost(self) -> str | None:
         """Serving across ranks: what the collective that found another rank gone said (None: all well)."""
-        return getattr(self.executor, "lost", None)
+        return self.lead.lost if self.lead else None
 
     @property
     def rank_memory(self) -> list[dict[str, int]]:
         """Serving across ranks: each rank's RSS and arena bytes after the last step ([] otherwise)."""
-        return getattr(self.executor, "rank_memory", [])
+        return self.lead.rank_memory if self.lead else []
 
     def check_ranks(self) -> str | None:
         """Serving across ranks: whether the other ranks still answer (None: they do, or one process)."""
-        check = getattr(self.executor, "check_ranks", None)
-        return check() if check is not None else None
+        return self.lead.check_ranks() if self.lead else None
 
     def lead_ranks(self) -> None:
-        """Serve as rank 0 of a sequence-parallel group: each step is announced to the other
-        ranks, which make the same calls (`runtime.lead.follow`)."""
-        self.executor = LeadExecutor(self.executor)
+        """Serve as rank 0 of a parallel group: each step is announced to the other ranks, which
+        make the same calls (`runtime.lead.follow`)."""
+        self.executor = self.lead = LeadExecutor(self.executor)
         self.scheduler.executor = self.executor
 
     def default_config(self, **overrides) -> GenerationConfig:
@@ -395,7 +394,7 @@ class LLM:
         largest step planned (`plan`: DoesNotFit with the longest length that fits)."""
         cfg = self.resolve(config, len(prompt_ids))
         self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
-        if cfg.cache not in (None, "none") and (why := getattr(self.executor, "no_block_caches", None)):
+        if cfg.cache not in (None, "none") and (why := self.executor.no_block_caches):
             raise GenerationConfigError(
                 f"Fast-dLLM's block caches are not built for {why} yet: set cache to none "
                 "(threshold decoding works without one)"

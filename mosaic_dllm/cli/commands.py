@@ -285,8 +285,8 @@ def serve(args: argparse.Namespace) -> int:
             max_connections=args.max_connections,
         )
     finally:
-        if args.executor in PARALLEL:
-            llm.executor.stop()  # the other ranks return
+        if llm.lead is not None:
+            llm.lead.stop()  # the other ranks return
     return 0
 
 

@@ -234,8 +234,6 @@ def _ranks(args: argparse.Namespace, spec) -> list[int]:
         raise ValueError(f"--nproc takes comma-separated rank counts, e.g. 1,2,4,8, got {args.nproc!r}") from None
     if not counts or min(counts) < 1:
         raise ValueError(f"--nproc takes rank counts >= 1, got {args.nproc!r}")
-    if args.cache != "none" and max(counts) > 1:
-        raise ValueError("sequence parallel steps do not take block caches yet: --nproc with --cache none")
     for n in counts:
         if n > 1:
             check_heads(spec.num_heads, spec.num_kv_heads, n)

@@ -1,5 +1,6 @@
-"""Sequence parallel eager kernels: each rank of a torch.distributed group holds a shard of the
-step's packed tokens; attention runs by heads (Ulysses-style).
+"""Sequence parallel kernels: each rank of a torch.distributed group holds a shard of the step's
+packed tokens; attention runs by heads (Ulysses-style). `PlannedSequenceParallelOps` plans it
+(below); `SequenceParallelOps` runs it eagerly, the oracle:
 
 Token-local ops (embedding, norms, projections, FFN / MoE) run as `EagerOps` on the rank's own
 tokens. Rotary rotates them by their positions in the whole packing. Attention turns token shards
@@ -31,9 +32,14 @@ from .memory import Memory
 from .planned import PlannedOps
 
 
+def share(tokens: int, world: int) -> int:
+    """Tokens each rank holds: ceil(tokens / world) (the last rank's, zero-padded to it)."""
+    return -(-tokens // world)
+
+
 def shard(tokens: int, rank: int, world: int) -> tuple[int, int]:
     """[start, end) of the packed tokens rank `rank` of `world` holds (the last may be shorter or empty)."""
-    per = -(-tokens // world)
+    per = share(tokens, world)
     return min(rank * per, tokens), min((rank + 1) * per, tokens)
 
 
@@ -69,7 +75,7 @@ class SequenceParallelOps(EagerOps):
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.tokens = ids.shape[1]
         self.start, self.end = shard(self.tokens, self.rank, self.world)
-        self.per = -(-self.tokens // self.world)
+        self.per = share(self.tokens, self.world)
         return super().embed(ids[:, self.start : self.end], table, name=name)
 
     def _padded(self, t: Tensor, tokens: int) -> Tensor:
@@ -143,8 +149,8 @@ class PlannedSequenceParallelOps(PlannedOps):
 
     def embed(self, ids: Tensor, table: Tensor, *, name: str) -> Tensor:
         self.tokens = ids.shape[1]
-        self.per = -(-self.tokens // self.world)
-        self.start = min(self.rank * self.per, self.tokens)
+        self.per = share(self.tokens, self.world)
+        self.start = shard(self.tokens, self.rank, self.world)[0]
         return super().embed(self._local(ids), table, name=name)
 
     def _local(self, t: Tensor) -> Tensor:

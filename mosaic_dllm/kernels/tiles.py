@@ -50,7 +50,7 @@ def weight_workspace(weight: Tensor | QuantizedWeight | ShardedWeight, rows: int
     """A quantized kernel's fresh output (and dequantized weight, off CPU) for its largest call; a
     sharded weight's gathered columns (for calls of at most `rows` rows, when given)."""
     if isinstance(weight, ShardedWeight):
-        return weight.workspace() if rows is None else weight.workspace(rows)
+        return weight.workspace(rows or SHARDED_CALL_ROWS)
     return weight.call_workspace(QUANTIZED_CALL_ROWS) if isinstance(weight, QuantizedWeight) else 0
 
 

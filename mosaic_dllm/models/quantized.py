@@ -33,7 +33,6 @@ INT4_ROW_MULTIPLE = 16
 # Rows per call of a quantized GEMM in the planned kernels: a call's output is a fresh tensor, so
 # the rows of one call bound what it allocates (`call_workspace`).
 QUANTIZED_CALL_ROWS = 256
-# Linear weights by role in `WeightNames.layer` / `.expert`; the router stays in the compute dtype.
 EMBEDDINGS = QuantScheme(8)  # an embedding table quantized: int8, one scale per token row
 INT4_BLOCKS = QuantScheme(4, 32)  # llama.cpp's Q4_0 / Q4_K blocks, held as they are (`gguf_file.py`)
 

@@ -106,6 +106,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     )
 
 
+# Linear weights by role in `WeightNames.layer` (experts' are all linear); routers stay whole.
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 # What a tensor-parallel rank holds 1/N of, by output rows: every linear weight and the biases of
 # the projections that have them (routers, norms and embeddings stay whole).
@@ -126,7 +127,7 @@ def linear_names(spec: ArchSpec, head: bool, roles: tuple[str, ...] = LINEAR_ROL
 
 
 def row_sharded_names(spec: ArchSpec) -> set[str]:
-    """The tensors a tensor-parallel rank reads only its rows of (`checkpoint.load(rows_of=...)`)."""
+    """The tensors a tensor-parallel rank reads only its rows of (`checkpoint.load(rank_rows=...)`)."""
     return linear_names(spec, head=True, roles=ROW_SHARDED_ROLES)
 
 

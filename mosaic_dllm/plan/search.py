@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..device import KernelRules
+from ..kernels.sequence_parallel import share
 from ..memory.sizes import ceil_div, mib
 from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, MIN_CHUNK_TOKENS, OpGroup, largest_chunk
 from .shapes import StepShape
@@ -63,7 +64,7 @@ class SearchResult:
 def _rows(group: OpGroup, shape: StepShape) -> int:
     """What a chunk of `group` splits: every packed token (a rank's share of them), or (the longest)
     sequence's queries."""
-    return shape.longest if group.splits == "queries" else ceil_div(shape.tokens, shape.ranks)
+    return shape.longest if group.splits == "queries" else share(shape.tokens, shape.ranks)
 
 
 def _split(shape: StepShape, name: str, rules: KernelRules) -> StepShape | None:

@@ -148,9 +148,10 @@ def trace_step(
         moe = spec.moe and replace(spec.moe, moe_layers=spec.moe.moe_layers[:1])
         traced = replace(spec, num_layers=1, moe=moe)
     memory = memory or TraceMemory(rules or profile_for("cpu").rules(dtype))
-    ops = PlannedOps(memory, shape.chunks)
     if shape.ranks > 1:
         ops = PlannedSequenceParallelOps(memory, shape.chunks, shape.ranks)
+    else:
+        ops = PlannedOps(memory, shape.chunks)
     packing = packing or shape.trace_packing(spec)
     ids = torch.empty((1, packing.tokens), dtype=torch.long, device="meta")
     rows = torch.empty((shape.chunk,), dtype=torch.long, device="meta")

@@ -20,7 +20,7 @@ from .mosaic import MosaicExecutor
 
 log = logging.getLogger(__name__)
 
-NOOP, STEP, READ, END, RELEASE, STOP, PING = range(7)
+NOOP, STEP, INPUT, READ, END, RELEASE, STOP, PING = range(8)
 HEARTBEAT_SECONDS = 10.0  # an idle lead pings this often, well inside any --rank-timeout
 
 
@@ -47,7 +47,7 @@ class LeadExecutor:
     no_block_caches = "serving across ranks"  # the followers would need each request's cache
 
     def __init__(self, executor: MosaicExecutor, group: dist.ProcessGroup | None = None):
-        self.executor, self.group = executor, group
+        self.executor, self.group, self.group_size = executor, group, dist.get_world_size(group)
         self._lock = threading.RLock()  # one announcement sequence at a time
         self._stopped = threading.Event()
         self.lost: str | None = None  # what a failed collective said: every later call fails at once
@@ -105,7 +105,7 @@ class LeadExecutor:
         with self._collectives():
             self._send(STEP, len(steps), sampler_row_bytes, int(as_one_batch))
             for step in steps:
-                self._send(NOOP, *step.ids.shape, step.rows.numel())
+                self._send(INPUT, *step.ids.shape, step.rows.numel())
                 for t in (step.ids, step.rows):
                     dist.broadcast(t.to(torch.long).contiguous(), src=0, group=self.group)
             try:

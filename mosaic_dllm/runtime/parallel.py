@@ -12,8 +12,6 @@ own (serving: `lead.py`). The official arithmetic, exact where the device's kern
 
 from __future__ import annotations
 
-import logging
-
 import torch.distributed as dist
 
 from ..kernels.memory import AllocatorMemory
@@ -26,8 +24,6 @@ from ..models.weights import Weights
 from .eager import EagerExecutor
 from .executor import ExecutorOptions
 from .mosaic import ArenaMemory, MosaicExecutor
-
-log = logging.getLogger(__name__)
 
 
 def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:

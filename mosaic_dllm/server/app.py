@@ -258,8 +258,8 @@ class Service:
             self.metrics.requests.labels(path, "499").inc()
             self.metrics.rejections.labels("client_disconnected").inc()
             raise
-        except RanksLost:  # the launcher stops the server; say why meanwhile
-            raise self.shutting_down("") from None
+        except RanksLost as exc:  # the launcher stops the server; say why meanwhile
+            raise self.shutting_down(str(exc)) from None
         except Exception as exc:  # the request fails, the server keeps serving
             log.exception("generation failed")
             raise APIError(500, f"internal error while generating: {exc}", "internal_error", "internal_error") from exc

@@ -258,6 +258,8 @@ def test_plan_nproc_predicts_one_ranks_part(capsys):
         assert main([*length, "--nproc", n]) == 0
         plans[n] = json.loads(capsys.readouterr().out)
     assert plans["2"]["ranks"] == 2 and plans["2"]["arena_bytes"] < 0.6 * plans["1"]["arena_bytes"]
+    assert main([*length, "--nproc", "2", "--cache", "dual"]) == 0  # a block cache joins a rank's plan
+    assert json.loads(capsys.readouterr().out)["cache_bytes"] > 0
 
 
 def test_plan_tp_plans_a_tensor_parallel_rank(capsys):
@@ -288,7 +290,6 @@ def test_plan_tp_plans_a_tensor_parallel_rank(capsys):
         (["--length", "64", "--nproc", "0"], "rank counts >= 1"),
         (["--length", "64", "--nproc", "two"], "comma-separated rank counts"),
         (["--length", "64", "--nproc", "2,4"], "one rank count with --length"),
-        (["--length", "64", "--nproc", "2", "--cache", "dual"], "do not take block caches"),
         (["--length", "64", "--tp", "3"], "divide evenly"),
         (["--length", "64", "--tp", "0"], "--tp takes a rank count >= 1"),
         (["--length", "64", "--tp", "2", "--nproc", "2"], "sequence and tensor parallel together"),
