@@ -18,9 +18,11 @@ from typing import Any, get_args, get_type_hints
 MAX_LENGTH = 1 << 24
 SEED_END = 2**63  # torch.Generator.manual_seed takes [0, 2**63) without wrapping
 
-LLADA, DREAM = "llada", "dream"  # the samplers (LLaDA-MoE decodes as LLaDA)
-FAMILY_NAMES = {LLADA: "LLaDA / LLaDA-MoE", DREAM: "Dream"}
-REMASKING = ("low_confidence", "random")
+LLADA, DREAM, SDAR = "llada", "dream", "sdar"  # the samplers (LLaDA-MoE decodes as LLaDA)
+FAMILY_NAMES = {LLADA: "LLaDA / LLaDA-MoE", DREAM: "Dream", SDAR: "SDAR"}
+LLADA_REMASKING = ("low_confidence", "random")
+SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential", "entropy_bounded")
+REMASKING = (*LLADA_REMASKING, *SDAR_REMASKING)
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 THRESHOLD_ALG = "confidence_threshold"  # Fast-dLLM's Dream samplers
 DREAM_ALGS = (*ALGS, THRESHOLD_ALG)
@@ -37,7 +39,7 @@ class Setting:
     """What every reader of one generation setting needs; `name` and `kind` come from the field."""
 
     help: str
-    families: tuple[str, ...] = (LLADA, DREAM)  # the samplers that read it
+    families: tuple[str, ...] = (LLADA, DREAM, SDAR)  # the samplers that read it
     choices: tuple[str, ...] = ()
     low: float | None = None  # bounds: [low, high], either end open where `*_open`
     low_open: bool = False
@@ -116,8 +118,10 @@ FAST_DLLM = "Fast-dLLM's parallel decoding (opt-in; an approximation of the offi
 @dataclass(frozen=True)
 class GenerationConfig:
     gen_length: int | None = setting("tokens to generate (the generation length)", api_name="max_tokens", **LENGTH)
-    steps: int | None = setting("denoising steps", **LENGTH)
-    block_length: int | None = setting("semi-autoregressive block (LLaDA; Dream with a block cache)", **LENGTH)
+    steps: int | None = setting("denoising steps (SDAR: per block)", **LENGTH)
+    block_length: int | None = setting(
+        "semi-autoregressive block (LLaDA; Dream with a block cache; SDAR: its attention's blocks)", **LENGTH
+    )
     # LLaDA's float64 Gumbel noise, (-log u) ** temperature, underflows to 0 for some draws past ~20
     temperature: float | None = setting("sampling temperature (0: greedy)", low=0, high=10)
     cfg_scale: float | None = setting(
@@ -128,7 +132,11 @@ class GenerationConfig:
         neutral=0.0,
     )
     remasking: str | None = setting(
-        "which masked positions a step reveals", families=(LLADA,), choices=REMASKING, neutral="low_confidence"
+        f"which masked positions a step reveals (LLaDA: {' / '.join(LLADA_REMASKING)}; "
+        f"SDAR: {' / '.join(SDAR_REMASKING)})",
+        families=(LLADA, SDAR),
+        choices=REMASKING,
+        neutral="low_confidence",
     )
     alg: str | None = setting("how a step ranks masked positions", families=(DREAM,), choices=DREAM_ALGS)
     alg_temp: float | None = setting(
@@ -138,20 +146,29 @@ class GenerationConfig:
         high=100,
         off=0.0,
     )
-    top_p: float | None = setting("nucleus sampling (1: off)", families=(DREAM,), low=0, low_open=True, high=1, off=1.0)
+    top_p: float | None = setting(
+        "nucleus sampling (1: off)", families=(DREAM, SDAR), low=0, low_open=True, high=1, off=1.0
+    )
     top_k: int | None = setting(
         "keep the k most likely tokens (0: off)",
-        families=(DREAM,),
+        families=(DREAM, SDAR),
         low=0,
         accepted="a positive integer, or 0 for no top-k",
         off=0,
     )
     eps: float | None = setting("the final timestep", families=(DREAM,), low=0, low_open=True, high=1, high_open=True)
     threshold: float | None = setting(
-        f"reveal every masked position of the block at or above this confidence, at least one a step. {FAST_DLLM}",
+        f"reveal every masked position of the block at or above this confidence, at least one a step. {FAST_DLLM}"
+        " (SDAR: low_confidence_dynamic's confidence threshold)",
         low=0,
         low_open=True,
         high=1,
+    )
+    eb_threshold: float | None = setting(
+        "entropy_bounded: reveal the least uncertain masked positions while their entropies sum to at most this",
+        families=(SDAR,),
+        low=0,
+        low_open=True,
     )
     factor: float | None = setting(
         f"the factor-based variant of threshold (Fast-dLLM's Dream samplers have threshold only). {FAST_DLLM}",
@@ -161,12 +178,14 @@ class GenerationConfig:
     )
     cache: str | None = setting(
         "block K/V cache: the prompt's and finished blocks' K/V (prefix), also the later blocks' (dual). " + FAST_DLLM,
+        families=(LLADA, DREAM),
         choices=CACHES,
         neutral="none",
     )
     cache_dtype: str | None = setting(
         "the block cache's precision: the model's dtype, int8 (a scale per position and head: about half "
         "a bf16 cache; an approximation) or auto (int8 only when the model's would not fit the memory budget)",
+        families=(LLADA, DREAM),
         choices=CACHE_DTYPES,
         neutral="model",
     )

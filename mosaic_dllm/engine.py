@@ -438,14 +438,17 @@ class LLM:
         return self.executor.plan_for(self.worst_step(prompt_length, self.resolve(cfg, prompt_length)))
 
     def worst_step(self, prompt_length: int, cfg: GenerationConfig) -> RequestShape:
-        """A request's largest step (the whole canvas, the most rows any step reads, its block cache
-        alive), resolved settings `cfg`."""
+        """A request's largest step (the sampler's: the whole canvas for the full-canvas families),
+        with the most rows any step reads and its block cache alive; resolved settings `cfg`."""
+        length, keys, masked = self.sampler.largest_step(cfg, prompt_length)
         return RequestShape(
             self.sampler.guidance_batch(cfg),
-            prompt_length + cfg.gen_length,
+            length,
             self.sampler.most_rows(cfg),
             self.sampler_row_bytes(cfg),
             self.sampler.cache_bytes(cfg, prompt_length, self.executor.dtype),
+            keys,
+            masked,
         )
 
     def sampler_row_bytes(self, cfg: GenerationConfig) -> int:

@@ -764,3 +764,158 @@ def fast_dream_generate(
             if (x[:, start:end] == mask_id).sum() == 0:
                 break
     return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# SDAR (JetAstra/SDAR at c2041a8): modeling_sdar.py's inference forward (Qwen3 with q/k norms, the
+# Triton RMSNorm restated as transformers' Qwen3 RMSNorm) and generate.py's block_diffusion_generate.
+
+
+def sdar_forward(config: dict, sd: dict, ids, positions, mask, past: list, store_kv: bool):
+    """modeling_sdar's forward at inference: `past` a list of per-layer (K, V) (the DynamicCache),
+    appended to when `store_kv`, else read in front of the fresh ones; `mask` (1, t, keys) bool:
+    all True -> flash_attn_func without a mask (restated as SDPA), else SDPA with it."""
+    b, t = ids.shape
+    nh = config["num_attention_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // nh
+    eps = config["rms_norm_eps"]
+    x = F.embedding(ids, sd["model.embed_tokens.weight"])
+    inv = 1.0 / (config["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    freqs = (inv[None, :, None].float() @ positions[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        residual = x
+        h = _rms(x, sd[p + "input_layernorm.weight"], eps)
+        q = _rms(F.linear(h, sd[a + "q_proj.weight"]).view(b, t, -1, hd), sd[a + "q_norm.weight"], eps).transpose(1, 2)
+        k = _rms(F.linear(h, sd[a + "k_proj.weight"]).view(b, t, -1, hd), sd[a + "k_norm.weight"], eps).transpose(1, 2)
+        v = F.linear(h, sd[a + "v_proj.weight"]).view(b, t, -1, hd).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if store_kv:
+            if len(past) > i:
+                past[i] = (torch.cat([past[i][0], k], dim=-2), torch.cat([past[i][1], v], dim=-2))
+            else:
+                past.append((k, v))
+            k, v = past[i]
+        elif len(past) > i:
+            k, v = torch.cat([past[i][0], k], dim=-2), torch.cat([past[i][1], v], dim=-2)
+        if bool(mask.all()):
+            att = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        x = residual + F.linear(att.transpose(1, 2).reshape(b, t, nh * hd), sd[a + "o_proj.weight"])
+        residual = x
+        x = residual + _mlp(_rms(x, sd[p + "post_attention_layernorm.weight"], eps), sd, p + "mlp.")
+    x = _rms(x, sd["model.norm.weight"], eps)
+    return F.linear(x, sd["lm_head.weight"])
+
+
+def sdar_sample(logits, temperature, top_k, top_p):
+    """generate.py's sample_with_temperature_topk_topp (global RNG); temperature 0 -> greedy, the
+    one place it is not the published code (which divides by zero)."""
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1])
+    if temperature not in (0, 1.0):
+        logits = logits / temperature
+    if top_k > 0:
+        values, _ = torch.topk(logits, top_k)
+        logits = torch.where(logits < values[..., -1, None], torch.full_like(logits, float("-inf")), logits)
+    if top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(logits, descending=True)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        drop = torch.scatter(torch.full_like(logits, False, dtype=torch.bool), -1, sorted_indices, remove)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    token = probs.argmax(-1, keepdim=True) if temperature == 0 else torch.multinomial(probs, num_samples=1)
+    return token.view(*shape), torch.gather(probs, -1, token).view(*shape), probs
+
+
+def sdar_generate(
+    config,
+    sd,
+    prompt,
+    mask_id,
+    gen_length,
+    block_length,
+    denoising_steps,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    remasking_strategy="low_confidence_dynamic",
+    confidence_threshold=0.85,
+    eb_threshold=0.35,
+    stopping_criteria_idx=None,
+    only_masked=True,
+):
+    """block_diffusion_generate, batch 1, global RNG. `only_masked=False`: the published top-k
+    fallback, which may pick revealed positions; True: masked ones only (what it means).
+    entropy_bounded: the entropy of each position's sampling distribution (the published branch
+    raises); it then runs until the block is done."""
+    prompt_length = prompt.shape[1]
+    num_blocks = (prompt_length + gen_length + block_length - 1) // block_length
+    total = num_blocks * block_length
+    block_mask = torch.tril(torch.ones(num_blocks, num_blocks))
+    bd_mask = block_mask.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1).bool()[None]
+    position_ids = torch.arange(total)[None]
+    x = torch.full((1, total), mask_id, dtype=torch.long)
+    x[:, :prompt_length] = prompt
+    prefill_blocks = prompt_length // block_length
+    prefill = prefill_blocks * block_length
+    past: list = []
+    passes = 0
+    if prefill > 0:
+        sdar_forward(config, sd, x[:, :prefill], position_ids[:, :prefill], bd_mask[:, :prefill, :prefill], past, True)
+        passes += 1
+    base, rem = divmod(block_length, denoising_steps)
+    quota = [base + (i < rem) for i in range(denoising_steps)]
+    for nb in range(prefill_blocks, num_blocks):
+        s, e = nb * block_length, (nb + 1) * block_length
+        cur_x = x[:, s:e].clone()
+        mask = bd_mask[:, s:e, :e]
+        step = 0
+        while True:
+            mask_index = cur_x == mask_id
+            if mask_index.sum() == 0:
+                sdar_forward(config, sd, cur_x, position_ids[:, s:e], mask, past, True)
+                passes += 1
+                break
+            if step > denoising_steps and remasking_strategy != "entropy_bounded":
+                break
+            logits = sdar_forward(config, sd, cur_x, position_ids[:, s:e], mask, past, False)
+            passes += 1
+            x0, x0_p, probs = sdar_sample(logits, temperature, top_k, top_p)
+            n = quota[min(step, denoising_steps - 1)]
+            masked = int(mask_index.sum())
+            k = min(n, masked) if only_masked else n
+            transfer = torch.zeros_like(x0, dtype=torch.bool)
+            if remasking_strategy == "sequential":
+                first = mask_index[0].nonzero(as_tuple=True)[0].min().item()
+                transfer[0, first : first + n] = True
+            elif remasking_strategy == "low_confidence_static":
+                confidence = torch.where(mask_index, x0_p, -torch.inf)
+                transfer[0, torch.topk(confidence[0], k)[1]] = True
+            elif remasking_strategy == "low_confidence_dynamic":
+                confidence = torch.where(mask_index, x0_p, -torch.inf)
+                high = confidence[0] > confidence_threshold
+                if high.sum() >= n:
+                    transfer[0] = high
+                else:
+                    transfer[0, torch.topk(confidence[0], k)[1]] = True
+            else:  # entropy_bounded, per position over the sampling distribution
+                pc = probs.float().clamp_min(1e-12)
+                entropies = torch.where(mask_index[0], -(pc * pc.log()).sum(-1), torch.inf)
+                ent_sorted, order = torch.sort(entropies, descending=False)
+                kk = torch.searchsorted(torch.cumsum(ent_sorted, 0), torch.tensor(eb_threshold), right=False).item()
+                transfer[0, order[: max(1, min(kk, masked))]] = True
+            cur_x[transfer] = x0[transfer]
+            step += 1
+        x[:, s:e] = cur_x
+        if stopping_criteria_idx is not None and any(i in x[:, prompt_length:] for i in stopping_criteria_idx):
+            break
+    return x, passes

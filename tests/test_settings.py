@@ -9,7 +9,7 @@ import pytest
 
 from mosaic_dllm import LLM, GenerationConfig, GenerationConfigError
 from mosaic_dllm.cli import build_parser
-from mosaic_dllm.config import DREAM, LLADA, SETTINGS
+from mosaic_dllm.config import FAMILY_NAMES, SETTINGS
 from mosaic_dllm.evaluation import GENERATION_KEYS
 from mosaic_dllm.server.schemas import CompletionRequest, page_settings
 from tests.server.conftest import serving
@@ -20,7 +20,7 @@ def test_every_setting_reaches_every_surface():
     generate = next(a for a in build_parser()._subparsers._actions if a.dest == "command").choices["generate"]
     flags = {o for a in generate._actions for o in a.option_strings}
     fields = set(CompletionRequest.model_fields)
-    pages = {s["name"] for family in (LLADA, DREAM) for s in page_settings(family)}
+    pages = {s["name"] for family in FAMILY_NAMES for s in page_settings(family)}
     for s in SETTINGS.values():
         assert s.flag in flags and s.field_name in fields and s.field_name in pages, s.name
     assert GENERATION_KEYS == tuple(SETTINGS)
@@ -45,7 +45,7 @@ def test_a_setting_the_family_does_not_read_is_refused_unless_it_is_its_no_op(ti
         llada.resolve(GenerationConfig(eps=0.5))
     assert llada.resolve(GenerationConfig(top_k=0, top_p=1.0, alg_temp=0.0)).top_k == 0
     dream = tiny_llm("dream")
-    with pytest.raises(GenerationConfigError, match=r"\['remasking'\] apply to LLaDA / LLaDA-MoE only"):
+    with pytest.raises(GenerationConfigError, match=r"\[.remasking.\] apply to LLaDA / LLaDA-MoE / SDAR only"):
         dream.resolve(GenerationConfig(remasking="random"))
     assert dream.resolve(GenerationConfig(remasking="low_confidence", cfg_scale=0.0)).gen_length
 

@@ -59,6 +59,8 @@ def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None])
             moe_layers=(False, True),
         )
         return replace(spec, qk_norm=True, rope_theta=50000.0, moe=moe)
+    if family == "sdar":
+        return replace(spec, num_kv_heads=2, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6, block_size=4)
     raise ValueError(f"unknown family {family!r}")
 
 

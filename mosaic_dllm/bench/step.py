@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import DREAM, LLADA, GenerationConfig
+from ..config import DREAM, LLADA, SDAR, GenerationConfig
 from ..decoding import sampler_for
 from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
@@ -34,7 +34,11 @@ from ..runtime import Executor, ExecutorOptions, make_executor
 
 # A benchmark step's settings where the caller leaves them unset: temperature 0, and rows fixed by
 # the canvas (Dream's origin reveals a random subset of rows, so its benchmark ranks by maskgit_plus).
-BENCH_SETTINGS = {LLADA: {"temperature": 0.0}, DREAM: {"alg": "maskgit_plus", "temperature": 0.0}}
+BENCH_SETTINGS = {
+    LLADA: {"temperature": 0.0},
+    DREAM: {"alg": "maskgit_plus", "temperature": 0.0},
+    SDAR: {"temperature": 0.0},
+}
 
 
 @dataclass
@@ -88,7 +92,7 @@ def run_first_step(executor: Executor, started, sampler_bytes: int | None = None
     sampler, state, step = started
     if sampler_bytes is None:
         sampler_bytes = sampler.row_bytes(state.cfg, executor.spec.vocab_size, executor.dtype, torch.device("cpu"))
-    state.propose(lambda: executor.row_logits(step.ids, step.rows, sampler_bytes))
+    state.propose(lambda: executor.row_logits(step.ids, step.rows, sampler_bytes, step.cache))
 
 
 def _fake_canvas(mode: FakeTensorMode, started):

@@ -6,8 +6,9 @@ from ..models.spec import ArchSpec
 from .common import Sampler
 from .dream import DreamSampler
 from .llada import LLaDASampler
+from .sdar import SDARSampler
 
-SAMPLERS = {"llada": LLaDASampler, "llada_moe": LLaDASampler, "dream": DreamSampler}
+SAMPLERS = {"llada": LLaDASampler, "llada_moe": LLaDASampler, "dream": DreamSampler, "sdar": SDARSampler}
 
 
 def sampler_for(
@@ -22,4 +23,4 @@ def sampler_for(
     return SAMPLERS[spec.family](spec, model_config, generation_config, vocabulary)
 
 
-__all__ = ["SAMPLERS", "DreamSampler", "LLaDASampler", "Sampler", "sampler_for"]
+__all__ = ["SAMPLERS", "DreamSampler", "LLaDASampler", "SDARSampler", "Sampler", "sampler_for"]

@@ -1,7 +1,7 @@
 """What every sampler shares: the `Sampler` protocol, the step-wise state it starts, step events and
 the EOS completion test (the loop that drives states with an executor is `scheduler.py`).
 
-A sampler (one per family: `llada.py`, `dream.py`) owns everything family-specific about decoding:
+A sampler (one per family: `llada.py`, `dream.py`, `sdar.py`) owns everything family-specific about decoding:
 its settings (`resolve`), which rows a step reads, the guidance batch, its temporary bytes per
 logits row, and the denoising loop as a state that advances one step at a time given that step's
 row logits; so requests can be interleaved, and nothing outside the samplers asks which family runs.
@@ -72,6 +72,11 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
     if not revealed_eos.numel():
         return False
     return not bool((gen[: int(revealed_eos[0])] == mask_id).any())
+
+
+def whole_canvas(cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
+    """A full-canvas family's largest step: every position, no window, no mask."""
+    return prompt_length + cfg.gen_length, 0, 0
 
 
 def check_blocks(cfg: GenerationConfig) -> None:
@@ -147,6 +152,10 @@ class Sampler(Protocol):
 
     def most_rows(self, cfg: GenerationConfig) -> int:
         """The most rows any step reads (the first step's, unless a sampler says otherwise)."""
+
+    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
+        """(tokens, window keys, masked keys) of the request's largest step (`RequestShape`): the
+        whole canvas (`whole_canvas`) for the full-canvas families."""
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         """Measured temporary bytes per logits row of this sampler with settings `cfg`."""

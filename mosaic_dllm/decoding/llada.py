@@ -18,11 +18,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..config import LLADA, GenerationConfig, GenerationConfigError, check_stored
+from ..config import LLADA, LLADA_REMASKING, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
-from .common import DenoiseState, StepEvent, StepInput, check_blocks
+from .common import DenoiseState, StepEvent, StepInput, check_blocks, whole_canvas
 from .cost import measure_row_bytes
 from .likelihood import LikelihoodOptions, batched_estimates, llada_runs
 from .parallel import ParallelLLaDAState, block_cache
@@ -90,6 +90,8 @@ class LLaDASampler:
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
+        if cfg.remasking not in LLADA_REMASKING:
+            fail(f"remasking must be one of {LLADA_REMASKING} for a LLaDA model, got {cfg.remasking!r}")
         if cfg.steps > cfg.gen_length:
             fail(f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): more steps would reveal nothing")
         check_blocks(cfg)
@@ -124,6 +126,9 @@ class LLaDASampler:
         if cfg.cache == "dual" and (cfg.threshold is not None or cfg.factor is not None):
             leftover = (cfg.num_blocks - 1) * max(0, cfg.block_length - cfg.steps // cfg.num_blocks)
         return cfg.block_length + leftover
+
+    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
+        return whole_canvas(cfg, prompt_length)
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         softmax_dtype = torch.float64 if cfg.parallel else None  # Fast-dLLM's confidences are float64

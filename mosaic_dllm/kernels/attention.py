@@ -11,12 +11,15 @@ makes inside a call are declared as workspace. Grouped kv heads are read by the 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..memory.prediction import is_predicting
-from ..models.kv_cache import CacheUse
+from ..models.groups import OpGroup, group_spans, largest_chunk
+from ..models.kv_cache import CacheUse, block_causal_mask
 from ..models.packing import Packing
 from ..models.spec import ArchSpec
 from .tiles import tile_workspace
@@ -34,7 +37,7 @@ class AttentionOps:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         """Each sequence's query blocks against its own keys and values; a block's output overwrites
         that block of q (token-major, so the output is already (1, T, nh * hd)), read by it alone.
-        A refreshing sequence stores its K and V in its cache (outside the arena, counted by the
+        A sequence that stores keeps its K and V in its cache (outside the arena, counted by the
         plan); a window's keys and values are spliced from its cache into two planned buffers,
         sized for the longest window's canvas and reused sequence after sequence."""
         group = self.begin("attention", name, q, k, v)
@@ -44,22 +47,27 @@ class AttentionOps:
         if not self.mem.tracing:
             packing.store_caches(layer, k, v)
         gqa = {"enable_gqa": True} if groups > 1 else {}  # the kernel reads kv heads itself: no copies
-        block, parts = self.sequence_spans(packing, group)
+        block, parts = self.query_blocks(packing, group)
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are
-        # workspace, and so is its packed copy of the keys and values.
+        # workspace, and so is its packed copy of the keys and values, and a block-causal mask.
         self.mem.workspace(nh * block * (hd * q.element_size() + 4))
         self.mem.workspace(self.rules.key_copy_bytes(packing.span, k.shape[2], hd))
-        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
-        for offset, length, start, end in parts:
-            keys, values = (t[:, offset : offset + length].transpose(1, 2) for t in (k, v))
-            use = packing.window(sequence_of[offset]) if not self.mem.tracing else None
+        self.mem.workspace(block * packing.masked_keys * q.element_size())
+        for part in parts:
+            offset, length, start, end = part.offset, part.length, part.start, part.end
+            keys, values = (t[:, offset : offset + length] for t in (k, v))
+            use = packing.window(part.sequence) if not self.mem.tracing else None
             if use is not None:
-                fresh = [t[:, offset : offset + length] for t in (k, v)]
-                window = self.spliced(use, layer, *fresh, spliced, first_block=start == 0)
-                keys, values = (t.transpose(1, 2) for t in window)
+                keys, values = self.spliced(use, layer, keys, values, spliced, first_block=start == 0)
             queries = q[:, offset + start : offset + end]
             result = F.scaled_dot_product_attention(
-                queries.transpose(1, 2), keys, values, attn_mask=None, dropout_p=0.0, is_causal=False, **gqa
+                queries.transpose(1, 2),
+                keys[:, : part.keys].transpose(1, 2),
+                values[:, : part.keys].transpose(1, 2),
+                attn_mask=part.mask(packing, q.dtype, q.device),
+                dropout_p=0.0,
+                is_causal=False,
+                **gqa,
             )
             queries.copy_(result.transpose(1, 2))
             del result
@@ -85,33 +93,34 @@ class AttentionOps:
         _, tokens, _ = x.shape
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         groups = nh // nkv
-        block, parts = self.sequence_spans(packing, group)
+        block, parts = self.query_blocks(packing, group)
         self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
         self.mem.workspace(self.rules.key_copy_bytes(packing.span, nkv, hd))
+        self.mem.workspace(block * packing.masked_keys * x.element_size())  # a block-causal mask
         keys, values = (self.mem.new((1, tokens, nkv, hd), x.dtype) for _ in range(2))
         spliced = self.window_buffers(packing, keys)
         q = self.mem.new((block, nh * hd), x.dtype)  # a query block's queries, then its attention output
         sub = RegionRows(self, x, spec, layer, packing)
         if self.mem.tracing:
             return x
-        for offset, _, start, end in parts:  # K and V of every token
-            at = slice(offset + start, offset + end)
+        for part in parts:  # K and V of every token
+            at = slice(part.offset + part.start, part.offset + part.end)
             sub.keys_values(at.start, at.stop, keys[0, at], values[0, at])
         packing.store_caches(index, keys, values)
-        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
-        for offset, length, start, end in parts:  # query blocks
+        gqa = {"enable_gqa": True} if groups > 1 else {}
+        for part in parts:  # query blocks
+            offset, length, start, end = part.offset, part.length, part.start, part.end
             m = end - start
             k, v = keys[:, offset : offset + length], values[:, offset : offset + length]
-            use = packing.window(sequence_of[offset])
+            use = packing.window(part.sequence)
             if use is not None:
                 k, v = self.spliced(use, index, k, v, spliced, first_block=start == 0)
             sub.queries(offset + start, offset + end, q)
-            gqa = {"enable_gqa": True} if groups > 1 else {}
             result = F.scaled_dot_product_attention(
                 q[:m].view(1, m, nh, hd).transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=None,
+                k[:, : part.keys].transpose(1, 2),
+                v[:, : part.keys].transpose(1, 2),
+                attn_mask=part.mask(packing, x.dtype, x.device),
                 dropout_p=0.0,
                 is_causal=False,
                 **gqa,
@@ -188,6 +197,26 @@ class AttentionOps:
         sub.project_add(0, tokens, outputs, from_start=True)
         return x
 
+    def query_blocks(self, packing: Packing, group: OpGroup) -> tuple[int, list[QueryBlock]]:
+        """(the largest block, every query block): each sequence's attention calls
+        (`Packing.segments`: one, or a block-diffusion prefill's and a block's), each in the
+        group's chunks; a trace runs only the first. The largest block is the whole sequences'
+        (what the trace sizes buffers by): a call's blocks are no larger."""
+        pieces = getattr(self.chunks, group.name)
+        size = self.mem.chunk_size(packing.lengths, group, pieces) if self.mem.tracing else 0
+        if self.mem.tracing:
+            return size, [QueryBlock(0, 0, packing.lengths[0], 0, size, packing.lengths[0])]
+        size = max(largest_chunk(n, pieces, group) for n in packing.lengths)
+        parts = [
+            QueryBlock(i, o, n, seg.first + s, seg.first + e, seg.keys, seg.block)
+            for i, (o, n) in enumerate(packing.sequences())
+            for seg in packing.segments(i)
+            for s, e in group_spans(seg.last - seg.first, pieces, group)
+        ]
+        if max(p.end - p.start for p in parts) > size:
+            raise ValueError(f"a query block of an attention call exceeds the step's largest ({size})")
+        return size, parts
+
     def window_buffers(self, packing: Packing, k: Tensor) -> list[Tensor] | None:
         """Two planned (1, canvas, kv heads, hd) buffers for windows' spliced keys and values,
         sized for the longest window's canvas and reused sequence after sequence (None: no window)."""
@@ -205,6 +234,25 @@ class AttentionOps:
         if first_block:
             use.cache.splice(layer, k[0], v[0], use.start, use.length, (spliced[0][0], spliced[1][0]))
         return spliced[0][:, : use.length], spliced[1][:, : use.length]
+
+
+class QueryBlock(NamedTuple):
+    """Queries [start, end) of sequence `sequence` (packed at `offset`, `length` tokens) against its
+    canvas keys [0, keys); `block` > 0: block-causally, through a mask."""
+
+    sequence: int
+    offset: int
+    length: int
+    start: int
+    end: int
+    keys: int
+    block: int = 0
+
+    def mask(self, packing: Packing, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        if not self.block:
+            return None
+        first = packing.starts[self.sequence] + self.start
+        return block_causal_mask(first, self.end - self.start, self.keys, self.block, dtype, device)
 
 
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, fused: bool | None = None) -> tuple[Tensor, Tensor]:

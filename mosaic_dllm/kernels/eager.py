@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.kv_cache import block_causal_mask
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.quantized import QuantizedWeight, linear
@@ -114,10 +115,13 @@ class EagerOps:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
         """Sequences of one length (one request) in one call on (B, nh, L, hd), as the official code;
         others one sequence per call (the CPU kernel's rows do not depend on the batch, tested).
-        A window attends to its cache's keys with its own in place (Fast-dLLM's cached forward)."""
+        A window attends to its cache's keys with its own in place (Fast-dLLM's cached forward); a
+        block-diffusion sequence makes the official calls (`Packing.segments`): a prefill's
+        queries against its keys with the block-causal mask, a block's against every key before
+        its end."""
         _, tokens, nh, hd = q.shape
         packing.store_caches(layer, k, v)
-        if packing.is_uniform and not any(packing.window(i) for i in range(len(packing.lengths))):
+        if packing.is_uniform and packing.plain:
             return self._attend(q, k, v, len(packing.lengths)).view(1, tokens, nh * hd)
         parts = []
         for i, (o, n) in enumerate(packing.sequences()):
@@ -126,13 +130,21 @@ class EagerOps:
                 keys = k.new_empty((1, use.length, *k.shape[2:]))
                 values = v.new_empty((1, use.length, *v.shape[2:]))
                 use.cache.splice(layer, k[0, o : o + n], v[0, o : o + n], use.start, use.length, (keys[0], values[0]))
-            parts.append(self._attend(q[:, o : o + n], keys, values, 1))
+            first = packing.starts[i]
+            for seg in packing.segments(i):
+                mask = None
+                if seg.block:
+                    mask = block_causal_mask(
+                        first + seg.first, seg.last - seg.first, seg.keys, seg.block, q.dtype, q.device
+                    )
+                queries = q[:, o + seg.first : o + seg.last]
+                parts.append(self._attend(queries, keys[:, : seg.keys], values[:, : seg.keys], 1, mask))
         return torch.cat(parts, dim=1).view(1, tokens, nh * hd)
 
     @staticmethod
-    def _attend(q: Tensor, k: Tensor, v: Tensor, batch: int) -> Tensor:
+    def _attend(q: Tensor, k: Tensor, v: Tensor, batch: int, mask: Tensor | None = None) -> Tensor:
         """Token-major (1, B * L, heads, hd) queries and (1, B * K, kv heads, hd) keys and values ->
-        (B, L, nh * hd) over B sequences of one length."""
+        (B, L, nh * hd) over B sequences of one length; `mask`: additive (L, K)."""
         _, tokens, nh, hd = q.shape
         q = q.reshape(batch, tokens // batch, nh, hd).transpose(1, 2)
         k, v = (t.reshape(batch, t.shape[1] // batch, t.shape[2], hd).transpose(1, 2) for t in (k, v))
@@ -140,7 +152,7 @@ class EagerOps:
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
         return out.transpose(1, 2).contiguous().view(batch, tokens // batch, nh * hd)
 
     def attention_in_query_blocks(self) -> bool:

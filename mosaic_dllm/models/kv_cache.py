@@ -19,6 +19,7 @@ spliced: no temporaries beyond it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -62,25 +63,27 @@ class BlockCache:
             ]
             self.scratch = torch.empty((min(STORE_CHUNK, self.positions), *self.width), device=device)
 
-    def store(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Keep (n, kv heads, head dim) K and V of positions [0, n) of `layer` (allocating on first use)."""
+    def store(self, layer: int, k: Tensor, v: Tensor, at: int = 0) -> None:
+        """Keep (n, kv heads, head dim) K and V of positions [at, at + n) of `layer` (allocating on
+        first use)."""
         if not self.keys:
             self._allocate(k)
+        end = at + k.shape[0]
         if not self.int8:
-            self.keys[layer][: k.shape[0]].copy_(k)
-            self.values[layer][: v.shape[0]].copy_(v)
+            self.keys[layer][at:end].copy_(k)
+            self.values[layer][at:end].copy_(v)
             return
         for fresh, codes, scales in zip(
             (k, v), (self.keys[layer], self.values[layer]), self.scales[layer], strict=True
         ):
             for start in range(0, fresh.shape[0], STORE_CHUNK):
-                end = min(start + STORE_CHUNK, fresh.shape[0])
-                x, scale = self.scratch[: end - start], scales[start:end]
-                x.copy_(fresh[start:end])
+                stop = min(start + STORE_CHUNK, fresh.shape[0])
+                x, scale = self.scratch[: stop - start], scales[at + start : at + stop]
+                x.copy_(fresh[start:stop])
                 torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, out=scale)
                 scale.div_(127).clamp_(min=torch.finfo(torch.float32).tiny)
                 x.div_(scale[..., None]).round_().clamp_(-127, 127)
-                codes[start:end].copy_(x)
+                codes[at + start : at + stop].copy_(x)
 
     def _cached(self, layer: int, which: int, first: int, last: int, dst: Tensor) -> None:
         """Positions [first, last) of layer's K (0) or V (1) into `dst`, dequantized if int8."""
@@ -109,12 +112,47 @@ class BlockCache:
 
 @dataclass(frozen=True)
 class CacheUse:
-    """How one sequence of a step uses its cache: `refresh` runs the whole canvas and stores
-    positions [0, keep); otherwise the sequence is a window that starts at canvas position `start`
-    of a canvas of `length` positions, and attends to the cache."""
+    """How one sequence of a step uses its cache: `refresh` runs the canvas from position 0 and
+    stores positions [0, keep); otherwise the sequence is a window that starts at canvas position
+    `start` of a canvas of `length` positions, attends to the cache, and stores its own first
+    `keep` positions (block diffusion: the blocks finished since the last store).
+
+    `block`: attention is block-causal over blocks of that many positions from 0 (block diffusion;
+    0: bidirectional). The stored positions' queries then attend to the keys up to their own
+    block's end (as the official prefill or store pass), the others (one block) to every key."""
 
     cache: BlockCache
     refresh: bool
     start: int = 0
     length: int = 0
     keep: int = 0
+    block: int = 0
+
+
+class Segment(NamedTuple):
+    """Queries [first, last) of a sequence (its own positions) attend to canvas keys [0, keys);
+    `block` > 0: block-causally (a query at canvas position p sees keys below the end of p's block
+    of that many positions), which needs a mask; 0: every one of those keys."""
+
+    first: int
+    last: int
+    keys: int
+    block: int = 0
+
+
+def segments(use: CacheUse | None, tokens: int) -> tuple[Segment, ...]:
+    """The attention calls of a sequence of `tokens` positions that uses its cache as `use`: each
+    one the official code makes (its queries, its key count), so that each keeps its bits."""
+    keys = use.length if use is not None and not use.refresh else tokens
+    if use is None or not use.block or not use.keep:
+        return (Segment(0, tokens, keys),)
+    stored = Segment(0, use.keep, use.start + use.keep, use.block if use.keep > use.block else 0)
+    return (stored, Segment(use.keep, tokens, keys)) if use.keep < tokens else (stored,)
+
+
+def block_causal_mask(first: int, queries: int, keys: int, block: int, dtype: torch.dtype, device) -> Tensor:
+    """(queries, keys) additive mask of queries at canvas positions [first, first + queries):
+    0 where a key is at most the query's block end, -inf beyond (what SDPA makes of a bool mask)."""
+    ends = (torch.arange(first, first + queries, device=device) // block + 1) * block
+    visible = torch.arange(keys, device=device)[None] < ends[:, None]
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))

@@ -18,7 +18,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from .kv_cache import CacheUse
+from .kv_cache import CacheUse, Segment, segments
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,29 @@ class Packing:
         return use if use is not None and not use.refresh else None
 
     def store_caches(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Every refreshing sequence keeps its positions [0, keep) of the packed (1, T, ...) K and V
-        of `layer` in its block cache."""
+        """Every sequence that stores keeps its first `keep` positions of the packed (1, T, ...) K
+        and V of `layer` in its block cache, at its canvas positions."""
         for i, (offset, _) in enumerate(self.sequences()):
             use = self.cache(i)
-            if use is not None and use.refresh:
-                use.cache.store(layer, k[0, offset : offset + use.keep], v[0, offset : offset + use.keep])
+            if use is not None and use.keep:
+                at = slice(offset, offset + use.keep)
+                use.cache.store(layer, k[0, at], v[0, at], at=use.start)
+
+    def segments(self, sequence: int) -> tuple[Segment, ...]:
+        """The attention calls of a sequence (`kv_cache.segments`)."""
+        return segments(self.cache(sequence), self.lengths[sequence])
+
+    @cached_property
+    def masked_keys(self) -> int:
+        """The most keys any block-causal (masked) attention call of this step reads (0: none)."""
+        return max((s.keys for i in range(len(self.lengths)) for s in self.segments(i) if s.block), default=0)
+
+    @cached_property
+    def plain(self) -> bool:
+        """Every sequence attends to its own tokens in one unmasked call (no window, no blocks)."""
+        return all(
+            len(g := self.segments(i)) == 1 and not g[0].block and not self.window(i) for i in range(len(self.lengths))
+        )
 
     @cached_property
     def starts(self) -> tuple[int, ...]:

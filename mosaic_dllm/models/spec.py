@@ -1,6 +1,6 @@
 """The architecture of one checkpoint, normalised from its family's config.json.
 
-Every family (LLaDA, Dream, LLaDA-MoE) is a bidirectional pre-norm transformer; they differ in
+Every family (LLaDA, Dream, LLaDA-MoE; SDAR block-causal) is a pre-norm transformer; they differ in
 config keys, parameter names and a handful of numerical quirks. `ArchSpec` holds the sizes and the
 quirks; `WeightNames` holds the official parameter names. The maths lives once, in `transformer.py`.
 """
@@ -50,7 +50,7 @@ class QuantScheme:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: str  # "llada" | "dream" | "llada_moe"
+    family: str  # "llada" | "dream" | "llada_moe" | "sdar"
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -73,6 +73,9 @@ class ArchSpec:
     logit_shift: bool = False  # Dream: hidden state at p-1 gives the logits of position p
     tie_word_embeddings: bool = False
     moe: MoESpec | None = None
+    # Block diffusion (SDAR): the config's block size, what decoding takes unless told otherwise
+    # (attention is block-causal over the decoding's blocks); 0: a full-canvas family.
+    block_size: int = 0
     torch_dtype: str | None = None  # dtype named by the config, if any
     quantization: QuantScheme | None = None  # weights as loaded (`quantized.py`); None: the compute dtype
 

@@ -19,8 +19,9 @@ NO_CHUNKS = Chunks()
 class RequestShape(NamedTuple):
     """One request's part of a step: its sequences (2 with CFG), their length (tokens run this
     step), the logits rows it reads, its sampler's temporary bytes per logits row, the bytes of its
-    block cache (alive through the step), and, for a window attending to that cache, the canvas
-    length its keys span (0: none)."""
+    block cache (alive through the step), for a window attending to that cache, the canvas
+    length its keys span (0: none), and the keys of its block-causal (masked) attention call, a
+    block-diffusion prefill's (0: none)."""
 
     batch: int
     length: int
@@ -28,6 +29,7 @@ class RequestShape(NamedTuple):
     sampler_row_bytes: int = 0
     cache_bytes: int = 0
     keys: int = 0
+    masked_keys: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class StepShape:
     cache_bytes: int = 0  # block caches alive through the step (outside the arena)
     ranks: int = 1  # sequence-parallel ranks sharing the step's tokens: the shape of one rank's part
     tensor_ranks: int = 1  # tensor-parallel ranks sharing each linear weight's rows
+    masked_keys: int = 0  # the most keys a block-causal (masked) attention call reads (0: none)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lengths", tuple(sorted(self.lengths, reverse=True)))
@@ -78,6 +81,7 @@ class StepShape:
             sum(r.cache_bytes for r in requests),
             ranks,
             tensor_ranks,
+            max(r.masked_keys for r in requests),
         )
 
     @property
@@ -92,15 +96,19 @@ class StepShape:
         """One request of this shape's guidance batch at `length` (what a max-length search varies);
         a block cache scaled with the length."""
         cache = -(-self.cache_bytes * length // self.longest)
-        return replace(self, lengths=(length,) * self.batch, cache_keys=0, cache_bytes=cache)
+        masked = max(0, length - (self.longest - self.masked_keys)) if self.masked_keys else 0
+        return replace(self, lengths=(length,) * self.batch, cache_keys=0, cache_bytes=cache, masked_keys=masked)
 
     def trace_packing(self, spec: ArchSpec) -> Packing:
         """A packing of this shape: with windows, the shortest sequence is one, its canvas the longest
-        window's (the buffers depend only on whether there is a window and on that length)."""
-        if not self.cache_keys:
-            return Packing(self.lengths)
-        window = CacheUse(BlockCache(spec, 0), refresh=False, length=self.cache_keys)
-        return Packing(self.lengths, (None,) * (len(self.lengths) - 1) + (window,))
+        window's; with a block-causal prefill, the longest sequence is one, masked over
+        `masked_keys` (the buffers depend only on those lengths)."""
+        uses: list[CacheUse | None] = [None] * len(self.lengths)
+        if self.cache_keys:
+            uses[-1] = CacheUse(BlockCache(spec, 0), refresh=False, length=self.cache_keys)
+        if self.masked_keys:
+            uses[0] = CacheUse(BlockCache(spec, 0), refresh=True, keep=self.masked_keys, block=1)
+        return Packing(self.lengths, tuple(uses) if any(uses) else ())
 
     def describe(self) -> str:
         if len(self.lengths) == self.batch:

@@ -162,7 +162,7 @@ class StepTracer:
         return trace_step(self.spec, self.dtype, shape, rules=self.rules)
 
     def graph(self, shape: StepShape) -> StepGraph:
-        if shape.cache_keys or shape.ranks > 1:  # a window step, a rank's shard (not a product): traced
+        if shape.cache_keys or shape.masked_keys or shape.ranks > 1:  # windows, masks, a rank's shard: traced
             return self._trace(shape)
         key = structure(shape)
         if key not in self._steps:

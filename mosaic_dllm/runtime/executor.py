@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..models.groups import CHUNKABLE_GROUPS, EXACT_GROUPS, Chunks
-from ..models.kv_cache import CacheUse
+from ..models.kv_cache import CacheUse, segments
 from ..models.spec import ArchSpec
 from ..plan.shapes import RequestShape
 from ..plan.step_plan import StepPlan
@@ -43,7 +43,8 @@ class StepInput(NamedTuple):
         use = self.cache
         keys = use.length if use is not None and not use.refresh else 0
         cache_bytes = use.cache.nbytes(dtype) if use is not None else 0
-        return RequestShape(*self.ids.shape, self.rows.numel(), sampler_row_bytes, cache_bytes, keys)
+        masked = max((s.keys for s in segments(use, self.ids.shape[1]) if s.block), default=0)
+        return RequestShape(*self.ids.shape, self.rows.numel(), sampler_row_bytes, cache_bytes, keys, masked)
 
 
 @dataclass(frozen=True)

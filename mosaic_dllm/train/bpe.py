@@ -35,6 +35,7 @@ FAMILY_SPECIALS = {
     ),
 }
 FAMILY_SPECIALS["llada_moe"] = FAMILY_SPECIALS["llada"]
+FAMILY_SPECIALS["sdar"] = dict(FAMILY_SPECIALS["dream"], mask="<|MASK|>")
 
 # Pieces for source code: a line break with the next line's indentation is one piece (so an
 # indented line starts with one token), a name or number with its leading space, a run of

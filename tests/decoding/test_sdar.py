@@ -1,0 +1,214 @@
+"""SDAR (block diffusion) gives the tokens of a restatement of its published loop
+(tests/reference.py `sdar_generate`: generate.py's block_diffusion_generate over modeling_sdar's
+forward), bf16 and fp32, every remasking strategy, temperature 0 and > 0, eager and Mosaic, alone,
+batched and under a budget that chunks the prefill; with one forward pass fewer per block (the
+store pass merged into the next block's first step); and its K/V cache is counted by every plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.config import GenerationConfigError
+from mosaic_dllm.decoding.sdar import canvas_length
+from mosaic_dllm.models.groups import Chunks
+from tests import reference
+from tests.tiny import build_tiny_checkpoint
+
+PROMPTS = {
+    "inside a block": [5, 17],
+    "one block": [5, 17, 42, 99],
+    "prefill and a partial block": [5, 17, 42, 99, 7, 64, 12, 8, 33, 21],
+}
+SETTINGS = [
+    dict(),  # generate.py's defaults: low_confidence_dynamic at 0.85, temperature 1
+    dict(temperature=0.0),
+    dict(remasking="low_confidence_static", temperature=0.0, steps=2),
+    dict(remasking="low_confidence_static", temperature=0.7, top_k=40),
+    dict(remasking="low_confidence_dynamic", threshold=0.05, temperature=0.8, top_p=0.9),
+    dict(remasking="sequential", temperature=1.0, steps=3),
+    dict(remasking="entropy_bounded", eb_threshold=0.5, temperature=0.6),
+    dict(remasking="entropy_bounded", eb_threshold=4.0, temperature=0.0, block_length=8, steps=8),
+]
+GEN = 12
+
+
+@pytest.fixture(scope="module")
+def sdar_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sdar")
+    build_tiny_checkpoint(path, "sdar")
+    return path
+
+
+def official(llm: LLM, prompt: list[int], cfg: GenerationConfig, only_masked: bool = True) -> tuple[list[int], int]:
+    config, state = reference.load_state(llm.checkpoint.path, llm.checkpoint.dtype)
+    cfg = llm.resolve(cfg, len(prompt))
+    torch.manual_seed(cfg.seed)
+    x, passes = reference.sdar_generate(
+        config,
+        state,
+        torch.tensor([prompt]),
+        llm.spec.mask_token_id,
+        cfg.gen_length,
+        cfg.block_length,
+        cfg.steps,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        cfg.remasking,
+        cfg.threshold,
+        cfg.eb_threshold,
+        list(llm.spec.eos_token_ids),
+        only_masked,
+    )
+    return x[0, len(prompt) :].tolist(), passes
+
+
+def stored_passes(prompt_length: int, cfg: GenerationConfig, answer: list[int]) -> int:
+    """The official passes we do not run: the prefill and each finished block's store pass."""
+    blocks = -(-(prompt_length + len(answer)) // cfg.block_length) - prompt_length // cfg.block_length
+    return (prompt_length >= cfg.block_length) + blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+def test_tokens_equal_the_published_loop(sdar_path, settings, dtype):
+    eager = LLM(sdar_path, dtype=dtype, executor="eager")
+    mosaic = LLM(sdar_path, dtype=dtype, row_chunk=3)
+    for prompt in PROMPTS.values():
+        cfg = GenerationConfig(gen_length=GEN, seed=7, **settings)
+        expected, passes = official(eager, prompt, cfg)
+        for llm in (eager, mosaic):
+            out = llm.generate(prompt, cfg)[0]
+            answer = out.token_ids if out.finish_reason != "stop" else expected  # text ends at EOS
+            assert out.token_ids == expected[: len(out.token_ids)], (llm.info.executor, prompt)
+            assert answer == expected
+            assert out.forward_passes == passes - stored_passes(len(prompt), llm.resolve(cfg, len(prompt)), expected)
+
+
+def test_the_answer_runs_to_the_end_of_the_last_block(sdar_path):
+    """As the official canvas: the prompt and gen_length padded to whole blocks."""
+    llm = LLM(sdar_path, dtype=torch.float32)
+    out = llm.generate([5, 17, 42], GenerationConfig(gen_length=6, seed=1, temperature=0.0))[0]
+    assert canvas_length(3, llm.resolve(GenerationConfig(gen_length=6), 3)) == 12
+    if out.finish_reason == "length":
+        assert len(out.token_ids) == 9
+
+
+def test_a_step_never_overwrites_what_is_revealed(sdar_path):
+    """With fewer masks left in a block than the step's quota the published top-k also picks revealed
+    positions, here prompt tokens, and overwrites them; we reveal masked positions only."""
+    llm = LLM(sdar_path, dtype=torch.float32, executor="eager")
+    prompt = [5, 17, 42, 99, 7, 64]  # the second block holds two prompt tokens and two masks
+    cfg = GenerationConfig(gen_length=6, seed=3, remasking="low_confidence_static", steps=1)
+    published, _ = official(llm, prompt, cfg, only_masked=False)
+    config, state = reference.load_state(llm.checkpoint.path, torch.float32)
+    torch.manual_seed(3)
+    x, _ = reference.sdar_generate(
+        config, state, torch.tensor([prompt]), llm.spec.mask_token_id, 6, 4, 1,
+        remasking_strategy="low_confidence_static", only_masked=False,
+    )  # fmt: skip
+    assert x[0, 4:6].tolist() != prompt[4:6]  # the published loop overwrote the prompt
+    ours = llm.generate(prompt, cfg)[0]
+    assert ours.token_ids == official(llm, prompt, cfg)[0][: len(ours.token_ids)]
+    assert ours.token_ids != published[: len(ours.token_ids)] or x[0, :6].tolist() != prompt
+
+
+def test_batched_and_under_a_budget_each_request_keeps_its_tokens(sdar_path):
+    """Requests at every stage (prefill, store, window steps) in one batch; then under a budget that
+    chunks the prefill: every request's tokens equal its own alone; the plans count the caches."""
+    long_prompt = [(7 * i) % 300 for i in range(1, 90)]
+    prompts = [*PROMPTS.values(), long_prompt]
+    configs = [GenerationConfig(gen_length=GEN, seed=i, **SETTINGS[i % len(SETTINGS)]) for i in range(len(prompts))]
+    alone = LLM(sdar_path, dtype=torch.float32, max_batch=1)
+    expected = [alone.generate(p, c)[0].token_ids for p, c in zip(prompts, configs, strict=True)]
+    eager = LLM(sdar_path, dtype=torch.float32, executor="eager")
+    assert expected == [eager.generate(p, c)[0].token_ids for p, c in zip(prompts, configs, strict=True)]
+    batched = LLM(sdar_path, dtype=torch.float32, max_batch=8)
+    assert [o.token_ids for o in batched.generate(prompts, configs)] == expected
+
+    worst = batched.request(long_prompt, configs[-1]).worst
+    assert worst.masked_keys == 88 and worst.cache_bytes > 0
+    budget = int(batched.executor.plan_for(worst).predicted_peak_bytes * 0.8)
+    steps = []
+    tight = LLM(sdar_path, dtype=torch.float32, max_batch=8, memory_budget=budget, on_step=lambda s: steps.append(s))
+    assert [o.token_ids for o in tight.generate(prompts, configs)] == expected
+    plans = [s.plan for s in steps]
+    assert max(p.predicted_peak_bytes for p in plans) <= budget
+    assert any(p.graph.shape.masked_keys and p.graph.shape.chunks != Chunks() for p in plans)  # a chunked prefill
+    assert any(p.graph.shape.cache_keys for p in plans)
+    caches = [sum(r.worst.cache_bytes for r in s.requests) for s in steps]
+    assert [p.graph.shape.cache_bytes for p in plans] == caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_prefill_in_query_blocks_keeps_its_bits(sdar_path, dtype):
+    """A long prompt's block-causal prefill split into the device's query blocks, op by op and as
+    the attention region, then its blocks' steps: the logits of every step equal the eager ones."""
+    prompt = [(11 * i) % 300 for i in range(1, 200)]
+    cfg = GenerationConfig(gen_length=GEN, seed=5, temperature=0.0)
+    expected = LLM(sdar_path, dtype=dtype, executor="eager").generate(prompt, cfg)[0].token_ids
+    for chunks in (Chunks(attention=3), Chunks(attention=4, norms=2, ffn=3), Chunks(projections=2)):
+        llm = LLM(sdar_path, dtype=dtype, chunks=chunks)
+        assert llm.generate(prompt, cfg)[0].token_ids == expected, chunks
+        eager = LLM(sdar_path, dtype=dtype, executor="eager")
+        first = llm.sampler.start(torch.tensor(prompt), llm.resolve(cfg, len(prompt)), torch.Generator())
+        other = eager.sampler.start(torch.tensor(prompt), eager.resolve(cfg, len(prompt)), torch.Generator())
+        for _ in range(3):
+            with (
+                llm.executor.batch_logits([first.next_step()]) as (a,),
+                eager.executor.batch_logits([other.next_step()]) as (b,),
+            ):
+                assert torch.equal(first.block_logits(a), other.block_logits(b))
+                first.advance(a)
+                other.advance(b)
+
+
+def test_the_cache_holds_what_the_plan_counts(sdar_path):
+    """The K/V cache a request allocates is the bytes its plans count, at its largest."""
+    for dtype in (torch.float32, torch.bfloat16):
+        llm = LLM(sdar_path, dtype=dtype)
+        prompt, cfg = PROMPTS["prefill and a partial block"], llm.resolve(GenerationConfig(gen_length=GEN, seed=1), 10)
+        state = llm.sampler.start(torch.tensor(prompt), cfg, torch.Generator().manual_seed(1))
+        caches = []
+        while not state.done:
+            step = state.next_step()
+            with llm.executor.batch_logits([step]) as (logits,):
+                state.advance(logits)
+            if state.cache.keys:
+                caches.append(sum(t.nbytes for t in (*state.cache.keys, *state.cache.values)))
+        assert caches and set(caches) == {llm.sampler.cache_bytes(cfg, len(prompt), dtype)}
+        positions = canvas_length(10, cfg) - cfg.block_length
+        assert caches[0] == 2 * positions * llm.spec.num_layers * llm.spec.kv_size * dtype.itemsize
+
+
+def test_settings_are_checked_for_sdar(sdar_path):
+    llm = LLM(sdar_path, dtype=torch.float32)
+    for bad, word in [
+        (dict(remasking="random"), "remasking"),
+        (dict(cache="prefix"), "cache"),
+        (dict(cfg_scale=1.0), "cfg_scale"),
+        (dict(top_k=10_000), "top_k"),
+        (dict(eb_threshold=0.0), "eb_threshold"),
+    ]:
+        with pytest.raises(GenerationConfigError, match=word):
+            llm.resolve(GenerationConfig(**bad))
+    resolved = llm.resolve(GenerationConfig())
+    assert (resolved.block_length, resolved.steps, resolved.temperature, resolved.remasking, resolved.threshold) == (
+        4,
+        4,
+        1.0,
+        "low_confidence_dynamic",
+        0.85,
+    )
+    with pytest.raises(GenerationConfigError, match="remasking"):
+        build = LLM(build_tiny_llada(llm), dtype=torch.float32)
+        build.resolve(GenerationConfig(remasking="sequential"))
+
+
+def build_tiny_llada(llm: LLM):
+    path = llm.checkpoint.path.parent / "llada_for_sdar_settings"
+    if not path.exists():
+        build_tiny_checkpoint(path, "llada")
+    return path
