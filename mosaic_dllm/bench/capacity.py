@@ -34,15 +34,23 @@ def first_step_shape(
     rows: int | None = None,
     sampler_row_bytes: int | None = None,
 ) -> StepShape:
-    """The shape of a request's first step at total length `length`, prompt fraction `alpha`: the
-    rows the sampler reads (or `rows`), its batch and its measured bytes per logits row (at
-    temperature 0; measured unless given)."""
+    """The shape of a request's first (largest) step at total length `length`, prompt fraction
+    `alpha`: the rows the sampler reads (or `rows`), its batch and its measured bytes per logits row
+    (at temperature 0; measured unless given); for block diffusion the prefill with the first block
+    and its K/V cache."""
     sampler = sampler_for(spec)
-    _, cfg = first_step_config(spec, length, alpha, GenerationConfig(cfg_scale=cfg_scale or None))
+    prompt, cfg = first_step_config(spec, length, alpha, GenerationConfig(cfg_scale=cfg_scale or None))
     if sampler_row_bytes is None:
         sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
     chunk = chunk_bucket(rows or sampler.most_rows(cfg), row_chunk)
-    return StepShape.of(sampler.guidance_batch(cfg), length, chunk, sampler_row_bytes=sampler_row_bytes)
+    tokens, keys, masked = sampler.largest_step(cfg, prompt)
+    batch = sampler.guidance_batch(cfg)
+    return replace(
+        StepShape.of(batch, tokens, chunk, sampler_row_bytes=sampler_row_bytes),
+        cache_keys=keys,
+        cache_bytes=sampler.cache_bytes(cfg, prompt, dtype),
+        masked_keys=masked,
+    )
 
 
 EAGER_LENGTH_LIMIT = 1 << 20  # predicting eager past this takes minutes; reaching it means "at least"

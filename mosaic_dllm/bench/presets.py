@@ -78,6 +78,26 @@ PRESETS: dict[str, ArchSpec] = {
         ),
         torch_dtype="bfloat16",
     ),
+    "sdar-8b": ArchSpec(  # JetAstra/SDAR-8B-Chat
+        family="sdar",
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        rotary_dim=128,
+        rms_norm_eps=1e-6,
+        qk_norm=True,
+        max_position_embeddings=32768,
+        mask_token_id=151669,
+        eos_token_ids=(151643, 151645),
+        pad_token_id=151643,
+        block_size=4,
+        torch_dtype="bfloat16",
+    ),
 }
 
 

@@ -103,7 +103,7 @@ def _fake_canvas(mode: FakeTensorMode, started):
     for name, value in vars(state).items():
         if isinstance(value, torch.Tensor) and name != "rows":
             setattr(state, name, mode.from_tensor(value))
-    return sampler, state, StepInput(mode.from_tensor(step.ids), mode.from_tensor(step.rows))
+    return sampler, state, StepInput(mode.from_tensor(step.ids), mode.from_tensor(step.rows), step.cache)
 
 
 def executor_options(options: ExecutorOptions | dict | None) -> ExecutorOptions | None:

@@ -41,6 +41,8 @@ def generate(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg_resolved.most_steps, desc="denoising", unit="step", disable=args.no_progress, file=sys.stderr)
 
     def on_step(event) -> None:
+        if bar.total != event.total_steps:  # the sampler's count (block diffusion: per block)
+            bar.total = event.total_steps
         bar.update(1)
         bar.set_postfix(block=event.block, masked=int((event.canvas == event.mask_token_id).sum()))
 

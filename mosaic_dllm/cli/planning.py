@@ -142,7 +142,12 @@ def plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--block-length must be a positive integer, got {args.block_length}")
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
     shape = replace(shape, ranks=ranks[0], tensor_ranks=args.tp)
-    if args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
+    cache = args.cache
+    if spec.block_size:  # block diffusion keeps its own cache
+        if args.cache != "none":
+            raise ValueError("--cache is Fast-dLLM's; a block-diffusion model always keeps its K/V cache")
+        cache = "block diffusion: K/V of every position before the last block"
+    elif args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from ..decoding.parallel import cache_positions
         from ..models.kv_cache import BlockCache
 
@@ -176,7 +181,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(plan_report(summary, spec.num_layers, args.length, shape, plan, cost, search, args.cache))
+    print(plan_report(summary, spec.num_layers, args.length, shape, plan, cost, search, cache))
     if args.ascii:
         print(ascii_map(plan.buffers, plan.plan))
     return 0
@@ -247,6 +252,11 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[in
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
+    if spec.block_size:
+        raise ValueError(
+            "--max-len is not built for block-diffusion models (its length would mix the prompt, which sets the "
+            "largest step, and the cache): plan one --length, or see benchmarks/block_diffusion.py"
+        )
     weights = _weight_bytes(args, spec, dtype)  # one rank's, with --tp
     if args.budget:
         budget = parse_bytes(args.budget, "--budget", 1)

@@ -160,7 +160,7 @@ class SDARSampler:
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:
             rows = torch.arange(logits.shape[1], device=logits.device)
-            tokens, chosen_p, probs = sample_block(gathered(iter([(rows, logits)]), rows), cfg, gen)
+            tokens, chosen_p, probs = sample_block(gathered(iter([(rows, logits)]), rows, rows.numel()), cfg, gen)
             revealed(cfg, tokens == tokens, chosen_p, probs, 1)
 
         return measure_row_bytes(reduce, 1, vocab, dtype, device)
@@ -199,11 +199,11 @@ class SDARSampler:
 NO_LIKELIHOOD = "SDAR publishes no likelihood estimator: loglikelihood tasks are not supported for it (generation is)"
 
 
-def gathered(chunks: RowChunks, rows: Tensor) -> Tensor:
-    """(n, V) logits of the last n hidden rows of a sequence, `rows`, copied out of the executor's
-    chunks (a chunk's buffer may be reused by the next)."""
+def gathered(chunks: RowChunks, rows: Tensor, length: int) -> Tensor:
+    """(n, V) logits of the hidden rows `rows` of a sequence of `length` tokens, copied out of the
+    executor's chunks (a chunk's buffer may be reused by the next)."""
     out = None
-    for at, lg in select_rows(chunks, rows, int(rows[-1]) + 1):
+    for at, lg in select_rows(chunks, rows, length):
         if out is None:
             out = lg.new_empty((rows.numel(), lg.shape[-1]))
         out[at].copy_(lg[0])
@@ -234,6 +234,7 @@ class SDARState(DenoiseState):
         self.block_step = 0
         self.cached = 0  # canvas positions [0, cached) are in the cache
         self.rows: Tensor | None = None
+        self.length = 0
 
     @property
     def total_steps(self) -> int:
@@ -254,11 +255,12 @@ class SDARState(DenoiseState):
         else:
             use = CacheUse(self.cache, refresh=False, start=first, length=end, keep=start - first, block=block)
         self.rows = torch.arange(start - first, end - first, device=self.x.device)
+        self.length = end - first  # the step's tokens
         return StepInput(self.x[:, first:end], self.rows, use)
 
     def block_logits(self, logits: Callable[[], RowChunks]) -> Tensor:
         """(block, V) logits of the block's positions, from the executor's chunks."""
-        return gathered(logits(), self.rows)
+        return gathered(logits(), self.rows, self.length)
 
     def propose(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
         tokens, chosen_p, _ = sample_block(self.block_logits(logits), self.cfg, self.gen)

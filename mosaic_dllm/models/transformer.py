@@ -98,6 +98,17 @@ def ffn_block(
     return ops.add(x, f, name="ffn_residual")
 
 
+def check_uses(spec: ArchSpec, caches: tuple[CacheUse | None, ...]) -> None:
+    """A block-diffusion model's attention is block-causal over its decoding's blocks, which each
+    sequence's cache use states (`CacheUse.block`): without one, a forward pass would attend
+    bidirectionally and compute another model."""
+    if spec.block_size and not all(use is not None and use.block for use in caches):
+        raise ValueError(
+            f"a block-diffusion model ({spec.family}) runs through its sampler's steps (block-causal attention "
+            "over its K/V cache), not as a bidirectional forward over a canvas"
+        )
+
+
 def forward(ops: Ops, spec: ArchSpec, w: Weights, ids: Tensor, packing: Packing, batch: int, chunk: int) -> RowHead:
     """(1, T) packed ids -> the LM head over the final hidden states: call it with a request's
     sequences and rows for that request's (rows, (B, C, V) logits) chunks. `batch`: the most
@@ -120,6 +131,7 @@ def logits(
     `cache`: how the canvas (then a window, for a window step) uses a block cache."""
     b, length = ids.shape
     chunk = chunk or (rows.numel() if rows is not None and rows.numel() else length)
+    check_uses(spec, (cache,) * b)
     packing = Packing((length,) * b, (cache,) * b if cache is not None else ())
     head = forward(ops, spec, w, ids.reshape(1, -1), packing, b, chunk)
     return head(0, b, rows)

@@ -33,6 +33,12 @@ def plan_report(
         f"sampler's {shape.sampler_row_bytes} bytes per logits row at "
         "temperature 0)",
     ]
+    if shape.cache_keys and shape.masked_keys:  # block diffusion: the first step runs the prefill
+        lines.append(
+            f"  largest step     {shape.longest} tokens: a block-causal prefill of {shape.masked_keys} prompt "
+            f"positions with the first block (logits for its rows only); block steps attend to at most "
+            f"{shape.cache_keys} keys"
+        )
     if shape.cache_bytes:
         lines.append(f"  block cache      {mib(shape.cache_bytes)} ({cache}), alive across steps outside the arena")
     lines += [

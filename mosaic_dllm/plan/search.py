@@ -248,8 +248,13 @@ def _does_not_fit(
         f"{shape.describe()} needs at least "
         f"{mib(floor_bytes)} of activation memory, more than the budget of {mib(budget)}: "
         f"the peak is at {plan.graph.ops[plan.peak_op]} ({plan.peak_group}), which cannot be chunked further. "
-        f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "
-        f"shorten the request or raise the memory budget."
+        + (
+            f"The longest prefill step (the prompt's whole blocks and the first block) that fits this budget, "
+            f"with a generation and a cache in the same proportion, is {longest} tokens; "
+            if shape.masked_keys
+            else f"The longest sequence (prompt + generation) that fits this budget is {longest} tokens; "
+        )
+        + "shorten the request or raise the memory budget."
     )
     with_recompute = (*groups, "recompute")
     if "recompute" not in groups and _usable(shape, with_recompute) == with_recompute:

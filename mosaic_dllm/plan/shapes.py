@@ -111,6 +111,8 @@ class StepShape:
         return Packing(self.lengths, tuple(uses) if any(uses) else ())
 
     def describe(self) -> str:
+        if self.masked_keys and len(self.lengths) == self.batch:
+            return f"a block-diffusion prefill step of {self.longest} tokens"
         if len(self.lengths) == self.batch:
             return f"a denoising step at length {self.longest} (batch {self.batch})"
         return f"a batched step of {len(self.lengths)} sequences ({self.tokens} tokens, longest {self.longest})"

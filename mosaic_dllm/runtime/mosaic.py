@@ -193,6 +193,7 @@ class MosaicExecutor:
         canvases = [step.ids for step in steps]
         ids = canvases[0].reshape(1, -1) if len(canvases) == 1 else torch.cat([c.reshape(-1) for c in canvases])[None]
         caches = tuple(s.cache for s, r in zip(steps, requests, strict=True) for _ in range(r.batch))
+        transformer.check_uses(self.spec, caches)
         packing = Packing(tuple(r.length for r in requests for _ in range(r.batch)), caches if any(caches) else ())
         ops = self.planned_ops(memory, plan.graph.shape.chunks)
         shape = plan.graph.shape

@@ -31,7 +31,10 @@ def check_sequence_parallel(spec: ArchSpec, ranks: int) -> None:
     calls and growing cache are not built across ranks)."""
     check_heads(spec.num_heads, spec.num_kv_heads, ranks)
     if spec.block_size:
-        raise ValueError(f"sequence parallel does not run block-diffusion models ({spec.family}) yet: use one process")
+        raise ValueError(
+            f"sequence parallel does not run block-diffusion models ({spec.family}) yet: "
+            "use tensor-parallel or one process"
+        )
 
 
 def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:

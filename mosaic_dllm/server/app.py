@@ -234,9 +234,10 @@ class Service:
         if body.stream:
             options = body.stream_options
             denoising, usage = (options.denoising, options.include_usage) if options else (False, False)
-            events = self.watch_steps(job) if denoising else None
+            events = self.watch_steps(job)
             task = asyncio.ensure_future(self.run(request.url.path, job))  # owns the queue slot from now on
-            return StreamingResponse(self.stream(task, job, shape, events, usage), media_type="text/event-stream")
+            stream = self.stream(task, job, shape, events, usage, denoising)
+            return StreamingResponse(stream, media_type="text/event-stream")
         task = asyncio.ensure_future(self.run(request.url.path, job))
         while not task.done():  # a client that goes away cancels its generation
             await asyncio.wait({task}, timeout=0.2)
@@ -288,20 +289,26 @@ class Service:
         return events
 
     async def stream(
-        self, task: asyncio.Future, job: Job, shape: Shape, events: asyncio.Queue | None, usage: bool
+        self, task: asyncio.Future, job: Job, shape: Shape, events: asyncio.Queue, usage: bool, denoising: bool
     ) -> AsyncIterator[str]:
+        """Per step, the text that settled (and with `denoising`, the step's event); then the rest."""
+        eos_ids = self.llm.info.eos_token_ids
         try:
             # every step's event, unless the job was cancelled: then only its end matters
-            while events is not None and (not task.done() or (not events.empty() and not job.cancelled.is_set())):
+            while not task.done() or (not events.empty() and not job.cancelled.is_set()):
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    chunk = shape.denoising_chunk(getter.result(), self.llm.decode, self.llm.info.eos_token_ids)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                event = getter.result()
+                if denoising:
+                    chunk = shape.denoising_chunk(event, self.llm.decode, eos_ids)
                     if chunk["denoising"]["step"] == 1:  # the first step: how the request got in
                         chunk["denoising"]["admission"] = job.admission(self.llm.info.memory_budget)
                     yield sse(chunk)
-                else:
-                    getter.cancel()
+                if (settled := shape.settled_chunk(event, self.llm.decode, eos_ids)) is not None:
+                    yield sse(settled)
             try:
                 out = await task
             except APIError as exc:

@@ -28,6 +28,7 @@ class Shape:
     def __init__(self, rid: str, model: str, chat: bool, stops: list[str] | None = None):
         self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
         self.stops = stops or []
+        self.sent = ""  # text a stream has sent so far
 
     def _base(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -44,13 +45,37 @@ class Shape:
         return text, "stop" if stopped else out.finish_reason
 
     def choice(self, out: GenerationOutput, chunk: bool) -> dict:
-        """The one choice: a chat message (a delta in a chunk) or a completion's text."""
+        """The one choice: a chat message (a delta in a chunk: what the stream has not sent) or a
+        completion's text."""
         text, finish = self.answer(out)
+        if chunk and text.startswith(self.sent):
+            text = text[len(self.sent) :]
+        return self._text_choice(text, chunk) | {"finish_reason": finish}
+
+    def _text_choice(self, text: str, chunk: bool) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta" if chunk else "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None}
-        return choice | {"finish_reason": finish}
+            return {"index": 0, "delta" if chunk else "message": {"role": "assistant", "content": text}}
+        return {"index": 0, "text": text, "logprobs": None}
+
+    def settled_chunk(
+        self, event: StepEvent, decode: Callable[[list[int]], str], eos_ids: tuple[int, ...]
+    ) -> dict | None:
+        """A chunk of the text that can no longer change and was not sent yet: the answer's tokens
+        before its first masked position (revealed tokens never change; a block-diffusion model
+        settles block by block), up to an EOS; None when nothing new settled. Held back: a partly
+        decoded character, and what could still be the start of a stop string."""
+        settled = []
+        for token in event.canvas[event.prompt_length :].tolist():
+            if token == event.mask_token_id or token in eos_ids:
+                break
+            settled.append(token)
+        text, _ = cut_at_stop(decode(settled).rstrip("\ufffd"), self.stops)
+        hold = max((len(s) for s in self.stops), default=1) - 1
+        text = text[: len(text) - hold] if hold else text
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return None
+        delta, self.sent = text[len(self.sent) :], text
+        return self._base(True) | {"choices": [self._text_choice(delta, True) | {"finish_reason": None}]}
 
     def response(self, out: GenerationOutput) -> dict:
         body = {"choices": [self.choice(out, chunk=False)], "usage": self.usage(out), "settings": out.settings}

@@ -212,3 +212,43 @@ def build_tiny_llada(llm: LLM):
     if not path.exists():
         build_tiny_checkpoint(path, "llada")
     return path
+
+
+def test_every_surface_runs_sdar(sdar_path, capsys):
+    """The CLI (generate, info, plan with its preset), the server's stream (text by block, as each
+    block settles) and lm-eval's generation; likelihood is refused with one message."""
+    import json
+
+    import openai
+
+    from mosaic_dllm.cli import main
+    from mosaic_dllm.evaluation import MosaicLM
+    from tests.server.conftest import serving
+
+    assert main(["generate", "--model", str(sdar_path), "--prompt", "Return the", "--gen-length", "8", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["family"] == "sdar" and record["settings"]["remasking"] == "low_confidence_dynamic"
+    assert main(["info", str(sdar_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "sdar"
+    assert main(["plan", "--preset", "sdar-8b", "--layers", "2", "--length", "4096"]) == 0
+    report = capsys.readouterr().out
+    assert "block-causal prefill of 2048 prompt positions" in report and "block cache" in report
+
+    llm = LLM(sdar_path, dtype=torch.float32)
+    with serving(llm) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        kw = dict(
+            model=sdar_path.name, prompt="The quick brown fox", max_tokens=24, extra_body={"seed": 2, "temperature": 0}
+        )
+        whole = client.completions.create(**kw).choices[0].text
+        texts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(texts) == whole
+    assert len([t for t in texts if t]) >= 2  # blocks settled one after another, before the end
+
+    lm = MosaicLM(pretrained=str(sdar_path), gen_length=8, temperature=0.0)
+    request = type("Request", (), {"args": ("Return the", {"until": ["\n\n"]}), "task_name": None})()
+    assert lm.generate_until([request]) == [
+        llm.generate("Return the", GenerationConfig(gen_length=8, temperature=0.0))[0].text.split("\n\n")[0]
+    ]
+    with pytest.raises(ValueError, match="SDAR publishes no likelihood estimator"):
+        lm.loglikelihood([type("Request", (), {"args": ("Return the", " number"), "task_name": None})()])
