@@ -255,7 +255,7 @@ class LLM:
             if cfg.cache_dtype != "auto" or not request.worst.cache_bytes:
                 raise
             request.config = replace(cfg, cache_dtype="int8")
-            request.worst = self.worst_step(len(request.prompt), request.config)
+            request.worst, request.later = self.step_shapes(len(request.prompt), request.config)
             request.plan = self.executor.plan_for(request.worst)
         if request.config.cache_dtype == "auto":  # the model's dtype fits
             request.config = replace(cfg, cache_dtype="model")
@@ -406,7 +406,8 @@ class LLM:
             gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.seed() % (1 << 62)))
             return self.sampler.start(prompt, request.config, gen)
 
-        request = Request(prompt, cfg, start, self.worst_step(len(prompt_ids), cfg), callback=callback)
+        worst, later = self.step_shapes(len(prompt_ids), cfg)
+        request = Request(prompt, cfg, start, worst, callback=callback, later=later)
         if planned:
             self.plan(request)
         return request
@@ -440,16 +441,16 @@ class LLM:
     def worst_step(self, prompt_length: int, cfg: GenerationConfig) -> RequestShape:
         """A request's largest step (the sampler's: the whole canvas for the full-canvas families),
         with the most rows any step reads and its block cache alive; resolved settings `cfg`."""
-        length, keys, masked = self.sampler.largest_step(cfg, prompt_length)
-        return RequestShape(
-            self.sampler.guidance_batch(cfg),
-            length,
-            self.sampler.most_rows(cfg),
-            self.sampler_row_bytes(cfg),
-            self.sampler.cache_bytes(cfg, prompt_length, self.executor.dtype),
-            keys,
-            masked,
-        )
+        return self.step_shapes(prompt_length, cfg)[0]
+
+    def step_shapes(self, prompt_length: int, cfg: GenerationConfig) -> tuple[RequestShape, RequestShape | None]:
+        """The request's largest step, and the largest after its first (None: the same)."""
+        extents = self.sampler.largest_steps(cfg, prompt_length)
+        batch, rows = self.sampler.guidance_batch(cfg), self.sampler.most_rows(cfg)
+        row_bytes = self.sampler_row_bytes(cfg)
+        cache = self.sampler.cache_bytes(cfg, prompt_length, self.executor.dtype)
+        shapes = [RequestShape(batch, e.tokens, rows, row_bytes, cache, e.keys, e.masked_keys) for e in extents if e]
+        return shapes[0], shapes[1] if len(shapes) > 1 else None
 
     def sampler_row_bytes(self, cfg: GenerationConfig) -> int:
         """The sampler's measured temporary bytes per logits row with resolved settings `cfg`."""

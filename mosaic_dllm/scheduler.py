@@ -45,9 +45,10 @@ class Request:
     prompt: torch.Tensor  # (P,) token ids
     config: GenerationConfig  # resolved
     start: Callable[[], SamplerState]  # the sampler state, made when the request joins
-    worst: RequestShape  # its largest step (the first): what admission plans
+    worst: RequestShape  # its largest step to come (at first, the first): what admission plans
     plan: StepPlan | None = None  # that step's plan alone, once planned (`LLM.plan`)
     callback: StepCallback | None = None  # called after each of its steps (False cancels it)
+    later: RequestShape | None = None  # its largest step after the first, if smaller (`worst` once it ran)
     cancelled: threading.Event = field(default_factory=threading.Event)
     result: Future = field(default_factory=Future)  # -> (DenoiseResult, seconds) or the error
     state: SamplerState | None = None
@@ -171,6 +172,8 @@ class Scheduler:
     def _advance(self, request: Request, read) -> None:
         if request.result.done():
             return
+        if request.later is not None:  # past its first step: admission counts what is left
+            request.worst, request.later = request.later, None
         try:
             event: StepEvent = request.state.advance(read)
             if request.callback is not None and request.callback(event) is False:

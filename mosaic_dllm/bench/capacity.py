@@ -43,13 +43,13 @@ def first_step_shape(
     if sampler_row_bytes is None:
         sampler_row_bytes = sampler.row_bytes(cfg, spec.vocab_size, dtype, torch.device("cpu"))
     chunk = chunk_bucket(rows or sampler.most_rows(cfg), row_chunk)
-    tokens, keys, masked = sampler.largest_step(cfg, prompt)
+    first, _ = sampler.largest_steps(cfg, prompt)
     batch = sampler.guidance_batch(cfg)
     return replace(
-        StepShape.of(batch, tokens, chunk, sampler_row_bytes=sampler_row_bytes),
-        cache_keys=keys,
+        StepShape.of(batch, first.tokens, chunk, sampler_row_bytes=sampler_row_bytes),
+        cache_keys=first.keys,
         cache_bytes=sampler.cache_bytes(cfg, prompt, dtype),
-        masked_keys=masked,
+        masked_keys=first.masked_keys,
     )
 
 

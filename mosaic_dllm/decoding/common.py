@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -74,9 +74,19 @@ def answer_complete(canvas: Tensor, prompt_length: int, mask_id: int, eos_ids: t
     return not bool((gen[: int(revealed_eos[0])] == mask_id).any())
 
 
-def whole_canvas(cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
-    """A full-canvas family's largest step: every position, no window, no mask."""
-    return prompt_length + cfg.gen_length, 0, 0
+class StepExtent(NamedTuple):
+    """What a step's memory depends on beyond its request's batch and rows (`RequestShape`): its
+    tokens, the canvas a window's keys span (0: no window), the keys of its block-causal (masked)
+    attention call (0: none)."""
+
+    tokens: int
+    keys: int = 0
+    masked_keys: int = 0
+
+
+def whole_canvas(cfg: GenerationConfig, prompt_length: int) -> tuple[StepExtent, None]:
+    """A full-canvas family's steps: every one the whole canvas, no window, no mask."""
+    return StepExtent(prompt_length + cfg.gen_length), None
 
 
 def check_blocks(cfg: GenerationConfig) -> None:
@@ -153,9 +163,10 @@ class Sampler(Protocol):
     def most_rows(self, cfg: GenerationConfig) -> int:
         """The most rows any step reads (the first step's, unless a sampler says otherwise)."""
 
-    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
-        """(tokens, window keys, masked keys) of the request's largest step (`RequestShape`): the
-        whole canvas (`whole_canvas`) for the full-canvas families."""
+    def largest_steps(self, cfg: GenerationConfig, prompt_length: int) -> tuple[StepExtent, StepExtent | None]:
+        """The request's largest step, then the largest of the steps after its first (None: the
+        same): the whole canvas for the full-canvas families (`whole_canvas`); block diffusion's
+        first step prefills, the others run a block or two against the cache."""
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         """Measured temporary bytes per logits row of this sampler with settings `cfg`."""

@@ -27,7 +27,7 @@ from ..config import DREAM, THRESHOLD_ALG, GenerationConfig, GenerationConfigErr
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
-from .common import DenoiseState, StepEvent, StepInput, check_blocks, whole_canvas
+from .common import DenoiseState, StepEvent, StepExtent, StepInput, check_blocks, whole_canvas
 from .cost import measure_row_bytes
 from .dream_sampling import sample_rows, sample_tokens
 from .likelihood import LikelihoodOptions, batched_estimates, dream_runs
@@ -158,7 +158,7 @@ class DreamSampler:
     def most_rows(self, cfg: GenerationConfig) -> int:
         return cfg.gen_length
 
-    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
+    def largest_steps(self, cfg: GenerationConfig, prompt_length: int) -> tuple[StepExtent, None]:
         return whole_canvas(cfg, prompt_length)
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:

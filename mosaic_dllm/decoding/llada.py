@@ -22,7 +22,7 @@ from ..config import LLADA, LLADA_REMASKING, GenerationConfig, GenerationConfigE
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
-from .common import DenoiseState, StepEvent, StepInput, check_blocks, whole_canvas
+from .common import DenoiseState, StepEvent, StepExtent, StepInput, check_blocks, whole_canvas
 from .cost import measure_row_bytes
 from .likelihood import LikelihoodOptions, batched_estimates, llada_runs
 from .parallel import ParallelLLaDAState, block_cache
@@ -127,7 +127,7 @@ class LLaDASampler:
             leftover = (cfg.num_blocks - 1) * max(0, cfg.block_length - cfg.steps // cfg.num_blocks)
         return cfg.block_length + leftover
 
-    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
+    def largest_steps(self, cfg: GenerationConfig, prompt_length: int) -> tuple[StepExtent, None]:
         return whole_canvas(cfg, prompt_length)
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:

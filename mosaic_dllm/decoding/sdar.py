@@ -8,7 +8,7 @@ its prompt positions in place) each step samples every position of the block (on
 positions by the strategy: `sequential` (the quota of the step, left to right),
 `low_confidence_static` (the quota, most confident first), `low_confidence_dynamic` (every one
 above `threshold`, else the quota), `entropy_bounded`. The quota of step i is
-`get_transfer_index`'s even split of the block over `steps`. The generation ends after a block
+`get_num_transfer_tokens`' even split of the block over `steps`. The generation ends after a block
 that holds an EOS, or after the last block.
 
 The official loop runs a separate pass to write a finished block's K/V (and a prefill pass); here
@@ -39,7 +39,7 @@ from ..models.kv_cache import BlockCache, CacheUse
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
-from .common import DenoiseResult, DenoiseState, StepEvent, StepInput
+from .common import DenoiseResult, DenoiseState, StepEvent, StepExtent, StepInput
 from .cost import measure_row_bytes
 from .likelihood import LikelihoodOptions
 from .rows import RowChunks, select_rows
@@ -150,12 +150,14 @@ class SDARSampler:
     def most_rows(self, cfg: GenerationConfig) -> int:
         return cfg.block_length
 
-    def largest_step(self, cfg: GenerationConfig, prompt_length: int) -> tuple[int, int, int]:
-        """(tokens, window keys, masked keys) of the request's largest step: the first, which runs
-        the prefill and the first block, with the longest window's keys counted as if it were one."""
-        block = cfg.block_length
+    def largest_steps(self, cfg: GenerationConfig, prompt_length: int) -> tuple[StepExtent, StepExtent]:
+        """The first step (the prompt's whole blocks and the first block, at least two blocks'
+        tokens, its keys those of the longest window: it bounds every step), then a block's first
+        step (the block finished before it and this one, against the cache)."""
+        block, canvas = cfg.block_length, canvas_length(prompt_length, cfg)
         prefill = prompt_length // block * block
-        return prefill + block, canvas_length(prompt_length, cfg), prefill if prefill > block else 0
+        first = StepExtent(max(prefill, block) + block, canvas, prefill if prefill > block else 0)
+        return first, StepExtent(2 * block, canvas)
 
     def row_bytes(self, cfg: GenerationConfig, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
         def reduce(positions: Tensor, logits: Tensor, length: int, gen: torch.Generator) -> None:

@@ -165,6 +165,31 @@ def test_a_prefill_in_query_blocks_keeps_its_bits(sdar_path, dtype):
                 other.advance(b)
 
 
+def test_admission_counts_what_a_running_request_has_left(sdar_path):
+    """Past its prefill, a request's steps are a block or two against its cache: a second long
+    prompt joins then, where two prefills together would not fit."""
+    prompts = [[(7 * i + j) % 300 for i in range(1, 90)] for j in (0, 1)]
+    cfg = GenerationConfig(gen_length=GEN, seed=1)
+    alone = LLM(sdar_path, dtype=torch.float32, max_batch=1)
+    expected = [alone.generate(p, cfg)[0].token_ids for p in prompts]
+    a, b = (alone.request(p, cfg) for p in prompts)
+    assert a.later is not None and a.later.length < a.worst.length
+    both_prefills = alone.executor.plan_batch([a.worst, b.worst]).predicted_peak_bytes
+    prefill_and_blocks = alone.executor.plan_batch([a.later, b.worst]).predicted_peak_bytes
+    assert prefill_and_blocks < both_prefills
+    steps = []
+    llm = LLM(
+        sdar_path,
+        dtype=torch.float32,
+        max_batch=2,
+        memory_budget=(prefill_and_blocks + both_prefills) // 2,
+        on_step=lambda s: steps.append(len(s.requests)),
+        chunk_groups=(),  # the plans as above, unchunked
+    )
+    assert [o.token_ids for o in llm.generate(prompts, cfg)] == expected
+    assert steps[:2] == [1, 2]  # the second joined after the first's prefill
+
+
 def test_the_cache_holds_what_the_plan_counts(sdar_path):
     """The K/V cache a request allocates is the bytes its plans count, at its largest."""
     for dtype in (torch.float32, torch.bfloat16):
