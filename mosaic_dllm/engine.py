@@ -420,12 +420,13 @@ class LLM:
     def check_context(self, prompt_length: int, cfg: GenerationConfig, stacklevel: int = 3) -> None:
         """Refuse a request beyond the checkpoint's context unless long contexts are allowed (then warn)."""
         total, context = prompt_length + cfg.gen_length, self.spec.max_position_embeddings
-        if total <= context:
+        canvas = self.sampler.largest_steps(cfg, prompt_length)[0].keys  # block diffusion: padded to whole blocks
+        if max(total, canvas) <= context:
             return
-        message = (
-            f"the prompt ({prompt_length} tokens) plus gen_length ({cfg.gen_length}) is {total} tokens, more "
-            f"than the checkpoint's context of {context}"
-        )
+        message = f"the prompt ({prompt_length} tokens) plus gen_length ({cfg.gen_length}) is {total} tokens"
+        if canvas > total:
+            message += f", {canvas} positions in whole blocks of {cfg.block_length},"
+        message += f" more than the checkpoint's context of {context}"
         if not self.allow_long_context:
             raise ContextTooLong(
                 f"{message}; pass allow_long_context=True (CLI: --allow-long-context) to run it anyway"

@@ -193,6 +193,7 @@ def info(args: argparse.Namespace) -> int:
         "head_dim": spec.head_dim,
         "ffn": spec.intermediate_size if spec.moe is None else None,
         "moe": None if spec.moe is None else vars(spec.moe) | {"moe_layers": sum(spec.moe.moe_layers)},
+        "block_size": spec.block_size or None,  # block diffusion: its attention's default blocks
         "vocab_size": spec.vocab_size,
         "tokenizer_vocab": tokenizer.vocab_size if tokenizer else None,
         "rope_theta": spec.rope_theta,

@@ -12,6 +12,7 @@ import torch
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.config import GenerationConfigError
 from mosaic_dllm.decoding.sdar import canvas_length
+from mosaic_dllm.engine import ContextTooLong
 from mosaic_dllm.models.groups import Chunks
 from tests import reference
 from tests.tiny import build_tiny_checkpoint
@@ -227,6 +228,8 @@ def test_settings_are_checked_for_sdar(sdar_path):
         "low_confidence_dynamic",
         0.85,
     )
+    with pytest.raises(ContextTooLong, match="320 positions in whole blocks of 160"):  # the canvas, padded
+        llm.generate([5, 17], GenerationConfig(gen_length=200, block_length=160))
     with pytest.raises(GenerationConfigError, match="remasking"):
         build = LLM(build_tiny_llada(llm), dtype=torch.float32)
         build.resolve(GenerationConfig(remasking="sequential"))
@@ -277,3 +280,21 @@ def test_every_surface_runs_sdar(sdar_path, capsys):
     ]
     with pytest.raises(ValueError, match="SDAR publishes no likelihood estimator"):
         lm.loglikelihood([type("Request", (), {"args": ("Return the", " number"), "task_name": None})()])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"block_size": 0}, "'block_size' must be positive"),
+        ({"attention_bias": True}, "'attention_bias'=True is not supported"),
+        ({"head_dim": None, "hidden_size": 66}, "not divisible"),
+        ({"use_sliding_window": True}, "not supported"),
+    ],
+)
+def test_bad_sdar_configs_are_refused(change, message):
+    from mosaic_dllm.models import ConfigError, parse_config, to_config
+    from tests.tiny import tiny_spec
+
+    config = to_config(tiny_spec("sdar", ids={"mask": 3, "eos": 1})) | change
+    with pytest.raises(ConfigError, match=message):
+        parse_config(config)

@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from mosaic_dllm import checkpoint
+from mosaic_dllm.kernels.eager import EagerOps
+from mosaic_dllm.models import transformer
+from mosaic_dllm.models.kv_cache import BlockCache, CacheUse
 from mosaic_dllm.runtime.eager import EagerExecutor
 from tests import reference
 from tests.conftest import FAMILIES
+
+
+def block_causal_logits(ck, ids: torch.Tensor) -> torch.Tensor:
+    """Every row's logits of a block-diffusion canvas run as one prefill (a refresh storing it all)."""
+    use = CacheUse(BlockCache(ck.spec, ids.shape[1]), refresh=True, keep=ids.shape[1], block=ck.spec.block_size)
+    return next(transformer.logits(EagerOps(), ck.spec, ck.weights, ids, cache=use))[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -16,7 +25,17 @@ def test_logits_equal_official_forward(tiny_checkpoints, family, dtype):
     ck = checkpoint.load(path, dtype=dtype)
     config, state = reference.load_state(path, dtype)
     ids = torch.randint(0, ck.spec.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
-    ours = EagerExecutor(ck.spec, ck.weights).logits(ids)
-    official = (reference.llada_logits if family == "llada" else reference.hf_logits)(config, state, ids)
+    if family == "sdar":  # block-causal over blocks of 4 (the prefill's one masked call), one sequence a call
+        ours = torch.cat([block_causal_logits(ck, row[None]) for row in ids])
+        mask = torch.arange(23)[None] < (torch.arange(23)[:, None] // 4 + 1) * 4
+        official = torch.cat(
+            [
+                reference.sdar_forward(config, state, row[None], torch.arange(23)[None], mask[None], [], True)
+                for row in ids
+            ]
+        )
+    else:
+        ours = EagerExecutor(ck.spec, ck.weights).logits(ids)
+        official = (reference.llada_logits if family == "llada" else reference.hf_logits)(config, state, ids)
     assert ours.dtype == dtype and ours.shape == (2, 23, ck.spec.vocab_size)
     assert torch.equal(ours, official)
