@@ -41,6 +41,8 @@ class Setting:
     help: str
     families: tuple[str, ...] = (LLADA, DREAM, SDAR)  # the samplers that read it
     choices: tuple[str, ...] = ()
+    # where families accept different choices: (family, its choices) pairs (others: `choices`)
+    family_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
     low: float | None = None  # bounds: [low, high], either end open where `*_open`
     low_open: bool = False
     high: float | None = None
@@ -59,6 +61,10 @@ class Setting:
     @property
     def field_name(self) -> str:
         return self.api_name or self.name
+
+    def choices_for(self, family: str) -> tuple[str, ...]:
+        """The choices a `family`'s sampler accepts."""
+        return dict(self.family_choices).get(family, self.choices)
 
     @property
     def no_op(self) -> Any:
@@ -136,6 +142,7 @@ class GenerationConfig:
         f"SDAR: {' / '.join(SDAR_REMASKING)})",
         families=(LLADA, SDAR),
         choices=REMASKING,
+        family_choices=((LLADA, LLADA_REMASKING), (SDAR, SDAR_REMASKING)),
         neutral="low_confidence",
     )
     alg: str | None = setting("how a step ranks masked positions", families=(DREAM,), choices=DREAM_ALGS)
@@ -234,13 +241,18 @@ class GenerationConfig:
         return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
 
     def check_common(self, family: str) -> None:
-        """What every sampler needs: every setting of its kind and within its bounds or choices,
+        """What every sampler needs: every setting of its kind and within its bounds or choices (the
+        family's own, where they differ),
         gen_length and steps set, threshold and factor not both, and no setting the `family`'s
         sampler does not read (other than its no-op value); raises GenerationConfigError."""
         for name, s in SETTINGS.items():
             value = getattr(self, name)
             if value is not None:
                 s.check(value)
+            if value is not None and family in s.families and s.choices and value not in s.choices_for(family):
+                raise GenerationConfigError(
+                    f"{name} must be one of {s.choices_for(family)} for a {FAMILY_NAMES[family]} model, got {value!r}"
+                )
         for name in ("gen_length", "steps"):
             if getattr(self, name) is None:
                 raise GenerationConfigError(f"{name} must be {SETTINGS[name].describe()}, got None")

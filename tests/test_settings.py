@@ -9,7 +9,7 @@ import pytest
 
 from mosaic_dllm import LLM, GenerationConfig, GenerationConfigError
 from mosaic_dllm.cli import build_parser
-from mosaic_dllm.config import FAMILY_NAMES, SETTINGS
+from mosaic_dllm.config import FAMILY_NAMES, LLADA, SDAR, SDAR_REMASKING, SETTINGS
 from mosaic_dllm.evaluation import GENERATION_KEYS
 from mosaic_dllm.server.schemas import CompletionRequest, page_settings
 from tests.server.conftest import serving
@@ -24,6 +24,15 @@ def test_every_setting_reaches_every_surface():
     for s in SETTINGS.values():
         assert s.flag in flags and s.field_name in fields and s.field_name in pages, s.name
     assert GENERATION_KEYS == tuple(SETTINGS)
+
+
+def test_a_family_is_offered_and_accepts_its_own_choices(tiny_llm):
+    """remasking: LLaDA's and SDAR's strategies differ; the page offers each family its own, and a
+    family refuses the other's with one message."""
+    offered = {f: next(s["choices"] for s in page_settings(f) if s["name"] == "remasking") for f in (LLADA, SDAR)}
+    assert offered == {LLADA: ["low_confidence", "random"], SDAR: list(SDAR_REMASKING)}
+    with pytest.raises(GenerationConfigError, match="remasking must be one of .* for a LLaDA / LLaDA-MoE model"):
+        tiny_llm("llada").resolve(GenerationConfig(remasking="sequential"))
 
 
 def test_bounds_and_choices_are_the_same_everywhere():

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ..config import LLADA, LLADA_REMASKING, GenerationConfig, GenerationConfigError, check_stored
+from ..config import LLADA, GenerationConfig, GenerationConfigError, check_stored
 from ..models.spec import ArchSpec
 from ..runtime import Executor
 from ..tokenizer import Tokenizer
@@ -90,8 +90,6 @@ class LLaDASampler:
         def fail(msg: str) -> None:
             raise GenerationConfigError(msg)
 
-        if cfg.remasking not in LLADA_REMASKING:
-            fail(f"remasking must be one of {LLADA_REMASKING} for a LLaDA model, got {cfg.remasking!r}")
         if cfg.steps > cfg.gen_length:
             fail(f"steps ({cfg.steps}) must be at most gen_length ({cfg.gen_length}): more steps would reveal nothing")
         check_blocks(cfg)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import SDAR, SDAR_REMASKING, GenerationConfig, GenerationConfigError
+from ..config import SDAR, GenerationConfig, GenerationConfigError
 from ..models.kv_cache import BlockCache, CacheUse
 from ..models.spec import ArchSpec
 from ..runtime import Executor
@@ -138,8 +138,6 @@ class SDARSampler:
     def resolve(self, cfg: GenerationConfig, prompt_length: int = 0) -> GenerationConfig:
         cfg = cfg.unset(block_length=self.spec.block_size or 4, **DEFAULTS)
         cfg.check_common(SDAR)
-        if cfg.remasking not in SDAR_REMASKING:
-            raise GenerationConfigError(f"remasking must be one of {SDAR_REMASKING} for SDAR, got {cfg.remasking!r}")
         if cfg.top_k > self.spec.vocab_size:
             raise GenerationConfigError(f"top_k ({cfg.top_k}) must be at most the vocabulary ({self.spec.vocab_size})")
         return cfg

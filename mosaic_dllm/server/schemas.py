@@ -118,7 +118,7 @@ def page_settings(family: str) -> list[dict]:
         {
             "name": s.field_name,
             "kind": s.kind.__name__,
-            "choices": list(s.choices) or None,
+            "choices": list(s.choices_for(family)) or None,
             "low": s.low,
             "high": s.high,
             "help": f"{s.help}; {s.describe()}",

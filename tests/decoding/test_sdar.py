@@ -230,16 +230,6 @@ def test_settings_are_checked_for_sdar(sdar_path):
     )
     with pytest.raises(ContextTooLong, match="320 positions in whole blocks of 160"):  # the canvas, padded
         llm.generate([5, 17], GenerationConfig(gen_length=200, block_length=160))
-    with pytest.raises(GenerationConfigError, match="remasking"):
-        build = LLM(build_tiny_llada(llm), dtype=torch.float32)
-        build.resolve(GenerationConfig(remasking="sequential"))
-
-
-def build_tiny_llada(llm: LLM):
-    path = llm.checkpoint.path.parent / "llada_for_sdar_settings"
-    if not path.exists():
-        build_tiny_checkpoint(path, "llada")
-    return path
 
 
 def test_every_surface_runs_sdar(sdar_path, capsys):
