@@ -191,8 +191,9 @@ class GenerationConfig:
     )
     cache_dtype: str | None = setting(
         "the block cache's precision: the model's dtype, int8 (a scale per position and head: about half "
-        "a bf16 cache; an approximation) or auto (int8 only when the model's would not fit the memory budget)",
-        families=(LLADA, DREAM),
+        "a bf16 cache; an approximation) or auto (int8 only when the model's would not fit the memory budget); "
+        "SDAR: its K/V cache",
+        families=(LLADA, DREAM, SDAR),
         choices=CACHE_DTYPES,
         neutral="model",
     )
@@ -260,7 +261,8 @@ class GenerationConfig:
             raise GenerationConfigError(
                 "set threshold or factor, not both (factor is Fast-dLLM's variant of threshold)"
             )
-        if self.cache_dtype not in (None, "model") and self.cache in (None, "none"):
+        cached = self.cache not in (None, "none") or family == SDAR  # block diffusion always keeps one
+        if self.cache_dtype not in (None, "model") and not cached:
             raise GenerationConfigError(f"cache_dtype {self.cache_dtype} needs a block cache: set cache prefix or dual")
         foreign = [
             n for n, s in SETTINGS.items() if family not in s.families and getattr(self, n) not in (None, s.no_op)

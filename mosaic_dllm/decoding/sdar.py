@@ -216,8 +216,9 @@ def canvas_length(prompt_length: int, cfg: GenerationConfig) -> int:
 
 
 def sdar_cache(spec: ArchSpec, prompt_length: int, cfg: GenerationConfig) -> BlockCache:
-    """A request's K/V cache at its largest: every position before the last block."""
-    return BlockCache(spec, canvas_length(prompt_length, cfg) - cfg.block_length)
+    """A request's K/V cache at its largest: every position before the last block (int8 with
+    `cache_dtype` int8; "auto" counts as the model's dtype until `LLM.plan` decides)."""
+    return BlockCache(spec, canvas_length(prompt_length, cfg) - cfg.block_length, int8=cfg.cache_dtype == "int8")
 
 
 class SDARState(DenoiseState):

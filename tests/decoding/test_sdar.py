@@ -191,22 +191,44 @@ def test_admission_counts_what_a_running_request_has_left(sdar_path):
     assert steps[:2] == [1, 2]  # the second joined after the first's prefill
 
 
-def test_the_cache_holds_what_the_plan_counts(sdar_path):
-    """The K/V cache a request allocates is the bytes its plans count, at its largest."""
+@pytest.mark.parametrize("cache_dtype", ["model", "int8"])
+def test_the_cache_holds_what_the_plan_counts(sdar_path, cache_dtype):
+    """The K/V cache a request allocates is the bytes its plans count, at its largest (int8: the
+    codes, their scales and the scratch they pass through)."""
     for dtype in (torch.float32, torch.bfloat16):
         llm = LLM(sdar_path, dtype=dtype)
-        prompt, cfg = PROMPTS["prefill and a partial block"], llm.resolve(GenerationConfig(gen_length=GEN, seed=1), 10)
+        prompt = PROMPTS["prefill and a partial block"]
+        cfg = llm.resolve(GenerationConfig(gen_length=GEN, seed=1, cache_dtype=cache_dtype), 10)
         state = llm.sampler.start(torch.tensor(prompt), cfg, torch.Generator().manual_seed(1))
         caches = []
         while not state.done:
             step = state.next_step()
             with llm.executor.batch_logits([step]) as (logits,):
                 state.advance(logits)
-            if state.cache.keys:
-                caches.append(sum(t.nbytes for t in (*state.cache.keys, *state.cache.values)))
+            cache = state.cache
+            if cache.keys:
+                held = [*cache.keys, *cache.values, *(t for pair in cache.scales for t in pair)]
+                caches.append(sum(t.nbytes for t in held) + (cache.scratch.nbytes if cache.scratch is not None else 0))
         assert caches and set(caches) == {llm.sampler.cache_bytes(cfg, len(prompt), dtype)}
         positions = canvas_length(10, cfg) - cfg.block_length
-        assert caches[0] == 2 * positions * llm.spec.num_layers * llm.spec.kv_size * dtype.itemsize
+        item = 1 if cache_dtype == "int8" else dtype.itemsize
+        assert caches[0] >= 2 * positions * llm.spec.num_layers * llm.spec.kv_size * item
+
+
+def test_an_int8_cache_is_an_approximation_that_plans_smaller(sdar_path):
+    """cache_dtype int8: its tokens come from dequantized keys and values (close to, not equal to,
+    the model dtype's); "auto" keeps the model's dtype when it fits and takes int8 when only that
+    fits the budget."""
+    llm = LLM(sdar_path, dtype=torch.bfloat16)
+    prompt = [(7 * i) % 300 for i in range(1, 90)]
+    exact, int8 = (GenerationConfig(gen_length=GEN, seed=3, temperature=0.0, cache_dtype=c) for c in ("model", "int8"))
+    assert llm.request(prompt, int8).worst.cache_bytes < llm.request(prompt, exact).worst.cache_bytes
+    assert len(llm.generate(prompt, int8)[0].token_ids) == len(llm.generate(prompt, exact)[0].token_ids)
+    auto = GenerationConfig(gen_length=GEN, seed=3, temperature=0.0, cache_dtype="auto")
+    assert llm.generate(prompt, auto)[0].settings["cache_dtype"] == "model"
+    budget = llm.executor.plan_for(llm.request(prompt, int8).worst).predicted_peak_bytes
+    tight = LLM(sdar_path, dtype=torch.bfloat16, memory_budget=budget, chunk_groups=())
+    assert tight.generate(prompt, auto)[0].settings["cache_dtype"] == "int8"
 
 
 def test_settings_are_checked_for_sdar(sdar_path):
