@@ -203,8 +203,8 @@ class AttentionOps:
         group's chunks; a trace runs only the first. The largest block is the whole sequences'
         (what the trace sizes buffers by): a call's blocks are no larger."""
         pieces = getattr(self.chunks, group.name)
-        size = self.mem.chunk_size(packing.lengths, group, pieces) if self.mem.tracing else 0
         if self.mem.tracing:
+            size = self.mem.chunk_size(packing.lengths, group, pieces)
             return size, [QueryBlock(0, 0, packing.lengths[0], 0, size, packing.lengths[0])]
         size = max(largest_chunk(n, pieces, group) for n in packing.lengths)
         parts = [

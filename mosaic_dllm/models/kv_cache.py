@@ -152,7 +152,13 @@ def segments(use: CacheUse | None, tokens: int) -> tuple[Segment, ...]:
 
 def block_causal_mask(first: int, queries: int, keys: int, block: int, dtype: torch.dtype, device) -> Tensor:
     """(queries, keys) additive mask of queries at canvas positions [first, first + queries):
-    0 where a key is at most the query's block end, -inf beyond (what SDPA makes of a bool mask)."""
-    ends = (torch.arange(first, first + queries, device=device) // block + 1) * block
-    visible = torch.arange(keys, device=device)[None] < ends[:, None]
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    0 where a key is below the end of the query's block, -inf beyond (what SDPA makes of a bool
+    mask). Filled block by block: nothing allocated but the mask itself."""
+    mask = torch.full((queries, keys), float("-inf"), dtype=dtype, device=device)
+    row = 0
+    while row < queries:
+        end = ((first + row) // block + 1) * block  # the canvas end of this row's block
+        last = min(queries, end - first)  # the rows in that block
+        mask[row:last, : min(end, keys)] = 0
+        row = last
+    return mask

@@ -314,3 +314,36 @@ def test_bad_sdar_configs_are_refused(change, message):
     config = to_config(tiny_spec("sdar", ids={"mask": 3, "eos": 1})) | change
     with pytest.raises(ConfigError, match=message):
         parse_config(config)
+
+
+def test_a_prefill_allocates_outside_the_arena_only_what_its_plan_declares(sdar_path):
+    """The block-causal mask, the attention output and the K/V cache the prefill stores: the live
+    tensors outside the arena stay within the step plan's workspace and cache (bf16, whole and in
+    query blocks)."""
+    from mosaic_dllm.memory.accounting import LiveTensorTracker
+
+    prompt = [(11 * i) % 300 for i in range(1, 200)]
+    for chunks in (Chunks(), Chunks(attention=4)):
+        llm = LLM(sdar_path, dtype=torch.bfloat16, chunks=chunks)
+        state = llm.sampler.start(torch.tensor(prompt), llm.resolve(GenerationConfig(gen_length=8), 199), None)
+        step = state.next_step()
+        with LiveTensorTracker() as tracker, llm.executor.batch_logits([step]) as (logits,):
+            state.advance(logits)
+        plan = llm.executor.last_plan
+        assert plan.graph.shape.masked_keys == 196
+        live = max(r.live_bytes for r in tracker.timeline.records)
+        assert live <= plan.workspace_bytes + plan.graph.shape.cache_bytes
+
+
+@pytest.mark.parametrize(
+    ("first", "queries", "keys", "block"), [(0, 8, 8, 4), (2, 7, 12, 4), (5, 3, 9, 4), (0, 13, 16, 3)]
+)
+def test_the_block_causal_mask_is_the_official_one(first, queries, keys, block):
+    """Rows of generate.py's mask (`tril` of blocks, repeated), as SDPA turns a bool mask additive."""
+    from mosaic_dllm.models.kv_cache import block_causal_mask
+
+    blocks = -(-max(first + queries, keys) // block)
+    official = torch.tril(torch.ones(blocks, blocks)).repeat_interleave(block, 0).repeat_interleave(block, 1).bool()
+    rows = official[first : first + queries, :keys]
+    expected = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf"))
+    assert torch.equal(block_causal_mask(first, queries, keys, block, torch.float32, "cpu"), expected)
