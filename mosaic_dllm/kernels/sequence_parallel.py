@@ -177,11 +177,12 @@ class PlannedSequenceParallelOps(PlannedOps):
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         queries, keys = head_slices(nh, nkv, self.world)
         qw, kw = queries[0].stop - queries[0].start, keys[0].stop - keys[0].start
-        block, parts = self.sequence_spans(packing, group)
+        block, parts = self.query_blocks(packing, group)
         owned = min(block, self.per)  # the most rows of a block one rank holds
         world, per, rows = self.world, self.per, min(REGION_ROWS, self.per)
         self.mem.workspace(qw * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
         self.mem.workspace(self.rules.key_copy_bytes(packing.span, kw, hd))
+        self.mem.workspace(block * packing.masked_keys * x.element_size())  # a block-causal mask
         every_k, every_v = (self.mem.new((1, world * per, kw, hd), x.dtype) for _ in range(2))
         mine_k, mine_v = (self.mem.new((rows, nkv, hd), x.dtype) for _ in range(2))
         sent = self.mem.new((world * max(rows * kw, owned * qw) * hd,), x.dtype)  # what goes out, or comes back
@@ -201,10 +202,10 @@ class PlannedSequenceParallelOps(PlannedOps):
                     out[r].copy_(mine[:n, s])
                 dist.all_to_all_single(back, out.view(-1), group=self.group)
                 every[0].view(world, per, kw, hd)[:, first : first + n].copy_(back.view(world, n, kw, hd))
-        packing.store_caches(index, every_k, every_v)  # a refreshing sequence's cache keeps my heads
-        sequence_of = {o: i for i, (o, _) in enumerate(packing.sequences())}
+        packing.store_caches(index, every_k, every_v)  # a storing sequence's cache keeps my heads
         gqa = {"enable_gqa": True} if qw // kw > 1 else {}
-        for offset, length, start, end in parts:  # the one-process query blocks
+        for part in parts:  # the one-process query blocks (of each attention call)
+            offset, length, start, end = part.offset, part.length, part.start, part.end
             a, b = offset + start, offset + end
             counts = self._owned(a, b)
             n, local = counts[self.rank], max(a - self.start, 0)
@@ -216,13 +217,13 @@ class PlannedSequenceParallelOps(PlannedOps):
             block_q = heads[: b - a]
             dist.all_to_all_single(block_q, out.view(world * n, qw, hd), counts, [n] * world, group=self.group)
             k, v = every_k[:, offset : offset + length], every_v[:, offset : offset + length]
-            if (use := packing.window(sequence_of[offset])) is not None:
+            if (use := packing.window(part.sequence)) is not None:
                 k, v = self.spliced(use, index, k, v, spliced, first_block=start == 0)
             result = F.scaled_dot_product_attention(
                 block_q[None].transpose(1, 2),
-                k.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=None,
+                k[:, : part.keys].transpose(1, 2),
+                v[:, : part.keys].transpose(1, 2),
+                attn_mask=part.mask(packing, x.dtype, x.device),
                 dropout_p=0.0,
                 is_causal=False,
                 **gqa,

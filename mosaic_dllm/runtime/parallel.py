@@ -26,17 +26,6 @@ from .executor import ExecutorOptions
 from .mosaic import ArenaMemory, MosaicExecutor
 
 
-def check_sequence_parallel(spec: ArchSpec, ranks: int) -> None:
-    """What sequence parallel runs: heads that split evenly, and no block diffusion (its block-causal
-    calls and growing cache are not built across ranks)."""
-    check_heads(spec.num_heads, spec.num_kv_heads, ranks)
-    if spec.block_size:
-        raise ValueError(
-            f"sequence parallel does not run block-diffusion models ({spec.family}) yet: "
-            "use tensor-parallel or one process"
-        )
-
-
 def _group_size(group: dist.ProcessGroup | None, kind: str) -> int:
     if not dist.is_initialized():
         raise ValueError(f"{kind} needs torch.distributed initialised (torchrun, --nproc, or init_process_group)")
@@ -58,7 +47,7 @@ class SequenceParallelExecutor(MosaicExecutor):
         group: dist.ProcessGroup | None = None,
     ):
         self.ranks = _group_size(group, "sequence parallel")
-        check_sequence_parallel(spec, self.ranks)
+        check_heads(spec.num_heads, spec.num_kv_heads, self.ranks)
         super().__init__(spec, weights, options)
         self.group, self.rank = group, dist.get_rank(group)
 
@@ -75,7 +64,7 @@ class EagerSequenceParallelExecutor(EagerExecutor):
     no_block_caches = "the eager sequence-parallel executor"
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
-        check_sequence_parallel(spec, _group_size(group, "sequence parallel"))
+        check_heads(spec.num_heads, spec.num_kv_heads, _group_size(group, "sequence parallel"))
         super().__init__(spec, weights)
         self.ops = SequenceParallelOps(group)
 

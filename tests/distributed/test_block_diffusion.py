@@ -1,5 +1,7 @@
-"""A block-diffusion model (SDAR) across two tensor-parallel ranks: each rank's K/V cache holds its
-heads, and the tokens are one process's (planned and eager); sequence parallel refuses it."""
+"""A block-diffusion model (SDAR) across two ranks, tensor parallel (planned and eager) and
+sequence parallel (planned: each rank a shard of the prefill's tokens, the block-causal calls
+exchanged by query block): each rank's K/V cache holds its heads, and the tokens are one
+process's; the eager sequence-parallel executor, which keeps no caches, refuses it."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from mosaic_dllm import LLM, GenerationConfig
+from mosaic_dllm.config import GenerationConfigError
 from tests.tiny import build_tiny_checkpoint
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Return the"
+RUNS = ("tensor-parallel", "tensor-parallel-eager", "sequence-parallel")
 SETTINGS = [dict(gen_length=12, seed=4), dict(gen_length=12, seed=5, temperature=0.0, remasking="sequential")]
 
 
@@ -27,20 +31,20 @@ def rank_main(rank: int, path: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=2)
     try:
-        for executor in ("tensor-parallel", "tensor-parallel-eager"):
+        for executor in RUNS:
             save_file(generated(path, executor), f"{out}.{executor}.{rank}")
-        with pytest.raises(ValueError, match="sequence parallel does not run block-diffusion"):
-            LLM(path, executor="sequence-parallel")
+        with pytest.raises(GenerationConfigError, match="K/V cache is not built for the eager sequence-parallel"):
+            LLM(path, executor="sequence-parallel-eager").generate(PROMPT, GenerationConfig(gen_length=4))
     finally:
         dist.destroy_process_group()
 
 
-def test_tensor_parallel_sdar_gives_one_process_tokens(tmp_path):
+def test_sdar_across_two_ranks_gives_one_process_tokens(tmp_path):
     path = tmp_path / "sdar"
     build_tiny_checkpoint(path, "sdar")
     out = str(tmp_path / "tp")
     mp.spawn(rank_main, args=(str(path), out), nprocs=2)
     alone = {k: v.tolist() for k, v in generated(str(path), "mosaic").items()}
-    for executor in ("tensor-parallel", "tensor-parallel-eager"):
+    for executor in RUNS:
         for rank in range(2):
             assert {k: v.tolist() for k, v in load_file(f"{out}.{executor}.{rank}").items()} == alone, executor
