@@ -1,11 +1,18 @@
 """Serving across ranks: rank 0 runs the server, the scheduler and the samplers; the other ranks
 follow. Every executor call that runs collectives is first announced to them as a few int64
-tensors (no pickled objects), so they make the same calls in the same order."""
+tensors (no pickled objects), so they make the same calls in the same order.
+
+A step's block cache use (Fast-dLLM's caches, block diffusion's K/V cache) is announced with it:
+the cache by a number the lead gives each cache, its size and how the step uses it. A follower
+keeps a cache of its own under that number (its heads' K and V, as its executor stores them) for
+as long as the lead's steps name it: every running request takes part in every step, so a cache
+no step names any more belonged to a request that ended."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -14,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..memory.rss import current_rss_bytes
-from ..models.kv_cache import CacheUse
+from ..models.kv_cache import BlockCache, CacheUse
 from .executor import RowChunks, StepInput, StepLogits, single_step
 from .mosaic import MosaicExecutor
 
@@ -38,16 +45,22 @@ def collective_failure(error: RuntimeError) -> str | None:
     return f"another rank died or stopped answering ({first[:300]})"
 
 
-class LeadExecutor:
-    """Rank 0's executor when serving across ranks: announces each step, each read of a request's
-    logits (read to its end, as the followers read it) and each release, then runs it; between
-    steps a heartbeat keeps the followers' collectives from timing out. Everything else is the
-    wrapped executor's."""
+def cache_use_fields(use: CacheUse, number: int) -> list[int]:
+    """A step's cache use as the int64s a follower rebuilds it from (`followed_use`)."""
+    cache = use.cache
+    return [number, cache.positions, int(cache.int8), int(use.refresh), use.start, use.length, use.keep, use.block]
 
-    no_block_caches = "serving across ranks"  # the followers would need each request's cache
+
+class LeadExecutor:
+    """Rank 0's executor when serving across ranks: announces each step (its requests' cache uses
+    included), each read of a request's logits (read to its end, as the followers read it) and
+    each release, then runs it; between steps a heartbeat keeps the followers' collectives from
+    timing out. Everything else is the wrapped executor's."""
 
     def __init__(self, executor: MosaicExecutor, group: dist.ProcessGroup | None = None):
         self.executor, self.group, self.group_size = executor, group, dist.get_world_size(group)
+        self._cache_numbers: weakref.WeakKeyDictionary[BlockCache, int] = weakref.WeakKeyDictionary()
+        self._next_number = 0  # never reused: a follower may still hold an ended request's cache
         self._lock = threading.RLock()  # one announcement sequence at a time
         self._stopped = threading.Event()
         self.lost: str | None = None  # what a failed collective said: every later call fails at once
@@ -100,13 +113,12 @@ class LeadExecutor:
         self, steps: Sequence[StepInput], sampler_row_bytes: int = 0, as_one_batch: bool = False
     ) -> Iterator[list[StepLogits]]:
         steps = [StepInput(*step) for step in steps]
-        if any(step.cache is not None for step in steps):  # requests with caches are refused when made
-            raise ValueError(f"Fast-dLLM's block caches are not built for {self.no_block_caches} yet")
         with self._collectives():
             self._send(STEP, len(steps), sampler_row_bytes, int(as_one_batch))
             for step in steps:
                 self._send(INPUT, *step.ids.shape, step.rows.numel())
-                for t in (step.ids, step.rows):
+                use = [-1] * 8 if step.cache is None else cache_use_fields(step.cache, self._number(step.cache.cache))
+                for t in (step.ids, step.rows, torch.tensor(use)):
                     dist.broadcast(t.to(torch.long).contiguous(), src=0, group=self.group)
             try:
                 with self.executor.batch_logits(steps, sampler_row_bytes, as_one_batch) as logits:
@@ -114,6 +126,12 @@ class LeadExecutor:
             finally:
                 self._send(END)
                 self.rank_memory = every_ranks_memory(self.executor, self.group)
+
+    def _number(self, cache: BlockCache) -> int:
+        """The number the followers know this cache by."""
+        if cache not in self._cache_numbers:
+            self._cache_numbers[cache], self._next_number = self._next_number, self._next_number + 1
+        return self._cache_numbers[cache]
 
     def _announced(self, index: int, read: StepLogits) -> StepLogits:
         def announced() -> RowChunks:
@@ -152,7 +170,17 @@ def every_ranks_memory(executor: MosaicExecutor, group: dist.ProcessGroup | None
 
 
 def follow(executor: MosaicExecutor, group: dist.ProcessGroup | None = None) -> None:
-    """A rank other than 0 while rank 0 serves: make every executor call rank 0 announces, until it stops."""
+    """A rank other than 0 while rank 0 serves: make every executor call rank 0 announces, until it
+    stops; keep a copy of each running request's block cache."""
+    caches: dict[int, BlockCache] = {}
+
+    def followed_use(fields: list[int]) -> CacheUse | None:
+        number, positions, int8, refresh, start, length, keep, block = fields
+        if number < 0:
+            return None
+        if number not in caches:
+            caches[number] = BlockCache(executor.spec, positions, int8=bool(int8))
+        return CacheUse(caches[number], bool(refresh), start, length, keep, block)
 
     def receive() -> list[int]:
         header = torch.zeros(4, dtype=torch.long)
@@ -173,9 +201,13 @@ def follow(executor: MosaicExecutor, group: dist.ProcessGroup | None = None) -> 
         for _ in range(count):
             _, batch, length, rows = receive()
             ids, read = torch.empty((batch, length), dtype=torch.long), torch.empty((rows,), dtype=torch.long)
-            for t in (ids, read):
+            use = torch.empty(8, dtype=torch.long)
+            for t in (ids, read, use):
                 dist.broadcast(t, src=0, group=group)
-            steps.append(StepInput(ids, read))
+            steps.append(StepInput(ids, read, followed_use(use.tolist())))
+        named = {id(s.cache.cache) for s in steps if s.cache is not None}
+        for number in [n for n, cache in caches.items() if id(cache) not in named]:  # their requests ended
+            caches.pop(number).release()
         try:
             with executor.batch_logits(steps, row_bytes, bool(as_one_batch)) as logits:
                 while (command := receive())[0] == READ:

@@ -250,8 +250,8 @@ def test_settings_are_checked_for_sdar(sdar_path):
         "low_confidence_dynamic",
         0.85,
     )
-    llm.executor.no_block_caches = "serving across ranks"  # as a lead executor says: its followers hold none
-    with pytest.raises(GenerationConfigError, match="K/V cache is not built for serving across ranks"):
+    llm.executor.no_block_caches = "the eager sequence-parallel executor"  # as that executor says
+    with pytest.raises(GenerationConfigError, match="K/V cache is not built for the eager sequence-parallel"):
         llm.request([5, 17], GenerationConfig())
     del llm.executor.no_block_caches
     with pytest.raises(ContextTooLong, match="320 positions in whole blocks of 160"):  # the canvas, padded

@@ -1,5 +1,6 @@
 """`mosaic serve --nproc 2 --executor sequence-parallel`: rank 0 serves, rank 1 follows its steps;
-answers are one process's, batched requests included, and the ranks stop with the server."""
+answers are one process's, batched requests included (with block caches, and a block-diffusion
+model's), and the ranks stop with the server."""
 
 import os
 import signal
@@ -22,14 +23,16 @@ def test_a_server_across_two_ranks_answers_as_one_process(tiny_checkpoints, monk
     with mosaic_serve(path, *flags) as (url, proc):
         with ThreadPoolExecutor(3) as pool:  # together: the scheduler batches them
             answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
-        cached = httpx.post(f"{url}/v1/completions", json=bodies[0] | {"cache": "dual", "block_length": 4}, timeout=60)
+        cached_bodies = [bodies[0] | {"cache": c, "block_length": 4, "threshold": 0.3} for c in ("dual", "prefix")]
+        with ThreadPoolExecutor(2) as pool:  # each rank keeps each request's cache (its heads)
+            cached = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), cached_bodies))
         health = httpx.get(f"{url}/health", timeout=10).json()
         stats = httpx.get(f"{url}/stats", timeout=10).json()
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0  # rank 1 returned when rank 0 stopped
     assert [a.status_code for a in answers] == [200] * 3, [a.text for a in answers]
-    assert cached.status_code == 400 and "not built for serving across ranks" in cached.json()["error"]["message"]
+    assert [a.status_code for a in cached] == [200] * 2, [a.text for a in cached]
     assert health["executor"] == "sequence-parallel" and health["ranks"] == 2 and health["status"] == "ok"
     assert len(stats["ranks"]) == 2
     assert all(r["rss_bytes"] > 0 and r["arena_committed_bytes"] > 0 for r in stats["ranks"])
@@ -38,7 +41,29 @@ def test_a_server_across_two_ranks_answers_as_one_process(tiny_checkpoints, monk
     for body, answer in zip(bodies, answers, strict=True):
         cfg = llm.default_config(gen_length=12, steps=6, seed=body["seed"], temperature=0.5)
         assert answer.json()["choices"][0]["text"] == llm.generate(body["prompt"], cfg)[0].text
+    for body, answer in zip(cached_bodies, cached, strict=True):
+        cfg = llm.default_config(gen_length=12, steps=6, seed=3, temperature=0.5, block_length=4, threshold=0.3)
+        cfg = llm.default_config(**(cfg.given() | {"cache": body["cache"]}))
+        assert answer.json()["choices"][0]["text"] == llm.generate(body["prompt"], cfg)[0].text
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_of(int(pid), proc.pid)]
+
+
+def test_a_block_diffusion_model_served_across_ranks_answers_as_one_process(tiny_checkpoints, monkeypatch):
+    """SDAR over two sequence-parallel ranks: each rank keeps each request's K/V cache (its heads),
+    requests batched at different stages; the answers are one process's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tiny_checkpoints["sdar"]
+    bodies = [{"prompt": p, "max_tokens": 12, "seed": s} for p, s in (("Return the", 1), ("Open the file " * 4, 2))]
+    with mosaic_serve(path, "--executor", "sequence-parallel", "--nproc", "2", "--max-batch", "4") as (url, proc):
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert [a.status_code for a in answers] == [200] * 2, [a.text for a in answers]
+    llm = LLM(path)
+    for body, answer in zip(bodies, answers, strict=True):
+        cfg = llm.default_config(gen_length=12, seed=body["seed"])
+        assert answer.json()["choices"][0]["text"] == llm.generate(body["prompt"], cfg)[0].text
 
 
 def _is_rank_of(pid: int, launcher: int) -> bool:
