@@ -394,10 +394,6 @@ class LLM:
         largest step planned (`plan`: DoesNotFit with the longest length that fits)."""
         cfg = self.resolve(config, len(prompt_ids))
         self.check_context(len(prompt_ids), cfg, stacklevel=stacklevel + 1)
-        if (why := self.executor.no_block_caches) and (self.spec.block_size or cfg.cache not in (None, "none")):
-            what = "a block-diffusion model's K/V cache is" if self.spec.block_size else "Fast-dLLM's block caches are"
-            hint = "" if self.spec.block_size else ": set cache to none (threshold decoding works without one)"
-            raise GenerationConfigError(f"{what} not built for {why} yet{hint}")
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
 
         def start():  # the settings as planned (`plan` may choose the block cache's precision)

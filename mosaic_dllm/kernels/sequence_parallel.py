@@ -99,8 +99,8 @@ class SequenceParallelOps(EagerOps):
         return self.rotate(x, cos, sin, full_precision, packing.positions(x.device)[self.start : self.end])
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, packing: Packing, layer: int, *, name: str) -> Tensor:
-        if packing.caches:
-            raise ValueError("Fast-dLLM's block caches are not built for the eager sequence-parallel executor yet")
+        """Every token's q, K and V of this rank's heads, the eager attention on them (block caches
+        included: a rank's cache keeps its heads), the outputs back to their tokens' ranks."""
         queries, keys = head_slices(q.shape[2], k.shape[2], self.world)
         qh = self._to_heads(q, queries)
         kh, vh = (self._to_heads(t, keys) for t in (k, v))

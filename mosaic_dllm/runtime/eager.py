@@ -27,7 +27,6 @@ class EagerExecutor:
     name = "eager"
     batch_invariant = False  # the official arithmetic: a GEMM's rows may round by the call's size
     memory_budget = None
-    no_block_caches: str | None = None
     arena_bytes = 0
     committed_bytes = 0
     last_plan: StepPlan | None = None

@@ -77,7 +77,6 @@ class Executor(Protocol):
     batch_invariant: bool  # a row's bits do not depend on what shares its forward pass
     spec: ArchSpec
     memory_budget: int | None  # None: unplanned or unbounded
-    no_block_caches: str | None  # what cannot take Fast-dLLM's block caches yet (None: it takes them)
 
     @property
     def dtype(self) -> torch.dtype: ...

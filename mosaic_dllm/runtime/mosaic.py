@@ -88,7 +88,6 @@ class MosaicExecutor:
     batch_invariant = True  # call sizes fixed by the device profile, never by the batch
     ranks = 1  # processes sharing each step's tokens (sequence parallel: `runtime/parallel.py`)
     tensor_ranks = 1  # processes sharing each linear weight's rows (tensor parallel)
-    no_block_caches: str | None = None
 
     def __init__(self, spec: ArchSpec, weights: Weights, options: ExecutorOptions | None = None):
         """`options.chunks` forces chunk counts (the search, with a budget, starts from them and only

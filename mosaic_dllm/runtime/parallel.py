@@ -61,7 +61,6 @@ class EagerSequenceParallelExecutor(EagerExecutor):
     """Sequence parallel with the eager kernels: the official arithmetic across ranks (the oracle)."""
 
     name = "sequence-parallel-eager"
-    no_block_caches = "the eager sequence-parallel executor"
 
     def __init__(self, spec: ArchSpec, weights: Weights, group: dist.ProcessGroup | None = None):
         check_heads(spec.num_heads, spec.num_kv_heads, _group_size(group, "sequence parallel"))

@@ -250,10 +250,6 @@ def test_settings_are_checked_for_sdar(sdar_path):
         "low_confidence_dynamic",
         0.85,
     )
-    llm.executor.no_block_caches = "the eager sequence-parallel executor"  # as that executor says
-    with pytest.raises(GenerationConfigError, match="K/V cache is not built for the eager sequence-parallel"):
-        llm.request([5, 17], GenerationConfig())
-    del llm.executor.no_block_caches
     with pytest.raises(ContextTooLong, match="320 positions in whole blocks of 160"):  # the canvas, padded
         llm.generate([5, 17], GenerationConfig(gen_length=200, block_length=160))
 
