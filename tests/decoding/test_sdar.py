@@ -15,7 +15,6 @@ from mosaic_dllm.decoding.sdar import canvas_length
 from mosaic_dllm.engine import ContextTooLong
 from mosaic_dllm.models.groups import Chunks
 from tests import reference
-from tests.tiny import build_tiny_checkpoint
 
 PROMPTS = {
     "inside a block": [5, 17],
@@ -36,10 +35,8 @@ GEN = 12
 
 
 @pytest.fixture(scope="module")
-def sdar_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sdar")
-    build_tiny_checkpoint(path, "sdar")
-    return path
+def sdar_path(tiny_checkpoints):
+    return tiny_checkpoints["sdar"]
 
 
 def official(llm: LLM, prompt: list[int], cfg: GenerationConfig, only_masked: bool = True) -> tuple[list[int], int]:
