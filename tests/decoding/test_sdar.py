@@ -256,6 +256,7 @@ def test_every_surface_runs_sdar(sdar_path, capsys):
     block settles) and lm-eval's generation; likelihood is refused with one message."""
     import json
 
+    import httpx
     import openai
 
     from mosaic_dllm.cli import main
@@ -279,6 +280,8 @@ def test_every_surface_runs_sdar(sdar_path, capsys):
         )
         whole = client.completions.create(**kw).choices[0].text
         texts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+        page = httpx.get(url + "/", timeout=30).text
+    assert "eb_threshold" in page and "low_confidence_dynamic" in page  # the page offers SDAR's settings
     assert "".join(texts) == whole
     assert len([t for t in texts if t]) >= 2  # blocks settled one after another, before the end
 
