@@ -18,7 +18,8 @@ from ..decoding import sampler_for
 from ..device import DeviceProfile
 from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
-from ..plan.search import LENGTH_LIMIT, fit, longest, max_length
+from ..plan.search import LENGTH_LIMIT, DoesNotFit, fit, max_length
+from ..plan.search import longest as search_longest
 from ..plan.shapes import StepShape, chunk_bucket
 from ..plan.step_plan import PlanCache
 from .step import StepRequest, first_step_config, predict
@@ -76,13 +77,26 @@ def mosaic_capacity(
     shape = replace(first_step_shape(spec, dtype, 2, alpha, row_chunk), ranks=ranks, tensor_ranks=tensor_ranks)
     sampler = shape.sampler_row_bytes
 
-    def rows_at(n: int) -> int:
-        return first_step_shape(spec, dtype, n, alpha, row_chunk, rows=rows, sampler_row_bytes=sampler).chunk
+    def at(n: int) -> StepShape:
+        step = first_step_shape(spec, dtype, n, alpha, row_chunk, rows=rows, sampler_row_bytes=sampler)
+        return replace(step, ranks=ranks, tensor_ranks=tensor_ranks)
 
-    longest = max_length(plans, replace(shape, chunk=row_chunk), budget, rows_at, groups)
+    if spec.block_size:  # the prefill grows with the prompt, the cache with the whole: each length's own step
+
+        def fits(n: int) -> bool:
+            try:
+                fit(plans, at(n), budget, groups, explain=False)
+            except DoesNotFit:
+                return False
+            return True
+
+        longest = search_longest(fits, limit=LENGTH_LIMIT).max_len
+    else:
+        longest = max_length(plans, replace(shape, chunk=row_chunk), budget, lambda n: at(n).chunk, groups)
     out = {"max_len": longest, "sampler_row_bytes": sampler, "at_search_limit": longest == LENGTH_LIMIT}
     if longest:
-        result = fit(plans, replace(shape.alone(longest), chunk=rows_at(longest)), budget, groups)
+        probe = at(longest) if spec.block_size else replace(shape.alone(longest), chunk=at(longest).chunk)
+        result = fit(plans, probe, budget, groups)
         out |= {
             "chunks": result.plan.summary()["chunks"],
             "predicted_peak_activation_bytes": result.plan.predicted_peak_bytes,
@@ -101,9 +115,13 @@ def eager_capacity(
     one_layer = replace(spec, num_layers=1, quantization=None)
     cfg = GenerationConfig()
 
+    sampler = sampler_for(spec)
+
     def fits(length: int) -> bool:
         request = StepRequest.first_step(one_layer, length, alpha, cfg)
-        return predict(one_layer, dtype, "eager", request).peak <= budget
+        # block diffusion: one layer's cache is in the step's peak; the other layers' stay alive too
+        caches = sampler.cache_bytes(request.config, request.prompt_length, dtype) * (spec.num_layers - 1)
+        return predict(one_layer, dtype, "eager", request).peak + caches // spec.num_layers <= budget
 
-    found = longest(fits, limit=limit, precision=16).max_len
+    found = search_longest(fits, limit=limit, precision=16).max_len
     return {"max_len": found, "at_search_limit": found == limit}

@@ -252,11 +252,6 @@ def _plan_max_len(args: argparse.Namespace, spec, dtype, profile, ranks: list[in
 
     if bool(args.budget) == bool(args.device_memory):
         raise ValueError("--max-len needs exactly one of --budget (activations) or --device-memory (weights included)")
-    if spec.block_size:
-        raise ValueError(
-            "--max-len is not built for block-diffusion models (its length would mix the prompt, which sets the "
-            "largest step, and the cache): plan one --length, or see benchmarks/block_diffusion.py"
-        )
     weights = _weight_bytes(args, spec, dtype)  # one rank's, with --tp
     if args.budget:
         budget = parse_bytes(args.budget, "--budget", 1)

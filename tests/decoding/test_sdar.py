@@ -343,3 +343,26 @@ def test_the_block_causal_mask_is_the_official_one(first, queries, keys, block):
     rows = official[first : first + queries, :keys]
     expected = torch.zeros(rows.shape).masked_fill_(~rows, float("-inf"))
     assert torch.equal(block_causal_mask(first, queries, keys, block, torch.float32, "cpu"), expected)
+
+
+def test_plan_max_len_of_a_block_diffusion_model(sdar_path, capsys):
+    """`mosaic plan --max-len`: each length's own first step (its prefill grows with the prompt, its
+    cache with the whole, both within the budget); the step at mosaic's length fits, one longer does not."""
+    import json
+
+    from mosaic_dllm.bench.capacity import first_step_shape
+    from mosaic_dllm.checkpoint import read_spec
+    from mosaic_dllm.cli import main
+    from mosaic_dllm.plan.search import DoesNotFit, fit
+    from mosaic_dllm.plan.step_plan import PlanCache
+
+    budget = 200 * 1024
+    assert main(["plan", "--model", str(sdar_path), "--max-len", "--budget", f"{budget}B", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    eager, mosaic = (record["executors"][e]["max_len"] for e in ("eager", "mosaic"))
+    assert 0 < eager < mosaic
+    spec, plans = read_spec(sdar_path)[0], PlanCache(read_spec(sdar_path)[0], torch.float32)
+    step = first_step_shape(spec, torch.float32, mosaic, 0.5, 64)
+    assert step.masked_keys and step.cache_bytes and fit(plans, step, budget).plan.predicted_peak_bytes <= budget
+    with pytest.raises(DoesNotFit):
+        fit(plans, first_step_shape(spec, torch.float32, mosaic + 8, 0.5, 64), budget)
