@@ -3,7 +3,7 @@ import torch
 
 from tests.tiny import build_tiny_checkpoint
 
-FAMILIES = ("llada", "dream", "llada_moe", "sdar")
+FAMILIES = ("llada", "dream", "llada_moe", "sdar", "sdar_moe")
 
 
 @pytest.fixture(scope="session")

@@ -808,9 +808,28 @@ def sdar_forward(config: dict, sd: dict, ids, positions, mask, past: list, store
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
         x = residual + F.linear(att.transpose(1, 2).reshape(b, t, nh * hd), sd[a + "o_proj.weight"])
         residual = x
-        x = residual + _mlp(_rms(x, sd[p + "post_attention_layernorm.weight"], eps), sd, p + "mlp.")
+        h = _rms(x, sd[p + "post_attention_layernorm.weight"], eps)
+        x = residual + (_qwen3_moe(config, sd, p, h) if p + "mlp.gate.weight" in sd else _mlp(h, sd, p + "mlp."))
     x = _rms(x, sd["model.norm.weight"], eps)
     return F.linear(x, sd["lm_head.weight"])
+
+
+def _qwen3_moe(config, sd, p, h):
+    """transformers' Qwen3MoeSparseMoeBlock (SDAR-MoE's FFN)."""
+    b, t, hidden = h.shape
+    flat = h.view(-1, hidden)
+    weights = F.softmax(F.linear(flat, sd[p + "mlp.gate.weight"]), dim=1, dtype=torch.float)
+    weights, chosen = torch.topk(weights, config["num_experts_per_tok"], dim=-1)
+    if config.get("norm_topk_prob"):
+        weights /= weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(h.dtype)
+    out = torch.zeros_like(flat)
+    mask = F.one_hot(chosen, num_classes=config["num_experts"]).permute(2, 1, 0)
+    for e in range(config["num_experts"]):
+        idx, top = torch.where(mask[e])
+        y = _mlp(flat[None, top].reshape(-1, hidden), sd, p + f"mlp.experts.{e}.") * weights[top, idx, None]
+        out.index_add_(0, top, y.to(h.dtype))
+    return out.view(b, t, hidden)
 
 
 def sdar_sample(logits, temperature, top_k, top_p):

@@ -61,6 +61,9 @@ def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None])
         return replace(spec, qk_norm=True, rope_theta=50000.0, moe=moe)
     if family == "sdar":
         return replace(spec, num_kv_heads=2, qk_norm=True, rope_theta=1e6, rms_norm_eps=1e-6, block_size=4)
+    if family == "sdar_moe":  # SDAR-30B-A3B's kind: Qwen3-MoE layers, the first dense
+        moe = MoESpec(4, 2, 32, 0, expert_bias=False, normalize_top_k=True, moe_layers=(False, True))
+        return replace(tiny_spec("sdar", vocab_size, ids=ids), moe=moe)
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -79,8 +82,9 @@ def build_tiny_checkpoint(
     A large init std gives peaked, seed-dependent logits, so that token comparisons mean something.
     """
     path = Path(path)
-    tok = train_bpe(SAMPLE_TEXT, family, vocab_size=320)
-    ids = save_tokenizer(path, tok, family)
+    tokenizer_family = {"sdar_moe": "sdar"}.get(family, family)
+    tok = train_bpe(SAMPLE_TEXT, tokenizer_family, vocab_size=320)
+    ids = save_tokenizer(path, tok, tokenizer_family)
     spec = replace(tiny_spec(family, tok.get_vocab_size(with_added_tokens=True), ids=ids), **sizes)
     state = random_state_dict(spec, dtype, seed=seed, std=std)
     if spec.moe is not None:  # a non-zero expert bias, so that its handling is tested

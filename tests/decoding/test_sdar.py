@@ -366,3 +366,21 @@ def test_plan_max_len_of_a_block_diffusion_model(sdar_path, capsys):
     assert step.masked_keys and step.cache_bytes and fit(plans, step, budget).plan.predicted_peak_bytes <= budget
     with pytest.raises(DoesNotFit):
         fit(plans, first_step_shape(spec, torch.float32, mosaic + 8, 0.5, 64), budget)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sdar_moe_tokens_equal_the_published_loop(tiny_checkpoints, dtype):
+    """SDAR-MoE (Qwen3-MoE layers, the first dense): the published loop's tokens, eager and Mosaic
+    (its MoE in token chunks)."""
+    path = tiny_checkpoints["sdar_moe"]
+    eager = LLM(path, dtype=dtype, executor="eager")
+    assert eager.spec.moe is not None and eager.spec.moe.moe_layers == (False, True)
+    for prompt, settings in (
+        (PROMPTS["prefill and a partial block"], SETTINGS[0]),
+        (PROMPTS["one block"], SETTINGS[4]),
+    ):
+        cfg = GenerationConfig(gen_length=GEN, seed=9, **settings)
+        expected, _ = official(eager, prompt, cfg)
+        for llm in (eager, LLM(path, dtype=dtype, chunks=Chunks(ffn=2))):
+            out = llm.generate(prompt, cfg)[0]
+            assert out.token_ids == expected[: len(out.token_ids)], llm.info.executor
