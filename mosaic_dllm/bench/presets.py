@@ -98,36 +98,18 @@ PRESETS: dict[str, ArchSpec] = {
         block_size=4,
         torch_dtype="bfloat16",
     ),
-    "sdar-30b-a3b": ArchSpec(  # JetAstra/SDAR-30B-A3B-Chat: Qwen3-30B-A3B's dimensions
-        family="sdar",
-        hidden_size=2048,
-        num_layers=48,
-        num_heads=32,
-        num_kv_heads=4,
-        head_dim=128,
-        intermediate_size=6144,
-        vocab_size=151936,
-        rope_theta=1000000.0,
-        rotary_dim=128,
-        rms_norm_eps=1e-6,
-        qk_norm=True,
-        max_position_embeddings=32768,
-        mask_token_id=151669,
-        eos_token_ids=(151643, 151645),
-        pad_token_id=151643,
-        moe=MoESpec(
-            num_experts=128,
-            experts_per_token=8,
-            expert_intermediate_size=768,
-            shared_expert_intermediate_size=0,
-            expert_bias=False,
-            normalize_top_k=True,
-            moe_layers=(True,) * 48,
-        ),
-        block_size=4,
-        torch_dtype="bfloat16",
-    ),
 }
+
+
+# JetAstra/SDAR-30B-A3B-Chat: SDAR's attention at Qwen3-30B-A3B's dimensions, its layers all MoE
+PRESETS["sdar-30b-a3b"] = replace(
+    PRESETS["sdar-8b"],
+    hidden_size=2048,
+    num_layers=48,
+    num_kv_heads=4,
+    intermediate_size=6144,
+    moe=MoESpec(128, 8, 768, 0, expert_bias=False, normalize_top_k=True, moe_layers=(True,) * 48),
+)
 
 
 def preset(name: str, layers: int | None = None) -> ArchSpec:

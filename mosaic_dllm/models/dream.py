@@ -21,18 +21,8 @@ def parse(config: dict[str, Any], hints: SpecialIds) -> ArchSpec:
 
 
 def weight_names(spec: ArchSpec) -> WeightNames:
-    layer = qwen.LAYER
-    return WeightNames(
-        embed="model.embed_tokens.weight",
-        final_norm="model.norm.weight",
-        lm_head="model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight",
-        layer=qwen.NAMES
-        | {
-            "q_bias": layer + "self_attn.q_proj.bias",
-            "k_bias": layer + "self_attn.k_proj.bias",
-            "v_bias": layer + "self_attn.v_proj.bias",
-        },
-    )
+    biases = {f"{p}_bias": qwen.LAYER + f"self_attn.{p}_proj.bias" for p in ("q", "k", "v")}
+    return qwen.weight_names(spec, biases)
 
 
 def to_config(spec: ArchSpec) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config_keys import SpecialIds, optional, reject_unsupported, required, resolve_special_ids
-from .spec import ArchSpec, ConfigError
+from .spec import ArchSpec, ConfigError, WeightNames
 
 LAYER = "model.layers.{i}."
 NAMES = {
@@ -20,6 +20,17 @@ NAMES = {
     "up": LAYER + "mlp.up_proj.weight",
     "down": LAYER + "mlp.down_proj.weight",
 }
+
+
+def weight_names(spec: ArchSpec, layer: dict[str, str], expert: dict[str, str] | None = None) -> WeightNames:
+    """The Qwen names, with the family's own per-layer (`layer`) and per-expert ones."""
+    return WeightNames(
+        embed="model.embed_tokens.weight",
+        final_norm="model.norm.weight",
+        lm_head="model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight",
+        layer=NAMES | layer,
+        expert=expert or {},
+    )
 
 
 def parse(config: dict[str, Any], hints: SpecialIds, family: str, explicit_head_dim: bool, **quirks: Any) -> ArchSpec:

@@ -61,18 +61,13 @@ def parse(config: dict[str, Any], hints: SpecialIds) -> ArchSpec:
 
 
 def weight_names(spec: ArchSpec) -> WeightNames:
-    return WeightNames(
-        embed="model.embed_tokens.weight",
-        final_norm="model.norm.weight",
-        lm_head="model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight",
-        layer=qwen.NAMES
-        | {
-            "q_norm": qwen.LAYER + "self_attn.q_norm.weight",
-            "k_norm": qwen.LAYER + "self_attn.k_norm.weight",
-            "router": qwen.LAYER + "mlp.gate.weight",
-        },
-        expert={role: qwen.LAYER + "mlp.experts.{e}." + f"{role}_proj.weight" for role in ("gate", "up", "down")},
-    )
+    layer = {
+        "q_norm": qwen.LAYER + "self_attn.q_norm.weight",
+        "k_norm": qwen.LAYER + "self_attn.k_norm.weight",
+        "router": qwen.LAYER + "mlp.gate.weight",
+    }
+    expert = {role: qwen.LAYER + "mlp.experts.{e}." + f"{role}_proj.weight" for role in ("gate", "up", "down")}
+    return qwen.weight_names(spec, layer, expert)
 
 
 def to_config(spec: ArchSpec) -> dict[str, Any]:
