@@ -261,8 +261,8 @@ class GenerationConfig:
             raise GenerationConfigError(
                 "set threshold or factor, not both (factor is Fast-dLLM's variant of threshold)"
             )
-        cached = self.cache not in (None, "none") or family == SDAR  # block diffusion always keeps one
-        if self.cache_dtype not in (None, "model") and not cached:
+        optional_cache = family in SETTINGS["cache"].families  # block diffusion always keeps one
+        if self.cache_dtype not in (None, "model") and optional_cache and self.cache in (None, "none"):
             raise GenerationConfigError(f"cache_dtype {self.cache_dtype} needs a block cache: set cache prefix or dual")
         foreign = [
             n for n, s in SETTINGS.items() if family not in s.families and getattr(self, n) not in (None, s.no_op)

@@ -1,6 +1,6 @@
 """The longest sequence a budget holds, per executor, predicted from shapes alone (no weights).
 
-Mosaic: the lazy search's floor (`plan.search.max_length`), then the chunks the search picks at
+Mosaic: the longest length whose own first step the lazy search fits, then the chunks it picks at
 that length. Eager: the live-tensor timeline of the first step under FakeTensorMode
 (`bench.step.predict`), bisected over the length. The eager executor frees each layer's
 activations before the next, so its peak does not depend on the number of layers and one layer
@@ -18,7 +18,7 @@ from ..decoding import sampler_for
 from ..device import DeviceProfile
 from ..models.groups import EXACT_GROUPS
 from ..models.spec import ArchSpec
-from ..plan.search import LENGTH_LIMIT, DoesNotFit, fit, max_length
+from ..plan.search import LENGTH_LIMIT, DoesNotFit, fit
 from ..plan.search import longest as search_longest
 from ..plan.shapes import StepShape, chunk_bucket
 from ..plan.step_plan import PlanCache
@@ -74,29 +74,23 @@ def mosaic_capacity(
     budget is each rank's; `tensor_ranks`: tensor-parallel ones); `rows`: the logits rows the
     sampler reads (default every masked one)."""
     plans = PlanCache(spec, dtype, profile=profile)
-    shape = replace(first_step_shape(spec, dtype, 2, alpha, row_chunk), ranks=ranks, tensor_ranks=tensor_ranks)
-    sampler = shape.sampler_row_bytes
+    sampler = first_step_shape(spec, dtype, 2, alpha, row_chunk).sampler_row_bytes  # measured once
 
     def at(n: int) -> StepShape:
         step = first_step_shape(spec, dtype, n, alpha, row_chunk, rows=rows, sampler_row_bytes=sampler)
         return replace(step, ranks=ranks, tensor_ranks=tensor_ranks)
 
-    if spec.block_size:  # the prefill grows with the prompt, the cache with the whole: each length's own step
+    def fits(n: int) -> bool:  # each length's own first step (block diffusion: prefill and cache grow apart)
+        try:
+            fit(plans, at(n), budget, groups, explain=False)
+        except DoesNotFit:
+            return False
+        return True
 
-        def fits(n: int) -> bool:
-            try:
-                fit(plans, at(n), budget, groups, explain=False)
-            except DoesNotFit:
-                return False
-            return True
-
-        longest = search_longest(fits, limit=LENGTH_LIMIT).max_len
-    else:
-        longest = max_length(plans, replace(shape, chunk=row_chunk), budget, lambda n: at(n).chunk, groups)
+    longest = search_longest(fits, limit=LENGTH_LIMIT).max_len
     out = {"max_len": longest, "sampler_row_bytes": sampler, "at_search_limit": longest == LENGTH_LIMIT}
     if longest:
-        probe = at(longest) if spec.block_size else replace(shape.alone(longest), chunk=at(longest).chunk)
-        result = fit(plans, probe, budget, groups)
+        result = fit(plans, at(longest), budget, groups)
         out |= {
             "chunks": result.plan.summary()["chunks"],
             "predicted_peak_activation_bytes": result.plan.predicted_peak_bytes,

@@ -42,11 +42,9 @@ class AttentionOps:
         sized for the longest window's canvas and reused sequence after sequence."""
         group = self.begin("attention", name, q, k, v)
         _, tokens, nh, hd = q.shape
-        groups = nh // k.shape[2]
         spliced = self.window_buffers(packing, k)
         if not self.mem.tracing:
             packing.store_caches(layer, k, v)
-        gqa = {"enable_gqa": True} if groups > 1 else {}  # the kernel reads kv heads itself: no copies
         block, parts = self.query_blocks(packing, group)
         # The fused kernel has no out= form: its output (and log-sum-exp) per query block are
         # workspace, and so is its packed copy of the keys and values, and a block-causal mask.
@@ -59,18 +57,7 @@ class AttentionOps:
             use = packing.window(part.sequence) if not self.mem.tracing else None
             if use is not None:
                 keys, values = self.spliced(use, layer, keys, values, spliced, first_block=start == 0)
-            queries = q[:, offset + start : offset + end]
-            result = F.scaled_dot_product_attention(
-                queries.transpose(1, 2),
-                keys[:, : part.keys].transpose(1, 2),
-                values[:, : part.keys].transpose(1, 2),
-                attn_mask=part.mask(packing, q.dtype, q.device),
-                dropout_p=0.0,
-                is_causal=False,
-                **gqa,
-            )
-            queries.copy_(result.transpose(1, 2))
-            del result
+            part.attend_into(q[:, offset + start : offset + end], keys, values, packing)
         return q.view(1, tokens, nh * hd)
 
     def attention_in_query_blocks(self) -> bool:
@@ -92,7 +79,6 @@ class AttentionOps:
         group = self.begin("attention_region", name, x)
         _, tokens, _ = x.shape
         nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        groups = nh // nkv
         block, parts = self.query_blocks(packing, group)
         self.mem.workspace(nh * block * (hd * x.element_size() + 4))  # the fused kernel's output per block
         self.mem.workspace(self.rules.key_copy_bytes(packing.span, nkv, hd))
@@ -107,7 +93,6 @@ class AttentionOps:
             at = slice(part.offset + part.start, part.offset + part.end)
             sub.keys_values(at.start, at.stop, keys[0, at], values[0, at])
         packing.store_caches(index, keys, values)
-        gqa = {"enable_gqa": True} if groups > 1 else {}
         for part in parts:  # query blocks
             offset, length, start, end = part.offset, part.length, part.start, part.end
             m = end - start
@@ -116,17 +101,7 @@ class AttentionOps:
             if use is not None:
                 k, v = self.spliced(use, index, k, v, spliced, first_block=start == 0)
             sub.queries(offset + start, offset + end, q)
-            result = F.scaled_dot_product_attention(
-                q[:m].view(1, m, nh, hd).transpose(1, 2),
-                k[:, : part.keys].transpose(1, 2),
-                v[:, : part.keys].transpose(1, 2),
-                attn_mask=part.mask(packing, x.dtype, x.device),
-                dropout_p=0.0,
-                is_causal=False,
-                **gqa,
-            )
-            q[:m].view(1, m, nh, hd).copy_(result.transpose(1, 2))
-            del result
+            part.attend_into(q[:m].view(1, m, nh, hd), k, v, packing)
             sub.project_add(offset + start, offset + end, q)
         return x
 
@@ -253,6 +228,22 @@ class QueryBlock(NamedTuple):
             return None
         first = packing.starts[self.sequence] + self.start
         return block_causal_mask(first, self.end - self.start, self.keys, self.block, dtype, device)
+
+    def attend_into(self, queries: Tensor, keys: Tensor, values: Tensor, packing: Packing) -> None:
+        """The fused kernel on token-major (1, m, heads, hd) `queries` against the call's first
+        `keys` of (1, n, kv heads, hd) `keys` and `values` (grouped kv heads read by the kernel:
+        no copies), its output written over the queries."""
+        gqa = {"enable_gqa": True} if queries.shape[2] != keys.shape[2] else {}
+        result = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),
+            keys[:, : self.keys].transpose(1, 2),
+            values[:, : self.keys].transpose(1, 2),
+            attn_mask=self.mask(packing, queries.dtype, queries.device),
+            dropout_p=0.0,
+            is_causal=False,
+            **gqa,
+        )
+        queries.copy_(result.transpose(1, 2))
 
 
 def chunk_attention(q: Tensor, k: Tensor, v: Tensor, fused: bool | None = None) -> tuple[Tensor, Tensor]:

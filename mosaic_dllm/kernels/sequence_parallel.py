@@ -203,7 +203,6 @@ class PlannedSequenceParallelOps(PlannedOps):
                 dist.all_to_all_single(back, out.view(-1), group=self.group)
                 every[0].view(world, per, kw, hd)[:, first : first + n].copy_(back.view(world, n, kw, hd))
         packing.store_caches(index, every_k, every_v)  # a storing sequence's cache keeps my heads
-        gqa = {"enable_gqa": True} if qw // kw > 1 else {}
         for part in parts:  # the one-process query blocks (of each attention call)
             offset, length, start, end = part.offset, part.length, part.start, part.end
             a, b = offset + start, offset + end
@@ -219,17 +218,7 @@ class PlannedSequenceParallelOps(PlannedOps):
             k, v = every_k[:, offset : offset + length], every_v[:, offset : offset + length]
             if (use := packing.window(part.sequence)) is not None:
                 k, v = self.spliced(use, index, k, v, spliced, first_block=start == 0)
-            result = F.scaled_dot_product_attention(
-                block_q[None].transpose(1, 2),
-                k[:, : part.keys].transpose(1, 2),
-                v[:, : part.keys].transpose(1, 2),
-                attn_mask=part.mask(packing, x.dtype, x.device),
-                dropout_p=0.0,
-                is_causal=False,
-                **gqa,
-            )
-            block_q[None].copy_(result.transpose(1, 2))
-            del result
+            part.attend_into(block_q[None], k, v, packing)
             dist.all_to_all_single(out.view(world * n, qw, hd), block_q, [n] * world, counts, group=self.group)
             q[:n].view(n, world, qw * hd).copy_(out.view(world, n, qw * hd).transpose(0, 1))
             if n:

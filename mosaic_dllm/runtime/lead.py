@@ -197,16 +197,17 @@ def follow(executor: MosaicExecutor, group: dist.ProcessGroup | None = None) -> 
             dist.barrier(group=group)
         if kind != STEP:
             continue
-        steps = []
+        steps, named = [], set()
         for _ in range(count):
             _, batch, length, rows = receive()
             ids, read = torch.empty((batch, length), dtype=torch.long), torch.empty((rows,), dtype=torch.long)
             use = torch.empty(8, dtype=torch.long)
             for t in (ids, read, use):
                 dist.broadcast(t, src=0, group=group)
-            steps.append(StepInput(ids, read, followed_use(use.tolist())))
-        named = {id(s.cache.cache) for s in steps if s.cache is not None}
-        for number in [n for n, cache in caches.items() if id(cache) not in named]:  # their requests ended
+            fields = use.tolist()
+            named.add(fields[0])
+            steps.append(StepInput(ids, read, followed_use(fields)))
+        for number in set(caches) - named:  # their requests ended
             caches.pop(number).release()
         try:
             with executor.batch_logits(steps, row_bytes, bool(as_one_batch)) as logits:

@@ -29,6 +29,7 @@ class Shape:
         self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
         self.stops = stops or []
         self.sent = ""  # text a stream has sent so far
+        self.settled_tokens = 0  # answer tokens that text was decoded from
 
     def _base(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -69,6 +70,9 @@ class Shape:
             if token == event.mask_token_id or token in eos_ids:
                 break
             settled.append(token)
+        if len(settled) == self.settled_tokens:  # nothing new: no decoding
+            return None
+        self.settled_tokens = len(settled)
         text, _ = cut_at_stop(decode(settled).rstrip("\ufffd"), self.stops)
         hold = max((len(s) for s in self.stops), default=1) - 1
         text = text[: len(text) - hold] if hold else text
