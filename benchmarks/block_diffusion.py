@@ -1,4 +1,4 @@
-"""Block diffusion (SDAR) on this machine, random bf16 weights, next to LLaDA-8B's full canvas (#32).
+"""Block diffusion (SDAR, LLaDA2.x) on this machine, random bf16 weights, next to LLaDA-8B's full canvas (#32).
 
 (a) capacity: the longest prompt (with `--gen` tokens to generate) whose largest step fits an
     activation budget, the K/V cache on top of it (reported, not counted): eager (the official
@@ -9,9 +9,16 @@
 
     python benchmarks/block_diffusion.py capacity --preset sdar-8b --layers 2 --budget 2GiB --gen 256 \\
         --out benchmarks/results/block_diffusion_capacity_sdar8b.json
+    python benchmarks/block_diffusion.py capacity --preset llada2-mini --layers 2 --budget 2GiB --gen 256 \\
+        --out benchmarks/results/block_diffusion_capacity_llada2mini.json
+
+    LLaDA2.x keeps no cache (its official decoding recomputes the prefix at every step): its largest
+    step is the last block's, the whole canvas block-causally; eager's is predicted as the first step
+    of a request whose prompt ends in that block (the same shape).
 
 (b) speed: one request generated whole by a random 2-layer sdar-8b (its defaults, temperature 0;
-    and 1 step a block) and by a random 2-layer llada-8b at the same width with the official sampler
+    and 1 step a block), a random 2-layer llada2-mini (2048 wide; its defaults, and 4 steps a block)
+    and by a random 2-layer llada-8b at sdar-8b's width with the official sampler
     (a step a token, mask-only logits), both on the Mosaic executor: forward passes per generated
     token and seconds per generated token, in one run; and the most requests of total length
     4096 one batched step admits in `--budget` (the scheduler's admission: every request at its
@@ -73,6 +80,13 @@ def capacity(args) -> dict:
     def eager_peak(prompt: int) -> int:
         resolved = sampler.resolve(cfg, prompt)
         request = StepRequest(prompt + args.gen, prompt, resolved)
+        first, _ = sampler.largest_steps(resolved, prompt)
+        if sampler.first_step(sampler.start(torch.zeros(prompt, dtype=torch.long), resolved, None)).ids.shape[1] < (
+            first.tokens
+        ):  # the largest step comes last (LLaDA2.x: the last block's, the whole canvas): the first step
+            # of a request whose prompt ends in that block has its shape
+            total = prompt + args.gen
+            request = StepRequest(total, total - 1, sampler.resolve(replace(cfg, gen_length=1), total - 1))
         return predict(spec, DTYPE, "eager", request).peak - shape(prompt)[1]  # its cache is allocated inside
 
     out = {"preset": args.preset, "layers": args.layers, "dtype": "bf16", "budget_bytes": budget, "gen": args.gen}
@@ -148,7 +162,12 @@ def speed(args) -> dict:
         "llada-8b": {
             f"LLaDA official (a step a token, one block), gen {args.gen}": dict(temperature=0.0, steps=args.gen),
         },
+        "llada2-mini": {
+            f"LLaDA2.x defaults (block 32, 32 steps, threshold 0.95), gen {args.gen}": dict(temperature=0.0),
+            f"LLaDA2.x block 32, 4 steps a block, gen {args.gen}": dict(temperature=0.0, steps=4),
+        },
     }
+    runs = {name: settings for name, settings in runs.items() if name in args.models}
     for name, settings in runs.items():
         print(f"{name}: writing a random checkpoint ...", file=sys.stderr)
         llm = LLM(random_checkpoint(name, args.layers), dtype="bf16", max_batch=1)
@@ -178,6 +197,7 @@ def main() -> None:
     parser.add_argument("--budget", default="2GiB")
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=256)
+    parser.add_argument("--models", nargs="+", default=["sdar-8b", "llada-8b", "llada2-mini"], help="speed: presets")
     parser.add_argument("--out")
     args = parser.parse_args()
     record = capacity(args) if args.what == "capacity" else speed(args)

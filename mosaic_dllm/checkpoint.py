@@ -26,7 +26,7 @@ from .models import ArchSpec, ConfigError, SpecialIds, parse_config, to_config
 from .models.config_keys import as_id_tuple
 from .models.quantized import QuantizedWeight, check_shapes, quantize, quantize_table, quantized_names
 from .models.spec import QuantScheme
-from .models.weights import Weights, all_finite, check_state_dict, from_state_dict, row_sharded_names
+from .models.weights import Weights, all_finite, check_state_dict, from_state_dict, fused_parts, row_sharded_names
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,13 @@ def load(
         check_shapes(spec, quantization)
     quantized = quantized_names(spec, quantization) if quantization else set()
     split = row_sharded_names(spec) if rank_rows else set()
+    fused = fused_parts(spec)
     target = parse_dtype(dtype)
     state: dict[str, torch.Tensor | QuantizedWeight] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    t = f.get_tensor(name) if name not in split else _rows(f.get_slice(name), *rank_rows)
+                for name, t in _file_tensors(f, fused, split, rank_rows):
                     check_finite(name, t)
                     target = target or (t.dtype if t.is_floating_point() else None)
                     kept = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
@@ -293,10 +293,20 @@ def load(
     return Checkpoint(path, spec, weights, tokenizer, generation, config, called)
 
 
-def _rows(tensor, rank: int, ranks: int) -> torch.Tensor:
-    """Rank `rank`'s 1/`ranks` of a file tensor's rows (only those are read)."""
-    rows = tensor.get_shape()[0] // ranks
-    return tensor[rank * rows : (rank + 1) * rows]
+def _file_tensors(f, fused: dict[str, list[tuple[str, int, int]]], split: set[str], rank_rows: tuple[int, int] | None):
+    """(name, tensor) of each tensor of the open file `f`, a fused one as its parts; of a tensor in
+    `split`, only rank_rows' (rank, ranks) 1/ranks of its rows are read."""
+    for name in f.keys():
+        pieces = fused.get(name) or [(name, 0, None)]
+        for part, first, rows in pieces:
+            if part not in split and rows is None:
+                yield part, f.get_tensor(name)
+                continue
+            rows = f.get_slice(name).get_shape()[0] if rows is None else rows
+            if part in split:
+                rank, ranks = rank_rows
+                first, rows = first + rank * (rows // ranks), rows // ranks
+            yield part, f.get_slice(name)[first : first + rows]
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None, device: torch.device, quantization: QuantScheme | None):

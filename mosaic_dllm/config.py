@@ -18,8 +18,8 @@ from typing import Any, get_args, get_type_hints
 MAX_LENGTH = 1 << 24
 SEED_END = 2**63  # torch.Generator.manual_seed takes [0, 2**63) without wrapping
 
-LLADA, DREAM, SDAR = "llada", "dream", "sdar"  # the samplers (LLaDA-MoE decodes as LLaDA)
-FAMILY_NAMES = {LLADA: "LLaDA / LLaDA-MoE", DREAM: "Dream", SDAR: "SDAR"}
+LLADA, DREAM, SDAR, LLADA2 = "llada", "dream", "sdar", "llada2"  # the samplers (LLaDA-MoE decodes as LLaDA)
+FAMILY_NAMES = {LLADA: "LLaDA / LLaDA-MoE", DREAM: "Dream", SDAR: "SDAR", LLADA2: "LLaDA2.x"}
 LLADA_REMASKING = ("low_confidence", "random")
 SDAR_REMASKING = ("low_confidence_dynamic", "low_confidence_static", "sequential", "entropy_bounded")
 REMASKING = (*LLADA_REMASKING, *SDAR_REMASKING)
@@ -39,7 +39,7 @@ class Setting:
     """What every reader of one generation setting needs; `name` and `kind` come from the field."""
 
     help: str
-    families: tuple[str, ...] = (LLADA, DREAM, SDAR)  # the samplers that read it
+    families: tuple[str, ...] = (LLADA, DREAM, SDAR, LLADA2)  # the samplers that read it
     choices: tuple[str, ...] = ()
     # where families accept different choices: (family, its choices) pairs (others: `choices`)
     family_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -124,9 +124,10 @@ FAST_DLLM = "Fast-dLLM's parallel decoding (opt-in; an approximation of the offi
 @dataclass(frozen=True)
 class GenerationConfig:
     gen_length: int | None = setting("tokens to generate (the generation length)", api_name="max_tokens", **LENGTH)
-    steps: int | None = setting("denoising steps (SDAR: per block)", **LENGTH)
+    steps: int | None = setting("denoising steps (SDAR, LLaDA2.x: per block)", **LENGTH)
     block_length: int | None = setting(
-        "semi-autoregressive block (LLaDA; Dream with a block cache; SDAR: its attention's blocks)", **LENGTH
+        "semi-autoregressive block (LLaDA; Dream with a block cache; SDAR, LLaDA2.x: its attention's blocks)",
+        **LENGTH,
     )
     # LLaDA's float64 Gumbel noise, (-log u) ** temperature, underflows to 0 for some draws past ~20
     temperature: float | None = setting("sampling temperature (0: greedy)", low=0, high=10)
@@ -154,11 +155,11 @@ class GenerationConfig:
         off=0.0,
     )
     top_p: float | None = setting(
-        "nucleus sampling (1: off)", families=(DREAM, SDAR), low=0, low_open=True, high=1, off=1.0
+        "nucleus sampling (1: off)", families=(DREAM, SDAR, LLADA2), low=0, low_open=True, high=1, off=1.0
     )
     top_k: int | None = setting(
         "keep the k most likely tokens (0: off)",
-        families=(DREAM, SDAR),
+        families=(DREAM, SDAR, LLADA2),
         low=0,
         accepted="a positive integer, or 0 for no top-k",
         off=0,
@@ -166,7 +167,7 @@ class GenerationConfig:
     eps: float | None = setting("the final timestep", families=(DREAM,), low=0, low_open=True, high=1, high_open=True)
     threshold: float | None = setting(
         f"reveal every masked position of the block at or above this confidence, at least one a step. {FAST_DLLM}"
-        " (SDAR: low_confidence_dynamic's confidence threshold)",
+        " (SDAR: low_confidence_dynamic's confidence threshold; LLaDA2.x: its official decoding's threshold)",
         low=0,
         low_open=True,
         high=1,
@@ -176,6 +177,9 @@ class GenerationConfig:
         families=(SDAR,),
         low=0,
         low_open=True,
+    )
+    minimal_topk: int | None = setting(
+        "LLaDA2.x: steps a block are at most gen_length / minimal_topk", families=(LLADA2,), **LENGTH
     )
     factor: float | None = setting(
         f"the factor-based variant of threshold (Fast-dLLM's Dream samplers have threshold only). {FAST_DLLM}",
@@ -209,7 +213,9 @@ class GenerationConfig:
     )
     seed: int | None = setting("random seed", default=0, low=0, high=SEED_END, high_open=True, accepted="in [0, 2**63)")
     stop_at_eos: bool = setting(
-        "finish once the text before the first EOS can no longer change", default=False, neutral=False
+        "finish once the text before the first EOS can no longer change (LLaDA2.x: its eos_early_stop)",
+        default=False,
+        neutral=False,
     )
 
     @classmethod

@@ -3,7 +3,7 @@ import torch
 
 from tests.tiny import build_tiny_checkpoint
 
-FAMILIES = ("llada", "dream", "llada_moe", "sdar", "sdar_moe")
+FAMILIES = ("llada", "dream", "llada_moe", "sdar", "sdar_moe", "llada2")
 
 
 @pytest.fixture(scope="session")

@@ -938,3 +938,132 @@ def sdar_generate(
         if stopping_criteria_idx is not None and any(i in x[:, prompt_length:] for i in stopping_criteria_idx):
             break
     return x, passes
+
+
+def llada2_forward(config: dict, sd: dict, ids, mask):
+    """modeling_llada2_moe's LLaDA2MoeModelLM forward (SDPA), `mask` the additive (1, 1, t, t)
+    block-diagonal-causal mask of generate(); float32 logits."""
+    b, t = ids.shape
+    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // nh
+    eps = config["rms_norm_eps"]
+    x = F.embedding(ids, sd["model.word_embeddings.weight"])
+    cos, sin = _hf_rope(config, t, x.dtype, hd)
+    cos, sin = cos[:, None], sin[:, None]
+    rd = cos.shape[-1]
+    first_sparse = config.get("first_k_dense_replace", 0)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = p + "attention."
+        residual = x
+        h = _rms(x, sd[p + "input_layernorm.weight"], eps)
+        qkv = F.linear(h, sd[a + "query_key_value.weight"], sd.get(a + "query_key_value.bias")).view(b, t, -1, hd)
+        q, k, v = (z.transpose(1, 2) for z in qkv.split([nh, nkv, nkv], dim=-2))
+        q, k = _rms(q, sd[a + "query_layernorm.weight"], eps), _rms(k, sd[a + "key_layernorm.weight"], eps)
+        q = torch.cat([q[..., :rd] * cos + _rotate_half(q[..., :rd]) * sin, q[..., rd:]], dim=-1)
+        k = torch.cat([k[..., :rd] * cos + _rotate_half(k[..., :rd]) * sin, k[..., rd:]], dim=-1)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[..., :t, :t].to(q.dtype), scale=hd**-0.5)
+        att = att.transpose(1, 2).reshape(b, t, nh * hd)
+        x = residual + F.linear(att, sd[a + "dense.weight"], sd.get(a + "dense.bias"))
+        residual = x
+        h = _rms(x, sd[p + "post_attention_layernorm.weight"], eps)
+        sparse = config.get("num_experts") is not None and i >= first_sparse
+        x = residual + (_llada2_moe(config, sd, p + "mlp.", h) if sparse else _mlp(h, sd, p + "mlp."))
+    x = _rms(x, sd["model.norm.weight"], eps)
+    return F.linear(x, sd["lm_head.weight"]).float()
+
+
+def _llada2_moe(config, sd, p, h):
+    """LLaDA2MoeSparseMoeBlock at inference: LLaDA2MoeGate, then moe_infer over the sorted tokens."""
+    b, t, hidden = h.shape
+    flat = h.view(-1, hidden)
+    logits = F.linear(flat.float(), sd[p + "gate.weight"].float())
+    scores = torch.sigmoid(logits)
+    biased = scores + sd[p + "gate.expert_bias"]
+    n_group, top_k = config["n_group"], config["num_experts_per_tok"]
+    group = biased.view(flat.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(-1)
+    picked = torch.topk(group, k=config["topk_group"], dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group).scatter_(1, picked, 1)
+    expert_mask = group_mask[..., None].expand(-1, -1, config["num_experts"] // n_group).reshape(flat.shape[0], -1)
+    chosen = torch.topk(biased.masked_fill(~expert_mask.bool(), float("-inf")), k=top_k, dim=-1)[1]
+    weight = torch.gather(scores, 1, chosen)
+    if top_k > 1:
+        weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+    weight = weight * config["routed_scaling_factor"]
+    order = chosen.view(-1).argsort()
+    routed = flat[order // top_k]
+    counts = torch.bincount(chosen.view(-1), minlength=config["num_experts"]).tolist()
+    outs, at = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            outs.append(_mlp(routed[at : at + n], sd, p + f"experts.{e}."))
+            at += n
+    result = torch.empty_like(torch.cat(outs))
+    result[order] = torch.cat(outs)
+    y = (result.view(*chosen.shape, -1).float() * weight[..., None]).sum(dim=1).to(h.dtype).view(b, t, hidden)
+    if config.get("num_shared_experts"):
+        y = y + _mlp(h, sd, p + "shared_experts.")
+    return y
+
+
+def llada2_generate(
+    config,
+    sd,
+    prompt,
+    mask_id,
+    eos_id,
+    gen_length,
+    block_length,
+    steps,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    threshold=0.95,
+    minimal_topk=1,
+    eos_early_stop=False,
+    greedy_at_zero=True,
+):
+    """LLaDA2MoeModelLM.generate, batch 1, global RNG: the canvas to `gen_length` (EOS and what
+    follows included), and the forward passes. `greedy_at_zero=False`: the published sampling at
+    temperature 0 (softmax of the unscaled logits, then a draw); True: greedy (what it says).
+    The early stop looks for the first EOS of the answer (the published code's may be the prompt's)."""
+    steps = min(steps, gen_length // minimal_topk)
+    plen = prompt.shape[1]
+    num_blocks = (plen + gen_length + block_length - 1) // block_length
+    total = num_blocks * block_length
+    tril = torch.tril(torch.ones(num_blocks, num_blocks))
+    mask = tril.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[None, None].log()
+    x = torch.full((1, total), mask_id, dtype=torch.long)
+    x[:, :plen] = prompt
+    base, rem = divmod(block_length, steps)
+    schedule = [base + (i < rem) for i in range(steps)]
+    passes = 0
+    for nb in range(plen // block_length, num_blocks):
+        end = (nb + 1) * block_length
+        cur = x[:, :end]
+        for step in range(steps):
+            active = cur[:, -block_length:] == mask_id
+            if active.sum() == 0:
+                break
+            logits = llada2_forward(config, sd, cur, mask)[:, -block_length:][0]
+            passes += 1
+            if temperature == 0 and greedy_at_zero:
+                x0, x0_p, _ = sdar_sample(logits, 0, top_k, top_p)
+            else:
+                x0, x0_p, _ = sdar_sample(logits, temperature if temperature > 0 else 1.0, top_k, top_p)
+            conf = torch.where(active[0], x0_p, -torch.inf)
+            high = conf > threshold
+            transfer = torch.zeros_like(high)
+            if int(high.sum()) >= schedule[step]:
+                transfer = high
+            else:
+                transfer[torch.topk(conf, k=min(schedule[step], int(active.sum())))[1]] = True
+            cur[0, -block_length:][transfer] = x0[transfer]
+            if eos_early_stop and (x0[transfer] == eos_id).any():
+                hits = (cur[0, plen:] == eos_id).nonzero()
+                if len(hits) and not (cur[0, plen : plen + int(hits[0])] == mask_id).any():
+                    return x[:, : plen + gen_length], passes
+        if (x[0, plen:end] == eos_id).any():
+            break
+    return x[:, : plen + gen_length], passes

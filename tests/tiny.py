@@ -64,6 +64,23 @@ def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None])
     if family == "sdar_moe":  # SDAR-30B-A3B's kind: Qwen3-MoE layers, the first dense
         moe = MoESpec(4, 2, 32, 0, expert_bias=False, normalize_top_k=True, moe_layers=(False, True))
         return replace(tiny_spec("sdar", vocab_size, ids=ids), moe=moe)
+    if family == "llada2":  # LLaDA2.x-mini's kind: fused qkv with biases, partial rotary, grouped sigmoid routing
+        moe = MoESpec(
+            num_experts=8,
+            experts_per_token=2,
+            expert_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            expert_bias=True,
+            normalize_top_k=True,
+            moe_layers=(False, True),
+            score="sigmoid",
+            groups=4,
+            top_groups=2,
+            scaling=2.5,
+        )
+        return replace(
+            spec, num_kv_heads=2, rotary_dim=8, qk_norm=True, qkv_bias=True, output_bias=True, moe=moe, block_size=32
+        )
     raise ValueError(f"unknown family {family!r}")
 
 

@@ -112,6 +112,43 @@ PRESETS["sdar-30b-a3b"] = replace(
 )
 
 
+# inclusionAI/LLaDA2.0-mini (and 2.1-mini: the same architecture), BailingMoeV2 at Ling-mini-2.0's
+# dimensions: 16B parameters, about 1.4B active; the first layer dense, the others 256 experts
+PRESETS["llada2-mini"] = ArchSpec(
+    family="llada2",
+    hidden_size=2048,
+    num_layers=20,
+    num_heads=16,
+    num_kv_heads=4,
+    head_dim=128,
+    intermediate_size=5120,
+    vocab_size=157184,
+    rope_theta=600000.0,
+    rotary_dim=64,
+    rms_norm_eps=1e-6,
+    qk_norm=True,
+    max_position_embeddings=32768,
+    mask_token_id=156895,
+    eos_token_ids=(156892,),
+    pad_token_id=156892,
+    moe=MoESpec(
+        num_experts=256,
+        experts_per_token=8,
+        expert_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        expert_bias=True,
+        normalize_top_k=True,
+        moe_layers=(False,) + (True,) * 19,
+        score="sigmoid",
+        groups=8,
+        top_groups=4,
+        scaling=2.5,
+    ),
+    block_size=32,
+    torch_dtype="bfloat16",
+)
+
+
 def preset(name: str, layers: int | None = None) -> ArchSpec:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")

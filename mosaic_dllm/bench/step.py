@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..config import DREAM, LLADA, SDAR, GenerationConfig
+from ..config import DREAM, LLADA, LLADA2, SDAR, GenerationConfig
 from ..decoding import sampler_for
 from ..decoding.common import StepInput
 from ..memory.accounting import LiveTensorTracker, Timeline
@@ -29,7 +29,7 @@ from ..memory.prediction import predicting
 from ..memory.rss import PeakMemory
 from ..models.quantized import quantized_weights
 from ..models.spec import ArchSpec
-from ..models.weights import Weights, expected_shapes, from_state_dict, random_state_dict
+from ..models.weights import Weights, file_shapes, from_state_dict, random_state_dict
 from ..runtime import Executor, ExecutorOptions, make_executor
 
 # A benchmark step's settings where the caller leaves them unset: temperature 0, and rows fixed by
@@ -38,6 +38,7 @@ BENCH_SETTINGS = {
     LLADA: {"temperature": 0.0},
     DREAM: {"alg": "maskgit_plus", "temperature": 0.0},
     SDAR: {"temperature": 0.0},
+    LLADA2: {"temperature": 0.0},
 }
 
 
@@ -168,7 +169,7 @@ def predict(
     sampler_bytes = sampler_for(spec).row_bytes(request.config, spec.vocab_size, dtype, torch.device("cpu"))
     started = [start_first_step(spec, request, torch.device("cpu"), torch.Generator().manual_seed(0)) for _ in range(2)]
     with predicting(), FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the rows stay real: the sampler reads them
-        state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(spec).items()}
+        state = {name: torch.empty(shape, dtype=dtype) for name, shape in file_shapes(spec).items()}
         executor = make_executor(executor_name, spec, from_state_dict(spec, state), executor_options(options))
         started = [_fake_canvas(mode, s) for s in started]  # as measured: the canvas is an input, not a step buffer
         run_first_step(executor, started[0], sampler_bytes)  # plans and sizes the arena

@@ -143,9 +143,9 @@ def plan(args: argparse.Namespace) -> int:
     shape = first_step_shape(spec, dtype, args.length, args.alpha, args.row_chunk, args.cfg_scale, args.rows)
     shape = replace(shape, ranks=ranks[0], tensor_ranks=args.tp)
     cache = args.cache
-    if spec.block_size:  # block diffusion keeps its own cache
+    if spec.block_size:  # block diffusion: its decoding's own cache (SDAR) or none (LLaDA2.x)
         if args.cache != "none":
-            raise ValueError("--cache is Fast-dLLM's; a block-diffusion model always keeps its K/V cache")
+            raise ValueError("--cache is Fast-dLLM's; a block-diffusion model decodes with its own attention")
         cache = "block diffusion: K/V of every position before the last block"
     elif args.cache != "none":  # the request's block cache, alive through its steps (models/kv_cache.py)
         from ..decoding.parallel import cache_positions

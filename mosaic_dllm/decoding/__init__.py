@@ -6,9 +6,16 @@ from ..models.spec import ArchSpec
 from .common import Sampler
 from .dream import DreamSampler
 from .llada import LLaDASampler
+from .llada2 import LLaDA2Sampler
 from .sdar import SDARSampler
 
-SAMPLERS = {"llada": LLaDASampler, "llada_moe": LLaDASampler, "dream": DreamSampler, "sdar": SDARSampler}
+SAMPLERS = {
+    "llada": LLaDASampler,
+    "llada_moe": LLaDASampler,
+    "dream": DreamSampler,
+    "sdar": SDARSampler,
+    "llada2": LLaDA2Sampler,
+}
 
 
 def sampler_for(
@@ -23,4 +30,4 @@ def sampler_for(
     return SAMPLERS[spec.family](spec, model_config, generation_config, vocabulary)
 
 
-__all__ = ["SAMPLERS", "DreamSampler", "LLaDASampler", "SDARSampler", "Sampler", "sampler_for"]
+__all__ = ["SAMPLERS", "DreamSampler", "LLaDA2Sampler", "LLaDASampler", "SDARSampler", "Sampler", "sampler_for"]

@@ -1,10 +1,11 @@
 """What every sampler shares: the `Sampler` protocol, the step-wise state it starts, step events and
 the EOS completion test (the loop that drives states with an executor is `scheduler.py`).
 
-A sampler (one per family: `llada.py`, `dream.py`, `sdar.py`) owns everything family-specific about decoding:
-its settings (`resolve`), which rows a step reads, the guidance batch, its temporary bytes per
-logits row, and the denoising loop as a state that advances one step at a time given that step's
-row logits; so requests can be interleaved, and nothing outside the samplers asks which family runs.
+A sampler (one per family: `llada.py`, `dream.py`, `sdar.py`, `llada2.py`) owns everything
+family-specific about decoding: its settings (`resolve`), which rows a step reads, the guidance
+batch, its temporary bytes per logits row, and the denoising loop as a state that advances one
+step at a time given that step's row logits; so requests can be interleaved, and nothing outside
+the samplers asks which family runs.
 """
 
 from __future__ import annotations

@@ -109,12 +109,20 @@ def revealed(cfg: GenerationConfig, mask: Tensor, chosen_p: Tensor, probs: Tenso
         count = int(torch.searchsorted(torch.cumsum(ranked, 0), torch.tensor(cfg.eb_threshold), right=False))
         transfer[order[: max(1, min(count, masked))]] = True
         return transfer
+    return most_confident(mask, chosen_p, quota, cfg.threshold if cfg.remasking == "low_confidence_dynamic" else None)
+
+
+def most_confident(mask: Tensor, chosen_p: Tensor, quota: int, threshold: float | None = None) -> Tensor:
+    """The masked positions a step reveals by confidence: with a `threshold`, every one above it
+    when they are at least `quota` (SDAR's low_confidence_dynamic, LLaDA2.x's rule); otherwise the
+    `quota` most confident (all that are left, when fewer)."""
     confidence = torch.where(mask, chosen_p, -torch.inf)
-    if cfg.remasking == "low_confidence_dynamic":
-        confident = confidence > cfg.threshold
+    if threshold is not None:
+        confident = confidence > threshold
         if int(confident.sum()) >= quota:
             return confident
-    transfer[torch.topk(confidence, min(quota, masked))[1]] = True
+    transfer = torch.zeros_like(mask)
+    transfer[torch.topk(confidence, min(quota, int(mask.sum())))[1]] = True
     return transfer
 
 

@@ -120,9 +120,12 @@ class KernelRules:
         """The groups table's row `name`, with the attention group's blocks as this device allows."""
         return self._groups[name]
 
-    def gemm(self, in_width: int, out_width: int, scheme: QuantScheme | None = None) -> GemmRule:
-        """A GEMM's exact calls; `scheme`: the quantized kernel's, for a weight quantized so."""
-        return self.profile.gemm_rule(self.dtype, in_width, out_width, scheme)
+    def gemm(
+        self, in_width: int, out_width: int, scheme: QuantScheme | None = None, dtype: torch.dtype | None = None
+    ) -> GemmRule:
+        """A GEMM's exact calls; `scheme`: the quantized kernel's, for a weight quantized so;
+        `dtype`: a call in another dtype than the model's (a router in float32)."""
+        return self.profile.gemm_rule(dtype or self.dtype, in_width, out_width, scheme)
 
     def swiglu(self, width: int, intermediate: int, scheme: QuantScheme | None = None) -> GemmRule:
         return self.profile.swiglu_rule(self.dtype, width, intermediate, scheme)

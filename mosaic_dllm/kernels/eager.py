@@ -17,6 +17,7 @@ from ..models.kv_cache import block_causal_mask
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.quantized import QuantizedWeight, linear
+from ..models.spec import MoESpec
 
 Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T (+ bias); weights may be quantized
 
@@ -36,28 +37,67 @@ def route_and_run_experts(
     router: Tensor,
     expert_bias: Tensor | None,
     experts: list[dict[str, Tensor]],
-    top_k: int,
-    normalize_top_k: bool,
+    moe: MoESpec,
     out: Tensor,
     linear: Linear = linear,
     mlp: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = swiglu,
 ) -> None:
     """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`;
     `linear` computes the router and `mlp` the experts (the planned kernels pass batch-invariant ones)."""
-    weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
-    if expert_bias is not None:
-        weights = weights + expert_bias
-    weights, chosen = torch.topk(weights, top_k, dim=-1)
-    if normalize_top_k:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    weights = weights.to(flat.dtype)
-    expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
+    if moe.score == "sigmoid":
+        weights, chosen = sigmoid_routing(flat, router, expert_bias, moe, linear)
+        slots = flat.new_zeros((*chosen.shape, flat.shape[-1]), dtype=torch.float32)  # (T, k, H)
+    else:
+        weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
+        if expert_bias is not None:
+            weights = weights + expert_bias
+        weights, chosen = torch.topk(weights, moe.experts_per_token, dim=-1)
+        if moe.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+    # Each expert's rows in the official order (a row's bits may depend on its place in the call):
+    # slot by slot (transformers' MoE), or as LLaDA2.x's moe_infer sorts them (its argsort of the
+    # flattened choices, not a stable one).
+    if moe.score == "sigmoid":
+        order = chosen.view(-1).argsort()
+        ranked = chosen.view(-1)[order]
+    else:
+        expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
     for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
-        slot, token = torch.where(expert_mask[e])
+        if moe.score == "sigmoid":
+            picked = order[ranked == e]
+            token, slot = picked // moe.experts_per_token, picked % moe.experts_per_token
+        else:
+            slot, token = torch.where(expert_mask[e])
         if token.numel() == 0:
             continue
         y = mlp(flat[token], expert["gate"], expert["up"], expert["down"])
-        out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+        if moe.score == "sigmoid":  # each slot's output in float32, summed over the slots below
+            slots[token, slot] = y.float() * weights[token, slot, None]
+        else:
+            out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+    if moe.score == "sigmoid":
+        out.copy_(slots.sum(dim=1))
+
+
+def sigmoid_routing(
+    flat: Tensor, router: Tensor, expert_bias: Tensor | None, moe: MoESpec, linear: Linear = linear
+) -> tuple[Tensor, Tensor]:
+    """LLaDA2.x's gate: float32 router logits and sigmoid scores; the expert bias added for
+    choosing only; the top k among the experts of the `top_groups` groups whose two best scores
+    sum highest; the chosen scores renormalised (with k > 1) and scaled. (weights, chosen), (T, k)."""
+    scores = torch.sigmoid(linear(flat.float(), router.float()))
+    choosing = scores + expert_bias if expert_bias is not None else scores
+    tokens = choosing.shape[0]
+    group_scores = choosing.view(tokens, moe.groups, -1).topk(2, dim=-1)[0].sum(dim=-1)
+    best_groups = torch.topk(group_scores, k=moe.top_groups, dim=-1, sorted=False)[1]
+    keep = torch.zeros_like(group_scores).scatter_(1, best_groups, 1).bool()
+    keep = keep.unsqueeze(-1).expand(tokens, moe.groups, moe.num_experts // moe.groups).reshape(tokens, -1)
+    chosen = torch.topk(choosing.masked_fill(~keep, float("-inf")), k=moe.experts_per_token, dim=-1)[1]
+    weights = torch.gather(scores, 1, chosen)
+    if moe.experts_per_token > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * moe.scaling, chosen
 
 
 class EagerOps:
@@ -170,15 +210,14 @@ class EagerOps:
         router: Tensor,
         expert_bias: Tensor | None,
         experts: list[dict[str, Tensor]],
-        top_k: int,
-        normalize_top_k: bool,
+        moe: MoESpec,
         *,
         name: str,
     ) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = torch.zeros_like(flat)
         expert = partial(swiglu, mm=self.multiply)
-        route_and_run_experts(flat, router, expert_bias, experts, top_k, normalize_top_k, out, self.multiply, expert)
+        route_and_run_experts(flat, router, expert_bias, experts, moe, out, self.multiply, expert)
         return out.view(x.shape)
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:

@@ -42,6 +42,7 @@ from ..models.groups import GROUP_OF_METHOD, Chunks, OpGroup, group_spans
 from ..models.ops import RowHead
 from ..models.packing import Packing
 from ..models.quantized import QuantizedWeight
+from ..models.spec import MoESpec
 from .attention import AttentionOps
 from .eager import route_and_run_experts
 from .memory import Memory
@@ -86,8 +87,10 @@ class PlannedOps(AttentionOps):
         """Declare the padded tile a GEMM on fewer rows than a tile allocates (one at a time)."""
         self.mem.workspace(max(tile_workspace(x, w, self.gemm_rule(w)) for w in weights))
 
-    def gemm_rule(self, weight: Tensor | QuantizedWeight) -> GemmRule:
-        return self.rules.gemm(weight.shape[1], weight.shape[0], getattr(weight, "scheme", None))
+    def gemm_rule(self, weight: Tensor | QuantizedWeight, dtype: torch.dtype | None = None) -> GemmRule:
+        """The exact calls of a GEMM by `weight`, in the compute dtype or `dtype` (LLaDA2.x's
+        float32 router)."""
+        return self.rules.gemm(weight.shape[1], weight.shape[0], getattr(weight, "scheme", None), dtype)
 
     def _swiglu(self, gate: Tensor | QuantizedWeight) -> GemmRule:
         return self.rules.swiglu(gate.shape[1], gate.shape[0], getattr(gate, "scheme", None))
@@ -339,8 +342,7 @@ class PlannedOps(AttentionOps):
         router: Tensor,
         expert_bias: Tensor | None,
         experts: list[dict[str, Tensor]],
-        top_k: int,
-        normalize_top_k: bool,
+        moe: MoESpec,
         *,
         name: str,
     ) -> Tensor:
@@ -348,14 +350,21 @@ class PlannedOps(AttentionOps):
         flat = x.reshape(-1, x.shape[-1])
         parts = self.spans(flat.shape[0], group)
         tokens = parts[0][1] - parts[0][0]
-        # Routing (softmax, top-k) per token chunk, and the expert intermediates, whose sizes depend
+        # Routing (scores, top-k) per token chunk, and the expert intermediates, whose sizes depend
         # on the routing: bounded by one expert receiving every token of the chunk (its gathered
         # input, gate, up and output rows, and the weighted output).
         expert_width = experts[0]["gate"].shape[0] if experts else 0
-        itemsize = x.element_size()
+        itemsize, width, top_k = x.element_size(), x.shape[-1], moe.experts_per_token
         routing = tokens * router.shape[0] * 4 * 2 + tokens * top_k * 16
-        self.mem.workspace(routing + tokens * (3 * x.shape[-1] + 2 * expert_width) * itemsize)
-        self.gemm_workspace(x, router)
+        if moe.score == "sigmoid":  # float32 copies of the rows and the router, three score tables,
+            # the group scores, and every slot's float32 output with their sum
+            float_rows = torch.empty((0,), dtype=torch.float32, device="meta")
+            routing += (tokens + router.shape[0]) * width * 4 + tokens * router.shape[0] * 4 * 2
+            routing += tokens * moe.groups * 4 * 4 + tokens * (top_k + 1) * width * 4
+            self.mem.workspace(tile_workspace(float_rows, router, self.gemm_rule(router, torch.float32)))
+        else:
+            self.gemm_workspace(x, router)
+        self.mem.workspace(routing + tokens * (3 * width + 2 * expert_width) * itemsize)
         if experts:
             self.mem.workspace(swiglu_workspace(x, experts[0]["gate"], self._swiglu(experts[0]["gate"])))
         out = self.mem.new(tuple(x.shape), x.dtype)
@@ -368,10 +377,11 @@ class PlannedOps(AttentionOps):
                     router,
                     expert_bias,
                     experts,
-                    top_k,
-                    normalize_top_k,
+                    moe,
                     flat_out[start:end],
-                    lambda rows, weight: tiled_linear(rows, weight, None, self.gemm_rule(weight)),
+                    lambda rows, weight: tiled_linear(
+                        rows, weight, None, self.gemm_rule(weight, getattr(weight, "dtype", None))
+                    ),
                     lambda rows, gate, up, down: fresh_swiglu(rows, gate, up, down, self._swiglu(gate)),
                 )
         return out

@@ -5,12 +5,18 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import dream, llada, llada_moe, sdar
+from . import dream, llada, llada2, llada_moe, sdar
 from .config_keys import SpecialIds
 from .spec import ArchSpec, ConfigError, MoESpec, WeightNames
 
 # LLaDA-MoE first: some of its configs say model_type "llada".
-FAMILIES: dict[str, ModuleType] = {"llada_moe": llada_moe, "llada": llada, "dream": dream, "sdar": sdar}
+FAMILIES: dict[str, ModuleType] = {
+    "llada_moe": llada_moe,
+    "llada": llada,
+    "dream": dream,
+    "sdar": sdar,
+    "llada2": llada2,
+}
 
 
 def family_of(config: dict[str, Any]) -> ModuleType:
@@ -21,7 +27,7 @@ def family_of(config: dict[str, Any]) -> ModuleType:
         f"config.json describes an unknown model family (architectures={config.get('architectures')!r}, "
         f"model_type={config.get('model_type')!r}); supported: LLaDA ({llada.ARCHITECTURE}), "
         f"Dream ({dream.ARCHITECTURE}), LLaDA-MoE ({llada_moe.ARCHITECTURE}), "
-        f"SDAR ({sdar.ARCHITECTURE})"
+        f"SDAR ({sdar.ARCHITECTURE}), LLaDA2.x ({llada2.ARCHITECTURE})"
     )
 
 

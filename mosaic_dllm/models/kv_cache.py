@@ -119,9 +119,11 @@ class CacheUse:
 
     `block`: attention is block-causal over blocks of that many positions from 0 (block diffusion;
     0: bidirectional). The stored positions' queries then attend to the keys up to their own
-    block's end (as the official prefill or store pass), the others (one block) to every key."""
+    block's end (as the official prefill or store pass), the others (one block) to every key.
+    `cache` None: nothing is kept (LLaDA2.x recomputes its whole prefix at every step): a refresh
+    whose first `keep` positions attend block-causally all the same."""
 
-    cache: BlockCache
+    cache: BlockCache | None
     refresh: bool
     start: int = 0
     length: int = 0

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .packing import Packing
-from .spec import ArchSpec
+from .spec import ArchSpec, MoESpec
 
 # An LM head over a step's final hidden states: (first sequence, sequences, hidden rows or None for
 # every row) -> (hidden rows (C,), (B, C, V) logits) chunks of that request.
@@ -103,12 +103,11 @@ class Ops(Protocol):
         router: Tensor,
         expert_bias: Tensor | None,
         experts: list[dict[str, Tensor]],
-        top_k: int,
-        normalize_top_k: bool,
+        moe: MoESpec,
         *,
         name: str,
     ) -> Tensor:
-        """Softmax-routed mixture of SwiGLU experts over the tokens of x (1, T, H)."""
+        """A routed mixture of SwiGLU experts over the tokens of x (1, T, H), routed as `moe` says."""
 
     def add(self, x: Tensor, y: Tensor, *, name: str) -> Tensor:
         """Residual add; executors may write into x."""

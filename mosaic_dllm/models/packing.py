@@ -45,7 +45,7 @@ class Packing:
         and V of `layer` in its block cache, at its canvas positions."""
         for i, (offset, _) in enumerate(self.sequences()):
             use = self.cache(i)
-            if use is not None and use.keep:
+            if use is not None and use.keep and use.cache is not None:
                 at = slice(offset, offset + use.keep)
                 use.cache.store(layer, k[0, at], v[0, at], at=use.start)
 

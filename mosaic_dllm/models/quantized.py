@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .spec import ArchSpec, ConfigError, QuantScheme
-from .weights import Weights, expected_shapes, from_state_dict, linear_names, optional_names, row_sharded_names
+from .weights import (
+    Weights,
+    expected_shapes,
+    from_state_dict,
+    linear_names,
+    optional_names,
+    row_sharded_names,
+    unfused,
+)
 
 GROUPS = (32, 64, 128)
 # The int4 CPU packing wants output rows in multiples of 16: narrower weights are padded with zero rows.
@@ -294,7 +302,7 @@ def quantize_table(weights: Weights, scheme: QuantScheme | None, make: Quantize 
 def quantized_weights(spec: ArchSpec, state: dict[str, Tensor], make: Quantize | None = None) -> Weights:
     """Weights from a whole state dict, quantized as `spec.quantization` says (random or shapes-only
     weights: a checkpoint quantizes tensor by tensor as it reads them)."""
-    scheme, make = spec.quantization, make or quantize
+    scheme, make, state = spec.quantization, make or quantize, unfused(spec, state)
     if scheme is not None:
         state = state | {name: make(state[name], scheme) for name in quantized_names(spec, scheme)}
     weights = from_state_dict(spec, state)

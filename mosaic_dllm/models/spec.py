@@ -1,6 +1,6 @@
 """The architecture of one checkpoint, normalised from its family's config.json.
 
-Every family (LLaDA, Dream, LLaDA-MoE; SDAR block-causal) is a pre-norm transformer; they differ in
+Every family (LLaDA, Dream, LLaDA-MoE; SDAR and LLaDA2.x block-causal) is a pre-norm transformer; they differ in
 config keys, parameter names and a handful of numerical quirks. `ArchSpec` holds the sizes and the
 quirks; `WeightNames` holds the official parameter names. The maths lives once, in `transformer.py`.
 """
@@ -16,13 +16,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MoESpec:
+    """A sparse FFN's routing. "softmax" (LLaDA-MoE, Qwen3-MoE): softmax of the router's logits,
+    plus the expert bias, top-k, optionally renormalised. "sigmoid" (LLaDA2.x, BailingMoeV2): the
+    router in float32, sigmoid scores, the expert bias for choosing only, the top k among the
+    experts of the best `top_groups` of `groups` groups (a group scores its two best), the chosen
+    scores renormalised and scaled by `scaling`, the experts' outputs summed in float32."""
+
     num_experts: int
     experts_per_token: int
     expert_intermediate_size: int
     shared_expert_intermediate_size: int  # 0: no shared expert
-    expert_bias: bool  # router adds a per-expert bias to the softmax before top-k
+    expert_bias: bool  # the router has a per-expert bias (see the class docstring for its use)
     normalize_top_k: bool
     moe_layers: tuple[bool, ...]  # per layer: MoE (True) or dense FFN (False)
+    score: str = "softmax"  # "softmax" | "sigmoid"
+    groups: int = 1
+    top_groups: int = 1
+    scaling: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class QuantScheme:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    family: str  # "llada" | "dream" | "llada_moe" | "sdar"
+    family: str  # "llada" | "dream" | "llada_moe" | "sdar" | "llada2"
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -66,6 +76,7 @@ class ArchSpec:
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None = None
     qkv_bias: bool = False
+    output_bias: bool = False  # the attention's output projection has a bias (LLaDA2.x's use_bias)
     qk_norm: bool = False  # per-head RMSNorm on q and k (LLaDA-MoE)
     # LLaDA rotates q and k in float32 and casts back; Dream / LLaDA-MoE cast the tables to the
     # hidden dtype and rotate in that dtype. Both are exact reproductions of the official code.
@@ -73,7 +84,7 @@ class ArchSpec:
     logit_shift: bool = False  # Dream: hidden state at p-1 gives the logits of position p
     tie_word_embeddings: bool = False
     moe: MoESpec | None = None
-    # Block diffusion (SDAR): the config's block size, what decoding takes unless told otherwise
+    # Block diffusion (SDAR, LLaDA2.x): the config's block size, what decoding takes unless told otherwise
     # (attention is block-causal over the decoding's blocks); 0: a full-canvas family.
     block_size: int = 0
     torch_dtype: str | None = None  # dtype named by the config, if any
@@ -118,10 +129,13 @@ class ArchSpec:
 
 @dataclass(frozen=True)
 class WeightNames:
-    """Official parameter names; `{i}` is the layer index, `{e}` the expert index."""
+    """Official parameter names; `{i}` is the layer index, `{e}` the expert index. `fused`: a file
+    tensor that holds several roles' rows one after another (LLaDA2.x's query_key_value) -> those
+    roles in order; their names in `layer` are then the engine's own, split from it at load."""
 
     embed: str
     final_norm: str
     lm_head: str
     layer: dict[str, str] = field(default_factory=dict)
     expert: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)

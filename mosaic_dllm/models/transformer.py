@@ -88,8 +88,7 @@ def ffn_block(
         layer["router"],
         layer.get("expert_bias"),
         experts,
-        spec.moe.experts_per_token,
-        spec.moe.normalize_top_k,
+        spec.moe,
         name="moe",
     )
     if spec.moe.shared_expert_intermediate_size:

@@ -32,7 +32,9 @@ class Weights:
 
 
 def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
-    """Official parameter name -> shape, for every tensor the model reads (optional ones excluded)."""
+    """Parameter name -> shape, for every tensor the model reads (optional ones excluded), as the
+    engine holds them: official names, a fused tensor's parts under their own (`file_shapes`:
+    as the checkpoint's files hold them)."""
     names = weight_names(spec)
     h, q, kv = spec.hidden_size, spec.q_size, spec.kv_size
     shapes = {names.embed: (spec.vocab_size, h), names.final_norm: (h,), names.lm_head: (spec.vocab_size, h)}
@@ -40,6 +42,8 @@ def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
         role = {"attn_norm": (h,), "q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "ffn_norm": (h,)}
         if spec.qkv_bias:
             role |= {"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)}
+        if spec.output_bias:
+            role["o_bias"] = (h,)
         if spec.qk_norm:
             role |= {"q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)}
         if spec.is_moe_layer(i):
@@ -60,6 +64,43 @@ def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def fused_parts(spec: ArchSpec) -> dict[str, list[tuple[str, int, int]]]:
+    """Each fused file tensor (`WeightNames.fused`) -> (part name, first row, rows) of its roles."""
+    names, shapes, out = weight_names(spec), expected_shapes(spec), {}
+    for i in range(spec.num_layers):
+        for fused, roles in names.fused.items():
+            parts, first = [], 0
+            for role in roles:
+                part = names.layer[role].format(i=i)
+                parts.append((part, first, shapes[part][0]))
+                first += shapes[part][0]
+            out[fused.format(i=i)] = parts
+    return out
+
+
+def file_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes` as the checkpoint's files hold them: each fused tensor whole."""
+    shapes = expected_shapes(spec)
+    for fused, parts in fused_parts(spec).items():
+        tail = shapes[parts[0][0]][1:]
+        for part, _, _ in parts:
+            del shapes[part]
+        shapes[fused] = (sum(rows for _, _, rows in parts), *tail)
+    return shapes
+
+
+def unfused(spec: ArchSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each fused tensor replaced by its parts (views of its rows)."""
+    parts = fused_parts(spec)
+    if not parts.keys() & state.keys():
+        return state
+    out = {name: t for name, t in state.items() if name not in parts}
+    for fused, pieces in parts.items():
+        if fused in state:
+            out |= {part: state[fused][first : first + rows] for part, first, rows in pieces}
+    return out
+
+
 def optional_names(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     """Tensors a checkpoint may hold or omit (LLaDA-MoE's router expert bias is a zero buffer by default)."""
     if spec.moe is None or not spec.moe.expert_bias:
@@ -72,9 +113,10 @@ def optional_names(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
     }
 
 
-def check_state_dict(spec: ArchSpec, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise one error listing every missing, unexpected and mis-shaped tensor."""
-    expected = expected_shapes(spec)
+def check_state_dict(spec: ArchSpec, shapes: dict[str, tuple[int, ...]], split: bool = False) -> None:
+    """Raise one error listing every missing, unexpected and mis-shaped tensor of `shapes`: a
+    file's (fused tensors whole), or with `split` the engine's (fused tensors as their parts)."""
+    expected = expected_shapes(spec) if split else file_shapes(spec)
     optional = optional_names(spec)
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected) - set(optional))
@@ -110,7 +152,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "shared_gate", "shared_up", "shared_down")
 # What a tensor-parallel rank holds 1/N of, by output rows: every linear weight and the biases of
 # the projections that have them (routers, norms and embeddings stay whole).
-ROW_SHARDED_ROLES = (*LINEAR_ROLES, "q_bias", "k_bias", "v_bias")
+ROW_SHARDED_ROLES = (*LINEAR_ROLES, "q_bias", "k_bias", "v_bias", "o_bias")
 
 
 def linear_names(spec: ArchSpec, head: bool, roles: tuple[str, ...] = LINEAR_ROLES) -> set[str]:
@@ -134,9 +176,9 @@ def row_sharded_names(spec: ArchSpec) -> set[str]:
 def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], checked: bool = False) -> Weights:
     """The weights of `state` (official names), checked against the spec unless the caller already
     checked the file they came from (a tensor-parallel rank's rows are not the full shapes)."""
+    state, names = unfused(spec, state), weight_names(spec)
     if not checked:
-        check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()})
-    names = weight_names(spec)
+        check_state_dict(spec, {k: tuple(v.shape) for k, v in state.items()}, split=True)
     layers, experts = [], []
     for i in range(spec.num_layers):
         layer = {r: state[n.format(i=i)] for r, n in names.layer.items() if n.format(i=i) in state}
@@ -154,10 +196,11 @@ def from_state_dict(spec: ArchSpec, state: dict[str, torch.Tensor], checked: boo
 def random_state_dict(
     spec: ArchSpec, dtype: torch.dtype, seed: int = 0, std: float = 0.02, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Random parameters under the official names: norms at 1, everything else N(0, std)."""
+    """Random parameters under the official names (fused tensors whole): norms at 1, everything
+    else N(0, std)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     state = {}
-    for name, shape in {**expected_shapes(spec), **optional_names(spec)}.items():
+    for name, shape in {**file_shapes(spec), **optional_names(spec)}.items():
         if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_f.weight"):
             t = torch.ones(shape)
         elif name.endswith("expert_bias"):

@@ -39,6 +39,12 @@ def plan_report(
             f"positions with the first block (logits for its rows only); block steps attend to at most "
             f"{shape.cache_keys} keys"
         )
+    elif shape.masked_keys:  # block diffusion without a cache (LLaDA2.x): every step recomputes
+        lines.append(
+            f"  largest step     {shape.longest} tokens: the whole canvas, block-causally (the last block's "
+            "step; no cache: every step recomputes the prefix, as the official decoding), logits for the "
+            "block's rows only"
+        )
     if shape.cache_bytes:
         lines.append(f"  block cache      {mib(shape.cache_bytes)} ({cache}), alive across steps outside the arena")
     lines += [

@@ -31,7 +31,7 @@ from ..models.groups import OpGroup, largest_chunk
 from ..models.packing import Packing
 from ..models.quantized import QuantizedWeight, quantized_weights
 from ..models.spec import ArchSpec
-from ..models.weights import expected_shapes
+from ..models.weights import file_shapes
 from .shapes import StepShape
 
 PREFIX_OPS = ("embed", "rotary_tables")
@@ -125,7 +125,7 @@ def uniform_layers(spec: ArchSpec) -> bool:
 
 def meta_weights(spec: ArchSpec, dtype: torch.dtype):
     """Shapes-only weights, quantized as `spec.quantization` says (the kernels' workspace depends on it)."""
-    state = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in expected_shapes(spec).items()}
+    state = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in file_shapes(spec).items()}
     return quantized_weights(spec, state, lambda t, scheme: QuantizedWeight.meta(scheme, tuple(t.shape), dtype))
 
 

@@ -42,7 +42,7 @@ class StepInput(NamedTuple):
     def shape(self, sampler_row_bytes: int, dtype: torch.dtype) -> RequestShape:
         use = self.cache
         keys = use.length if use is not None and not use.refresh else 0
-        cache_bytes = use.cache.nbytes(dtype) if use is not None else 0
+        cache_bytes = use.cache.nbytes(dtype) if use is not None and use.cache is not None else 0
         masked = max((s.keys for s in segments(use, self.ids.shape[1]) if s.block), default=0)
         return RequestShape(*self.ids.shape, self.rows.numel(), sampler_row_bytes, cache_bytes, keys, masked)
 

@@ -45,10 +45,14 @@ def collective_failure(error: RuntimeError) -> str | None:
     return f"another rank died or stopped answering ({first[:300]})"
 
 
+NO_USE = [-1] * 8  # a step that uses no cache
+
+
 def cache_use_fields(use: CacheUse, number: int) -> list[int]:
-    """A step's cache use as the int64s a follower rebuilds it from (`followed_use`)."""
-    cache = use.cache
-    return [number, cache.positions, int(cache.int8), int(use.refresh), use.start, use.length, use.keep, use.block]
+    """A step's cache use as the int64s a follower rebuilds it from (`followed_use`); `number` -1:
+    a use that keeps nothing (`CacheUse.cache` None)."""
+    positions, int8 = (use.cache.positions, int(use.cache.int8)) if use.cache is not None else (0, 0)
+    return [number, positions, int8, int(use.refresh), use.start, use.length, use.keep, use.block]
 
 
 class LeadExecutor:
@@ -117,7 +121,7 @@ class LeadExecutor:
             self._send(STEP, len(steps), sampler_row_bytes, int(as_one_batch))
             for step in steps:
                 self._send(INPUT, *step.ids.shape, step.rows.numel())
-                use = [-1] * 8 if step.cache is None else cache_use_fields(step.cache, self._number(step.cache.cache))
+                use = NO_USE if step.cache is None else cache_use_fields(step.cache, self._number(step.cache.cache))
                 for t in (step.ids, step.rows, torch.tensor(use)):
                     dist.broadcast(t.to(torch.long).contiguous(), src=0, group=self.group)
             try:
@@ -127,8 +131,10 @@ class LeadExecutor:
                 self._send(END)
                 self.rank_memory = every_ranks_memory(self.executor, self.group)
 
-    def _number(self, cache: BlockCache) -> int:
-        """The number the followers know this cache by."""
+    def _number(self, cache: BlockCache | None) -> int:
+        """The number the followers know this cache by (-1: none)."""
+        if cache is None:
+            return -1
         if cache not in self._cache_numbers:
             self._cache_numbers[cache], self._next_number = self._next_number, self._next_number + 1
         return self._cache_numbers[cache]
@@ -176,8 +182,10 @@ def follow(executor: MosaicExecutor, group: dist.ProcessGroup | None = None) -> 
 
     def followed_use(fields: list[int]) -> CacheUse | None:
         number, positions, int8, refresh, start, length, keep, block = fields
-        if number < 0:
+        if fields == NO_USE:
             return None
+        if number < 0:
+            return CacheUse(None, bool(refresh), start, length, keep, block)
         if number not in caches:
             caches[number] = BlockCache(executor.spec, positions, int8=bool(int8))
         return CacheUse(caches[number], bool(refresh), start, length, keep, block)

@@ -36,6 +36,16 @@ FAMILY_SPECIALS = {
 }
 FAMILY_SPECIALS["llada_moe"] = FAMILY_SPECIALS["llada"]
 FAMILY_SPECIALS["sdar"] = dict(FAMILY_SPECIALS["dream"], mask="<|MASK|>")
+FAMILY_SPECIALS["llada2"] = dict(
+    bos=None,
+    eos="<|endoftext|>",
+    mask="<|mask|>",
+    extra=["<role>", "</role>", "<|role_end|>"],
+    template=(
+        "{% for m in messages %}<role>{{ m['role'] | upper }}</role>{{ m['content'] }}<|role_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+    ),
+)
 
 # Pieces for source code: a line break with the next line's indentation is one piece (so an
 # indented line starts with one token), a name or number with its leading space, a run of

@@ -1,6 +1,7 @@
 """Block caches across two ranks, tensor and sequence parallel, planned and eager: a block-diffusion
 model (SDAR; sequence parallel shards the prefill's tokens and exchanges the block-causal calls
-by query block) and Fast-dLLM's prefix and dual caches on LLaDA. Each rank's cache holds its
+by query block), LLaDA2.x's steps that keep no cache (its fused qkv read as each rank's rows) and
+Fast-dLLM's prefix and dual caches on LLaDA. Each rank's cache holds its
 heads; the tokens are one process's."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ RUNS = ("tensor-parallel", "tensor-parallel-eager", "sequence-parallel", "sequen
 SETTINGS = {
     "sdar": [dict(gen_length=12, seed=4), dict(gen_length=12, seed=5, temperature=0.0, remasking="sequential")],
     "llada": [dict(gen_length=16, steps=8, block_length=8, threshold=0.3, cache=c) for c in ("prefix", "dual")],
+    "llada2": [dict(gen_length=12, block_length=4, steps=4, seed=4, temperature=0.8)],
 }
 
 
