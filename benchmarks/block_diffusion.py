@@ -4,8 +4,9 @@
     activation budget, the K/V cache on top of it (reported, not counted): eager (the official
     prefill: every prompt position's logits, the block-causal mask as a whole L x L tensor) vs
     mosaic (logits for the block's rows only, the mask one query block at a time, chunks from the
-    search). Eager from its live-tensor timeline under FakeTensorMode, its cache taken off; mosaic
-    from the plan. Both predicted from shapes, no weights.
+    search). Eager from its live-tensor timeline under FakeTensorMode, its cache taken off (an MoE
+    model's measured with random weights instead: its routing depends on values); mosaic from the
+    plan (an MoE step's expert buffers bounded by one expert receiving every token).
 
     python benchmarks/block_diffusion.py capacity --preset sdar-8b --layers 2 --budget 2GiB --gen 256 \\
         --out benchmarks/results/block_diffusion_capacity_sdar8b.json
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaic_dllm import LLM, GenerationConfig  # noqa: E402
 from mosaic_dllm.bench.capacity import first_step_shape  # noqa: E402
 from mosaic_dllm.bench.presets import preset  # noqa: E402
-from mosaic_dllm.bench.step import StepRequest, predict  # noqa: E402
+from mosaic_dllm.bench.step import StepRequest, measure, predict, random_weights  # noqa: E402
 from mosaic_dllm.decoding import sampler_for  # noqa: E402
 from mosaic_dllm.memory.sizes import mib, parse_bytes  # noqa: E402
 from mosaic_dllm.plan.search import DoesNotFit, fit, longest, most_requests  # noqa: E402
@@ -77,6 +78,8 @@ def capacity(args) -> dict:
             return False
         return True
 
+    weights = []  # random weights, made once if eager's steps must be measured
+
     def eager_peak(prompt: int) -> int:
         resolved = sampler.resolve(cfg, prompt)
         request = StepRequest(prompt + args.gen, prompt, resolved)
@@ -87,7 +90,14 @@ def capacity(args) -> dict:
             # of a request whose prompt ends in that block has its shape
             total = prompt + args.gen
             request = StepRequest(total, total - 1, sampler.resolve(replace(cfg, gen_length=1), total - 1))
-        return predict(spec, DTYPE, "eager", request).peak - shape(prompt)[1]  # its cache is allocated inside
+        try:
+            timeline = predict(spec, DTYPE, "eager", request)
+        except NotImplementedError:  # MoE: routing depends on values, so measured with random weights
+            if not weights:
+                print("eager: random weights to measure with ...", file=sys.stderr)
+                weights.append(random_weights(spec, DTYPE))
+            timeline = measure(spec, weights[0], "eager", request).timeline
+        return timeline.peak - shape(prompt)[1]  # its cache is allocated inside
 
     out = {"preset": args.preset, "layers": args.layers, "dtype": "bf16", "budget_bytes": budget, "gen": args.gen}
     for name, fits in (("mosaic", mosaic_fits), ("eager", lambda p: eager_peak(p) <= budget)):

@@ -79,7 +79,15 @@ def tiny_spec(family: str, vocab_size: int = 320, *, ids: dict[str, int | None])
             scaling=2.5,
         )
         return replace(
-            spec, num_kv_heads=2, rotary_dim=8, qk_norm=True, qkv_bias=True, output_bias=True, moe=moe, block_size=32
+            spec,
+            num_kv_heads=2,
+            rotary_dim=8,
+            qk_norm=True,
+            qkv_bias=True,
+            output_bias=True,
+            moe=moe,
+            block_size=32,
+            float_logits=True,
         )
     raise ValueError(f"unknown family {family!r}")
 

@@ -145,6 +145,7 @@ PRESETS["llada2-mini"] = ArchSpec(
         scaling=2.5,
     ),
     block_size=32,
+    float_logits=True,
     torch_dtype="bfloat16",
 )
 

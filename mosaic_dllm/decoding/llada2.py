@@ -173,15 +173,17 @@ class LLaDA2State(DenoiseState):
         block[transfer] = tokens[transfer]
         self.block_step += 1
         self.steps_run += 1
-        answer = self.x[0, self.prompt_length : end]
+        answer = self.x[0, self.prompt_length : end]  # the official EOS tests read past gen_length too
         eos = first_eos(answer, self.eos_ids)
+        ended = False
         if self.cfg.stop_at_eos and eos is not None and torch.isin(tokens[transfer], self.eos_tensor).any():
-            self.stopped_at_eos = not bool((answer[:eos] == self.mask_id).any())
+            ended = not bool((answer[:eos] == self.mask_id).any())
         done_block = self.block
         if not (block == self.mask_id).any():
             self.block, self.block_step = self.block + 1, 0
-            self.stopped_at_eos = self.stopped_at_eos or eos is not None
-        self.done = self.stopped_at_eos or self.block * block_length == self.x.shape[1]
+            ended = ended or eos is not None
+        self.stopped_at_eos = ended and eos < self.cfg.gen_length  # an EOS in the answer returned
+        self.done = ended or self.block * block_length == self.x.shape[1]
         return StepEvent(
             self.steps_run,
             self.total_steps,

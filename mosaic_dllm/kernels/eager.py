@@ -101,7 +101,11 @@ def sigmoid_routing(
 
 
 class EagerOps:
-    """Implements `models.ops.Ops` the way the official code does."""
+    """Implements `models.ops.Ops` the way the official code does. `float_logits`: the official
+    forward returns its logits in float32 (`ArchSpec.float_logits`)."""
+
+    def __init__(self, float_logits: bool = False):
+        self.float_logits = float_logits
 
     def embed(self, ids: Tensor, table: Tensor | QuantizedWeight, *, name: str) -> Tensor:
         return table.rows(ids) if isinstance(table, QuantizedWeight) else F.embedding(ids, table)
@@ -268,7 +272,7 @@ class EagerOps:
             if rows is None:  # every position at once
                 positions, logits = torch.arange(length, device=h.device), self.multiply(h, weight)
                 del h
-                yield positions, logits
+                yield positions, logits.float() if self.float_logits else logits
                 return
             step = chunk or max(1, rows.numel())
             for at in range(0, rows.numel(), step):

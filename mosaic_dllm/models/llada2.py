@@ -105,6 +105,7 @@ def parse(config: dict[str, Any], hints: SpecialIds) -> ArchSpec:
         pad_token_id=pad,
         moe=moe,
         block_size=BLOCK_LENGTH,
+        float_logits=True,
         torch_dtype=config.get("torch_dtype"),
     )
 

@@ -82,6 +82,7 @@ class ArchSpec:
     # hidden dtype and rotate in that dtype. Both are exact reproductions of the official code.
     rope_full_precision: bool = False
     logit_shift: bool = False  # Dream: hidden state at p-1 gives the logits of position p
+    float_logits: bool = False  # LLaDA2.x: the official forward returns every logit in float32
     tie_word_embeddings: bool = False
     moe: MoESpec | None = None
     # Block diffusion (SDAR, LLaDA2.x): the config's block size, what decoding takes unless told otherwise

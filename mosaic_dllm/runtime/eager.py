@@ -32,7 +32,7 @@ class EagerExecutor:
     last_plan: StepPlan | None = None
 
     def __init__(self, spec: ArchSpec, weights: Weights):
-        self.spec, self.weights, self.ops = spec, weights, EagerOps()
+        self.spec, self.weights, self.ops = spec, weights, EagerOps(spec.float_logits)
 
     @property
     def dtype(self) -> torch.dtype:

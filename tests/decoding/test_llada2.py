@@ -273,3 +273,18 @@ def test_the_fused_projection_loads_split_quantized_and_as_a_ranks_rows(llada2_p
     int8 = checkpoint.load(llada2_path, dtype=torch.float32, quantization=parse_quantization("int8"))
     assert all(isinstance(int8.weights.layers[0][p], QuantizedWeight) for p in "qkv")
     assert LLM(llada2_path, dtype=torch.float32, quantize="int8").generate([5, 17], GenerationConfig(gen_length=4))
+
+
+def test_an_eos_past_gen_length_ends_the_generation_but_not_the_answer(llada2_path):
+    """The official EOS test reads the whole last block, past gen_length: an EOS there ends the
+    generation, and the answer (its first gen_length positions) is returned whole, "length"."""
+    llm = LLM(llada2_path, dtype=torch.float32)
+    cfg = llm.resolve(GenerationConfig(gen_length=2, block_length=4, steps=1, threshold=0.5), 1)
+    state = llm.sampler.start(torch.tensor([5]), cfg, torch.Generator())
+    eos, vocab = llm.spec.eos_token_ids[0], llm.spec.vocab_size
+    step = state.next_step()
+    logits = torch.full((4, vocab), -30.0)
+    logits[torch.arange(4), torch.tensor([7, 8, 9, eos])] = 30.0  # every row certain, the last an EOS
+    state.advance(lambda: iter([(step.rows, logits[None])]))
+    assert state.done and not state.result().stopped_at_eos
+    assert state.result().canvas.tolist() == [5, 8, 9]
