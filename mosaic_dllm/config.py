@@ -181,6 +181,23 @@ class GenerationConfig:
     minimal_topk: int | None = setting(
         "LLaDA2.x: steps a block are at most gen_length / minimal_topk", families=(LLADA2,), **LENGTH
     )
+    editing_threshold: float | None = setting(
+        "LLaDA2.1's token editing (its decoding; unset: LLaDA2.0's): a revealed answer token of the block is "
+        "replaced when a step's new token differs and its confidence is above this",
+        families=(LLADA2,),
+        low=0,
+        high=1,
+    )
+    max_post_steps: int | None = setting(
+        "LLaDA2.1: editing steps a block may take once none of its positions is masked",
+        families=(LLADA2,),
+        low=0,
+        high=MAX_LENGTH,
+        accepted="an integer >= 0",
+    )
+    num_to_transfer: int | None = setting(
+        "LLaDA2.1: masked positions a step reveals at least (the most confident)", families=(LLADA2,), **LENGTH
+    )
     factor: float | None = setting(
         f"the factor-based variant of threshold (Fast-dLLM's Dream samplers have threshold only). {FAST_DLLM}",
         families=(LLADA,),

@@ -1067,3 +1067,70 @@ def llada2_generate(
         if (x[0, plen:end] == eos_id).any():
             break
     return x[:, : plen + gen_length], passes
+
+
+def llada21_generate(
+    config,
+    sd,
+    prompt,
+    mask_id,
+    eos_id,
+    gen_length,
+    block_length,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    threshold=0.95,
+    editing_threshold=0.9,
+    max_post_steps=16,
+    num_to_transfer=1,
+    eos_early_stop=False,
+):
+    """LLaDA2.1's LLaDA2MoeModelLM.generate (token editing), batch 1, global RNG: the canvas to
+    `gen_length` and the forward passes."""
+    plen = prompt.shape[1]
+    num_blocks = (plen + gen_length + block_length - 1) // block_length
+    total = num_blocks * block_length
+    tril = torch.tril(torch.ones(num_blocks, num_blocks))
+    mask = tril.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[None, None].log()
+    x = torch.full((1, total), mask_id, dtype=torch.long)
+    x[:, :plen] = prompt
+    passes = 0
+    for nb in range(plen // block_length, num_blocks):
+        end = (nb + 1) * block_length
+        cur = x[:, :end]
+        in_prompt = torch.arange(nb * block_length, end) < plen
+        post = 0
+        while True:
+            old = cur[0, -block_length:].clone()
+            active = old == mask_id
+            if not active.any():
+                post += 1
+            if post > max_post_steps:
+                break
+            logits = llada2_forward(config, sd, cur, mask)[0, -block_length:]
+            passes += 1
+            if temperature == 0:
+                x0 = logits.argmax(-1)
+                p = torch.gather(F.softmax(logits, dim=-1), -1, x0[:, None])[:, 0]
+            else:
+                x0, p, _ = sdar_sample(logits, temperature, top_k, top_p)
+            reveal = torch.zeros_like(active)
+            if active.any():
+                conf = torch.where(active, p, -torch.inf)
+                high = (conf > threshold) & active
+                if int(high.sum()) >= num_to_transfer:
+                    reveal = high
+                else:
+                    reveal[torch.topk(conf, k=min(num_to_transfer, int(active.sum())))[1]] = True
+            editable = ~active & ~in_prompt
+            edit = (torch.where(editable, p, -torch.inf) > editing_threshold) & editable & (x0 != old)
+            both = reveal | edit
+            cur[0, -block_length:][both] = x0[both]
+            if not active.any() and not edit.any():
+                break
+        if eos_early_stop:
+            answer = x[0, plen:end]
+            if not (answer == mask_id).any() and (answer == eos_id).any():
+                break
+    return x[:, : plen + gen_length], passes

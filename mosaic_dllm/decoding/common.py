@@ -33,6 +33,9 @@ class StepEvent:
     prompt_length: int
     mask_token_id: int
     revealed: int  # tokens revealed at this step
+    # answer tokens that can no longer change (None: those before the first masked position; a
+    # decoding that edits revealed tokens says fewer)
+    settled: int | None = None
 
 
 # Returns False to cancel the generation after this step.

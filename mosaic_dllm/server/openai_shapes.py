@@ -63,10 +63,11 @@ class Shape:
     ) -> dict | None:
         """A chunk of the text that can no longer change and was not sent yet: the answer's tokens
         before its first masked position (revealed tokens never change; a block-diffusion model
-        settles block by block), up to an EOS; None when nothing new settled. Held back: a partly
+        settles block by block; one that edits revealed tokens says how many settled), up to an EOS;
+        None when nothing new settled. Held back: a partly
         decoded character, and what could still be the start of a stop string."""
         settled = []
-        for token in event.canvas[event.prompt_length :].tolist():
+        for token in event.canvas[event.prompt_length :][: event.settled].tolist():
             if token == event.mask_token_id or token in eos_ids:
                 break
             settled.append(token)

@@ -219,9 +219,11 @@ def test_every_surface_runs_llada2(llada2_path, capsys):
             max_tokens=24,
             extra_body={"seed": 2, "temperature": 0, "block_length": 8, "steps": 4},
         )
-        whole = client.completions.create(**kw).choices[0].text
-        texts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
-    assert "".join(texts) == whole
+        for extra in ({}, {"editing_threshold": 0.0, "temperature": 0.9}):  # LLaDA2.1 edits revealed tokens
+            kw["extra_body"] = kw["extra_body"] | extra
+            whole = client.completions.create(**kw).choices[0].text
+            texts = [c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices]
+            assert "".join(texts) == whole, extra
 
     lm = MosaicLM(pretrained=str(llada2_path), gen_length=8, temperature=0.0)
     request = type("Request", (), {"args": ("Return the", {"until": ["\n\n"]}), "task_name": None})()
@@ -288,3 +290,64 @@ def test_an_eos_past_gen_length_ends_the_generation_but_not_the_answer(llada2_pa
     state.advance(lambda: iter([(step.rows, logits[None])]))
     assert state.done and not state.result().stopped_at_eos
     assert state.result().canvas.tolist() == [5, 8, 9]
+
+
+EDITING = [
+    dict(block_length=4, editing_threshold=0.9),  # LLaDA2.1's defaults otherwise: greedy, 16 post steps
+    dict(block_length=4, editing_threshold=0.0, threshold=0.5, max_post_steps=3, temperature=0.8, top_k=50),
+    dict(block_length=8, editing_threshold=0.2, num_to_transfer=3, max_post_steps=0, temperature=1.0, top_p=0.9),
+    dict(block_length=4, editing_threshold=0.05, max_post_steps=2, temperature=0.7, stop_at_eos=True),
+]
+
+
+def official_editing(llm: LLM, prompt: list[int], cfg: GenerationConfig) -> tuple[list, int]:
+    config, state = reference.load_state(llm.checkpoint.path, llm.checkpoint.dtype)
+    cfg = llm.resolve(cfg, len(prompt))
+    torch.manual_seed(cfg.seed)
+    x, passes = reference.llada21_generate(
+        config,
+        state,
+        torch.tensor([prompt]),
+        llm.spec.mask_token_id,
+        llm.spec.eos_token_ids[0],
+        cfg.gen_length,
+        cfg.block_length,
+        cfg.temperature,
+        cfg.top_k,
+        cfg.top_p,
+        cfg.threshold,
+        cfg.editing_threshold,
+        cfg.max_post_steps,
+        cfg.num_to_transfer,
+        cfg.stop_at_eos,
+    )
+    return x[0, len(prompt) :].tolist(), passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("settings", EDITING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_llada21_editing_equals_its_published_loop(llada2_path, settings, dtype):
+    """LLaDA2.1's generate: masked positions revealed by threshold (at least num_to_transfer),
+    revealed answer tokens of the block replaced above editing_threshold, post steps."""
+    eager = LLM(llada2_path, dtype=dtype, executor="eager")
+    mosaic = LLM(llada2_path, dtype=dtype, row_chunk=3)
+    for prompt in PROMPTS.values():
+        cfg = GenerationConfig(gen_length=GEN, seed=7, **settings)
+        expected, passes = official_editing(eager, prompt, cfg)
+        for llm in (eager, mosaic):
+            out = llm.generate(prompt, cfg)[0]
+            assert out.token_ids == expected[: len(out.token_ids)], (llm.info.executor, prompt)
+            if out.finish_reason == "length":
+                assert out.token_ids == expected
+            assert out.forward_passes == passes
+
+
+def test_editing_settings_need_editing_threshold(llada2_path):
+    llm = LLM(llada2_path, dtype=torch.float32)
+    for bad in (dict(max_post_steps=3), dict(num_to_transfer=2)):
+        with pytest.raises(GenerationConfigError, match="set editing_threshold"):
+            llm.resolve(GenerationConfig(**bad))
+    with pytest.raises(GenerationConfigError, match="editing_threshold"):
+        llm.resolve(GenerationConfig(editing_threshold=1.5))
+    resolved = llm.resolve(GenerationConfig(editing_threshold=0.5))
+    assert (resolved.max_post_steps, resolved.num_to_transfer, resolved.threshold) == (16, 1, 0.95)
