@@ -104,6 +104,8 @@ class EagerOps:
     """Implements `models.ops.Ops` the way the official code does. `float_logits`: the official
     forward returns its logits in float32 (`ArchSpec.float_logits`)."""
 
+    float_logits = False  # the parallel eager kernels keep it: their logits feed samplers only
+
     def __init__(self, float_logits: bool = False):
         self.float_logits = float_logits
 
