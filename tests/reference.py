@@ -1007,6 +1007,17 @@ def _llada2_moe(config, sd, p, h):
     return y
 
 
+def _block_canvas(prompt, mask_id, gen_length, block_length):
+    """generate()'s canvas (the prompt, then masks to whole blocks) and its additive block-causal mask."""
+    plen = prompt.shape[1]
+    num_blocks = (plen + gen_length + block_length - 1) // block_length
+    tril = torch.tril(torch.ones(num_blocks, num_blocks))
+    mask = tril.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[None, None].log()
+    x = torch.full((1, num_blocks * block_length), mask_id, dtype=torch.long)
+    x[:, :plen] = prompt
+    return x, mask, num_blocks
+
+
 def llada2_generate(
     config,
     sd,
@@ -1030,12 +1041,7 @@ def llada2_generate(
     The early stop looks for the first EOS of the answer (the published code's may be the prompt's)."""
     steps = min(steps, gen_length // minimal_topk)
     plen = prompt.shape[1]
-    num_blocks = (plen + gen_length + block_length - 1) // block_length
-    total = num_blocks * block_length
-    tril = torch.tril(torch.ones(num_blocks, num_blocks))
-    mask = tril.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[None, None].log()
-    x = torch.full((1, total), mask_id, dtype=torch.long)
-    x[:, :plen] = prompt
+    x, mask, num_blocks = _block_canvas(prompt, mask_id, gen_length, block_length)
     base, rem = divmod(block_length, steps)
     schedule = [base + (i < rem) for i in range(steps)]
     passes = 0
@@ -1089,12 +1095,7 @@ def llada21_generate(
     """LLaDA2.1's LLaDA2MoeModelLM.generate (token editing), batch 1, global RNG: the canvas to
     `gen_length` and the forward passes."""
     plen = prompt.shape[1]
-    num_blocks = (plen + gen_length + block_length - 1) // block_length
-    total = num_blocks * block_length
-    tril = torch.tril(torch.ones(num_blocks, num_blocks))
-    mask = tril.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[None, None].log()
-    x = torch.full((1, total), mask_id, dtype=torch.long)
-    x[:, :plen] = prompt
+    x, mask, num_blocks = _block_canvas(prompt, mask_id, gen_length, block_length)
     passes = 0
     for nb in range(plen // block_length, num_blocks):
         end = (nb + 1) * block_length

@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ..config import GenerationConfig, GenerationConfigError
+from ..config import FAMILY_NAMES, GenerationConfig, GenerationConfigError
 from ..runtime.executor import Executor, StepInput
 from ..tokenizer import Tokenizer
 from .likelihood import LikelihoodOptions
@@ -206,3 +206,44 @@ class Sampler(Protocol):
 
     def window_target(self, target: list[int]) -> list[int]:
         """A rolling (perplexity) window's target as the family's estimator scores it."""
+
+
+class NoLikelihood:
+    """What the samplers of a family that publishes no likelihood estimator (block diffusion) share:
+    evaluation's likelihood requests refused with one message; no guidance; no evaluation defaults;
+    the first step is the state's next."""
+
+    family: str
+
+    def guidance_batch(self, cfg: GenerationConfig) -> int:
+        return 1
+
+    def first_step(self, state: SamplerState) -> StepInput:
+        return state.next_step()
+
+    def eval_defaults(self, gen_length: int) -> dict:
+        return {}
+
+    def refusal(self) -> ValueError:
+        return ValueError(
+            f"{FAMILY_NAMES[self.family]} publishes no likelihood estimator: loglikelihood tasks are not "
+            "supported for it (generation is)"
+        )
+
+    def encode_pair(
+        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
+    ) -> tuple[list[int], list[int]]:
+        raise self.refusal()
+
+    def window_target(self, target: list[int]) -> list[int]:
+        raise self.refusal()
+
+    def log_likelihoods(
+        self,
+        executor: Executor,
+        pairs: list[tuple[Tensor, Tensor]],
+        gen: torch.Generator,
+        options: LikelihoodOptions,
+        cpu_gen: torch.Generator | None = None,
+    ) -> list[float]:
+        raise self.refusal()

@@ -39,11 +39,8 @@ from torch import Tensor
 from ..config import LLADA2, GenerationConfig, GenerationConfigError
 from ..models.kv_cache import CacheUse
 from ..models.spec import ArchSpec
-from ..runtime import Executor
-from ..tokenizer import Tokenizer
-from .common import DenoiseResult, DenoiseState, StepEvent, StepExtent, StepInput, first_eos
+from .common import DenoiseResult, DenoiseState, NoLikelihood, StepEvent, StepExtent, StepInput, first_eos
 from .cost import measure_row_bytes
-from .likelihood import LikelihoodOptions
 from .rows import RowChunks
 from .sdar import canvas_length, gathered, most_confident, sample_block, transfer_counts
 
@@ -51,9 +48,6 @@ from .sdar import canvas_length, gathered, most_confident, sample_block, transfe
 DEFAULTS = dict(gen_length=128, steps=32, temperature=0.0, top_k=0, top_p=1.0, threshold=0.95, minimal_topk=1)
 # LLaDA2.1's generate: its editing settings' defaults (the others are 2.0's)
 EDITING_DEFAULTS = dict(max_post_steps=16, num_to_transfer=1)
-NO_LIKELIHOOD = (
-    "LLaDA2.x publishes no likelihood estimator: loglikelihood tasks are not supported for it (generation is)"
-)
 
 
 def steps_per_block(cfg: GenerationConfig) -> int:
@@ -76,7 +70,7 @@ def float_logits(chunks: RowChunks, rows: Tensor, length: int) -> Tensor:
     return gathered(chunks, rows, length).float()
 
 
-class LLaDA2Sampler:
+class LLaDA2Sampler(NoLikelihood):
     """LLaDA2.x's `generate`. Settings left unset take its argument defaults (block_length 32,
     32 steps a block, temperature 0, no top-k or top-p, threshold 0.95, minimal_topk 1)."""
 
@@ -110,9 +104,6 @@ class LLaDA2Sampler:
             )
         return cfg
 
-    def guidance_batch(self, cfg: GenerationConfig) -> int:
-        return 1
-
     def most_rows(self, cfg: GenerationConfig) -> int:
         return cfg.block_length
 
@@ -135,30 +126,6 @@ class LLaDA2Sampler:
 
     def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> LLaDA2State:
         return LLaDA2State(self.spec, prompt, cfg, gen)
-
-    def first_step(self, state: LLaDA2State) -> StepInput:
-        return state.next_step()
-
-    def eval_defaults(self, gen_length: int) -> dict:
-        return {}
-
-    def encode_pair(
-        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
-    ) -> tuple[list[int], list[int]]:
-        raise ValueError(NO_LIKELIHOOD)
-
-    def window_target(self, target: list[int]) -> list[int]:
-        raise ValueError(NO_LIKELIHOOD)
-
-    def log_likelihoods(
-        self,
-        executor: Executor,
-        pairs: list[tuple[Tensor, Tensor]],
-        gen: torch.Generator,
-        options: LikelihoodOptions,
-        cpu_gen: torch.Generator | None = None,
-    ) -> list[float]:
-        raise ValueError(NO_LIKELIHOOD)
 
 
 class LLaDA2State(DenoiseState):

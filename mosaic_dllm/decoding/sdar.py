@@ -37,11 +37,8 @@ from torch import Tensor
 from ..config import SDAR, GenerationConfig, GenerationConfigError
 from ..models.kv_cache import BlockCache, CacheUse
 from ..models.spec import ArchSpec
-from ..runtime import Executor
-from ..tokenizer import Tokenizer
-from .common import DenoiseResult, DenoiseState, StepEvent, StepExtent, StepInput
+from .common import DenoiseResult, DenoiseState, NoLikelihood, StepEvent, StepExtent, StepInput
 from .cost import measure_row_bytes
-from .likelihood import LikelihoodOptions
 from .rows import RowChunks, select_rows
 
 # generate.py's argument defaults (its gen_length, 20480, is a long-reasoning run's: ours is LLaDA's)
@@ -126,7 +123,7 @@ def most_confident(mask: Tensor, chosen_p: Tensor, quota: int, threshold: float 
     return transfer
 
 
-class SDARSampler:
+class SDARSampler(NoLikelihood):
     """SDAR's `block_diffusion_generate`. Settings left unset take generate.py's argument defaults
     (block_length the config's `block_size`, 4 steps a block, temperature 1, no top-k or top-p,
     low_confidence_dynamic at 0.85, an entropy bound of 0.35): like generate.py, not the sampling
@@ -149,9 +146,6 @@ class SDARSampler:
         if cfg.top_k > self.spec.vocab_size:
             raise GenerationConfigError(f"top_k ({cfg.top_k}) must be at most the vocabulary ({self.spec.vocab_size})")
         return cfg
-
-    def guidance_batch(self, cfg: GenerationConfig) -> int:
-        return 1
 
     def most_rows(self, cfg: GenerationConfig) -> int:
         return cfg.block_length
@@ -178,33 +172,6 @@ class SDARSampler:
 
     def start(self, prompt: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> SDARState:
         return SDARState(self.spec, prompt, cfg, gen)
-
-    def first_step(self, state: SDARState) -> StepInput:
-        return state.next_step()
-
-    def eval_defaults(self, gen_length: int) -> dict:
-        return {}
-
-    def encode_pair(
-        self, tokenizer: Tokenizer, context: str, continuation: str, options: LikelihoodOptions
-    ) -> tuple[list[int], list[int]]:
-        raise ValueError(NO_LIKELIHOOD)
-
-    def window_target(self, target: list[int]) -> list[int]:
-        raise ValueError(NO_LIKELIHOOD)
-
-    def log_likelihoods(
-        self,
-        executor: Executor,
-        pairs: list[tuple[Tensor, Tensor]],
-        gen: torch.Generator,
-        options: LikelihoodOptions,
-        cpu_gen: torch.Generator | None = None,
-    ) -> list[float]:
-        raise ValueError(NO_LIKELIHOOD)
-
-
-NO_LIKELIHOOD = "SDAR publishes no likelihood estimator: loglikelihood tasks are not supported for it (generation is)"
 
 
 def gathered(chunks: RowChunks, rows: Tensor, length: int) -> Tensor:

@@ -36,26 +36,20 @@ def llada2_path(tiny_checkpoints):
 
 
 def official(llm: LLM, prompt: list[int], cfg: GenerationConfig, greedy_at_zero: bool = True) -> tuple[list, int]:
+    """The restated published loop's answer (to gen_length) and forward passes: LLaDA2.0's generate,
+    or with `editing_threshold` LLaDA2.1's."""
     config, state = reference.load_state(llm.checkpoint.path, llm.checkpoint.dtype)
     cfg = llm.resolve(cfg, len(prompt))
     torch.manual_seed(cfg.seed)
-    x, passes = reference.llada2_generate(
-        config,
-        state,
-        torch.tensor([prompt]),
-        llm.spec.mask_token_id,
-        llm.spec.eos_token_ids[0],
-        cfg.gen_length,
-        cfg.block_length,
-        cfg.steps,
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        cfg.threshold,
-        cfg.minimal_topk,
-        cfg.stop_at_eos,
-        greedy_at_zero,
-    )
+    ids, sampling = torch.tensor([prompt]), (cfg.temperature, cfg.top_k, cfg.top_p, cfg.threshold)
+    common = (config, state, ids, llm.spec.mask_token_id, llm.spec.eos_token_ids[0], cfg.gen_length, cfg.block_length)
+    if cfg.editing_threshold is not None:
+        editing = (cfg.editing_threshold, cfg.max_post_steps, cfg.num_to_transfer)
+        x, passes = reference.llada21_generate(*common, *sampling, *editing, cfg.stop_at_eos)
+    else:
+        x, passes = reference.llada2_generate(
+            *common, cfg.steps, *sampling, cfg.minimal_topk, cfg.stop_at_eos, greedy_at_zero
+        )
     return x[0, len(prompt) :].tolist(), passes
 
 
@@ -300,30 +294,6 @@ EDITING = [
 ]
 
 
-def official_editing(llm: LLM, prompt: list[int], cfg: GenerationConfig) -> tuple[list, int]:
-    config, state = reference.load_state(llm.checkpoint.path, llm.checkpoint.dtype)
-    cfg = llm.resolve(cfg, len(prompt))
-    torch.manual_seed(cfg.seed)
-    x, passes = reference.llada21_generate(
-        config,
-        state,
-        torch.tensor([prompt]),
-        llm.spec.mask_token_id,
-        llm.spec.eos_token_ids[0],
-        cfg.gen_length,
-        cfg.block_length,
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        cfg.threshold,
-        cfg.editing_threshold,
-        cfg.max_post_steps,
-        cfg.num_to_transfer,
-        cfg.stop_at_eos,
-    )
-    return x[0, len(prompt) :].tolist(), passes
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("settings", EDITING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_llada21_editing_equals_its_published_loop(llada2_path, settings, dtype):
@@ -332,14 +302,7 @@ def test_llada21_editing_equals_its_published_loop(llada2_path, settings, dtype)
     eager = LLM(llada2_path, dtype=dtype, executor="eager")
     mosaic = LLM(llada2_path, dtype=dtype, row_chunk=3)
     for prompt in PROMPTS.values():
-        cfg = GenerationConfig(gen_length=GEN, seed=7, **settings)
-        expected, passes = official_editing(eager, prompt, cfg)
-        for llm in (eager, mosaic):
-            out = llm.generate(prompt, cfg)[0]
-            assert out.token_ids == expected[: len(out.token_ids)], (llm.info.executor, prompt)
-            if out.finish_reason == "length":
-                assert out.token_ids == expected
-            assert out.forward_passes == passes
+        check([eager, mosaic], prompt, GenerationConfig(gen_length=GEN, seed=7, **settings))
 
 
 def test_editing_settings_need_editing_threshold(llada2_path):
