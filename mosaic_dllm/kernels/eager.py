@@ -43,41 +43,52 @@ def route_and_run_experts(
     mlp: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] = swiglu,
 ) -> None:
     """The official MoE layer over (T, H) tokens, accumulated into the zeroed (T, H) `out`;
-    `linear` computes the router and `mlp` the experts (the planned kernels pass batch-invariant ones)."""
+    `linear` computes the router and `mlp` the experts (the planned kernels pass batch-invariant ones).
+    Each expert runs once on its rows, in the official order (a row's bits may depend on its place
+    in the call)."""
     if moe.score == "sigmoid":
-        weights, chosen = sigmoid_routing(flat, router, expert_bias, moe, linear)
-        slots = flat.new_zeros((*chosen.shape, flat.shape[-1]), dtype=torch.float32)  # (T, k, H)
-    else:
-        weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
-        if expert_bias is not None:
-            weights = weights + expert_bias
-        weights, chosen = torch.topk(weights, moe.experts_per_token, dim=-1)
-        if moe.normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(flat.dtype)
-    # Each expert's rows in the official order (a row's bits may depend on its place in the call):
-    # slot by slot (transformers' MoE), or as LLaDA2.x's moe_infer sorts them (its argsort of the
-    # flattened choices, not a stable one).
-    if moe.score == "sigmoid":
-        order = chosen.view(-1).argsort()
-        ranked = chosen.view(-1)[order]
-    else:
-        expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
+        run_sigmoid_experts(flat, router, expert_bias, experts, moe, out, linear, mlp)
+        return
+    weights = F.softmax(linear(flat, router), dim=1, dtype=torch.float)
+    if expert_bias is not None:
+        weights = weights + expert_bias
+    weights, chosen = torch.topk(weights, moe.experts_per_token, dim=-1)
+    if moe.normalize_top_k:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(flat.dtype)
+    expert_mask = F.one_hot(chosen, num_classes=len(experts)).permute(2, 1, 0)
     for e, expert in enumerate(experts):  # expert order matters: bf16 index_add rounds each sum
-        if moe.score == "sigmoid":
-            picked = order[ranked == e]
-            token, slot = picked // moe.experts_per_token, picked % moe.experts_per_token
-        else:
-            slot, token = torch.where(expert_mask[e])
+        slot, token = torch.where(expert_mask[e])  # slot by slot, as transformers' MoE
         if token.numel() == 0:
             continue
         y = mlp(flat[token], expert["gate"], expert["up"], expert["down"])
-        if moe.score == "sigmoid":  # each slot's output in float32, summed over the slots below
-            slots[token, slot] = y.float() * weights[token, slot, None]
-        else:
-            out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
-    if moe.score == "sigmoid":
-        out.copy_(slots.sum(dim=1))
+        out.index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+
+
+def run_sigmoid_experts(
+    flat: Tensor,
+    router: Tensor,
+    expert_bias: Tensor | None,
+    experts: list[dict[str, Tensor]],
+    moe: MoESpec,
+    out: Tensor,
+    linear: Linear,
+    mlp: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor],
+) -> None:
+    """LLaDA2.x's moe_infer: each expert's rows as its (unstable) argsort of the flattened choices
+    orders them, every slot's output weighted in float32, the slots summed in float32."""
+    weights, chosen = sigmoid_routing(flat, router, expert_bias, moe, linear)
+    slots = flat.new_zeros((*chosen.shape, flat.shape[-1]), dtype=torch.float32)  # (T, k, H)
+    order = chosen.view(-1).argsort()
+    ranked = chosen.view(-1)[order]
+    for e, expert in enumerate(experts):
+        picked = order[ranked == e]
+        if picked.numel() == 0:
+            continue
+        token, slot = picked // moe.experts_per_token, picked % moe.experts_per_token
+        y = mlp(flat[token], expert["gate"], expert["up"], expert["down"])
+        slots[token, slot] = y.float() * weights[token, slot, None]
+    out.copy_(slots.sum(dim=1))
 
 
 def sigmoid_routing(
