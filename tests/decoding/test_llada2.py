@@ -204,8 +204,12 @@ def test_every_surface_runs_llada2(llada2_path, capsys):
     report = capsys.readouterr().out
     assert "the whole canvas, block-causally" in report and "block cache" not in report
 
+    import httpx
+
     llm = LLM(llada2_path, dtype=torch.float32)
     with serving(llm) as (url, _):
+        page = httpx.get(url + "/", timeout=30).text
+        assert "editing_threshold" in page and "minimal_topk" in page  # the page offers LLaDA2.x's settings
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         kw = dict(
             model=llada2_path.name,
