@@ -9,10 +9,11 @@ its prefix at every step: so does this, which keeps its bits), samples every pos
 (one `torch.multinomial` over the block's rows after temperature, top-k and top-p) and reveals
 every masked position above `threshold`, or else the step's quota of the most confident ones (an
 even split of the block over `min(steps, gen_length // minimal_topk)` steps). A block ends when
-none of its positions is masked; the generation ends after a block whose answer so far holds an
-EOS, or after the last block; with `stop_at_eos` (its `eos_early_stop`) as soon as a step reveals
-an EOS and every answer position before the first EOS is revealed. The answer is the canvas's
-first `gen_length` positions after the prompt.
+none of its positions is masked (or its steps ran out, which only a drawn mask token allows); the
+generation ends after a block whose answer so far holds an EOS, or after the last block; with
+`stop_at_eos` (its `eos_early_stop`) as soon as a step reveals an EOS and every answer position
+before the first EOS is revealed. The answer is the canvas's first `gen_length` positions after
+the prompt.
 
 With `editing_threshold` set, LLaDA2.1's `generate` (its modeling file as the dllm library vendors
 it: lingjiechen2/dllm `dllm/pipelines/llada21/models/modeling_llada21_moe.py` at 7520f3c): a step
@@ -55,7 +56,7 @@ def steps_per_block(cfg: GenerationConfig) -> int:
     return min(cfg.steps, cfg.gen_length // cfg.minimal_topk)
 
 
-def sample_editing(logits: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, None]:
+def sample_editing(logits: Tensor, cfg: GenerationConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
     """LLaDA2.1's draw: at temperature 0 the argmax of the logits with its softmax probability
     (top-k and top-p not applied); otherwise LLaDA2.0's."""
     if cfg.temperature != 0:
