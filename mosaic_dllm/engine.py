@@ -415,7 +415,8 @@ class LLM:
     def check_context(self, prompt_length: int, cfg: GenerationConfig, stacklevel: int = 3) -> None:
         """Refuse a request beyond the checkpoint's context unless long contexts are allowed (then warn)."""
         total, context = prompt_length + cfg.gen_length, self.spec.max_position_embeddings
-        canvas = self.sampler.largest_steps(cfg, prompt_length)[0].keys  # block diffusion: padded to whole blocks
+        largest = self.sampler.largest_steps(cfg, prompt_length)[0]
+        canvas = max(largest.tokens, largest.keys)  # block diffusion: padded to whole blocks
         if max(total, canvas) <= context:
             return
         message = f"the prompt ({prompt_length} tokens) plus gen_length ({cfg.gen_length}) is {total} tokens"

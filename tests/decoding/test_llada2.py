@@ -11,6 +11,7 @@ import torch
 
 from mosaic_dllm import LLM, GenerationConfig
 from mosaic_dllm.config import GenerationConfigError
+from mosaic_dllm.engine import ContextTooLong
 from mosaic_dllm.models.groups import Chunks
 from tests import reference
 
@@ -179,6 +180,8 @@ def test_settings_are_checked_for_llada2(llada2_path):
     ]:
         with pytest.raises(GenerationConfigError, match=word):
             llm.resolve(GenerationConfig(**bad))
+    with pytest.raises(ContextTooLong, match="320 positions in whole blocks of 160"):  # the canvas, padded
+        llm.generate([5, 17], GenerationConfig(gen_length=200, block_length=160))
     resolved = llm.resolve(GenerationConfig())
     fields = ("block_length", "steps", "temperature", "threshold", "minimal_topk", "top_k", "top_p")
     assert tuple(getattr(resolved, f) for f in fields) == (32, 32, 0.0, 0.95, 1, 0, 1.0)
