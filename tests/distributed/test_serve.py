@@ -7,6 +7,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from mosaic_dllm import LLM
 from tests.processes import mosaic_serve
@@ -48,12 +49,17 @@ def test_a_server_across_two_ranks_answers_as_one_process(tiny_checkpoints, monk
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank_of(int(pid), proc.pid)]
 
 
-def test_a_block_diffusion_model_served_across_ranks_answers_as_one_process(tiny_checkpoints, monkeypatch):
-    """SDAR over two sequence-parallel ranks: each rank keeps each request's K/V cache (its heads),
-    requests batched at different stages; the answers are one process's."""
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
+def test_a_block_diffusion_model_served_across_ranks_answers_as_one_process(tiny_checkpoints, monkeypatch, family):
+    """Over two sequence-parallel ranks, requests batched at different stages: SDAR, each rank
+    keeping each request's K/V cache (its heads); LLaDA2.x, whose steps keep nothing. The answers
+    are one process's."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = tiny_checkpoints["sdar"]
-    bodies = [{"prompt": p, "max_tokens": 12, "seed": s} for p, s in (("Return the", 1), ("Open the file " * 4, 2))]
+    path = tiny_checkpoints[family]
+    extra = {"block_length": 4, "steps": 2} if family == "llada2" else {}
+    bodies = [
+        {"prompt": p, "max_tokens": 12, "seed": s} | extra for p, s in (("Return the", 1), ("Open the file " * 4, 2))
+    ]
     with mosaic_serve(path, "--executor", "sequence-parallel", "--nproc", "2", "--max-batch", "4") as (url, proc):
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/completions", json=b, timeout=120), bodies))
@@ -62,7 +68,7 @@ def test_a_block_diffusion_model_served_across_ranks_answers_as_one_process(tiny
     assert [a.status_code for a in answers] == [200] * 2, [a.text for a in answers]
     llm = LLM(path)
     for body, answer in zip(bodies, answers, strict=True):
-        cfg = llm.default_config(gen_length=12, seed=body["seed"])
+        cfg = llm.default_config(gen_length=12, seed=body["seed"], **extra)
         assert answer.json()["choices"][0]["text"] == llm.generate(body["prompt"], cfg)[0].text
 
 
