@@ -14,16 +14,16 @@
         --out benchmarks/results/block_diffusion_capacity_llada2mini.json
 
     LLaDA2.x keeps no cache (its official decoding recomputes the prefix at every step): its largest
-    step is the last block's, the whole canvas block-causally; eager's is predicted as the first step
-    of a request whose prompt ends in that block (the same shape).
+    step is the last block's, the whole canvas block-causally; eager's is that of the first step of
+    a request whose prompt ends in that block (the same shape), measured (an MoE).
 
 (b) speed: one request generated whole by a random 2-layer sdar-8b (its defaults, temperature 0;
     and 1 step a block), a random 2-layer llada2-mini (2048 wide; its defaults, and 4 steps a block)
-    and by a random 2-layer llada-8b at sdar-8b's width with the official sampler
-    (a step a token, mask-only logits), both on the Mosaic executor: forward passes per generated
-    token and seconds per generated token, in one run; and the most requests of total length
-    4096 one batched step admits in `--budget` (the scheduler's admission: every request at its
-    largest step, caches counted).
+    and, with the official sampler, by a random 2-layer llada-8b at sdar-8b's width and a random
+    2-layer llada-moe-7b at llada2-mini's (a step a token, mask-only logits), all on the Mosaic
+    executor: forward passes per generated token and seconds per generated token, in one run; and
+    the most requests of total length 4096 one batched step admits in `--budget` (the scheduler's
+    admission: every request at its largest step, caches counted).
 
     python benchmarks/block_diffusion.py speed --layers 2 --prompt-tokens 256 --gen 32 --budget 2GiB \\
         --out benchmarks/results/block_diffusion_speed.json
@@ -172,6 +172,9 @@ def speed(args) -> dict:
         "llada-8b": {
             f"LLaDA official (a step a token, one block), gen {args.gen}": dict(temperature=0.0, steps=args.gen),
         },
+        "llada-moe-7b": {
+            f"LLaDA-MoE official (a step a token, one block), gen {args.gen}": dict(temperature=0.0, steps=args.gen),
+        },
         "llada2-mini": {
             f"LLaDA2.x defaults (block 32, 32 steps, threshold 0.95), gen {args.gen}": dict(temperature=0.0),
             f"LLaDA2.x block 32, 4 steps a block, gen {args.gen}": dict(temperature=0.0, steps=4),
@@ -207,7 +210,9 @@ def main() -> None:
     parser.add_argument("--budget", default="2GiB")
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=256)
-    parser.add_argument("--models", nargs="+", default=["sdar-8b", "llada-8b", "llada2-mini"], help="speed: presets")
+    parser.add_argument(
+        "--models", nargs="+", default=["sdar-8b", "llada-8b", "llada-moe-7b", "llada2-mini"], help="speed: presets"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     record = capacity(args) if args.what == "capacity" else speed(args)

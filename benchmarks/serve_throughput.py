@@ -172,7 +172,8 @@ def random_checkpoint(preset_name: str, layers: int) -> str:
 
     spec = preset(preset_name, layers)
     path = tempfile.mkdtemp(prefix=f"{preset_name}-{layers}l-")
-    save(Path(path), spec, random_state_dict(spec, torch.bfloat16, seed=0, std=0.02), max_shard_bytes=None)
+    ids = {"mask_token_id": spec.mask_token_id, "eos_token_id": list(spec.eos_token_ids)}  # no tokenizer here
+    save(Path(path), spec, random_state_dict(spec, torch.bfloat16, seed=0, std=0.02), generation_config=ids)
     return path
 
 
