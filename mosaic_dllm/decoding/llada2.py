@@ -142,7 +142,9 @@ class LLaDA2State(DenoiseState):
         self.block = self.first_block = self.prompt_length // cfg.block_length
         self.block_step = 0
         self.post_steps = 0  # LLaDA2.1: the block's steps since none of its positions was masked
+        self.eos = torch.tensor(self.eos_ids, device=self.x.device)
         self.rows: Tensor | None = None
+        self.length = 0  # the step's tokens: the canvas up to the block's end
 
     @property
     def total_steps(self) -> int:
@@ -153,12 +155,12 @@ class LLaDA2State(DenoiseState):
     def next_step(self) -> StepInput:
         """The canvas up to the block's end, block-causally, nothing kept; logits of the block's rows."""
         block = self.cfg.block_length
-        end = (self.block + 1) * block
+        end = self.length = (self.block + 1) * block
         self.rows = torch.arange(end - block, end, device=self.x.device)
         return StepInput(self.x[:, :end], self.rows, CacheUse(None, refresh=True, keep=end, block=block))
 
     def block_logits(self, logits: Callable[[], RowChunks]) -> Tensor:
-        return float_logits(logits(), self.rows, int(self.rows[-1]) + 1)
+        return float_logits(logits(), self.rows, self.length)
 
     def sample(self, logits: Callable[[], RowChunks]) -> tuple[Tensor, Tensor]:
         tokens, chosen_p, _ = (sample_editing if self.editing else sample_block)(
@@ -234,14 +236,10 @@ class LLaDA2State(DenoiseState):
         if self.editing:
             ended = self.cfg.stop_at_eos and block_done and not (answer == self.mask_id).any()
         else:
-            early = self.cfg.stop_at_eos and bool(torch.isin(revealed, self.eos_tensor).any())
+            early = self.cfg.stop_at_eos and bool(torch.isin(revealed, self.eos).any())
             ended = block_done or (early and not bool((answer[:eos] == self.mask_id).any()))
         self.stopped_at_eos = ended and eos < self.cfg.gen_length  # an EOS in the answer returned
         return ended
-
-    @property
-    def eos_tensor(self) -> Tensor:
-        return torch.tensor(self.eos_ids, device=self.x.device)
 
     @property
     def answer_canvas(self) -> Tensor:

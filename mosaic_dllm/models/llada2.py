@@ -31,18 +31,18 @@ def matches(config: dict[str, Any]) -> bool:
     return ARCHITECTURE in (config.get("architectures") or []) or config.get("model_type") == MODEL_TYPE
 
 
-def moe_spec(config: dict[str, Any], layers: int, hidden: int) -> MoESpec | None:
+def moe_spec(config: dict[str, Any], layers: int) -> MoESpec | None:
     """The sparse layers from the config's keys (None: num_experts null, every layer dense)."""
     if config.get("num_experts") is None:
         return None
     experts = required(config, "num_experts", FAMILY)
     groups = int(optional(config, "n_group", 8))
+    width = required(config, "moe_intermediate_size", FAMILY)
     moe = MoESpec(
         num_experts=experts,
         experts_per_token=int(optional(config, "num_experts_per_tok", 2)),
-        expert_intermediate_size=required(config, "moe_intermediate_size", FAMILY),
-        shared_expert_intermediate_size=required(config, "moe_intermediate_size", FAMILY)
-        * int(optional(config, "num_shared_experts", 0) or 0),
+        expert_intermediate_size=width,
+        shared_expert_intermediate_size=width * int(optional(config, "num_shared_experts", 0)),
         expert_bias=True,  # a buffer of every gate (zeros unless the checkpoint holds it)
         normalize_top_k=True,
         moe_layers=tuple(i >= int(optional(config, "first_k_dense_replace", 0)) for i in range(layers)),
@@ -77,7 +77,7 @@ def parse(config: dict[str, Any], hints: SpecialIds) -> ArchSpec:
     partial = float(optional(config, "partial_rotary_factor", 0.5))
     if not 0 < partial <= 1:
         raise ConfigError(f"{FAMILY} config.json: partial_rotary_factor={partial} must be in (0, 1]")
-    moe = moe_spec(config, layers, hidden)
+    moe = moe_spec(config, layers)
     dense = int(optional(config, "intermediate_size", 0))
     if (moe is None or not all(moe.moe_layers)) and dense <= 0:
         raise ConfigError(f"{FAMILY} config.json: dense layers need a positive 'intermediate_size'")

@@ -66,7 +66,10 @@ def expected_shapes(spec: ArchSpec) -> dict[str, tuple[int, ...]]:
 
 def fused_parts(spec: ArchSpec) -> dict[str, list[tuple[str, int, int]]]:
     """Each fused file tensor (`WeightNames.fused`) -> (part name, first row, rows) of its roles."""
-    names, shapes, out = weight_names(spec), expected_shapes(spec), {}
+    names, out = weight_names(spec), {}
+    if not names.fused:  # most families: nothing to look up
+        return out
+    shapes = expected_shapes(spec)
     for i in range(spec.num_layers):
         for fused, roles in names.fused.items():
             parts, first = [], 0
