@@ -226,10 +226,13 @@ def train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
     recipe = replace(recipe, train=replace(recipe.train, **overrides))
     figures = train_default_model(out, Path(args.run_dir), recipe)
+    functions = figures.get("held_out_function_ce_nats")
     print(
         f"held-out CE {figures['held_out_masked_token_ce_nats']:.3f} nats/masked token "
-        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}), {figures['train_seconds']:.0f} s of "
-        f"training; checkpoint in {out}, loss curve in {out / 'loss_curve.png'}"
+        f"(unigram baseline {figures['unigram_baseline_ce_nats']:.3f}"
+        + (f"; whole EOS-padded functions {functions:.3f}" if functions is not None else "")
+        + f"), {figures['train_seconds']:.0f} s of training; "
+        f"checkpoint in {out}, loss curve in {out / 'loss_curve.png'}"
     )
     return 0
 

@@ -11,9 +11,11 @@ the model card's held-out likelihood.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import platform
 import sysconfig
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +79,34 @@ def source_files(root: Path) -> list[str]:
             continue
         names.append(rel.as_posix())
     return names
+
+
+def functions(text: str) -> list[str]:
+    """Every function definition of a module's source with its decorators, dedented (methods and
+    nested functions too): the function stage's samples. A file that does not parse has none."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return []
+    lines = text.splitlines()
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 1
+            out.append(textwrap.dedent("\n".join(lines[first : node.end_lineno])))
+    return out
+
+
+def function_heads(text: str) -> list[str]:
+    """Each function's decorators and `def` line, where the signature is one line: prompts as a
+    user writes them (ending at the colon, before the line break)."""
+    heads = []
+    for fn in functions(text):
+        lines = fn.split("\n")
+        line = next((i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "async def "))), None)
+        if line is not None and lines[line].rstrip().endswith(":"):  # (a source whose strings defeat dedent)
+            heads.append("\n".join(lines[: line + 1]))
+    return heads
 
 
 def build(root: Path | None = None, held_out_every: int = 20, max_files: int | None = None) -> Corpus:

@@ -2,9 +2,13 @@
 
 Loss (LLaDA, eq. 3): draw t ~ U(0, 1) per sequence, mask each token with probability
 p = (1 - eps) t + eps, and average the cross-entropy of the masked tokens weighted by 1 / p over all
-B x L positions. The network is `models.transformer` run by the eager executor, so the weights we
-train are exactly the ones the engine later loads. State (weights, AdamW moments, step, RNG) is
-saved in safetensors + JSON, so a run resumes where it stopped; nothing is pickled.
+B x L positions. Optional later stages: `FunctionStage` mixes whole functions, each followed by
+EOS padding, into the batches (the shape of LLaDA's SFT data, so the model learns where code
+ends); `DistillStage` distills the model into certainty on its own answers (dParallel's
+certainty forcing), so threshold decoding reveals several tokens a pass. The network is `models.transformer`
+run by the eager executor, so the weights we train are exactly the ones the engine later loads.
+State (weights, AdamW moments, step, RNG) is saved in safetensors + JSON, so a run resumes where
+it stopped; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -32,6 +36,45 @@ log = logging.getLogger(__name__)
 MASK_EPS = 1e-3
 
 
+@dataclass(frozen=True)
+class FunctionStage:
+    """After the first stage's steps, `steps` more whose batches hold `functions` samples of one
+    whole function padded with EOS to `window` tokens, beside `files` first-stage windows (so the
+    model keeps its file-level context), at a learning rate warmed to `lr` and cosine to 10%."""
+
+    steps: int
+    functions: int = 32
+    window: int = 128
+    files: int = 4
+    lr: float = 1e-3
+    warmup: int = 20
+
+
+@dataclass(frozen=True)
+class DistillStage:
+    """Certainty-forcing self-distillation (dParallel, Chen et al. 2025, restated): the model's own
+    greedy answers (official sampler, `gen_length` tokens in blocks of `block_length`) to `heads`
+    training-function heads become targets. A sample keeps its prompt and the blocks before a
+    random block clean, masks that block's tokens with probability t ~ U(0, 1) and every later
+    block whole; the loss is the cross-entropy of that block's masked tokens plus `certainty` times
+    the entropy of those it predicts right, so the model learns to be sure, in parallel, of what it
+    would write anyway. `answers` samples a batch, beside
+    `files` first-stage windows (their usual loss) that keep the file-level likelihood."""
+
+    steps: int
+    heads: int = 2048
+    answers: int = 32
+    files: int = 4
+    gen_length: int = 64
+    block_length: int = 32
+    certainty: float = 1.0
+    lr: float = 1e-3
+    warmup: int = 20
+
+
+Stage = FunctionStage | DistillStage
+
+
 @dataclass
 class TrainConfig:
     steps: int = 3000
@@ -45,31 +88,98 @@ class TrainConfig:
     save_every: int = 250
     init_std: float = 0.02
     bf16_autocast: bool = True  # CPU matmuls run ~2x faster in bf16; master weights stay float32
+    function_stage: FunctionStage | None = None
+    distill_stage: DistillStage | None = None
+
+    def stages(self) -> list[tuple[int, Stage | None]]:
+        """(first step, stage) in order; the first stage (file windows) is None."""
+        out: list[tuple[int, Stage | None]] = [(0, None)]
+        start = self.steps
+        for stage in (self.function_stage, self.distill_stage):
+            if stage is not None:
+                out.append((start, stage))
+                start += stage.steps
+        return out
+
+    @property
+    def total_steps(self) -> int:
+        start, stage = self.stages()[-1]
+        return start + (stage.steps if stage else self.steps)
+
+    def stage_at(self, step: int) -> tuple[int, Stage | None]:
+        return [(start, stage) for start, stage in self.stages() if start <= step][-1]
 
 
 def masked_diffusion_loss(
     spec: ArchSpec,
     params: dict[str, torch.Tensor],
-    batch: torch.Tensor,
+    batch: torch.Tensor | list[torch.Tensor],
     gen: torch.Generator,
     mask_ratio: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(weighted loss for the gradient, unweighted masked-token cross-entropy sum, masked count).
 
-    t ~ U(0, 1) per sequence, or the fixed `mask_ratio` when given.
+    `batch`: sequences (rows of a tensor, or of different lengths), packed into one call; t ~ U(0, 1)
+    per sequence, or the fixed `mask_ratio` when given.
     """
-    b, length = batch.shape
-    t = torch.rand(b, 1, generator=gen) if mask_ratio is None else torch.full((b, 1), mask_ratio)
-    p_mask = (1 - MASK_EPS) * t + MASK_EPS
-    masked = torch.rand(b, length, generator=gen) < p_mask
-    noisy = torch.where(masked, torch.full_like(batch, spec.mask_token_id), batch)
+    rows = list(batch)
+    lengths = torch.tensor([r.numel() for r in rows])
+    tokens = torch.cat(rows)
+    t = torch.rand(len(rows), generator=gen) if mask_ratio is None else torch.full((len(rows),), mask_ratio)
+    p_mask = ((1 - MASK_EPS) * t + MASK_EPS).repeat_interleave(lengths)
+    masked = torch.rand(tokens.numel(), generator=gen) < p_mask
+    noisy = torch.where(masked, torch.full_like(tokens, spec.mask_token_id), tokens)
     weights = from_state_dict(spec, params)
-    hidden = transformer.hidden_states(EagerOps(), spec, weights, noisy.reshape(1, -1), Packing((length,) * b))
+    hidden = transformer.hidden_states(EagerOps(), spec, weights, noisy[None], Packing(tuple(lengths.tolist())))
     # The LM head over the masked rows only: the loss reads nothing else (the engine's mask-only logits).
-    logits = F.linear(hidden.reshape(b, length, -1)[masked], weights.lm_head)
-    ce = F.cross_entropy(logits.float(), batch[masked], reduction="none")
-    weighted = (ce / p_mask.expand(b, length)[masked]).sum() / (b * length)
+    logits = F.linear(hidden.reshape(tokens.numel(), -1)[masked], weights.lm_head)
+    ce = F.cross_entropy(logits.float(), tokens[masked], reduction="none")
+    weighted = (ce / p_mask[masked]).sum() / tokens.numel()
     return weighted, ce.detach().sum(), int(masked.sum())
+
+
+def semi_autoregressive_mask(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], block: int, mask_id: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(noisy tokens packed, which of them the loss reads, each sample's length) for (prompt,
+    answer) pairs: per pair a block n of the answer, the prompt and blocks before n clean, block n's
+    tokens masked with probability t ~ U(0, 1), the blocks after n masked whole."""
+    noisy, targets = [], []
+    for prompt, answer in pairs:
+        blocks = answer.numel() // block
+        n = int(torch.randint(0, blocks, (1,), generator=gen))
+        t = (1 - MASK_EPS) * float(torch.rand(1, generator=gen)) + MASK_EPS
+        active = torch.zeros(answer.numel(), dtype=torch.bool)
+        active[n * block : (n + 1) * block] = torch.rand(block, generator=gen) < t
+        hidden = active.clone()
+        hidden[(n + 1) * block :] = True
+        noisy.append(torch.cat([prompt, torch.where(hidden, torch.full_like(answer, mask_id), answer)]))
+        targets.append(torch.cat([torch.zeros(prompt.numel(), dtype=torch.bool), active]))
+    return torch.cat(noisy), torch.cat(targets), tuple(r.numel() for r in noisy)
+
+
+def certainty_forcing_loss(
+    spec: ArchSpec,
+    params: dict[str, torch.Tensor],
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    block: int,
+    gen: torch.Generator,
+    certainty: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of the active block's masked tokens against the model's own answer, plus
+    `certainty` times the mean entropy of those it already predicts right (dParallel's entropy
+    term: confidence is what lets threshold decoding reveal several tokens a pass)."""
+    noisy, targets, lengths = semi_autoregressive_mask(pairs, block, spec.mask_token_id, gen)
+    clean = torch.cat([torch.cat(pair) for pair in pairs])
+    weights = from_state_dict(spec, params)
+    hidden = transformer.hidden_states(EagerOps(), spec, weights, noisy[None], Packing(lengths))
+    logits = F.linear(hidden.reshape(noisy.numel(), -1)[targets], weights.lm_head).float()
+    loss = F.cross_entropy(logits, clean[targets])
+    right = logits.argmax(-1) == clean[targets]
+    if certainty and right.any():  # sharpen only where the model already picks its own token
+        logp = logits[right].log_softmax(-1)
+        loss = loss + certainty * -(logp.exp() * logp).sum(-1).mean()
+    return loss
 
 
 def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -90,13 +200,18 @@ def evaluate(
 ) -> float:
     """Mean cross-entropy (nats) per masked token on held-out text, fixed seed.
 
-    Mask ratios t ~ U(0, 1) (the training distribution: heavily masked sequences dominate and
-    approach the unigram entropy), or a fixed `mask_ratio`, where context matters more.
+    `tokens`: a stream to draw windows of `seq_len` from, or (2-D) samples, each read once in
+    batches of `batch_size`. Mask ratios t ~ U(0, 1) (the training distribution: heavily masked
+    sequences dominate and approach the unigram entropy), or a fixed `mask_ratio`, where context
+    matters more.
     """
     gen = torch.Generator().manual_seed(seed)
+    if tokens.ndim == 2:
+        batches_of = list(tokens.split(batch_size))
+    else:
+        batches_of = [sample_batch(tokens, batch_size, seq_len, gen) for _ in range(batches)]
     total, count = 0.0, 0
-    for _ in range(batches):
-        batch = sample_batch(tokens, batch_size, seq_len, gen)
+    for batch in batches_of:
         _, ce_sum, n = masked_diffusion_loss(spec, params, batch, gen, mask_ratio)
         total, count = total + float(ce_sum), count + n
     return total / max(count, 1)
@@ -111,10 +226,20 @@ def unigram_cross_entropy(train_tokens: torch.Tensor, val_tokens: torch.Tensor, 
 
 class Trainer:
     def __init__(
-        self, spec: ArchSpec, cfg: TrainConfig, train_tokens: torch.Tensor, val_tokens: torch.Tensor, run_dir: Path
+        self,
+        spec: ArchSpec,
+        cfg: TrainConfig,
+        train_tokens: torch.Tensor,
+        val_tokens: torch.Tensor,
+        run_dir: Path,
+        functions: torch.Tensor | None = None,
     ):
+        """`functions`: the function stage's samples, one EOS-padded function a row."""
+        if cfg.function_stage and (functions is None or not len(functions)):
+            raise ValueError("the recipe has a function stage but no function samples were given")
         self.spec, self.cfg, self.run_dir = spec, cfg, Path(run_dir)
-        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.train_tokens, self.val_tokens, self.functions = train_tokens, val_tokens, functions
+        self.answers: list[tuple[torch.Tensor, torch.Tensor]] = []  # the distillation stage's (prompt, answer)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         init = random_state_dict(spec, torch.float32, seed=cfg.seed, std=cfg.init_std)
         self.params = {k: v.requires_grad_() for k, v in init.items()}
@@ -130,19 +255,45 @@ class Trainer:
         self.history: list[dict[str, float]] = []
 
     def lr_at(self, step: int) -> float:
-        if step < self.cfg.warmup:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup
-        progress = (step - self.cfg.warmup) / max(1, self.cfg.steps - self.cfg.warmup)
-        return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+        """Warm-up then cosine to 10%, in each stage."""
+        start, stage = self.cfg.stage_at(step)
+        lr, warmup, steps = (
+            (stage.lr, stage.warmup, stage.steps) if stage else (self.cfg.lr, self.cfg.warmup, self.cfg.steps)
+        )
+        step -= start
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
-    def train(self, on_step: Callable[[int, float], None] | None = None) -> None:
+    def loss(self) -> torch.Tensor:
+        """This step's batch and loss: file windows; with the function stage fewer of them beside
+        whole EOS-padded functions; with the distillation stage, beside the model's own answers."""
+        _, stage = self.cfg.stage_at(self.step)
+        if stage is None:
+            batch = sample_batch(self.train_tokens, self.cfg.batch_size, self.cfg.seq_len, self.gen)
+            return masked_diffusion_loss(self.spec, self.params, batch, self.gen)[0]
+        if isinstance(stage, DistillStage) and not self.answers:
+            raise ValueError("the distillation stage needs the model's answers (Trainer.answers)")
+        files = sample_batch(self.train_tokens, stage.files, self.cfg.seq_len, self.gen)
+        if isinstance(stage, FunctionStage):
+            picked = torch.randint(0, len(self.functions), (stage.functions,), generator=self.gen)
+            batch = list(files) + list(self.functions[picked])
+            return masked_diffusion_loss(self.spec, self.params, batch, self.gen)[0]
+        picked = torch.randint(0, len(self.answers), (stage.answers,), generator=self.gen).tolist()
+        pairs = [self.answers[i] for i in picked]
+        distilled = certainty_forcing_loss(self.spec, self.params, pairs, stage.block_length, self.gen, stage.certainty)
+        return masked_diffusion_loss(self.spec, self.params, files, self.gen)[0] + distilled
+
+    def train(self, on_step: Callable[[int, float], None] | None = None, until: int | None = None) -> None:
+        """Train to step `until` (default: the end of the recipe)."""
         resumed_at, before = time.perf_counter(), self.seconds
-        while self.step < self.cfg.steps:
+        ends = {start for start, _ in self.cfg.stages()[1:]} | {self.cfg.total_steps}
+        while self.step < (until or self.cfg.total_steps):
             for group in self.opt.param_groups:
                 group["lr"] = self.lr_at(self.step)
-            batch = sample_batch(self.train_tokens, self.cfg.batch_size, self.cfg.seq_len, self.gen)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
-                loss, _, _ = masked_diffusion_loss(self.spec, self.params, batch, self.gen)
+                loss = self.loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params.values(), 1.0)
@@ -152,12 +303,12 @@ class Trainer:
             loss = float(loss.detach())
             if on_step:
                 on_step(self.step, loss)
-            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.eval_every == 0 or self.step in ends:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
                     val = evaluate(self.spec, self.params, self.val_tokens, self.cfg.seq_len)
                 self.history.append({"step": self.step, "train_loss": loss, "val_ce": val, "seconds": self.seconds})
                 log.info("step %d: train loss %.3f, validation CE %.3f", self.step, loss, val)
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.save_every == 0 or self.step in ends:
                 self.save_state()
 
     # --- resumable state: safetensors for tensors, JSON for the rest -------------------------------
