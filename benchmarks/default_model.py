@@ -1,6 +1,7 @@
 """The default model's card figures: held-out likelihood, completions of function heads, a long prompt.
 
-    python benchmarks/default_model.py --compare /tmp/old_default_model --json benchmarks/results/default_model.json
+    python benchmarks/default_model.py --compare /tmp/stage1_model /tmp/old_default_model \
+        --json benchmarks/results/default_model.json
 
 (1) Held-out likelihood: the first `--held-out-bytes` of each held-out standard-library file (the
     list in the model's training.json) scored by LLaDA's Monte Carlo estimator in lm-eval's rolling
@@ -76,7 +77,9 @@ def long_prompt(llm: LLM, text: str, tokens: int, gen: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, default=default_model_path())
-    parser.add_argument("--compare", type=Path, help="another checkpoint scored on the same texts")
+    parser.add_argument(
+        "--compare", type=Path, nargs="*", default=[], help="other checkpoints scored on the same texts"
+    )
     parser.add_argument("--held-out-bytes", type=int, default=4000)
     parser.add_argument("--mc-num", type=int, default=32)
     parser.add_argument("--gen", type=int, default=64)
@@ -86,13 +89,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     texts = held_out_texts(args.model, args.held_out_bytes)
-    result = {"likelihood": [likelihood(m, texts, args.mc_num) for m in (args.model, args.compare) if m]}
+    result = {"likelihood": [likelihood(m, texts, args.mc_num) for m in (args.model, *args.compare)]}
     print(json.dumps(result["likelihood"], indent=1), flush=True)
     llm = LLM(args.model)
     result["completions"] = completions(llm, args.gen, args.block)
     longest = max(held_out_texts(args.model, 10**9), key=len)
     result["long_prompt"] = long_prompt(llm, longest, args.long_tokens, args.long_gen)
-    result["settings"] = vars(args) | {"model": str(args.model), "compare": str(args.compare), "json": None}
+    result["settings"] = vars(args) | {
+        "model": str(args.model),
+        "compare": [str(m) for m in args.compare],
+        "json": None,
+    }
     print(json.dumps({k: result[k] for k in ("completions", "long_prompt")}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -3,8 +3,10 @@ forward passes per generated token, seconds per generated token (or per forward 
 activation memory per step, measured (live tensors under the tracker, plus the step's arena) next
 to the plan's prediction (which counts the block cache).
 
-(a) The embedded default model (trained on Python source, so its confidences mean something): 8
-    function heads, each generated whole, one request at a time.
+(a) The embedded default model (trained on Python source, so its confidences mean something), or
+    `--model DIR`: 8 function heads, each generated whole, one request at a time. Passes are counted
+    per generated position (Fast-dLLM's count: the EOS padding after an answer included) and per
+    answer token (every pass charged to the tokens before the first EOS).
 
     python benchmarks/fast_decoding.py --thresholds 0.9 0.1 --out benchmarks/results/fast_decoding_default.json
 
@@ -90,7 +92,7 @@ def run_steps(llm: LLM, prompt: list[int], cfg: GenerationConfig, most: int | No
 
 
 def default_model(args) -> dict:
-    llm = LLM(max_batch=1)
+    llm = LLM(args.model, max_batch=1)
     prompts = [llm.encode(p) for p in PROMPTS]
     base = dict(gen_length=args.gen, steps=args.gen, block_length=args.block)
     rows = {}
@@ -98,11 +100,14 @@ def default_model(args) -> dict:
         cfg = GenerationConfig(**base, **extra)
         outs = [llm.generate(p, cfg)[0] for p in prompts]  # timed, untracked
         tokens = sum(len(o.token_ids) for o in outs)
+        answer = sum(o.completion_tokens - (o.finish_reason == "stop") for o in outs)
         memory = run_steps(llm, prompts[0], cfg, None, track=True)
         rows[name] = {
             "forward_passes": sum(o.forward_passes for o in outs),
             "generated_tokens": tokens,
             "passes_per_token": sum(o.forward_passes for o in outs) / tokens,
+            "answer_tokens": answer,
+            "passes_per_answer_token": sum(o.forward_passes for o in outs) / max(answer, 1),
             "seconds_per_token": sum(o.seconds for o in outs) / tokens,
             "measured_peak_bytes": max(s["measured_peak_bytes"] for s in memory),
             "predicted_peak_bytes": max(s["predicted_peak_bytes"] for s in memory),
@@ -146,7 +151,9 @@ def print_table(record: dict) -> None:
     for name, row in record["rows"].items():
         if "passes_per_token" in row:
             print(
-                f"{name:32} passes/token {row['passes_per_token']:.3f}  s/token {row['seconds_per_token']:.4f}  "
+                f"{name:32} passes/token {row['passes_per_token']:.3f} "
+                f"(per answer token {row['passes_per_answer_token']:.3f}, {row['answer_tokens']} before EOS)  "
+                f"s/token {row['seconds_per_token']:.4f}  "
                 f"peak {size(row['measured_peak_bytes'])} measured, {size(row['predicted_peak_bytes'])} planned "
                 f"(cache {size(row['cache_bytes'])})"
             )
@@ -161,6 +168,7 @@ def print_table(record: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a checkpoint directory instead of the embedded default model")
     parser.add_argument("--preset", help="a random checkpoint of this preset (e.g. llada-8b) instead of the default")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -174,7 +182,9 @@ def main() -> None:
     args.block = args.block or (32 if args.preset else 16)
     torch.manual_seed(0)
     record = {
-        "model": f"{args.preset} ({args.layers} layers, random bf16)" if args.preset else "default model (fp32)",
+        "model": f"{args.preset} ({args.layers} layers, random bf16)"
+        if args.preset
+        else f"{args.model or 'default model'} (bf16, as trained models are exported)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

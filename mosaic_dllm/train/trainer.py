@@ -4,9 +4,10 @@ Loss (LLaDA, eq. 3): draw t ~ U(0, 1) per sequence, mask each token with probabi
 p = (1 - eps) t + eps, and average the cross-entropy of the masked tokens weighted by 1 / p over all
 B x L positions. Optional later stages: `FunctionStage` mixes whole functions, each followed by
 EOS padding, into the batches (the shape of LLaDA's SFT data, so the model learns where code
-ends); `DistillStage` distills the model into certainty on its own answers (dParallel's
-certainty forcing), so threshold decoding reveals several tokens a pass. The network is `models.transformer`
-run by the eager executor, so the weights we train are exactly the ones the engine later loads.
+ends); `DistillStage` distills the model into certainty on its own answers (dParallel's certainty
+forcing), so threshold decoding reveals several tokens a pass. The network is
+`models.transformer` run by the eager executor, so the weights we train are exactly the ones the
+engine later loads.
 State (weights, AdamW moments, step, RNG) is saved in safetensors + JSON, so a run resumes where
 it stopped; nothing is pickled.
 """
@@ -58,8 +59,8 @@ class DistillStage:
     random block clean, masks that block's tokens with probability t ~ U(0, 1) and every later
     block whole; the loss is the cross-entropy of that block's masked tokens plus `certainty` times
     the entropy of those it predicts right, so the model learns to be sure, in parallel, of what it
-    would write anyway. `answers` samples a batch, beside
-    `files` first-stage windows (their usual loss) that keep the file-level likelihood."""
+    would write anyway. `answers` samples a batch, beside `files` first-stage windows (their usual
+    loss) that keep the file-level likelihood."""
 
     steps: int
     heads: int = 2048
