@@ -132,7 +132,8 @@ def self_answers(
     if not path.exists():
         teacher = run_dir / "teacher"
         trainer.export(teacher)
-        write_generation_config(teacher, save_tokenizer(teacher, tok, "llada", chat=False), stage.gen_length, 8)
+        ids = save_tokenizer(teacher, tok, "llada", chat=False)
+        write_generation_config(teacher, ids, stage.gen_length, stage.block_length)
         heads = [head for text in texts for head in corpus.function_heads(text)]
         random.Random(seed).shuffle(heads)
         cfg = GenerationConfig(gen_length=stage.gen_length, steps=stage.gen_length, block_length=stage.block_length)

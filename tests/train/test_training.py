@@ -1,6 +1,7 @@
 """Masked-diffusion training: the loss falls, runs resume exactly, exports load as LLaDA checkpoints."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from mosaic_dllm.train.trainer import (
     FunctionStage,
     TrainConfig,
     Trainer,
+    certainty_forcing_loss,
     evaluate,
     semi_autoregressive_mask,
 )
@@ -46,6 +48,22 @@ def test_a_few_steps_reduce_the_loss(tmp_path):
     trainer.train()
     after = evaluate(spec, trainer.params, PATTERN, 32, batches=2, batch_size=8)
     assert after < before - 1.0, (before, after)
+
+
+def test_certainty_forcing_adds_the_entropy_of_the_tokens_the_model_already_gets_right(tmp_path):
+    spec = tiny_spec("llada", ids={"mask": 317, "eos": 316})
+    params = Trainer(spec, small_config(), PATTERN, PATTERN, tmp_path).params
+    with torch.no_grad():
+        params["model.transformer.ff_out.weight"].zero_()  # every logit 0: argmax token 0, entropy log V
+    log_v = math.log(spec.vocab_size)
+    for answer, right in ((torch.zeros(8, dtype=torch.long), True), (torch.full((8,), 7), False)):
+        pairs = [(torch.arange(5), answer)] * 3
+        losses = [
+            float(certainty_forcing_loss(spec, params, pairs, 4, torch.Generator().manual_seed(1), weight).detach())
+            for weight in (0.0, 1.0, 2.0)
+        ]
+        expected = [log_v * (1 + weight * right) for weight in (0.0, 1.0, 2.0)]  # CE log V (+ weight x log V)
+        assert losses == pytest.approx(expected, rel=1e-5), (losses, expected)
 
 
 def test_resume_continues_exactly(tmp_path):
