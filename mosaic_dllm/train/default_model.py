@@ -161,9 +161,6 @@ def write_generation_config(out: Path, ids: dict[str, int | None], gen_length: i
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-STAGE_NAMES = {FunctionStage: "function stage (EOS-padded functions)", DistillStage: "self-distillation"}
-
-
 def plot_losses(history: list[dict[str, float]], path: Path, cfg: TrainConfig) -> None:
     """The loss curve: training loss and held-out masked-token cross-entropy against the step, a
     line where each later stage starts."""
@@ -177,7 +174,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, cfg: TrainConfig) -
     ax.plot(steps, [h["train_loss"] for h in history], label="training loss (the stage's objective)", lw=1)
     ax.plot(steps, [h["val_ce"] for h in history], "o-", label="held-out masked-token CE (nats)", ms=3)
     for (step, stage), style in zip(cfg.stages()[1:], (":", "--"), strict=False):
-        ax.axvline(step, color="grey", ls=style, label=f"{STAGE_NAMES[type(stage)]} from here")
+        ax.axvline(step, color="grey", ls=style, label=f"{stage.label} from here")
     ax.set(xlabel="step", ylabel="nats", title="default model: masked-diffusion training")
     ax.legend(fontsize="small")
     fig.tight_layout()

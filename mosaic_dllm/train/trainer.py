@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class FunctionStage:
     whole function padded with EOS to `window` tokens, beside `files` first-stage windows (so the
     model keeps its file-level context), at a learning rate warmed to `lr` and cosine to 10%."""
 
+    label: ClassVar[str] = "function stage (EOS-padded functions)"
     steps: int
     functions: int = 32
     window: int = 128
@@ -62,6 +64,7 @@ class DistillStage:
     would write anyway. `answers` samples a batch, beside `files` first-stage windows (their usual
     loss) that keep the file-level likelihood."""
 
+    label: ClassVar[str] = "self-distillation"
     steps: int
     heads: int = 2048
     answers: int = 32
